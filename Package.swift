@@ -1,0 +1,52 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// MemVirt: memory virtualization made visible, measurable and real.
+// Dependencies point one way: CLI -> Experiments -> {Model, KVM} -> Core.
+let package = Package(
+    name: "MemVirt",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "memvirt", targets: ["memvirt"]),
+        .library(name: "MemVirtCore", targets: ["MemVirtCore"]),
+        .library(name: "MemVirtModel", targets: ["MemVirtModel"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+    ],
+    targets: [
+        .target(name: "MemVirtCore"),
+        .target(name: "MemVirtModel", dependencies: ["MemVirtCore"]),
+        .target(name: "MemVirtReport", dependencies: ["MemVirtCore"]),
+        // The KVM engine: a C shim over <linux/kvm.h> and <linux/userfaultfd.h>, the guest
+        // runtime (C and assembly, linked into the binary and copied into guest memory), and
+        // the typed Swift VMM.
+        .target(name: "CKVM"),
+        .target(name: "MemVirtGuest"),
+        .target(
+            name: "MemVirtKVM",
+            dependencies: [
+                "MemVirtCore", "CKVM", "MemVirtGuest",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .target(
+            name: "MemVirtExperiments",
+            dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtReport"]
+        ),
+        .executableTarget(
+            name: "memvirt",
+            dependencies: [
+                "MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments", "MemVirtReport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ]
+        ),
+        .testTarget(name: "MemVirtCoreTests", dependencies: ["MemVirtCore"]),
+        .testTarget(name: "MemVirtModelTests", dependencies: ["MemVirtCore", "MemVirtModel"]),
+        .testTarget(name: "MemVirtKVMTests", dependencies: ["MemVirtCore", "MemVirtKVM", "CKVM"]),
+        .testTarget(name: "MemVirtExperimentsTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtExperiments"]),
+    ]
+)

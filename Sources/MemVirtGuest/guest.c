@@ -1,0 +1,1 @@
+#include "memvirt_guest.h"

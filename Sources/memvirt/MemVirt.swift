@@ -1,0 +1,29 @@
+import ArgumentParser
+import MemVirtCore
+
+/// `memvirt`: parse arguments, call an engine or an experiment, print. No logic lives here.
+@main
+struct MemVirt: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "memvirt",
+        abstract: "Memory virtualization made visible, measurable and real.",
+        discussion: """
+            Two engines over one vocabulary: the model engine (a simulator of x86-64 paging, \
+            shadow and nested MMUs, host memory and migration) and the KVM engine (real VMs on \
+            /dev/kvm). Counters carry KVM's stat names where KVM has the event.
+            """,
+        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, KVMCommand.self]
+    )
+}
+
+/// Prints `message` to stderr.
+func printError(_ message: String) {
+    var e = StandardError()
+    print(message, to: &e)
+}
+
+struct StandardError: TextOutputStream {
+    mutating func write(_ string: String) {
+        for b in string.utf8 { putc(Int32(b), stderrStream) }
+    }
+}
