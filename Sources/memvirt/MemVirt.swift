@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import MemVirtCore
 
 /// `memvirt`: parse arguments, call an engine or an experiment, print. No logic lives here.
@@ -18,12 +19,5 @@ struct MemVirt: ParsableCommand {
 
 /// Prints `message` to stderr.
 func printError(_ message: String) {
-    var e = StandardError()
-    print(message, to: &e)
-}
-
-struct StandardError: TextOutputStream {
-    mutating func write(_ string: String) {
-        for b in string.utf8 { putc(Int32(b), stderrStream) }
-    }
+    FileHandle.standardError.write(Data((message + "\n").utf8))
 }
