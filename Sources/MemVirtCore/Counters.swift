@@ -6,7 +6,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
     // Workload and translation (ours).
     case accesses, reads, writes, fetches
     case tlbHits, tlbMisses, l1TLBHits, l2TLBHits
-    case walks, walkMemoryRefs, walkCacheHits, accessedDirtyWrites, walkRetries
+    case walks, walkMemoryRefs, faultedWalkRefs, walkCacheHits, accessedDirtyWrites, walkRetries
     case guestPageFaults, guestDemandZeroFaults, guestCopyOnWriteFaults
     case guestPageTablePages
     // KVM vCPU stats.
@@ -34,6 +34,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
         case .l2TLBHits: "l2_tlb_hits"
         case .walks: "walks"
         case .walkMemoryRefs: "walk_memory_refs"
+        case .faultedWalkRefs: "faulted_walk_refs"
         case .walkCacheHits: "walk_cache_hits"
         case .accessedDirtyWrites: "ad_bit_writes"
         case .walkRetries: "walk_retries"
@@ -95,6 +96,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
         case .l2TLBHits: "translations that missed L1 and hit the unified L2 TLB"
         case .walks: "completed hardware page walks"
         case .walkMemoryRefs: "paging-entry reads of completed walks (A/D write-backs and retried walks counted apart)"
+        case .faultedWalkRefs: "paging-entry reads of walks that ended in a fault (their retries are counted as new walks)"
         case .walkCacheHits: "walks that started below the root thanks to a paging-structure cache"
         case .accessedDirtyWrites: "A/D bit write-backs by the walker"
         case .walkRetries: "walks that faulted and were retried after the fault was fixed"
@@ -164,6 +166,7 @@ public struct CounterSet: Sendable, Hashable {
 
     public mutating func add(_ c: Counter, _ n: UInt64) { self[c] = self[c] &+ n }
     public mutating func markApplicable(_ cs: [Counter]) { for c in cs { applicable[c.rawValue] = true } }
+    public mutating func markNotApplicable(_ cs: [Counter]) { for c in cs where values[c.rawValue] == 0 { applicable[c.rawValue] = false } }
 
     /// The counters that apply, in declaration order, with their values.
     public var reported: [(Counter, UInt64)] {

@@ -1,11 +1,91 @@
 import ArgumentParser
+import Foundation
+import MemVirtCore
+import MemVirtModel
+import MemVirtReport
+
+/// `memvirt run`: one workload in the model engine.
 struct RunCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "run", abstract: "Run a workload in the model engine.")
+    static let configuration = CommandConfiguration(
+        commandName: "run", abstract: "Run a workload in the model engine and report counters and cycles.")
+
     @OptionGroup var workload: WorkloadOptions
+
+    @Option(name: .long, help: "How guest memory is virtualized: native, shadow or nested.")
+    var paging: String?
+
+    @Option(name: .long, help: "Paging levels: 4 or 5.")
+    var levels: Int?
+
+    @Flag(name: .customLong("no-tlb"), help: "Run without TLBs and paging-structure caches (every access walks).")
+    var noTLB = false
+
+    @Flag(name: .customLong("no-walk-caches"), help: "Run without paging-structure caches.")
+    var noWalkCaches = false
+
+    @Flag(name: .long, help: "Print one JSON object on stdout.")
+    var json = false
+
+    @Flag(name: .long, help: "No progress on stderr.")
+    var quiet = false
+
+    func run() throws {
+        let spec = try workload.spec()
+        var config = ModelConfig()
+        config.pageSize = try workload.resolvedPageSize()
+        let pagingText = try paging ?? workload.platformValue("paging") ?? "native"
+        guard let kind = PagingKind(rawValue: pagingText) else {
+            throw ValidationError("paging '\(pagingText)': use native, shadow or nested")
+        }
+        config.paging = kind
+        if let l = levels {
+            guard l == 4 || l == 5 else { throw ValidationError("levels \(l): use 4 or 5") }
+            config.pagingConfig.levels = l
+        }
+        if noTLB { config.tlb = .none }
+        if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }
+        let progress = ProgressReporter(enabled: !quiet && !json || !quiet && isatty(2) != 0)
+        let result: RunResult
+        do {
+            result = try ModelEngine.run(spec: spec, config: config, progress: progress.callback)
+        } catch let e as InputError {
+            progress.finish()
+            throw ValidationError(e.message)
+        } catch let e as GuestError {
+            progress.finish()
+            printError("memvirt run: the guest failed: \(e.message)")
+            throw ExitCode(3)
+        }
+        progress.finish()
+        if json {
+            print(result.json.rendered(pretty: false))
+        } else {
+            print(TextReport.run(result))
+        }
+    }
 }
-struct BenchCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "bench", abstract: "Simulator speed.")
-}
-struct ReproduceCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "reproduce", abstract: "Seed reproductions.")
+
+/// Progress on stderr for long runs: at most every half second, overwritten in place.
+final class ProgressReporter: @unchecked Sendable {
+    let enabled: Bool
+    var last: Double = 0
+    let clock = WallClock()
+    var printed = false
+    init(enabled: Bool) { self.enabled = enabled }
+
+    var callback: ((UInt64, UInt64) -> Void)? {
+        guard enabled else { return nil }
+        return { [self] done, total in
+            let t = clock.seconds
+            guard t - last >= 0.5 else { return }
+            last = t
+            printed = true
+            let pct = total > 0 ? " (\(formatFixed(100 * Double(done) / Double(total), digits: 0))%)" : ""
+            FileHandle.standardError.write(Data("\r  \(formatGrouped(done)) accesses\(pct), \(formatFixed(t, digits: 1)) s".utf8))
+        }
+    }
+
+    func finish() {
+        if printed { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+    }
 }

@@ -1,0 +1,199 @@
+import MemVirtCore
+
+/// Where accesses come from: a synthetic generator or a trace.
+public protocol AccessSource {
+    /// The next access, or nil at the end.
+    mutating func nextAccess() throws(InputError) -> Access?
+}
+
+/// A synthetic stream cut to `count` accesses.
+public struct GeneratedAccesses: AccessSource {
+    public var generator: AccessGenerator
+    public var remaining: UInt64
+    public init(_ generator: AccessGenerator, count: UInt64) {
+        self.generator = generator
+        remaining = count
+    }
+    @inline(__always) public mutating func nextAccess() throws(InputError) -> Access? {
+        if remaining == 0 { return nil }
+        remaining &-= 1
+        return generator.next()
+    }
+}
+
+/// Several threads' streams interleaved round-robin, `quantum` accesses at a time (one vCPU,
+/// one address space: no CR3 write between them).
+public struct InterleavedAccesses: AccessSource {
+    var streams: [GeneratedAccesses]
+    var current = 0
+    var left: UInt64
+    let quantum: UInt64
+    public init(_ streams: [GeneratedAccesses], quantum: UInt64 = 1000) {
+        self.streams = streams
+        self.quantum = quantum
+        left = quantum
+    }
+    public mutating func nextAccess() throws(InputError) -> Access? {
+        for _ in 0...streams.count {
+            if left > 0, let a = try streams[current].nextAccess() {
+                left -= 1
+                return a
+            }
+            current = (current + 1) % streams.count
+            left = quantum
+        }
+        return nil
+    }
+}
+
+/// A run stopped because the guest did something its kernel refuses.
+public struct GuestError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public var description: String { message }
+}
+
+/// One simulated vCPU running a workload in one address space over a paging mode.
+public final class Machine<Mode: PagingMode>: @unchecked Sendable {
+    public let mode: Mode
+    public let cpu: ModelCPU
+    public let kernel: GuestKernel
+    public let space: AddressSpace
+    let data: PhysicalMemory
+    let costs: CostModel
+
+    // Hot-path counters as plain fields (folded into `cpu.counters` by `finish()`).
+    var accesses: UInt64 = 0
+    var writes: UInt64 = 0
+    var fetches: UInt64 = 0
+    var l1Hits: UInt64 = 0
+    var l2Hits: UInt64 = 0
+    var misses: UInt64 = 0
+    var walks: UInt64 = 0
+    var walkRefs: UInt64 = 0
+    var faultedWalkRefs: UInt64 = 0
+    var walkCacheHits: UInt64 = 0
+    var walkRetries: UInt64 = 0
+    var guestFaults: UInt64 = 0
+    var demandZero: UInt64 = 0
+    /// A running hash of every value read: the guest-visible result of the run.
+    public private(set) var checksum: UInt64 = 0xCBF2_9CE4_8422_2325
+    public let computePerAccess: Double
+
+    public init(mode: Mode, cpu: ModelCPU, kernel: GuestKernel, space: AddressSpace, computePerAccess: UInt64 = 0) {
+        self.mode = mode
+        self.cpu = cpu
+        self.kernel = kernel
+        self.space = space
+        data = mode.dataMemory
+        costs = cpu.costs
+        self.computePerAccess = Double(computePerAccess)
+        cpu.counters.markApplicable([
+            .accesses, .reads, .writes, .tlbHits, .tlbMisses, .l1TLBHits, .l2TLBHits, .walks, .walkMemoryRefs,
+            .walkCacheHits, .accessedDirtyWrites, .walkRetries, .guestPageFaults, .guestDemandZeroFaults,
+            .guestPageTablePages,
+        ] + mode.applicableCounters)
+    }
+
+    /// Runs every access of `source`, calling `progress(accessesSoFar)` every 2^20 accesses.
+    public func run<S: AccessSource>(_ source: inout S, progress: ((UInt64) -> Void)? = nil) throws -> Void {
+        while let a = try source.nextAccess() {
+            try step(a)
+            if accesses & 0xFFFFF == 0, let p = progress { p(accesses) }
+        }
+    }
+
+    /// One access: TLB look-up, a walk on a miss (with guest faults handled and retried), the data access.
+    @inline(__always) public func step(_ a: Access) throws {
+        let va = a.address.rawValue
+        accesses &+= 1
+        let write = a.kind == .write
+        let fetch = a.kind == .execute
+        if write { writes &+= 1 } else if fetch { fetches &+= 1 }
+        var entry: TLBEntry
+        if let (e, level) = cpu.tlb.lookup(va, pcid: space.pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
+            if level == .l1 { l1Hits &+= 1 } else {
+                l2Hits &+= 1
+                cpu.ledger.charge(.l2TLB, costs.l2TLBHit)
+            }
+            entry = e
+        } else {
+            misses &+= 1
+            // A permission miss or a write through a clean entry: drop it and walk (the walk
+            // sets D or raises the fault).
+            cpu.tlb.invalidatePage(va, pcid: space.pcid)
+            entry = try miss(va, kind: a.kind)
+        }
+        let pa = entry.base | (va & entry.size.offsetMask & ~7)
+        if write {
+            data.write64(pa, va ^ (accesses &* 0x9E37_79B9_7F4A_7C15))
+        } else {
+            checksum = (checksum ^ data.read64(pa)) &* 0x0000_0100_0000_01B3
+        }
+        cpu.ledger.charge(.dataAccess, costs.dataAccess)
+        if computePerAccess > 0 { cpu.ledger.charge(.compute, computePerAccess) }
+    }
+
+    @inline(__always) static func permits(_ e: TLBEntry, write: Bool, fetch: Bool, user: Bool) -> Bool {
+        if user && !e.user { return false }
+        if write && !(e.writable && e.dirty) { return false }
+        if fetch && e.noExecute { return false }
+        return true
+    }
+
+    func miss(_ va: UInt64, kind: AccessKind) throws -> TLBEntry {
+        var attempts = 0
+        while true {
+            attempts += 1
+            if attempts > 64 { throw GuestError(message: "access to \(GuestVirtualAddress(va)) did not resolve after 64 faults") }
+            switch mode.resolveMiss(va, kind: kind, space: space, cpu: cpu) {
+            case .translated(let e, let global, let refs, let cacheHit):
+                walks &+= 1
+                walkRefs &+= UInt64(refs)
+                if cacheHit { walkCacheHits &+= 1 }
+                cpu.tlb.insert(va, pcid: space.pcid, entry: e, global: global, fetch: kind == .execute)
+                return e
+            case .guestFault(let code, let refs):
+                faultedWalkRefs &+= UInt64(refs)
+                guestFaults &+= 1
+                walkRetries &+= 1
+                cpu.ledger.charge(.guestFaults, costs.guestExceptionRoundTrip)
+                switch kernel.handlePageFault(va, code: code, space: space) {
+                case .demandZero(let size, let tablePages):
+                    demandZero &+= 1
+                    cpu.ledger.charge(.guestFaults, costs.demandZero(size) + Double(tablePages) * costs.guestPageTablePage)
+                case .segmentationFault(let why):
+                    throw GuestError(message: "segmentation fault: \(why) (error code \(code))")
+                case .outOfMemory:
+                    throw GuestError(message: "guest out of memory at \(GuestVirtualAddress(va)) (\(ByteCount(kernel.frames.capacity)) of guest RAM)")
+                }
+            case .retry(let refs):
+                faultedWalkRefs &+= UInt64(refs)
+                walkRetries &+= 1
+            }
+        }
+    }
+
+    /// Folds the hot counters into `cpu.counters` and returns them.
+    @discardableResult public func finish() -> CounterSet {
+        var c = cpu.counters
+        c[.accesses] = accesses
+        c[.writes] = writes
+        c[.fetches] = fetches
+        c[.reads] = accesses - writes - fetches
+        c[.l1TLBHits] = l1Hits
+        c[.l2TLBHits] = l2Hits
+        c[.tlbHits] = l1Hits + l2Hits
+        c[.tlbMisses] = misses
+        c[.walks] = walks
+        c[.walkMemoryRefs] = walkRefs
+        c[.faultedWalkRefs] = faultedWalkRefs
+        c[.walkCacheHits] = walkCacheHits
+        c[.walkRetries] = walkRetries
+        c[.guestPageFaults] = guestFaults
+        c[.guestDemandZeroFaults] = demandZero
+        c[.guestPageTablePages] = kernel.tablePagesAllocated
+        if fetches == 0 { c.markNotApplicable([.fetches]) }
+        cpu.counters = c
+        return c
+    }
+}

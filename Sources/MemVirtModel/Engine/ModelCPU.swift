@@ -1,0 +1,120 @@
+import MemVirtCore
+
+/// The state one simulated CPU accumulates: TLBs, paging-structure caches, the page-table line
+/// cache, counters and the cost ledger. Paging modes reach it to charge what they do.
+public final class ModelCPU: @unchecked Sendable {
+    public let tlb: TLBHierarchy
+    public let walkCaches: PagingStructureCaches
+    public let lineCache = PageTableLineCache()
+    public let paging: PagingConfig
+    public let costs: CostModel
+    public var counters: CounterSet
+    public var ledger = CostLedger()
+    public var privilege: PrivilegeMode = .user
+
+    public init(tlb: TLBConfig, paging: PagingConfig, costs: CostModel) {
+        self.tlb = TLBHierarchy(config: tlb)
+        walkCaches = PagingStructureCaches(config: tlb)
+        self.paging = paging
+        self.costs = costs
+        counters = CounterSet()
+    }
+
+    /// Charges one paging-entry read at physical `address` by where its line hits.
+    @inline(__always) public func chargeWalkRef(_ address: UInt64) {
+        let c: Double
+        switch lineCache.access(address) {
+        case .l1: c = costs.walkRefL1
+        case .l2: c = costs.walkRefL2
+        case .llc: c = costs.walkRefLLC
+        case .dram: c = costs.walkRefDRAM
+        }
+        ledger.charge(.pageWalk, c)
+    }
+}
+
+/// Table memory that charges every entry read to the CPU's ledger and counts A/D writes.
+public struct ChargedTableMemory<Inner: PageTableMemory>: PageTableMemory {
+    public var inner: Inner
+    public let cpu: ModelCPU
+    public init(_ inner: Inner, cpu: ModelCPU) {
+        self.inner = inner
+        self.cpu = cpu
+    }
+    @inline(__always) public mutating func readEntry(_ address: UInt64) -> UInt64? {
+        guard let v = inner.readEntry(address) else { return nil }
+        cpu.chargeWalkRef(address)
+        return v
+    }
+    @inline(__always) public mutating func writeEntry(_ address: UInt64, _ value: UInt64) {
+        cpu.ledger.charge(.adWrites, cpu.costs.adWrite)
+        inner.writeEntry(address, value)
+    }
+}
+
+/// What a paging mode answers to a TLB miss.
+public enum MissOutcome: Sendable {
+    /// A translation to install, from a walk of `refs` paging-entry reads.
+    case translated(TLBEntry, global: Bool, refs: Int, walkCacheHit: Bool)
+    /// A fault the guest kernel must handle (delivered natively, or injected by the hypervisor),
+    /// after a walk of `refs` reads.
+    case guestFault(PageFaultErrorCode, refs: Int)
+    /// The hypervisor fixed something (a hidden fault); the access is retried.
+    case retry(refs: Int)
+}
+
+/// How guest memory is virtualized: native paging, shadow paging or nested paging.
+public protocol PagingMode: AnyObject {
+    var name: String { get }
+    /// Counters this mode reports even when zero.
+    var applicableCounters: [Counter] { get }
+    /// The memory that TLB entries' bases address (guest memory natively, host memory otherwise).
+    var dataMemory: PhysicalMemory { get }
+    /// Guest-physical memory as the guest kernel sees it.
+    var guestMemory: GuestPhysicalMemory { get }
+    /// Resolves a TLB miss for `va` in `space`.
+    func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome
+    /// The guest executes INVLPG for `va`.
+    func invalidatePage(_ va: UInt64, space: AddressSpace, cpu: ModelCPU)
+    /// The guest writes CR3 to switch to `space`.
+    func switchAddressSpace(to space: AddressSpace, cpu: ModelCPU)
+}
+
+/// Native paging: the guest is the machine; the hardware walks the guest's own tables.
+public final class NativePaging: PagingMode {
+    public let memory: PhysicalMemory
+    public let guest: NativeGuestMemory
+    public init(memory: PhysicalMemory) {
+        self.memory = memory
+        guest = NativeGuestMemory(memory)
+    }
+    public var name: String { "native" }
+    public var applicableCounters: [Counter] { [] }
+    public var dataMemory: PhysicalMemory { memory }
+    public var guestMemory: GuestPhysicalMemory { guest }
+
+    public func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome {
+        cpu.ledger.charge(.pageWalk, cpu.costs.walkStart)
+        var mem = ChargedTableMemory(DirectTableMemory(memory), cpu: cpu)
+        let r = PageWalker.walk(
+            va, root: space.root, kind: kind, mode: cpu.privilege, pcid: space.pcid, config: cpu.paging,
+            caches: cpu.walkCaches, memory: &mem)
+        cpu.counters.add(.accessedDirtyWrites, UInt64(r.adWrites))
+        switch r.kind {
+        case .translated: return .translated(r.entry, global: r.global, refs: r.refs, walkCacheHit: r.walkCacheHit)
+        case .fault(let code): return .guestFault(code, refs: r.refs)
+        case .stopped: preconditionFailure("native table memory never stops a walk")
+        }
+    }
+
+    public func invalidatePage(_ va: UInt64, space: AddressSpace, cpu: ModelCPU) {
+        cpu.tlb.invalidatePage(va, pcid: space.pcid)
+        cpu.walkCaches.flush(pcid: space.pcid)
+        cpu.ledger.charge(.guestKernel, cpu.costs.invlpg)
+    }
+
+    public func switchAddressSpace(to space: AddressSpace, cpu: ModelCPU) {
+        if !cpu.tlb.config.pcid { cpu.tlb.flushAll(keepGlobal: true); cpu.walkCaches.flushAll() }
+        cpu.ledger.charge(.guestKernel, cpu.costs.cr3Write)
+    }
+}

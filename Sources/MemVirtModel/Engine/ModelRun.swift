@@ -1,0 +1,139 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import MemVirtCore
+
+/// Which virtualization design the model runs.
+public enum PagingKind: String, CaseIterable, Sendable {
+    case native, shadow, nested
+}
+
+/// Everything a model run needs besides the workload.
+public struct ModelConfig: Sendable {
+    public var paging: PagingKind = .native
+    /// Guest page size backing the workload's memory.
+    public var pageSize: PageSize = .size4K
+    public var tlb: TLBConfig = .goldenCove
+    public var pagingConfig = PagingConfig()
+    public var costs: CostModel = .bareMetal
+    /// Map every page before the measured run (no faults in it).
+    public var prefault = false
+    public init() {}
+}
+
+/// A trace replayed as an access source.
+public struct TraceAccesses: AccessSource {
+    let reader: LackeyTraceReader
+    public init(_ reader: LackeyTraceReader) { self.reader = reader }
+    public mutating func nextAccess() throws(InputError) -> Access? { try reader.next() }
+}
+
+/// The model engine's entry point: builds the machine for `config`, runs `spec`, reports.
+public enum ModelEngine {
+    /// Guest RAM to reserve for `spec` (lazily backed, so generous is free).
+    static func guestCapacity(_ spec: WorkloadSpec, pageSize: PageSize) -> UInt64 {
+        if case .lackey = spec.pattern { return 64 << 30 }
+        let oneG = PageSize.size1G.bytes
+        return ((spec.footprint.rawValue + oneG - 1) / oneG) * oneG + 2 * oneG
+    }
+
+    public static func run(
+        spec: WorkloadSpec, config: ModelConfig, progress: ((UInt64, UInt64) -> Void)? = nil
+    ) throws -> RunResult {
+        try spec.validate()
+        let capacity = guestCapacity(spec, pageSize: config.pageSize)
+        switch config.paging {
+        case .native:
+            let memory = try PhysicalMemory(capacity: capacity, name: "guest-physical")
+            let mode = NativePaging(memory: memory)
+            return try run(spec: spec, config: config, mode: mode, capacity: capacity, progress: progress)
+        case .shadow, .nested:
+            throw InputError("--paging \(config.paging.rawValue) is not available in this build yet")
+        }
+    }
+
+    /// Runs `spec` over an already-built `mode`.
+    public static func run<Mode: PagingMode>(
+        spec: WorkloadSpec, config: ModelConfig, mode: Mode, capacity: UInt64,
+        progress: ((UInt64, UInt64) -> Void)? = nil
+    ) throws -> RunResult {
+        let clock = WallClock()
+        let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
+        let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
+        let space = try kernel.createAddressSpace()
+        mode.switchAddressSpace(to: space, cpu: cpu)
+        let machine = Machine(mode: mode, cpu: cpu, kernel: kernel, space: space, computePerAccess: spec.computePerAccess)
+        var total = spec.accesses * UInt64(spec.threads)
+        if case .lackey(let path) = spec.pattern {
+            // A traced process: its whole user half (and the kernel half, for the vsyscall page)
+            // is one demand-zero area of 4 KiB pages.
+            let userTop: UInt64 = 1 << UInt64(config.pagingConfig.virtualAddressBits - 1)
+            try kernel.map(VirtualMemoryArea(start: 4096, end: userTop, pageSize: .size4K, writable: true, executable: true), in: space)
+            try kernel.map(VirtualMemoryArea(start: 0 &- userTop, end: 0 &- 4096, pageSize: .size4K, writable: true, executable: true), in: space)
+            var source = TraceAccesses(try LackeyTraceReader(path: path))
+            total = 0
+            try machine.run(&source, progress: progress.map { p in { n in p(n, 0) } })
+        } else {
+            let area = VirtualMemoryArea(
+                start: spec.base.rawValue, end: spec.base.rawValue + roundUp(spec.footprint.rawValue, config.pageSize),
+                pageSize: config.pageSize, writable: true)
+            try kernel.map(area, in: space)
+            if config.prefault { try prefault(machine, area: area) }
+            let streams = try (0..<spec.threads).map { t throws(InputError) in
+                GeneratedAccesses(try AccessGenerator(spec: spec, thread: t), count: spec.accesses)
+            }
+            if streams.count == 1 {
+                var source = streams[0]
+                try machine.run(&source, progress: progress.map { p in { n in p(n, total) } })
+            } else {
+                var source = InterleavedAccesses(streams)
+                try machine.run(&source, progress: progress.map { p in { n in p(n, total) } })
+            }
+        }
+        let counters = machine.finish()
+        return RunResult(
+            engine: "model", paging: mode.name, pageSize: config.pageSize, workload: spec, counters: counters,
+            cycles: cpu.ledger.total, cycleBreakdown: cpu.ledger.breakdown, wallSeconds: clock.seconds,
+            extra: [
+                ("checksum", .string("0x" + String(machine.checksum, radix: 16))),
+                ("cost_model", .string(config.costs.name)),
+                ("simulated_seconds", .double(cpu.ledger.total / (config.costs.clockGHz * 1e9))),
+                ("page_walk_refs_by_level", .object(zip(["l1d", "l2", "llc", "dram"], cpu.lineCache.hits).map { ($0, .uint($1)) })),
+            ])
+    }
+
+    /// Touches every page of `area` once (writes), then resets counters and the ledger.
+    static func prefault<Mode>(_ machine: Machine<Mode>, area: VirtualMemoryArea) throws {
+        var va = area.start
+        while va < area.end {
+            try machine.step(Access(address: GuestVirtualAddress(va), kind: .write))
+            va += area.pageSize.bytes
+        }
+        machine.resetStatistics()
+    }
+
+    static func roundUp(_ v: UInt64, _ size: PageSize) -> UInt64 { (v + size.offsetMask) & ~size.offsetMask }
+}
+
+extension Machine {
+    /// Zeroes every counter and the ledger (after a warm-up).
+    public func resetStatistics() {
+        accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
+        faultedWalkRefs = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0
+        let applicable = cpu.counters.reported.map(\.0)
+        cpu.counters = CounterSet(applicable: applicable)
+        cpu.ledger = CostLedger()
+    }
+}
+
+/// Monotonic wall time since creation.
+public struct WallClock: Sendable {
+    let start: UInt64
+    public init() { start = WallClock.now() }
+    public var seconds: Double { Double(WallClock.now() - start) / 1e9 }
+    public static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

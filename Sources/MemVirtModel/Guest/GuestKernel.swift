@@ -1,0 +1,192 @@
+import MemVirtCore
+
+/// Guest-physical memory as the guest kernel sees it. Natively it is the machine's memory;
+/// under a hypervisor every access is translated (and page-table writes may trap).
+public protocol GuestPhysicalMemory: AnyObject {
+    func read64(_ gpa: UInt64) -> UInt64
+    func write64(_ gpa: UInt64, _ value: UInt64)
+    /// A write to a paging-structure entry (a shadow MMU intercepts these).
+    func writePageTableEntry(_ gpa: UInt64, _ value: UInt64)
+    /// Clears a fresh frame.
+    func zero(_ gpa: UInt64, bytes: UInt64)
+}
+
+/// The CPU operations the guest kernel performs on TLB state (a hypervisor may intercept them).
+public protocol GuestCPUControl: AnyObject {
+    func invalidatePage(_ va: UInt64, space: AddressSpace)
+    func switchAddressSpace(to space: AddressSpace)
+}
+
+/// A virtual memory area: a range of a process's address space with its page size and rights.
+public struct VirtualMemoryArea: Sendable, Hashable {
+    public var start: UInt64
+    public var end: UInt64
+    public var pageSize: PageSize
+    public var writable: Bool
+    public var executable: Bool
+    public init(start: UInt64, end: UInt64, pageSize: PageSize, writable: Bool, executable: Bool = false) {
+        self.start = start
+        self.end = end
+        self.pageSize = pageSize
+        self.writable = writable
+        self.executable = executable
+    }
+    public func contains(_ va: UInt64) -> Bool { va >= start && va < end }
+}
+
+/// One process's address space: a PCID, a root table in guest-physical memory, its areas.
+public final class AddressSpace: @unchecked Sendable {
+    public let pcid: UInt16
+    /// Guest-physical address of the top-level table (what CR3 holds).
+    public let root: UInt64
+    public internal(set) var areas: [VirtualMemoryArea] = []
+    /// Guest-physical addresses of this space's page-table pages (root included).
+    public internal(set) var tablePages: [UInt64] = []
+    @usableFromInline var lastArea: Int = 0
+
+    init(pcid: UInt16, root: UInt64) {
+        self.pcid = pcid
+        self.root = root
+        tablePages = [root]
+    }
+
+    func area(containing va: UInt64) -> VirtualMemoryArea? {
+        if lastArea < areas.count, areas[lastArea].contains(va) { return areas[lastArea] }
+        for (i, a) in areas.enumerated() where a.contains(va) {
+            lastArea = i
+            return a
+        }
+        return nil
+    }
+}
+
+/// How the guest kernel handled a page fault.
+public enum GuestFaultResolution: Sendable, Equatable {
+    /// A fresh zeroed frame was mapped (`tablePages` new page-table pages on the way).
+    case demandZero(PageSize, tablePages: Int)
+    /// The access is not allowed by the area (or no area holds it): the process would get SIGSEGV.
+    case segmentationFault(String)
+    /// Guest-physical memory is exhausted.
+    case outOfMemory
+}
+
+/// A guest kernel model: processes with address spaces made of areas, page tables built in
+/// guest-physical memory as x86-64 hardware reads them, and a page-fault handler that maps
+/// fresh zeroed frames on demand (so a workload runs from an empty address space).
+public final class GuestKernel: @unchecked Sendable {
+    public let memory: GuestPhysicalMemory
+    public let paging: PagingConfig
+    public var frames: FrameAllocator
+    public private(set) var spaces: [AddressSpace] = []
+    private var nextPCID: UInt16 = 1
+    /// Page-table pages allocated over the run.
+    public private(set) var tablePagesAllocated: UInt64 = 0
+
+    public init(memory: GuestPhysicalMemory, capacity: UInt64, paging: PagingConfig) {
+        self.memory = memory
+        self.paging = paging
+        frames = FrameAllocator(capacity: capacity)
+    }
+
+    /// A new, empty address space (its root table allocated and zeroed).
+    public func createAddressSpace() throws(InputError) -> AddressSpace {
+        guard let root = frames.allocate(.size4K) else { throw InputError("guest memory exhausted creating an address space") }
+        memory.zero(root, bytes: 4096)
+        tablePagesAllocated += 1
+        let s = AddressSpace(pcid: nextPCID, root: root)
+        nextPCID = nextPCID == 4095 ? 1 : nextPCID + 1
+        spaces.append(s)
+        return s
+    }
+
+    /// Adds an area (mmap): nothing is mapped until it is touched.
+    public func map(_ area: VirtualMemoryArea, in space: AddressSpace) throws(InputError) {
+        guard area.start & area.pageSize.offsetMask == 0, area.end & area.pageSize.offsetMask == 0, area.end > area.start else {
+            throw InputError("area \(GuestVirtualAddress(area.start))-\(GuestVirtualAddress(area.end)) is not aligned to \(area.pageSize)")
+        }
+        let bits = paging.virtualAddressBits
+        let first = GuestVirtualAddress(area.start), last = GuestVirtualAddress(area.end - 1)
+        guard first.isCanonical(bits: bits), last.isCanonical(bits: bits), (area.start >> 63) == ((area.end - 1) >> 63) else {
+            throw InputError("area \(first)-\(GuestVirtualAddress(area.end)) is not canonical for \(paging.levels)-level paging")
+        }
+        for a in space.areas where a.start < area.end && area.start < a.end {
+            throw InputError("area \(GuestVirtualAddress(area.start)) overlaps an existing area")
+        }
+        space.areas.append(area)
+        space.areas.sort { $0.start < $1.start }
+    }
+
+    /// The page fault handler: demand-zero for a not-present page inside an area.
+    public func handlePageFault(_ va: UInt64, code: PageFaultErrorCode, space: AddressSpace) -> GuestFaultResolution {
+        guard let area = space.area(containing: va) else {
+            return .segmentationFault("no area holds \(GuestVirtualAddress(va))")
+        }
+        if code.contains(.reservedBit) { return .segmentationFault("reserved bit set in a paging entry for \(GuestVirtualAddress(va))") }
+        if code.contains(.write) && !area.writable { return .segmentationFault("write to read-only area at \(GuestVirtualAddress(va))") }
+        if code.contains(.instructionFetch) && !area.executable { return .segmentationFault("fetch from non-executable area at \(GuestVirtualAddress(va))") }
+        if code.contains(.present) {
+            return .segmentationFault("protection fault \(code) at \(GuestVirtualAddress(va)) in a mapped page")
+        }
+        let size = area.pageSize
+        guard let frame = frames.allocate(size) else { return .outOfMemory }
+        memory.zero(frame, bytes: size.bytes)
+        var flags: PageTableEntry.Flags = [.present, .user]
+        if area.writable { flags.insert(.writable) }
+        if !area.executable && paging.noExecuteEnabled { flags.insert(.noExecute) }
+        let before = tablePagesAllocated
+        guard installLeaf(va & ~size.offsetMask, frame: frame, size: size, flags: flags, space: space) else { return .outOfMemory }
+        return .demandZero(size, tablePages: Int(tablePagesAllocated - before))
+    }
+
+    /// Writes the leaf entry for `va` (building missing tables: fresh zeroed pages referenced by
+    /// P|W|U entries, permissions live in the leaf, as Linux does). False when out of memory.
+    @discardableResult
+    public func installLeaf(_ va: UInt64, frame: UInt64, size: PageSize, flags: PageTableEntry.Flags, space: AddressSpace) -> Bool {
+        var table = space.root
+        var level = paging.levels
+        while level > size.leafLevel {
+            let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
+            var e = PageTableEntry(rawValue: memory.read64(entryAddress))
+            if !e.isPresent {
+                guard let t = frames.allocate(.size4K) else { return false }
+                memory.zero(t, bytes: 4096)
+                tablePagesAllocated += 1
+                space.tablePages.append(t)
+                e = PageTableEntry(frameAddress: t, flags: [.present, .writable, .user])
+                memory.writePageTableEntry(entryAddress, e.rawValue)
+            }
+            precondition(!e.isLargePage, "installLeaf below an existing large page")
+            table = e.address
+            level -= 1
+        }
+        var leafFlags = flags
+        if size != .size4K { leafFlags.insert(.pageSize) }
+        let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
+        memory.writePageTableEntry(entryAddress, PageTableEntry(frameAddress: frame, flags: leafFlags).rawValue)
+        return true
+    }
+
+    /// The leaf entry mapping `va` and its size, by a software walk (no A/D updates).
+    public func lookupLeaf(_ va: UInt64, space: AddressSpace) -> (entryAddress: UInt64, entry: PageTableEntry, size: PageSize)? {
+        var table = space.root
+        var level = paging.levels
+        while true {
+            let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
+            let e = PageTableEntry(rawValue: memory.read64(entryAddress))
+            if !e.isPresent { return nil }
+            if level == 1 || (level <= 3 && e.isLargePage) { return (entryAddress, e, PageSize(leafLevel: level)!) }
+            table = e.address
+            level -= 1
+        }
+    }
+}
+
+/// Native guest-physical memory: the machine's own memory, no interception.
+public final class NativeGuestMemory: GuestPhysicalMemory {
+    public let memory: PhysicalMemory
+    public init(_ memory: PhysicalMemory) { self.memory = memory }
+    public func read64(_ gpa: UInt64) -> UInt64 { memory.read64(gpa) }
+    public func write64(_ gpa: UInt64, _ value: UInt64) { memory.write64(gpa, value) }
+    public func writePageTableEntry(_ gpa: UInt64, _ value: UInt64) { memory.write64(gpa, value) }
+    public func zero(_ gpa: UInt64, bytes: UInt64) { memory.zero(gpa, bytes: bytes) }
+}

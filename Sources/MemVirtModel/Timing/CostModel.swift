@@ -1,0 +1,103 @@
+import MemVirtCore
+
+/// Cycles per event: every number a named parameter with its source. The architectural model
+/// (walks, faults) counts events; this table turns counts into time. Presets describe hosts.
+public struct CostModel: Sendable, Hashable {
+    public var name: String
+    /// Core clock used to turn cycles into seconds.
+    public var clockGHz: Double
+
+    // Translation.
+    /// Translation cost of an L1 TLB hit: it overlaps the L1D access (Intel optimization
+    /// manual: the load-to-use latency of 5 cycles already includes the DTLB look-up); 0.
+    public var l1TLBHit: Double
+    /// An L1 miss that hits the STLB: ~7 cycles (Chips and Cheese, "Popping the Hood on Golden
+    /// Cove", 2021: STLB hit adds about 7 cycles; the Intel optimization manual gives 7-9).
+    public var l2TLBHit: Double
+    /// Fixed cost to start a page walk after an STLB miss (the PMH's set-up), ~10 cycles
+    /// (Bhattacharjee, "Large-reach MMU caches", MICRO 2013, walk start-up overhead).
+    public var walkStart: Double
+    /// One paging-entry read that hits L1D / L2 / LLC / DRAM. Golden Cove: L1D 5, L2 15, L3 ~65
+    /// cycles; DRAM ~100 ns ≈ 300 cycles at 3 GHz (Chips and Cheese, Golden Cove, 2021).
+    public var walkRefL1: Double
+    public var walkRefL2: Double
+    public var walkRefLLC: Double
+    public var walkRefDRAM: Double
+    /// An A/D bit write-back by the walker: a locked RMW on the entry, ~20 cycles (its line is
+    /// already in L1 from the walk's read; locked operations cost ~18-20 cycles on Intel cores,
+    /// Agner Fog's instruction tables, Golden Cove LOCK CMPXCHG).
+    public var adWrite: Double
+    /// A data access after translation: the L1D load-to-use latency, 5 cycles (as above). The
+    /// model does not simulate data caches; this constant keeps cycles comparable across modes.
+    public var dataAccess: Double
+
+    // Guest kernel (native costs; a virtualized guest pays these plus the hypervisor's).
+    /// Exception delivery and IRET for a #PF: ~250 cycles on recent Intel cores (Linux
+    /// `perf bench`/lmbench "page fault" on bare metal ~0.15 us total, REFERENCES.md PVM row).
+    public var guestExceptionRoundTrip: Double
+    /// Linux anonymous demand-zero fault for 4 KiB, handler plus clearing the page: ~0.7 us ≈
+    /// 2,000 cycles (will-it-scale page_fault1 ~1.4 M faults/s per core on a 3 GHz Intel core).
+    public var guestDemandZero4K: Double
+    /// Demand-zero for 2 MiB: clear_huge_page dominates, ~60 us ≈ 180,000 cycles at ~35 GB/s
+    /// store bandwidth (Linux THP fault latency measurements, LWN "Transparent huge pages", 2011).
+    public var guestDemandZero2M: Double
+    /// Demand-zero for 1 GiB: 512 x the 2 MiB clear, ~30 ms.
+    public var guestDemandZero1G: Double
+    /// Allocating and zeroing a page-table page inside a fault: ~600 cycles (a 4 KiB clear at
+    /// ~35 GB/s ≈ 120 ns plus the allocator).
+    public var guestPageTablePage: Double
+    /// A guest INVLPG or CR3 write executed natively: ~100 / ~200 cycles (Intel optimization
+    /// manual; INVLPG latency in Agner Fog's tables is 100-250 cycles).
+    public var invlpg: Double
+    public var cr3Write: Double
+
+    /// Bare metal on a recent Intel core (Golden Cove class, 3 GHz).
+    public static let bareMetal = CostModel(
+        name: "bare-metal", clockGHz: 3.0, l1TLBHit: 0, l2TLBHit: 7, walkStart: 10, walkRefL1: 5, walkRefL2: 15,
+        walkRefLLC: 65, walkRefDRAM: 300, adWrite: 20, dataAccess: 5, guestExceptionRoundTrip: 250,
+        guestDemandZero4K: 2_000, guestDemandZero2M: 180_000, guestDemandZero1G: 92_160_000, guestPageTablePage: 600,
+        invlpg: 100, cr3Write: 200)
+
+    public func demandZero(_ size: PageSize) -> Double {
+        switch size {
+        case .size4K: guestDemandZero4K
+        case .size2M: guestDemandZero2M
+        case .size1G: guestDemandZero1G
+        }
+    }
+}
+
+/// Where simulated cycles went. The ledger's categories print in this order.
+public enum CostCategory: Int, CaseIterable, Sendable {
+    case dataAccess, l2TLB, pageWalk, adWrites, compute, guestFaults, guestKernel
+    case vmExits, hypervisorFaults, emulation, shadowSync, hostFaults
+
+    public var name: String {
+        switch self {
+        case .dataAccess: "data_access"
+        case .l2TLB: "l2_tlb"
+        case .pageWalk: "page_walk"
+        case .adWrites: "ad_bit_writes"
+        case .compute: "compute"
+        case .guestFaults: "guest_page_faults"
+        case .guestKernel: "guest_kernel"
+        case .vmExits: "vm_exits"
+        case .hypervisorFaults: "hypervisor_faults"
+        case .emulation: "emulation"
+        case .shadowSync: "shadow_sync"
+        case .hostFaults: "host_faults"
+        }
+    }
+}
+
+/// Simulated cycles by category.
+public struct CostLedger: Sendable {
+    public var cycles: [Double] = Array(repeating: 0, count: CostCategory.allCases.count)
+    public init() {}
+    @inline(__always) public mutating func charge(_ c: CostCategory, _ n: Double) { cycles[c.rawValue] += n }
+    public var total: Double { cycles.reduce(0, +) }
+    public var breakdown: [(String, Double)] {
+        CostCategory.allCases.filter { cycles[$0.rawValue] != 0 }.map { ($0.name, cycles[$0.rawValue]) }
+    }
+    public mutating func merge(_ o: CostLedger) { for i in cycles.indices { cycles[i] += o.cycles[i] } }
+}
