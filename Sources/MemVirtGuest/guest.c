@@ -1,1 +1,142 @@
+// The guest runtime's CPL3 part: the workload stream of MemVirtCore's WorkloadSpec, drawn
+// with the same SplitMix64, plus the small commands `kvm probe` and the tests use.
+//
+// This code is copied out of the host binary into guest memory and runs there at another
+// address, so it must not leave its section: every function is in section `memvirt_guest`
+// (static helpers are always_inline), it uses no globals, no string constants, no
+// floating point (zipf's table is integer), no jump tables, no libc, no stack protector.
+// Package.swift compiles this target with -O2 -fno-jump-tables -fno-stack-protector
+// -mgeneral-regs-only; tests check the image has no outside references by running it.
 #include "memvirt_guest.h"
+#include "memvirt_prng.h"
+
+#define GUEST __attribute__((section("memvirt_guest"), used, noinline, no_stack_protector))
+#define GI MEMVIRT_INLINE
+
+GI void out32(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
+
+GI uint64_t write_value(uint64_t i, uint64_t salt) { return ((i + 1) * 0x9E3779B97F4A7C15ull) ^ salt; }
+
+GI void workload(volatile struct memvirt_mailbox *mb) {
+    const uint64_t pattern = mb->pattern, base = mb->base, footprint = mb->footprint;
+    const uint64_t n = mb->accesses, threshold = mb->write_threshold, stride = mb->stride;
+    const uint64_t compute = mb->compute, salt = mb->salt;
+    const uint64_t words = footprint >> 3;
+    const uint64_t *zipf = (const uint64_t *)mb->table;
+    const uint32_t *chase = (const uint32_t *)mb->table;
+    const uint64_t pages = mb->table_len;
+    uint64_t rng = mb->rng_state;
+    uint64_t reads = 0, writes = 0, read_sum = 0, slot = 0, acc = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t offset;
+        if (pattern == 0) {
+            offset = (i * 64) % footprint;
+        } else if (pattern == 1) {
+            offset = (i * stride) % footprint;
+        } else if (pattern == 2 || pattern == 5) {
+            offset = memvirt_bounded(&rng, words) << 3;
+        } else if (pattern == 3) {
+            uint64_t u = memvirt_splitmix64_next(&rng) >> 11;
+            uint64_t lo = 0, hi = pages - 1;
+            while (lo < hi) {
+                uint64_t mid = (lo + hi) >> 1;
+                if (zipf[mid] >= u) hi = mid; else lo = mid + 1;
+            }
+            offset = (lo << 12) | (memvirt_bounded(&rng, 512) << 3);
+        } else {
+            offset = slot << 6;
+            slot = chase[slot];
+        }
+        volatile uint64_t *p = (volatile uint64_t *)(base + offset);
+        if (pattern == 5) {
+            uint64_t x = *p;
+            read_sum += x;
+            *p = x ^ write_value(i, salt);
+            writes++;
+        } else {
+            int write = 0;
+            if (threshold == UINT64_MAX) write = 1;
+            else if (threshold != 0 && memvirt_splitmix64_next(&rng) < threshold) write = 1;
+            if (write) {
+                *p = write_value(i, salt);
+                writes++;
+            } else {
+                read_sum += *p;
+                reads++;
+            }
+        }
+        for (uint64_t c = 0; c < compute; c++) __asm__ volatile("add $1, %0" : "+r"(acc));
+    }
+    mb->rng_state = rng;
+    mb->done_accesses = n;
+    mb->reads = reads;
+    mb->writes = writes;
+    mb->read_sum = read_sum;
+}
+
+GI void checksum(volatile struct memvirt_mailbox *mb) {
+    const uint64_t *w = (const uint64_t *)mb->base;
+    const uint64_t words = mb->footprint >> 3;
+    uint64_t h = 0;
+    for (uint64_t k = 0; k < words; k++) h += w[k] * (2 * k + 1);
+    mb->memory_checksum = h;
+}
+
+GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
+    for (;;) {
+        uint64_t cmd = mb->command, status = MEMVIRT_STATUS_OK;
+        if (cmd == MEMVIRT_CMD_WORKLOAD) {
+            workload(mb);
+        } else if (cmd == MEMVIRT_CMD_WRITE_LIST) {
+            const uint64_t *list = (const uint64_t *)mb->list;
+            uint64_t len = mb->list_len;
+            for (uint64_t i = 0; i < len; i++) *(volatile uint64_t *)list[i] = i + 1;
+            mb->writes = len;
+        } else if (cmd == MEMVIRT_CMD_CHECKSUM) {
+            checksum(mb);
+        } else if (cmd == MEMVIRT_CMD_PING) {
+            uint64_t count = mb->count;
+            for (uint64_t i = 0; i < count; i++) out32(MEMVIRT_PORT_PING, (uint32_t)i);
+        } else if (cmd == MEMVIRT_CMD_TOUCH_PAGES) {
+            uint64_t count = mb->count, base = mb->base;
+            out32(MEMVIRT_PORT_MARK, 0);
+            for (uint64_t i = 0; i < count; i++) *(volatile uint64_t *)(base + (i << 12)) = i + 1;
+            out32(MEMVIRT_PORT_MARK, 1);
+        } else if (cmd == MEMVIRT_CMD_EMULATE) {
+            uint64_t count = mb->count, loops = mb->stride;
+            out32(MEMVIRT_PORT_MARK, 0);
+            for (uint64_t i = 0; i < count; i++) {
+                uint64_t rcx = loops;
+                __asm__ volatile("int $0x82" : "+c"(rcx) : : "memory", "cc");
+            }
+            out32(MEMVIRT_PORT_MARK, 1);
+        } else if (cmd == MEMVIRT_CMD_BAD_PORT) {
+            out32(MEMVIRT_PORT_UNKNOWN, 0xbad);
+        } else if (cmd == MEMVIRT_CMD_TOUCH_ADDRESS) {
+            *(volatile uint64_t *)mb->list = 0x5a5a5a5a5a5a5a5aull;
+        } else if (cmd == MEMVIRT_CMD_TRIPLE_FAULT) {
+            __asm__ volatile("int $0x81" : : : "memory");
+        } else {
+            status = MEMVIRT_STATUS_BAD_COMMAND;
+        }
+        mb->status = status;
+        out32(MEMVIRT_PORT_DONE, (uint32_t)status);
+    }
+}
+
+// The host side: where the image is.
+extern const char __start_memvirt_guest[];
+extern const char __stop_memvirt_guest[];
+extern const char memvirt_guest_trap_stubs[];
+extern const char memvirt_guest_triple_stub[];
+extern const char memvirt_guest_emulate_stub[];
+
+void memvirt_guest_image_get(struct memvirt_guest_image *out) {
+    const char *s = __start_memvirt_guest;
+    out->start = s;
+    out->size = (uint64_t)(__stop_memvirt_guest - s);
+    out->entry_offset = (uint64_t)((const char *)memvirt_guest_main - s);
+    out->trap_stubs_offset = (uint64_t)(memvirt_guest_trap_stubs - s);
+    out->triple_stub_offset = (uint64_t)(memvirt_guest_triple_stub - s);
+    out->emulate_stub_offset = (uint64_t)(memvirt_guest_emulate_stub - s);
+}

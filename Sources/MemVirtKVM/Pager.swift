@@ -1,0 +1,234 @@
+import CKVM
+import Histogram
+import MemVirtCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the userfaultfd pager serves guest RAM.
+public struct PagerOptions: Sendable {
+    /// At most this many pages resident; older pages are saved to the store and dropped
+    /// (MADV_DONTNEED). nil: no limit.
+    public var residentLimitPages: Int? = nil
+    /// Pages mapped after each faulting page (when missing), in the same UFFDIO_COPY.
+    public var readAhead = 0
+    /// Directory of the page store (an unlinked O_TMPFILE).
+    public var storeDirectory = "/tmp"
+    public init() {}
+}
+
+/// What the pager did, with fault service times (HdrHistogram, nanoseconds).
+public struct PagerReport: Sendable {
+    /// userfaultfd page-fault messages read.
+    public var faults: UInt64
+    /// Messages for pages already mapped (a retried fault): only woken.
+    public var spurious: UInt64
+    /// Pages mapped zero-filled (first touch).
+    public var zeroFills: UInt64
+    /// Pages mapped from the page store (previously evicted).
+    public var storeReads: UInt64
+    /// Pages mapped ahead of a fault.
+    public var readAheadPages: UInt64
+    /// Pages saved to the store and dropped with MADV_DONTNEED.
+    public var evictions: UInt64
+    public var residentLimitPages: Int?
+    public var peakResidentPages: Int
+    public var serviceNanos: Histogram<UInt64>
+
+    public var json: JSONValue {
+        let h = serviceNanos
+        return .object([
+            ("faults", .uint(faults)), ("spurious", .uint(spurious)), ("zero_fills", .uint(zeroFills)),
+            ("store_reads", .uint(storeReads)), ("read_ahead_pages", .uint(readAheadPages)), ("evictions", .uint(evictions)),
+            ("resident_limit_pages", residentLimitPages.map { .int(Int64($0)) } ?? .null),
+            ("peak_resident_pages", .int(Int64(peakResidentPages))),
+            ("service_us", .object([
+                ("count", .uint(h.totalCount)), ("mean", .double((h.mean / 10).rounded() / 100)),
+                ("p50", .double(Double(h.valueAtPercentile(50)) / 1e3)), ("p90", .double(Double(h.valueAtPercentile(90)) / 1e3)),
+                ("p99", .double(Double(h.valueAtPercentile(99)) / 1e3)), ("max", .double(Double(h.max) / 1e3)),
+            ])),
+        ])
+    }
+}
+
+/// A userfaultfd pager over one guest RAM region (private anonymous memory, missing mode).
+///
+/// Its thread waits in poll(2) on the userfaultfd and a stop eventfd. A fault at page p is
+/// served by one UFFDIO_COPY of p and up to `readAhead` missing pages after it, zero-filled or
+/// read back from the page store. With a resident limit, room is made first: the oldest
+/// resident pages (FIFO) are written to the store and dropped with MADV_DONTNEED, which also
+/// zaps KVM's shadow/EPT entries through the MMU notifier, so the guest's next access comes
+/// back here as a missing fault.
+///
+/// Why eviction is race-free here: it happens only while serving a fault, and the runner
+/// allows a pager only with one vCPU. That vCPU is inside KVM's fault path (waiting on this
+/// userfaultfd, or about to) until the UFFDIO_COPY below, so no guest write can land between
+/// saving a page and dropping it. With several vCPUs this would need UFFDIO_WRITEPROTECT first.
+/// KVM may send two messages for one fault (a FOLL_NOWAIT attempt, then the blocking one):
+/// the second finds the page resident and is only woken.
+public final class Pager: @unchecked Sendable {
+    let region: GuestMemoryRegion
+    let options: PagerOptions
+    let uffd: FileDescriptor
+    let stopFD: FileDescriptor
+    let stopWriteFD: FileDescriptor
+    let store: FileDescriptor
+    let pages: Int
+    var resident: [Bool]
+    var stored: [Bool]
+    var fifo: [Int32]
+    var fifoHead = 0
+    var residentCount = 0
+    var thread: DedicatedThread?
+    var failure: KVMError?
+    let buffer: UnsafeMutableRawPointer
+    var r = PagerReport(faults: 0, spurious: 0, zeroFills: 0, storeReads: 0, readAheadPages: 0, evictions: 0,
+                        residentLimitPages: nil, peakResidentPages: 0,
+                        serviceNanos: Histogram<UInt64>(lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three))
+
+    /// Registers `region` (which the guest must not have touched yet) with a new userfaultfd.
+    public init(region: GuestMemoryRegion, options: PagerOptions) throws(KVMError) {
+        if let l = options.residentLimitPages, l < 1 { throw KVMError.invalid("resident limit must be at least one page") }
+        guard options.readAhead >= 0, options.readAhead <= 512 else { throw KVMError.invalid("read-ahead \(options.readAhead): use 0...512 pages") }
+        self.region = region
+        self.options = options
+        pages = Int(region.size / 4096)
+        let u = ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK)
+        if u < 0 { throw KVMError.call("userfaultfd(2) (root or vm.unprivileged_userfaultfd=1 needed)", Errno(rawValue: -u)) }
+        uffd = FileDescriptor(u)
+        var api = uffdio_api(api: ckvm_uffd_api(), features: 0, ioctls: 0)
+        _ = try checked(ckvm_uffdio_api(uffd.raw, &api), "UFFDIO_API")
+        var reg = uffdio_register(range: uffdio_range(start: region.hostAddress.rawValue, len: region.size),
+                                  mode: UInt64(UFFDIO_REGISTER_MODE_MISSING), ioctls: 0)
+        _ = try checked(ckvm_uffdio_register(uffd.raw, &reg), "UFFDIO_REGISTER(\(ByteCount(region.size)))")
+        var pipeFDs: [Int32] = [0, 0]
+        if pipe(&pipeFDs) != 0 { throw KVMError.call("pipe", lastErrno()) }
+        _ = fcntl(pipeFDs[0], F_SETFD, FD_CLOEXEC); _ = fcntl(pipeFDs[1], F_SETFD, FD_CLOEXEC)
+        stopFD = FileDescriptor(pipeFDs[0])
+        stopWriteFD = FileDescriptor(pipeFDs[1])
+        // O_TMPFILE (= __O_TMPFILE | O_DIRECTORY; Glibc's Swift overlay does not export it).
+        store = try FileDescriptor.open(options.storeDirectory, 0o20_200_000 | O_RDWR, mode: 0o600)
+        resident = [Bool](repeating: false, count: pages)
+        stored = [Bool](repeating: false, count: pages)
+        fifo = []
+        fifo.reserveCapacity(pages)
+        buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096 * (options.readAhead + 1), alignment: 4096)
+        r.residentLimitPages = options.residentLimitPages
+    }
+
+    deinit {
+        stop()
+        buffer.deallocate()
+    }
+
+    /// Starts the pager thread.
+    public func start() throws(KVMError) {
+        guard thread == nil else { return }
+        thread = try DedicatedThread.start(name: "memvirt-pager") { [self] in loop() }
+    }
+
+    /// Stops the pager thread (idempotent). Faults after this are not served: stop only when
+    /// no vCPU runs.
+    public func stop() {
+        guard let t = thread else { return }
+        var one: UInt8 = 1
+        _ = write(stopWriteFD.raw, &one, 1)
+        t.join()
+        thread = nil
+    }
+
+    /// The counters and histogram so far (call after `stop`, or accept a racy snapshot).
+    public func report() -> PagerReport { r }
+
+    private func loop() {
+        var fds = [pollfd(fd: uffd.raw, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD.raw, events: Int16(POLLIN), revents: 0)]
+        let msgSize = 32
+        var msgs = [UInt8](repeating: 0, count: msgSize * 64)
+        while failure == nil {
+            let n = poll(&fds, 2, -1)
+            if n < 0 { if errno == EINTR { continue }; failure = .call("poll(userfaultfd)", lastErrno()); return }
+            if fds[1].revents != 0 { return }
+            let got = msgs.withUnsafeMutableBytes { read(uffd.raw, $0.baseAddress, $0.count) }
+            let t0 = monotonicNanoseconds()
+            if got < 0 {
+                if errno == EAGAIN || errno == EINTR { continue }
+                failure = .call("read(userfaultfd)", lastErrno())
+                return
+            }
+            for i in 0..<(got / msgSize) {
+                let (event, address) = msgs.withUnsafeBytes { b in
+                    (b[i * msgSize], b.loadUnaligned(fromByteOffset: i * msgSize + 16, as: UInt64.self))
+                }
+                guard event == UInt8(UFFD_EVENT_PAGEFAULT) else { continue }
+                do { try serve(address: address, since: t0) } catch { failure = error; return }
+            }
+        }
+    }
+
+    private func serve(address: UInt64, since t0: UInt64) throws(KVMError) {
+        r.faults += 1
+        let base = region.hostAddress.rawValue
+        let page = Int((address - base) / 4096)
+        guard page >= 0, page < pages else { return }
+        if resident[page] {
+            r.spurious += 1
+            var range = uffdio_range(start: base + UInt64(page) * 4096, len: 4096)
+            _ = ckvm_uffdio_wake(uffd.raw, &range)
+            return
+        }
+        var k = 1
+        while k <= options.readAhead, page + k < pages, !resident[page + k] { k += 1 }
+        if let limit = options.residentLimitPages {
+            k = min(k, limit)
+            while residentCount + k > limit && fifoHead < fifo.count {
+                try evict(Int(fifo[fifoHead]))
+                fifoHead += 1
+            }
+            if fifoHead > 4096 && fifoHead * 2 > fifo.count {
+                fifo.removeFirst(fifoHead)
+                fifoHead = 0
+            }
+        }
+        for j in 0..<k {
+            let p = page + j
+            let dst = buffer + j * 4096
+            if stored[p] {
+                let n = pread(store.raw, dst, 4096, off_t(p) * 4096)
+                if n != 4096 { throw KVMError.call("pread(page store, page \(p))", lastErrno()) }
+                r.storeReads += 1
+            } else {
+                memset(dst, 0, 4096)
+                r.zeroFills += 1
+            }
+        }
+        var copy = uffdio_copy(dst: base + UInt64(page) * 4096, src: UInt64(UInt(bitPattern: buffer)), len: UInt64(k) * 4096, mode: 0, copy: 0)
+        var rc = ckvm_uffdio_copy(uffd.raw, &copy)
+        while rc == -EAGAIN {
+            copy.copy = 0
+            rc = ckvm_uffdio_copy(uffd.raw, &copy)
+        }
+        if rc < 0 && rc != -EEXIST { _ = try checked(rc, "UFFDIO_COPY(page \(page), \(k) pages)") }
+        for j in 0..<k {
+            resident[page + j] = true
+            fifo.append(Int32(page + j))
+        }
+        residentCount += k
+        r.readAheadPages += UInt64(k - 1)
+        r.peakResidentPages = max(r.peakResidentPages, residentCount)
+        _ = r.serviceNanos.record(monotonicNanoseconds() - t0)
+    }
+
+    private func evict(_ q: Int) throws(KVMError) {
+        guard resident[q] else { return }
+        let p = region.mapping.base + q * 4096
+        if pwrite(store.raw, p, 4096, off_t(q) * 4096) != 4096 { throw KVMError.call("pwrite(page store, page \(q))", lastErrno()) }
+        if madvise(p, 4096, MADV_DONTNEED) != 0 { throw KVMError.call("madvise(MADV_DONTNEED, page \(q))", lastErrno()) }
+        stored[q] = true
+        resident[q] = false
+        residentCount -= 1
+        r.evictions += 1
+    }
+
+    /// The pager's own failure, if its thread stopped on one.
+    public var error: KVMError? { failure }
+}

@@ -1,0 +1,117 @@
+import CKVM
+import MemVirtCore
+import MemVirtGuest
+
+/// `memvirt kvm probe`: the platform, its capabilities, and micro-measurements made with the
+/// guest runtime (each a mean over many events, timed by the VMM between two port exits).
+public struct KVMProbe: Sendable {
+    public var platform: KVMPlatform
+    public var apiVersion: Int
+    public var capabilities: [(String, Int)]
+    /// Nanoseconds per page: the guest's first write to a fresh page (KVM fault + host page).
+    public var firstTouchNanos: Double
+    /// Nanoseconds per page: the same pages written again (mapped: no exit).
+    public var retouchNanos: Double
+    /// Nanoseconds per page: first write when a userfaultfd pager serves the page.
+    public var userfaultfdNanos: Double
+    /// The pager's own service time (read message -> UFFDIO_COPY done), p50 and p99, ns.
+    public var userfaultfdServiceP50: UInt64
+    public var userfaultfdServiceP99: UInt64
+    /// Nanoseconds per `out` that exits to the VMM and back.
+    public var exitRoundTripNanos: Double
+    /// Nanoseconds per CPL0 instruction (emulated on PVM; native with VMX/SVM).
+    public var emulatedInstructionNanos: Double
+    public var pages: Int
+
+    public static func run(pages: Int = 4096) throws(KVMError) -> KVMProbe {
+        try onDedicatedThread(name: "memvirt-probe") { () throws(KVMError) in try measure(pages: pages) }
+    }
+
+    static func measure(pages: Int) throws(KVMError) -> KVMProbe {
+        let kvm = try KVM()
+        let caps = KVMCapability.reported.map { ($0.name, kvm.check($0)) }
+        let size = UInt64(pages) * 4096
+
+        // First touch and re-touch.
+        let g = try GuestVM(kvm: kvm, config: GuestConfig(dataSize: size))
+        let first = try touch(g, pages: pages)
+        let again = try touch(g, pages: pages)
+
+        // Exit round trip.
+        var m = GuestVM.command(MEMVIRT_CMD_PING)
+        let pings: UInt64 = 20_000
+        m.count = pings
+        try g.setMailbox(0, m)
+        let o = try g.execute(vcpu: 0)
+        let exitNanos = Double(o.endNanos - o.startNanos) / Double(pings + 1)
+
+        // Emulated instructions: int $0x82 with 1 loop vs 501 loops (2 instructions each).
+        func emulate(loops: UInt64) throws(KVMError) -> Double {
+            var m = GuestVM.command(MEMVIRT_CMD_EMULATE)
+            m.count = 20
+            m.stride = loops
+            try g.setMailbox(0, m)
+            let o = try g.execute(vcpu: 0)
+            return Double(o.marks[1] - o.marks[0])
+        }
+        _ = try emulate(loops: 1)
+        let short = try emulate(loops: 1)
+        let long = try emulate(loops: 501)
+        let emuNanos = max(0, long - short) / (20 * 1000)
+
+        // userfaultfd-served first touch.
+        let gu = try GuestVM(kvm: kvm, config: GuestConfig(dataSize: size))
+        let pager = try Pager(region: gu.data, options: PagerOptions())
+        try pager.start()
+        let uffd = try touch(gu, pages: pages)
+        pager.stop()
+        if let e = pager.error { throw e }
+        let rep = pager.report()
+
+        return KVMProbe(
+            platform: kvm.platform, apiVersion: kvm.apiVersion, capabilities: caps,
+            firstTouchNanos: first, retouchNanos: again, userfaultfdNanos: uffd,
+            userfaultfdServiceP50: rep.serviceNanos.valueAtPercentile(50), userfaultfdServiceP99: rep.serviceNanos.valueAtPercentile(99),
+            exitRoundTripNanos: exitNanos, emulatedInstructionNanos: emuNanos, pages: pages)
+    }
+
+    /// Nanoseconds per page for one write to each of `pages` pages, timed between two MARKs.
+    static func touch(_ g: GuestVM, pages: Int) throws(KVMError) -> Double {
+        var m = GuestVM.command(MEMVIRT_CMD_TOUCH_PAGES)
+        m.base = g.layout.dataVirtual.rawValue
+        m.count = UInt64(pages)
+        try g.setMailbox(0, m)
+        let o = try g.execute(vcpu: 0)
+        return Double(o.marks[1] - o.marks[0]) / Double(pages)
+    }
+
+    public var json: JSONValue {
+        func us(_ ns: Double) -> JSONValue { .double((ns / 10).rounded() / 100) }
+        return .object([
+            ("schema", "memvirt.kvm-probe/1"),
+            ("platform", .string(platform.rawValue)), ("paging", .string(platform.pagingMode)),
+            ("api_version", .int(Int64(apiVersion))),
+            ("capabilities", .object(capabilities.map { ($0.0, .int(Int64($0.1))) })),
+            ("pages", .int(Int64(pages))),
+            ("first_touch_us", us(firstTouchNanos)), ("retouch_us", us(retouchNanos)),
+            ("userfaultfd_fault_us", us(userfaultfdNanos)),
+            ("userfaultfd_service_p50_us", us(Double(userfaultfdServiceP50))),
+            ("userfaultfd_service_p99_us", us(Double(userfaultfdServiceP99))),
+            ("exit_round_trip_us", us(exitRoundTripNanos)),
+            ("cpl0_instruction_us", us(emulatedInstructionNanos)),
+        ])
+    }
+
+    public var text: String {
+        func us(_ ns: Double) -> String { formatFixed(ns / 1e3, digits: 3) + " us" }
+        var s = "platform \(platform.rawValue) (\(platform.pagingMode) paging), KVM API \(apiVersion)\n"
+        s += "capabilities: " + capabilities.map { $0.1 > 0 ? ($0.1 == 1 ? $0.0 : "\($0.0)=\($0.1)") : "!\($0.0)" }.joined(separator: " ") + "\n"
+        s += "per page over \(pages) pages:\n"
+        s += "  first touch            \(us(firstTouchNanos))\n"
+        s += "  re-touch               \(us(retouchNanos))\n"
+        s += "  userfaultfd-served     \(us(userfaultfdNanos))  (pager service p50 \(us(Double(userfaultfdServiceP50))), p99 \(us(Double(userfaultfdServiceP99))))\n"
+        s += "exit round trip (out)    \(us(exitRoundTripNanos))\n"
+        s += "CPL0 instruction         \(us(emulatedInstructionNanos))\n"
+        return s
+    }
+}

@@ -1,0 +1,269 @@
+import CKVM
+import MemVirtCore
+import MemVirtGuest
+
+/// How `KVMRunner` runs a workload.
+public struct KVMRunOptions: Sendable {
+    /// Guest page size of the workload's mapping.
+    public var pageSize: PageSize = .size4K
+    /// Back guest RAM with transparent huge pages (MADV_HUGEPAGE) instead of MADV_NOHUGEPAGE.
+    public var transparentHugePages = false
+    /// Serve guest RAM through a userfaultfd pager with at most this many bytes resident.
+    public var residentLimit: UInt64? = nil
+    /// With a pager: pages mapped ahead of each faulting page.
+    public var readAhead = 0
+    /// Serve guest RAM through the pager even without a resident limit.
+    public var userfaultfd = false
+    /// After the timed run, checksum the whole footprint in the guest (`memory_checksum`).
+    public var verify = false
+    /// Log dirty pages of the workload memory during the run and harvest at the end.
+    public var dirtyLog: DirtyLogMode = .off
+
+    public init() {}
+}
+
+/// What the guest reported for one vCPU.
+public struct GuestReport: Sendable {
+    public var accesses: UInt64
+    public var reads: UInt64
+    public var writes: UInt64
+    public var readSum: UInt64
+    /// `memory_checksum` after the run (with `verify`), else nil.
+    public var memoryChecksum: UInt64?
+}
+
+/// A finished KVM run: the shared `RunResult` and the details behind it.
+public struct KVMRunReport: Sendable {
+    public var result: RunResult
+    public var guests: [GuestReport]
+    public var vmStats: StatValues
+    public var vcpuStats: StatValues
+    public var pager: PagerReport?
+    public var dirty: DirtyHarvest?
+}
+
+/// Runs a `WorkloadSpec` in a real VM: one vCPU per thread, each drawing its own stream.
+public enum KVMRunner {
+    /// Runs on dedicated threads; the caller's thread waits.
+    public static func run(_ spec: WorkloadSpec, options: KVMRunOptions = KVMRunOptions()) throws(KVMError) -> KVMRunReport {
+        try onDedicatedThread(name: "memvirt-run") { () throws(KVMError) in try runHere(spec, options: options) }
+    }
+
+    /// Same, from async code: no pool thread waits.
+    public static func runAsync(_ spec: WorkloadSpec, options: KVMRunOptions = KVMRunOptions()) async throws(KVMError) -> KVMRunReport {
+        try await onDedicatedThreadAsync(name: "memvirt-run") { () throws(KVMError) in try runHere(spec, options: options) }
+    }
+
+    /// The per-thread mailbox and lookup table for `spec`'s stream `thread`.
+    static func prepare(_ spec: WorkloadSpec, thread: Int, layout: GuestLayout) throws(KVMError) -> (memvirt_mailbox, [UInt8]) {
+        var m = GuestVM.command(MEMVIRT_CMD_WORKLOAD)
+        var rng = SplitMix64(seed: SplitMix64.derive(seed: spec.seed, stream: UInt64(thread)))
+        var table: [UInt8] = []
+        switch spec.pattern {
+        case .sequential: m.pattern = 0
+        case .strided(let s): m.pattern = 1; m.stride = s
+        case .uniform: m.pattern = 2
+        case .zipf(let theta):
+            m.pattern = 3
+            let z = ZipfTable(items: Int(spec.footprint.rawValue / 4096), theta: theta)
+            // cdf[k] >= u53 * 2^-53  <=>  ceil(cdf[k] * 2^53) >= u53: the guest compares integers.
+            let ints = z.cdf.map { UInt64(($0 * 0x1p53).rounded(.up)) }
+            table = ints.withUnsafeBytes { Array($0) }
+            m.table_len = UInt64(ints.count)
+        case .chase:
+            m.pattern = 4
+            let next = AccessGenerator.sattoloCycle(slots: Int(spec.footprint.rawValue / 64), rng: &rng)
+            table = next.withUnsafeBytes { Array($0) }
+            m.table_len = UInt64(next.count)
+        case .gups: m.pattern = 5
+        case .lackey: throw KVMError.invalid("the KVM engine runs synthetic workloads; a lackey trace is for the model engine")
+        }
+        m.base = layout.dataVirtual.rawValue
+        m.footprint = spec.footprint.rawValue
+        m.accesses = spec.accesses
+        m.rng_state = rng.state
+        m.write_threshold = spec.writeThreshold
+        m.compute = spec.computePerAccess
+        m.salt = UInt64(thread) << 56
+        m.table = layout.tables + layout.tableStride * UInt64(thread)
+        return (m, table)
+    }
+
+    /// Table bytes one thread needs.
+    static func tableBytes(_ spec: WorkloadSpec) -> UInt64 {
+        switch spec.pattern {
+        case .zipf: spec.footprint.rawValue / 4096 * 8
+        case .chase: spec.footprint.rawValue / 64 * 4
+        default: 0
+        }
+    }
+
+    static func runHere(_ spec: WorkloadSpec, options o: KVMRunOptions) throws(KVMError) -> KVMRunReport {
+        do { try spec.validate() } catch { throw KVMError.invalid(error.message) }
+        if case .lackey = spec.pattern { throw KVMError.invalid("the KVM engine runs synthetic workloads; a lackey trace is for the model engine") }
+        let pagerOn = o.residentLimit != nil || o.userfaultfd || o.readAhead > 0
+        if pagerOn && spec.threads > 1 {
+            throw KVMError.invalid("the userfaultfd pager evicts only while the one vCPU waits on a fault: use --threads 1")
+        }
+        if pagerOn && o.pageSize != .size4K && o.residentLimit != nil {
+            throw KVMError.invalid("--resident-limit works on 4K guest pages")
+        }
+        let kvm = try KVM()
+        var c = GuestConfig(dataSize: spec.footprint.rawValue)
+        c.dataVirtual = spec.base
+        c.dataPageSize = o.pageSize
+        c.vcpus = spec.threads
+        c.transparentHugePages = o.transparentHugePages
+        c.tableBytesPerVCPU = tableBytes(spec)
+        if o.dirtyLog != .off { c.dataSlotFlags = .logDirtyPages }
+        if o.dirtyLog == .bitmapManual { c.manualDirtyProtect = true }
+        if o.dirtyLog == .ring { c.dirtyRingBytes = min(kvm.check(.dirtyLogRing), 1 << 20) }
+        let g = try GuestVM(kvm: kvm, config: c)
+        let ring = o.dirtyLog == .ring ? DirtyRingCollector(vm: g) : nil
+        if let ring { g.onDirtyRingFull = { v throws(KVMError) in try ring.harvest(v) } }
+
+        for t in 0..<spec.threads {
+            let (m, table) = try prepare(spec, thread: t, layout: g.layout)
+            if !table.isEmpty {
+                try g.runtime.write(array: table, at: GuestPhysicalAddress(rawValue: m.table))
+            }
+            try g.setMailbox(t, m)
+        }
+        var pager: Pager? = nil
+        if pagerOn {
+            var po = PagerOptions()
+            po.residentLimitPages = o.residentLimit.map { Int(max(1, $0 / 4096)) }
+            po.readAhead = o.readAhead
+            pager = try Pager(region: g.data, options: po)
+            try pager!.start()
+        }
+        defer { pager?.stop() }
+
+        let vmStats = try g.vm.stats()
+        let vcpuStats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
+        let vmBefore = try vmStats.read()
+        var vcpuBefore = StatValues(values: [:])
+        for s in vcpuStats { vcpuBefore.add(try s.read()) }
+        let usageBefore = ProcessUsage.now()
+        let t0 = monotonicNanoseconds()
+
+        let outcomes = try runAll(g)
+
+        let t1 = monotonicNanoseconds()
+        let usageAfter = ProcessUsage.now()
+        let vmAfter = try vmStats.read()
+        var vcpuAfter = StatValues(values: [:])
+        for s in vcpuStats { vcpuAfter.add(try s.read()) }
+        let vmDelta = vmAfter.delta(since: vmBefore, descriptors: vmStats.descriptors)
+        let vcpuDelta = vcpuAfter.delta(since: vcpuBefore, descriptors: vcpuStats[0].descriptors)
+        let wall = Double(t1 - t0) / 1e9
+
+        var dirty: DirtyHarvest? = nil
+        switch o.dirtyLog {
+        case .off: break
+        case .ring: dirty = try ring!.finish()
+        case .bitmap, .bitmapManual: dirty = try DirtyBitmapLog(vm: g.vm, slot: GuestLayout.dataSlot).harvest()
+        }
+
+        var guests: [GuestReport] = []
+        for t in 0..<spec.threads {
+            let m = try g.mailbox(t)
+            guests.append(GuestReport(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum, memoryChecksum: nil))
+        }
+        if o.verify {
+            var m = GuestVM.command(MEMVIRT_CMD_CHECKSUM)
+            m.base = g.layout.dataVirtual.rawValue
+            m.footprint = spec.footprint.rawValue
+            try g.setMailbox(0, m)
+            _ = try onDedicatedThread(name: "memvirt-vcpu0") { () throws(KVMError) in try g.execute(vcpu: 0) }
+            guests[0].memoryChecksum = try g.mailbox(0).memory_checksum
+        }
+        let pagerReport = pager?.report()
+
+        var counters = CounterSet(applicable: [.accesses, .reads, .writes, .guestPageFaults, .hostMinorFaults, .hostMajorFaults])
+        for r in guests {
+            counters.add(.accesses, r.accesses)
+            counters.add(.reads, r.reads)
+            counters.add(.writes, r.writes)
+        }
+        // Page tables are built before the run and every #PF would end the VM: none reached the guest.
+        counters[.guestPageFaults] = 0
+        for c in Counter.allCases {
+            if let v = vcpuDelta.values[c.name] { counters[c] = v } else if let v = vmDelta.values[c.name] { counters[c] = v }
+        }
+        counters[.guestPageTablePages] = g.layout.pageTablePages
+        counters[.hostMinorFaults] = usageAfter.minorFaults &- usageBefore.minorFaults
+        counters[.hostMajorFaults] = usageAfter.majorFaults &- usageBefore.majorFaults
+        if let p = pagerReport {
+            counters[.swapIns] = p.storeReads
+            counters[.swapOuts] = p.evictions
+        }
+
+        var userspace: [String: UInt64] = [:]
+        for oc in outcomes { for (k, v) in oc.userspaceExits { userspace[k, default: 0] += v } }
+        var extra: [(String, JSONValue)] = [
+            ("platform", .string(kvm.platform.rawValue)),
+            ("vcpus", .int(Int64(spec.threads))),
+            ("exits_by_reason", exitsByReason(vcpuDelta, userspace: userspace)),
+            ("kvm_stats", .object([
+                ("vm", statsJSON(vmDelta, vmStats.descriptors, wall: wall)),
+                ("vcpu", statsJSON(vcpuDelta, vcpuStats[0].descriptors, wall: wall)),
+            ])),
+            ("pf_fixed_per_second", .double(wall > 0 ? Double(vcpuDelta["pf_fixed"]) / wall : 0)),
+            ("host", .object([
+                ("minor_faults", .uint(counters[.hostMinorFaults])), ("major_faults", .uint(counters[.hostMajorFaults])),
+                ("user_seconds", .double(usageAfter.userSeconds - usageBefore.userSeconds)),
+                ("system_seconds", .double(usageAfter.systemSeconds - usageBefore.systemSeconds)),
+            ])),
+            ("guest", .array(guests.map { r in
+                var kv: [(String, JSONValue)] = [("accesses", .uint(r.accesses)), ("reads", .uint(r.reads)), ("writes", .uint(r.writes)),
+                                                 ("read_sum", .uint(r.readSum))]
+                if let c = r.memoryChecksum { kv.append(("memory_checksum", .uint(c))) }
+                return .object(kv)
+            })),
+            ("memory", .object([
+                ("runtime_bytes", .uint(g.layout.runtimeSize)), ("data_bytes", .uint(g.layout.dataSize)),
+                ("guest_page_size", .string(o.pageSize.description)), ("transparent_huge_pages", .bool(o.transparentHugePages)),
+            ])),
+        ]
+        if let p = pagerReport { extra.append(("pager", p.json)) }
+        if let d = dirty { extra.append(("dirty_log", d.json)) }
+        let result = RunResult(engine: "kvm", paging: kvm.platform.pagingMode, pageSize: o.pageSize, workload: spec,
+                               counters: counters, cycles: nil, wallSeconds: wall, extra: extra)
+        return KVMRunReport(result: result, guests: guests, vmStats: vmDelta, vcpuStats: vcpuDelta, pager: pagerReport, dirty: dirty)
+    }
+
+    /// Runs every vCPU's command on its own thread and waits for all.
+    static func runAll(_ g: GuestVM) throws(KVMError) -> [CommandOutcome] {
+        let boxes = g.vcpus.map { _ in ResultBox<CommandOutcome>() }
+        var threads: [DedicatedThread] = []
+        for (i, box) in boxes.enumerated() {
+            threads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") {
+                do { box.value = .success(try g.execute(vcpu: i)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+            })
+        }
+        for t in threads { t.join() }
+        return try boxes.map { (b) throws(KVMError) in try b.value!.get() }
+    }
+
+    static func statsJSON(_ s: StatValues, _ ds: [StatDescriptor], wall: Double) -> JSONValue {
+        .object(ds.sorted { $0.name < $1.name }.compactMap { d in
+            let v = s[d.name]
+            if v == 0 { return nil }
+            var kv: [(String, JSONValue)] = [("value", .uint(v))]
+            if d.kind == .cumulative && wall > 0 { kv.append(("per_second", .double((Double(v) / wall).rounded()))) }
+            if d.unit != .none { kv.append(("unit", .string(d.unit.rawValue))); kv.append(("exponent", .int(Int64(d.exponent)))) }
+            if d.kind != .cumulative { kv.append(("kind", .string(d.kind.rawValue))) }
+            return (d.name, .object(kv))
+        })
+    }
+
+    static func exitsByReason(_ vcpu: StatValues, userspace: [String: UInt64]) -> JSONValue {
+        var kv: [(String, JSONValue)] = [("exits", .uint(vcpu["exits"]))]
+        for name in vcpu.values.keys.sorted() where name.hasSuffix("_exits") && vcpu[name] > 0 {
+            kv.append((name, .uint(vcpu[name])))
+        }
+        kv.append(("to_userspace", .object(userspace.sorted { $0.key < $1.key }.map { ($0.key, .uint($0.value)) })))
+        return .object(kv)
+    }
+}
