@@ -75,6 +75,8 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
     var walkRetries: UInt64 = 0
     var guestFaults: UInt64 = 0
     var demandZero: UInt64 = 0
+    var chargedAccesses: UInt64 = 0
+    var chargedL2Hits: UInt64 = 0
     /// A running hash of every value read: the guest-visible result of the run.
     public private(set) var checksum: UInt64 = 0xCBF2_9CE4_8422_2325
     public let computePerAccess: Double
@@ -113,15 +115,11 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
         if let (e, level) = cpu.tlb.lookup(va, pcid: space.pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
             if level == .l1 { l1Hits &+= 1 } else {
                 l2Hits &+= 1
-                cpu.ledger.charge(.l2TLB, costs.l2TLBHit)
             }
             entry = e
         } else {
             misses &+= 1
-            // A permission miss or a write through a clean entry: drop it and walk (the walk
-            // sets D or raises the fault).
-            cpu.tlb.invalidatePage(va, pcid: space.pcid)
-            entry = try miss(va, kind: a.kind)
+            entry = try missAfterLookup(va, kind: a.kind, fetch: fetch)
         }
         let pa = entry.base | (va & entry.size.offsetMask & ~7)
         if write {
@@ -129,8 +127,13 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
         } else {
             checksum = (checksum ^ data.read64(pa)) &* 0x0000_0100_0000_01B3
         }
-        cpu.ledger.charge(.dataAccess, costs.dataAccess)
-        if computePerAccess > 0 { cpu.ledger.charge(.compute, computePerAccess) }
+    }
+
+    /// A TLB miss, or a hit the entry does not permit (a write through a clean entry, a
+    /// permission the entry lacks): such an entry is dropped and the walk sets D or faults.
+    @inline(never) func missAfterLookup(_ va: UInt64, kind: AccessKind, fetch: Bool) throws -> TLBEntry {
+        if cpu.tlb.lookup(va, pcid: space.pcid, fetch: fetch) != nil { cpu.tlb.invalidatePage(va, pcid: space.pcid) }
+        return try miss(va, kind: kind)
     }
 
     @inline(__always) static func permits(_ e: TLBEntry, write: Bool, fetch: Bool, user: Bool) -> Bool {
@@ -175,6 +178,13 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
 
     /// Folds the hot counters into `cpu.counters` and returns them.
     @discardableResult public func finish() -> CounterSet {
+        cpu.settleCosts()
+        cpu.ledger.charge(.l2TLB, Double(l2Hits - chargedL2Hits) * costs.l2TLBHit)
+        chargedL2Hits = l2Hits
+        // Costs paid by every access, charged once here rather than per access.
+        cpu.ledger.charge(.dataAccess, costs.dataAccess * Double(accesses - chargedAccesses))
+        cpu.ledger.charge(.compute, computePerAccess * Double(accesses - chargedAccesses))
+        chargedAccesses = accesses
         var c = cpu.counters
         c[.accesses] = accesses
         c[.writes] = writes

@@ -20,16 +20,54 @@ public final class ModelCPU: @unchecked Sendable {
         counters = CounterSet()
     }
 
-    /// Charges one paging-entry read at physical `address` by where its line hits.
-    @inline(__always) public func chargeWalkRef(_ address: UInt64) {
-        let c: Double
-        switch lineCache.access(address) {
-        case .l1: c = costs.walkRefL1
-        case .l2: c = costs.walkRefL2
-        case .llc: c = costs.walkRefLLC
-        case .dram: c = costs.walkRefDRAM
-        }
-        ledger.charge(.pageWalk, c)
+    /// Model where each paging-entry read hits (L1D/L2/LLC/DRAM). Off: every read costs
+    /// `costs.walkRefL2` (the typical case for page-table lines; faster to simulate).
+    public var modelLineCache = true
+    var uncachedRefs: UInt64 = 0
+    /// A/D write-backs by walks (charged at the end).
+    public var adWrites: UInt64 = 0
+    /// Walks started (each pays the walk start-up cost).
+    public var walksStarted: UInt64 = 0
+
+    /// One paging-entry read at physical `address`: the line cache records where it hits;
+    /// `settleCosts()` turns the counts into cycles (no per-reference ledger update).
+    @inline(__always) public func chargeWalkRef(_ address: UInt64, level: Int) {
+        if modelLineCache { _ = lineCache.access(address, level: level) } else { uncachedRefs &+= 1 }
+    }
+
+    /// Charges what was counted since the last call: walk start-ups, entry reads by where they
+    /// hit, A/D write-backs.
+    public func settleCosts() {
+        let lc = lineCache
+        ledger.charge(.pageWalk, Double(walksStarted) * costs.walkStart)
+        ledger.charge(.pageWalk, Double(lc.l1Hits) * costs.walkRefL1 + Double(lc.l2Hits) * costs.walkRefL2
+            + Double(lc.llcHits) * costs.walkRefLLC + Double(lc.dramRefs) * costs.walkRefDRAM)
+        ledger.charge(.adWrites, Double(adWrites) * costs.adWrite)
+        ledger.charge(.pageWalk, Double(uncachedRefs) * costs.walkRefL2)
+        walkRefsSettled.l2 &+= uncachedRefs
+        uncachedRefs = 0
+        walkRefsSettled.l1 &+= lc.l1Hits
+        walkRefsSettled.l2 &+= lc.l2Hits
+        walkRefsSettled.llc &+= lc.llcHits
+        walkRefsSettled.dram &+= lc.dramRefs
+        lc.reset()
+        counters.add(.accessedDirtyWrites, adWrites)
+        adWrites = 0
+        walksStarted = 0
+    }
+
+    /// Entry reads by where they hit, over the whole run (after `settleCosts()`).
+    public var walkRefsSettled: (l1: UInt64, l2: UInt64, llc: UInt64, dram: UInt64) = (0, 0, 0, 0)
+
+    /// Forgets counts and cycles (after a warm-up).
+    public func resetStatistics() {
+        lineCache.reset()
+        adWrites = 0
+        uncachedRefs = 0
+        walksStarted = 0
+        walkRefsSettled = (0, 0, 0, 0)
+        counters = CounterSet(applicable: counters.reported.map(\.0))
+        ledger = CostLedger()
     }
 }
 
@@ -41,13 +79,13 @@ public struct ChargedTableMemory<Inner: PageTableMemory>: PageTableMemory {
         self.inner = inner
         self.cpu = cpu
     }
-    @inline(__always) public mutating func readEntry(_ address: UInt64) -> UInt64? {
-        guard let v = inner.readEntry(address) else { return nil }
-        cpu.chargeWalkRef(address)
+    @inline(__always) public mutating func readEntry(_ address: UInt64, level: Int) -> UInt64? {
+        guard let v = inner.readEntry(address, level: level) else { return nil }
+        cpu.chargeWalkRef(address, level: level)
         return v
     }
     @inline(__always) public mutating func writeEntry(_ address: UInt64, _ value: UInt64) {
-        cpu.ledger.charge(.adWrites, cpu.costs.adWrite)
+        cpu.adWrites &+= 1
         inner.writeEntry(address, value)
     }
 }
@@ -94,12 +132,11 @@ public final class NativePaging: PagingMode {
     public var guestMemory: GuestPhysicalMemory { guest }
 
     public func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome {
-        cpu.ledger.charge(.pageWalk, cpu.costs.walkStart)
+        cpu.walksStarted &+= 1
         var mem = ChargedTableMemory(DirectTableMemory(memory), cpu: cpu)
         let r = PageWalker.walk(
             va, root: space.root, kind: kind, mode: cpu.privilege, pcid: space.pcid, config: cpu.paging,
-            caches: cpu.walkCaches, memory: &mem)
-        cpu.counters.add(.accessedDirtyWrites, UInt64(r.adWrites))
+            caches: cpu.walkCaches.enabled ? cpu.walkCaches : nil, memory: &mem)
         switch r.kind {
         case .translated: return .translated(r.entry, global: r.global, refs: r.refs, walkCacheHit: r.walkCacheHit)
         case .fault(let code): return .guestFault(code, refs: r.refs)

@@ -18,6 +18,8 @@ public struct ModelConfig: Sendable {
     public var costs: CostModel = .bareMetal
     /// Map every page before the measured run (no faults in it).
     public var prefault = false
+    /// Model where paging-entry reads hit in the data caches (slower to simulate).
+    public var modelLineCache = true
     public init() {}
 }
 
@@ -58,7 +60,9 @@ public enum ModelEngine {
         progress: ((UInt64, UInt64) -> Void)? = nil
     ) throws -> RunResult {
         let clock = WallClock()
+        var loopClock = WallClock()
         let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
+        cpu.modelLineCache = config.modelLineCache
         let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
         let space = try kernel.createAddressSpace()
         mode.switchAddressSpace(to: space, cpu: cpu)
@@ -72,6 +76,7 @@ public enum ModelEngine {
             try kernel.map(VirtualMemoryArea(start: 0 &- userTop, end: 0 &- 4096, pageSize: .size4K, writable: true, executable: true), in: space)
             var source = TraceAccesses(try LackeyTraceReader(path: path))
             total = 0
+            loopClock = WallClock()
             try machine.run(&source, progress: progress.map { p in { n in p(n, 0) } })
         } else {
             let area = VirtualMemoryArea(
@@ -82,6 +87,7 @@ public enum ModelEngine {
             let streams = try (0..<spec.threads).map { t throws(InputError) in
                 GeneratedAccesses(try AccessGenerator(spec: spec, thread: t), count: spec.accesses)
             }
+            loopClock = WallClock()
             if streams.count == 1 {
                 var source = streams[0]
                 try machine.run(&source, progress: progress.map { p in { n in p(n, total) } })
@@ -90,6 +96,7 @@ public enum ModelEngine {
                 try machine.run(&source, progress: progress.map { p in { n in p(n, total) } })
             }
         }
+        let loopSeconds = loopClock.seconds
         let counters = machine.finish()
         return RunResult(
             engine: "model", paging: mode.name, pageSize: config.pageSize, workload: spec, counters: counters,
@@ -97,8 +104,12 @@ public enum ModelEngine {
             extra: [
                 ("checksum", .string("0x" + String(machine.checksum, radix: 16))),
                 ("cost_model", .string(config.costs.name)),
+                ("loop_seconds", .double(loopSeconds)),
                 ("simulated_seconds", .double(cpu.ledger.total / (config.costs.clockGHz * 1e9))),
-                ("page_walk_refs_by_level", .object(zip(["l1d", "l2", "llc", "dram"], cpu.lineCache.hits).map { ($0, .uint($1)) })),
+                ("walk_refs_by_where_hit", .object([
+                    ("l1d", .uint(cpu.walkRefsSettled.l1)), ("l2", .uint(cpu.walkRefsSettled.l2)),
+                    ("llc", .uint(cpu.walkRefsSettled.llc)), ("dram", .uint(cpu.walkRefsSettled.dram)),
+                ])),
             ])
     }
 
@@ -119,10 +130,8 @@ extension Machine {
     /// Zeroes every counter and the ledger (after a warm-up).
     public func resetStatistics() {
         accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
-        faultedWalkRefs = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0
-        let applicable = cpu.counters.reported.map(\.0)
-        cpu.counters = CounterSet(applicable: applicable)
-        cpu.ledger = CostLedger()
+        faultedWalkRefs = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0
+        cpu.resetStatistics()
     }
 }
 

@@ -20,21 +20,29 @@ public struct PagingConfig: Sendable, Hashable {
     }
 
     public var virtualAddressBits: Int { levels == 5 ? 57 : 48 }
+
+    /// Entry bits reserved at every level: MAXPHYADDR..51, and XD when EFER.NXE = 0.
+    public var reservedAddressBits: UInt64 {
+        var m: UInt64 = physicalAddressBits >= 52 ? 0 : (((1 << 52) - 1) & ~((1 << UInt64(physicalAddressBits)) - 1))
+        if !noExecuteEnabled { m |= 1 << 63 }
+        return m
+    }
 }
 
 /// Reads and writes paging-structure entries of the table being walked. The native walker
 /// reads physical memory directly; a nested walk translates every table address through EPT
 /// first, and may have to stop (an EPT violation) — then `read` returns nil.
 public protocol PageTableMemory {
-    mutating func readEntry(_ address: UInt64) -> UInt64?
+    /// Reads the entry at `address`, which belongs to a table of paging `level` (1 = PT).
+    mutating func readEntry(_ address: UInt64, level: Int) -> UInt64?
     mutating func writeEntry(_ address: UInt64, _ value: UInt64)
 }
 
 /// Direct access to one physical memory (native paging; shadow tables in host memory).
 public struct DirectTableMemory: PageTableMemory {
-    @usableFromInline let memory: PhysicalMemory
+    let memory: PhysicalMemory
     public init(_ memory: PhysicalMemory) { self.memory = memory }
-    public mutating func readEntry(_ address: UInt64) -> UInt64? { memory.read64(address) }
+    public mutating func readEntry(_ address: UInt64, level: Int) -> UInt64? { memory.read64(address) }
     public mutating func writeEntry(_ address: UInt64, _ value: UInt64) { memory.write64(address, value) }
 }
 
@@ -117,6 +125,9 @@ public enum PageWalker {
             faultLevel: 0, walkCacheHit: false, leafEntryAddress: 0)
         var level = config.levels
         var table = root & PageTableEntry.addressMask
+        // Bits MAXPHYADDR..51 (and XD without EFER.NXE) are reserved at every level; PS is
+        // reserved in PML4Es/PML5Es; bits 20:13 / 29:13 in 2 MiB / 1 GiB leaves.
+        let reservedAlways: UInt64 = config.reservedAddressBits
         var allowWU: UInt64 = 6  // AND of R/W and U/S so far
         var noExec: UInt64 = 0  // OR of XD so far
 
@@ -144,19 +155,22 @@ public enum PageWalker {
 
         while true {
             let entryAddress = table &+ (UInt64(truncatingIfNeeded: (va >> UInt64(12 &+ 9 &* (level &- 1))) & 0x1ff) << 3)
-            guard let raw = memory.readEntry(entryAddress) else {
+            guard let raw = memory.readEntry(entryAddress, level: level) else {
                 result.kind = .stopped
                 result.faultLevel = level
                 return result
             }
             result.refs &+= 1
             let e = PageTableEntry(rawValue: raw)
-            if !e.isPresent {
+            if raw & 1 == 0 {
                 result.kind = .fault(PageFaultErrorCode(rawValue: accessBits))
                 result.faultLevel = level
                 return result
             }
-            if e.reservedBits(level: level, physicalAddressBits: config.physicalAddressBits, nxe: config.noExecuteEnabled) != 0 {
+            let largeLeaf = level <= 3 && level >= 2 && raw & 0x80 != 0
+            if raw & reservedAlways != 0 || (level >= 4 && raw & 0x80 != 0)
+                || (largeLeaf && raw & (level == 3 ? 0x3FFF_E000 : 0x1F_E000) != 0)
+            {
                 result.kind = .fault(PageFaultErrorCode(rawValue: accessBits | 1 | PageFaultErrorCode.reservedBit.rawValue))
                 result.faultLevel = level
                 return result

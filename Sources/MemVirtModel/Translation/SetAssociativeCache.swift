@@ -68,6 +68,28 @@ public final class SetAssociativeCache: @unchecked Sendable {
         return -1
     }
 
+    /// If `slot` holds `tag` (PCID 0), marks it most recently used and returns true.
+    @inline(__always) public func touchIfHolds(slot: Int, tag: UInt64) -> Bool {
+        if slot >= 0 && keys[slot] == (tag << 1) | 1 && metas[slot] == 0 {
+            clock &+= 1
+            stamps[slot] = clock
+            return true
+        }
+        return false
+    }
+
+    /// The slot holding `tag` (PCID 0) without touching LRU state, or -1.
+    @inline(__always) public func slot(of tag: UInt64) -> Int {
+        let key = (tag << 1) | 1
+        let first = Int(truncatingIfNeeded: tag & setMask) &* ways
+        var slot = first
+        while slot < first &+ ways {
+            if keys[slot] == key && metas[slot] == 0 { return slot }
+            slot &+= 1
+        }
+        return -1
+    }
+
     @inline(__always) public func payload(_ slot: Int) -> UInt64 { payloads[slot] }
     @inline(__always) public func setPayload(_ slot: Int, _ value: UInt64) { payloads[slot] = value }
 

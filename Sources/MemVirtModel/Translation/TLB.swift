@@ -122,6 +122,7 @@ public final class TLBHierarchy: @unchecked Sendable {
     @usableFromInline let l2: [Array_]
     /// Fast path: the L1 data array for 4K pages, if configured.
     @usableFromInline let l1d4K: SetAssociativeCache?
+    let all: [Array_]
 
     public init(config: TLBConfig) {
         self.config = config
@@ -132,6 +133,7 @@ public final class TLBHierarchy: @unchecked Sendable {
         l1i = config.l1i.filter { $0.entries > 0 }.map(make)
         l2 = config.l2.filter { $0.entries > 0 }.map(make)
         l1d4K = l1d.first { !$0.shared && $0.size0 == .size4K }?.cache
+        all = l1d + l1i + l2
     }
 
     @inline(__always) static func tag(_ va: UInt64, _ size: PageSize, shared: Bool) -> UInt64 {
@@ -181,21 +183,21 @@ public final class TLBHierarchy: @unchecked Sendable {
 
     /// INVLPG: drops translations of the page holding `va` (every size) in `pcid` and global ones.
     public func invalidatePage(_ va: UInt64, pcid: UInt16) {
-        for a in l1d + l1i + l2 {
+        for a in all {
             for size in a.sizes { a.cache.invalidate(tag: Self.tag(va, size, shared: a.shared), pcid: pcid) }
         }
     }
 
     /// A CR3 write that flushes: non-global entries of `pcid`.
-    public func flush(pcid: UInt16) { for a in l1d + l1i + l2 { a.cache.flush(pcid: pcid) } }
+    public func flush(pcid: UInt16) { for a in all { a.cache.flush(pcid: pcid) } }
 
     /// Everything (keepGlobal: a CR4.PGE toggle drops globals too; a plain flush keeps them).
-    public func flushAll(keepGlobal: Bool) { for a in l1d + l1i + l2 { a.cache.flushAll(keepGlobal: keepGlobal) } }
+    public func flushAll(keepGlobal: Bool) { for a in all { a.cache.flushAll(keepGlobal: keepGlobal) } }
 
     /// Every cached translation, for invariant checks: (virtual page base, pcid, entry).
     public var allEntries: [(va: UInt64, pcid: UInt16, entry: TLBEntry)] {
         var out: [(UInt64, UInt16, TLBEntry)] = []
-        for a in l1d + l1i + l2 {
+        for a in all {
             for e in a.cache.entries {
                 let size = a.shared ? PageSize(rawValue: Int(e.tag >> 58))! : a.size0
                 let vpn = a.shared ? e.tag & ((1 << 58) - 1) : e.tag
