@@ -102,20 +102,15 @@ GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
             out32(MEMVIRT_PORT_MARK, 0);
             for (uint64_t i = 0; i < count; i++) *(volatile uint64_t *)(base + (i << 12)) = i + 1;
             out32(MEMVIRT_PORT_MARK, 1);
-        } else if (cmd == MEMVIRT_CMD_EMULATE) {
-            uint64_t count = mb->count, loops = mb->stride;
-            out32(MEMVIRT_PORT_MARK, 0);
-            for (uint64_t i = 0; i < count; i++) {
-                uint64_t rcx = loops;
-                __asm__ volatile("int $0x82" : "+c"(rcx) : : "memory", "cc");
-            }
-            out32(MEMVIRT_PORT_MARK, 1);
         } else if (cmd == MEMVIRT_CMD_BAD_PORT) {
             out32(MEMVIRT_PORT_UNKNOWN, 0xbad);
         } else if (cmd == MEMVIRT_CMD_TOUCH_ADDRESS) {
             *(volatile uint64_t *)mb->list = 0x5a5a5a5a5a5a5a5aull;
         } else if (cmd == MEMVIRT_CMD_TRIPLE_FAULT) {
-            __asm__ volatile("int $0x81" : : : "memory");
+            // Point this vCPU's TSS.RSP0 at unmapped memory, then fault: delivering #UD
+            // faults (#PF), delivering that faults (#DF), delivering #DF faults: shutdown.
+            *(volatile uint64_t *)mb->list = mb->count;
+            __asm__ volatile("ud2" : : : "memory");
         } else {
             status = MEMVIRT_STATUS_BAD_COMMAND;
         }
@@ -128,8 +123,7 @@ GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
 extern const char __start_memvirt_guest[];
 extern const char __stop_memvirt_guest[];
 extern const char memvirt_guest_trap_stubs[];
-extern const char memvirt_guest_triple_stub[];
-extern const char memvirt_guest_emulate_stub[];
+extern const char memvirt_guest_cpl0_loop[];
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     const char *s = __start_memvirt_guest;
@@ -137,6 +131,5 @@ void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     out->size = (uint64_t)(__stop_memvirt_guest - s);
     out->entry_offset = (uint64_t)((const char *)memvirt_guest_main - s);
     out->trap_stubs_offset = (uint64_t)(memvirt_guest_trap_stubs - s);
-    out->triple_stub_offset = (uint64_t)(memvirt_guest_triple_stub - s);
-    out->emulate_stub_offset = (uint64_t)(memvirt_guest_emulate_stub - s);
+    out->cpl0_loop_offset = (uint64_t)(memvirt_guest_cpl0_loop - s);
 }

@@ -16,23 +16,17 @@ memvirt_guest_trap_stubs:
     jmp . - 1
     .endr
 
-    // int $0x81 from CPL3: an empty IDT, then #UD -> #GP -> #DF -> triple fault.
+    // Entered directly by the VMM at CPL0 (KVM_SET_SREGS/KVM_SET_REGS) with %rcx = n >= 1:
+    // 2n instructions, then a MARK exit. Measures KVM's cost per CPL0 instruction (on PVM
+    // every one is emulated). The VMM puts the vCPU back at CPL3 afterwards.
     .balign 16
-    .globl memvirt_guest_triple_stub
-    .hidden memvirt_guest_triple_stub
-memvirt_guest_triple_stub:
-    pushq $0
-    pushq $0
-    lidt (%rsp)
-    ud2
-
-    // int $0x82 from CPL3 with %rcx = n >= 1: 2n emulated instructions, then back to CPL3.
-    .balign 16
-    .globl memvirt_guest_emulate_stub
-    .hidden memvirt_guest_emulate_stub
-memvirt_guest_emulate_stub:
+    .globl memvirt_guest_cpl0_loop
+    .hidden memvirt_guest_cpl0_loop
+memvirt_guest_cpl0_loop:
 1:  dec %rcx
     jnz 1b
-    iretq
+    movb $1, %al
+    outb %al, $0x12
+    hlt
 
     .section .note.GNU-stack,"",@progbits

@@ -160,7 +160,7 @@ public final class GuestVM: @unchecked Sendable {
             gdt += [lo, base >> 32]
         }
         try rt.write(array: gdt, at: gpa(GuestLayout.gdt))
-        // IDT: vectors 0-31 to the trap stubs (DPL 0), TRIPLE and EMULATE (DPL 3).
+        // IDT: vectors 0-31 to the trap stubs (DPL 0); nothing else is delivered.
         var idt = [UInt64](repeating: 0, count: 512)
         func gate(_ v: Int, _ offset: UInt64, dpl: UInt64) {
             let target = GuestLayout.image + offset
@@ -168,8 +168,6 @@ public final class GuestVM: @unchecked Sendable {
             idt[2 * v + 1] = target >> 32
         }
         for v in 0..<32 { gate(v, image.trap_stubs_offset + UInt64(v) * UInt64(MEMVIRT_TRAP_STUB_SIZE), dpl: 0) }
-        gate(Int(MEMVIRT_VECTOR_TRIPLE), image.triple_stub_offset, dpl: 3)
-        gate(Int(MEMVIRT_VECTOR_EMULATE), image.emulate_stub_offset, dpl: 3)
         try rt.write(array: idt, at: gpa(GuestLayout.idt))
         // TSS per vCPU: RSP0 = its kernel stack, I/O bitmap right after the header, all ports
         // allowed (zero bits; the guest's `out`s exit to us), then the 0xff terminator.
@@ -217,6 +215,37 @@ public final class GuestVM: @unchecked Sendable {
         try v.setSregs(s)
         try resetRegisters(v)
     }
+
+    /// Runs `memvirt_guest_cpl0_loop` at CPL0 for `iterations` (2 instructions each) and
+    /// returns the nanoseconds of that KVM_RUN; then puts the vCPU back at CPL3 at the entry.
+    public func timeCPL0Loop(vcpu index: Int, iterations: UInt64) throws(KVMError) -> UInt64 {
+        let v = vcpus[index]
+        let saved = try v.getSregs()
+        var s = saved
+        s.cs = kvm_segment(base: 0, limit: 0xffff_ffff, selector: 0x08, type: 11, present: 1, dpl: 0, db: 0, s: 1, l: 1, g: 1, avl: 0, unusable: 0, padding: 0)
+        let d = kvm_segment(base: 0, limit: 0xffff_ffff, selector: 0x10, type: 3, present: 1, dpl: 0, db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0, padding: 0)
+        s.ss = d; s.ds = d; s.es = d
+        try v.setSregs(s)
+        var r = kvm_regs()
+        r.rip = GuestLayout.image + image.cpl0_loop_offset
+        r.rsp = GuestLayout.vcpuBlocks + UInt64(v.id) * GuestLayout.vcpuBlockSize + GuestLayout.kernelStackTop - 8
+        r.rcx = max(1, iterations)
+        r.rflags = 0x2
+        try v.setRegs(r)
+        let t0 = monotonicNanoseconds()
+        let exit = try v.runOnce()
+        let t1 = monotonicNanoseconds()
+        // KVM_SET_REGS does not change the privilege level: restore the CPL3 segments first.
+        try v.setSregs(saved)
+        try resetRegisters(v)
+        guard case .ioOut(let port, _, _) = exit, port == UInt16(MEMVIRT_PORT_MARK) else {
+            throw KVMError.invalid("CPL0 loop ended with \(exit), expected a MARK exit")
+        }
+        return t1 - t0
+    }
+
+    /// The GVA of vCPU `index`'s TSS.RSP0 (the triple-fault test overwrites it).
+    public static func tssRSP0(_ index: Int) -> GuestVirtualAddress { GuestVirtualAddress(rawValue: GuestLayout.tss(index) + 4) }
 
     /// rip = the runtime's entry, rsp = the vCPU's user stack, rdi = its mailbox.
     func resetRegisters(_ v: VirtualCPU) throws(KVMError) {

@@ -229,9 +229,18 @@ public final class VirtualCPU: @unchecked Sendable {
             withUnsafeMutableBytes(of: &st) { $0.copyBytes(from: l.prefix($0.count)) }
             _ = try checked(ckvm_set_lapic(fd.raw, &st), "KVM_SET_LAPIC")
         }
-        let n = try setMSRs(s.msrs)
-        if n != s.msrs.count {
-            throw KVMError.invalid("KVM_SET_MSRS accepted \(n) of \(s.msrs.count) MSRs (refused MSR 0x\(String(s.msrs[n].0, radix: 16)))")
+        // KVM_SET_MSRS stops at the first MSR it refuses. A refusal is harmless when the MSR
+        // already holds the saved value (e.g. the async-PF MSRs at 0 without an irqchip).
+        var rest = s.msrs[...]
+        while !rest.isEmpty {
+            let n = try setMSRs(Array(rest))
+            if n == rest.count { break }
+            let refused = rest[rest.startIndex + n]
+            let now = try getMSRs([refused.0]).first?.1
+            if now != refused.1 {
+                throw KVMError.invalid("KVM_SET_MSRS refused MSR 0x\(String(refused.0, radix: 16)) = 0x\(String(refused.1, radix: 16))")
+            }
+            rest = rest[(rest.startIndex + n + 1)...]
         }
         var ev = s.events
         _ = try checked(ckvm_set_vcpu_events(fd.raw, &ev), "KVM_SET_VCPU_EVENTS")

@@ -9,10 +9,10 @@
 //
 // The CPL0 part is a table of 16-byte trap stubs, one per vector 0...31, each
 // `mov $vector, %al; out %al, $MEMVIRT_PORT_TRAP`: any exception ends at the VMM at once
-// (two emulated instructions), which reads the frame from the vCPU's kernel stack. Two more
-// stubs are reachable from CPL3 (gate DPL 3): MEMVIRT_VECTOR_EMULATE counts %rcx down and
-// iretq's (an emulated-instruction loop, for `kvm probe`), MEMVIRT_VECTOR_TRIPLE loads an
-// empty IDT and executes ud2 (a triple fault, for the misbehaving-guest tests).
+// (two emulated instructions), which reads the frame from the vCPU's kernel stack. One more
+// CPL0 routine, `memvirt_guest_cpl0_loop`, is entered directly by the VMM (it counts %rcx
+// down, then exits through MEMVIRT_PORT_MARK) to time CPL0 instructions for `kvm probe`.
+// (Software interrupts from CPL3 are not used: kvm_pvm answers `int n` with #UD.)
 #pragma once
 #include <stdint.h>
 #include <stddef.h>
@@ -24,8 +24,6 @@
 /// A port no device answers (the unknown-port test).
 #define MEMVIRT_PORT_UNKNOWN 0x1234
 
-#define MEMVIRT_VECTOR_TRIPLE 0x81
-#define MEMVIRT_VECTOR_EMULATE 0x82
 #define MEMVIRT_TRAP_STUB_SIZE 16
 
 enum memvirt_command {
@@ -39,13 +37,12 @@ enum memvirt_command {
     MEMVIRT_CMD_PING = 4,
     /// out MARK; write one word in each of `count` pages from `base` (4 KiB apart); out MARK.
     MEMVIRT_CMD_TOUCH_PAGES = 5,
-    /// out MARK; `count` times: int MEMVIRT_VECTOR_EMULATE with %rcx = `stride`; out MARK.
-    MEMVIRT_CMD_EMULATE = 6,
     /// `out` to MEMVIRT_PORT_UNKNOWN.
     MEMVIRT_CMD_BAD_PORT = 7,
     /// Write 8 bytes at GVA `list` (anything: the MMIO-hole test points it at no memory).
     MEMVIRT_CMD_TOUCH_ADDRESS = 8,
-    /// int MEMVIRT_VECTOR_TRIPLE.
+    /// Write `count` at GVA `list` (the VMM passes this vCPU's TSS.RSP0 and an unmapped
+    /// address), then ud2: every exception delivery faults, a triple fault.
     MEMVIRT_CMD_TRIPLE_FAULT = 9,
 };
 
@@ -74,7 +71,7 @@ struct memvirt_mailbox {
     uint64_t table_len;       // entries
     uint64_t list;            // GVA of a uint64 GVA list (WRITE_LIST), or one GVA (TOUCH_ADDRESS)
     uint64_t list_len;
-    uint64_t count;           // PING / TOUCH_PAGES / EMULATE
+    uint64_t count;           // PING / TOUCH_PAGES / TRIPLE_FAULT
     uint64_t salt;
     uint64_t reserved_in[17];
     // guest -> VMM
@@ -94,8 +91,7 @@ struct memvirt_guest_image {
     uint64_t size;
     uint64_t entry_offset;      // memvirt_guest_main(struct memvirt_mailbox *)
     uint64_t trap_stubs_offset; // stub for vector v at trap_stubs_offset + 16 * v (v < 32)
-    uint64_t triple_stub_offset;
-    uint64_t emulate_stub_offset;
+    uint64_t cpl0_loop_offset;  // memvirt_guest_cpl0_loop
 };
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out);
