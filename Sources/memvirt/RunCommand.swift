@@ -17,6 +17,12 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "Paging levels: 4 or 5.")
     var levels: Int?
 
+    @Option(name: .customLong("host-page-size"), help: "Host page size backing guest memory (nested): 4K, 2M or 1G.")
+    var hostPageSize: String?
+
+    @Option(name: .customLong("host-levels"), help: "Host (EPT) paging levels: 4 or 5.")
+    var hostLevels: Int?
+
     @Flag(name: .customLong("no-tlb"), help: "Run without TLBs and paging-structure caches (every access walks).")
     var noTLB = false
 
@@ -41,6 +47,14 @@ struct RunCommand: ParsableCommand {
         if let l = levels {
             guard l == 4 || l == 5 else { throw ValidationError("levels \(l): use 4 or 5") }
             config.pagingConfig.levels = l
+        }
+        if let h = try hostPageSize ?? workload.platformValue("host_page_size") {
+            guard let p = PageSize(parsing: h) else { throw ValidationError("host page size '\(h)': use 4K, 2M or 1G") }
+            config.hostPageSize = p
+        }
+        if let l = hostLevels {
+            guard l == 4 || l == 5 else { throw ValidationError("host levels \(l): use 4 or 5") }
+            config.hostLevels = l
         }
         if noTLB { config.tlb = .none }
         if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }

@@ -77,6 +77,8 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
     var demandZero: UInt64 = 0
     var chargedAccesses: UInt64 = 0
     var chargedL2Hits: UInt64 = 0
+    /// The most references one completed walk made.
+    public internal(set) var maxWalkRefs = 0
     /// A running hash of every value read: the guest-visible result of the run.
     public private(set) var checksum: UInt64 = 0xCBF2_9CE4_8422_2325
     public let computePerAccess: Double
@@ -151,6 +153,7 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
             switch mode.resolveMiss(va, kind: kind, space: space, cpu: cpu) {
             case .translated(let e, let global, let refs, let cacheHit):
                 walks &+= 1
+                if refs > maxWalkRefs { maxWalkRefs = refs }
                 walkRefs &+= UInt64(refs)
                 if cacheHit { walkCacheHits &+= 1 }
                 cpu.tlb.insert(va, pcid: space.pcid, entry: e, global: global, fetch: kind == .execute)
@@ -172,12 +175,17 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
             case .retry(let refs):
                 faultedWalkRefs &+= UInt64(refs)
                 walkRetries &+= 1
+            case .mmio(let refs):
+                // Emulated by the hypervisor: nothing is cached, the next access exits again.
+                faultedWalkRefs &+= UInt64(refs)
+                throw GuestError(message: "MMIO access at \(GuestVirtualAddress(va)): the workload has no device to talk to")
             }
         }
     }
 
     /// Folds the hot counters into `cpu.counters` and returns them.
     @discardableResult public func finish() -> CounterSet {
+        mode.settle(cpu: cpu)
         cpu.settleCosts()
         cpu.ledger.charge(.l2TLB, Double(l2Hits - chargedL2Hits) * costs.l2TLBHit)
         chargedL2Hits = l2Hits

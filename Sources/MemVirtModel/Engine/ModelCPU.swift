@@ -99,6 +99,8 @@ public enum MissOutcome: Sendable {
     case guestFault(PageFaultErrorCode, refs: Int)
     /// The hypervisor fixed something (a hidden fault); the access is retried.
     case retry(refs: Int)
+    /// The access was to MMIO: the hypervisor emulated it (no translation is cached).
+    case mmio(refs: Int)
 }
 
 /// How guest memory is virtualized: native paging, shadow paging or nested paging.
@@ -116,6 +118,12 @@ public protocol PagingMode: AnyObject {
     func invalidatePage(_ va: UInt64, space: AddressSpace, cpu: ModelCPU)
     /// The guest writes CR3 to switch to `space`.
     func switchAddressSpace(to space: AddressSpace, cpu: ModelCPU)
+    /// Folds what the mode counted on its own into the CPU's counters (end of a run).
+    func settle(cpu: ModelCPU)
+}
+
+extension PagingMode {
+    public func settle(cpu: ModelCPU) {}
 }
 
 /// Native paging: the guest is the machine; the hardware walks the guest's own tables.

@@ -20,6 +20,10 @@ public struct ModelConfig: Sendable {
     public var prefault = false
     /// Model where paging-entry reads hit in the data caches (slower to simulate).
     public var modelLineCache = true
+    /// Host page size backing guest memory (nested and shadow paging).
+    public var hostPageSize: PageSize = .size4K
+    /// Host (EPT) paging levels: 4 or 5.
+    public var hostLevels = 4
     public init() {}
 }
 
@@ -49,19 +53,23 @@ public enum ModelEngine {
             let memory = try PhysicalMemory(capacity: capacity, name: "guest-physical")
             let mode = NativePaging(memory: memory)
             return try run(spec: spec, config: config, mode: mode, capacity: capacity, progress: progress)
-        case .shadow, .nested:
-            throw InputError("--paging \(config.paging.rawValue) is not available in this build yet")
+        case .nested:
+            let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
+            let mode = try NestedPaging(cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels)
+            return try run(spec: spec, config: config, mode: mode, cpu: cpu, capacity: capacity, progress: progress)
+        case .shadow:
+            throw InputError("--paging shadow is not available in this build yet (nested and native are)")
         }
     }
 
     /// Runs `spec` over an already-built `mode`.
     public static func run<Mode: PagingMode>(
-        spec: WorkloadSpec, config: ModelConfig, mode: Mode, capacity: UInt64,
+        spec: WorkloadSpec, config: ModelConfig, mode: Mode, cpu given: ModelCPU? = nil, capacity: UInt64,
         progress: ((UInt64, UInt64) -> Void)? = nil
     ) throws -> RunResult {
         let clock = WallClock()
         var loopClock = WallClock()
-        let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
+        let cpu = given ?? ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
         cpu.modelLineCache = config.modelLineCache
         let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
         let space = try kernel.createAddressSpace()
@@ -104,6 +112,7 @@ public enum ModelEngine {
             extra: [
                 ("checksum", .string("0x" + String(machine.checksum, radix: 16))),
                 ("cost_model", .string(config.costs.name)),
+                ("max_walk_refs", .int(Int64((mode as? NestedPaging)?.maxWalkRefs ?? Int(machine.maxWalkRefs)))),
                 ("loop_seconds", .double(loopSeconds)),
                 ("simulated_seconds", .double(cpu.ledger.total / (config.costs.clockGHz * 1e9))),
                 ("walk_refs_by_where_hit", .object([
@@ -130,7 +139,7 @@ extension Machine {
     /// Zeroes every counter and the ledger (after a warm-up).
     public func resetStatistics() {
         accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
-        faultedWalkRefs = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0
+        faultedWalkRefs = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0; maxWalkRefs = 0
         cpu.resetStatistics()
     }
 }

@@ -51,12 +51,25 @@ public struct CostModel: Sendable, Hashable {
     public var invlpg: Double
     public var cr3Write: Double
 
+    // Hypervisor.
+    /// A VM exit and re-entry with KVM's minimal handling: ~1,000 cycles on recent Intel cores
+    /// (kvm-unit-tests vmexit "vmcall" ~1,000-1,200 cycles on Skylake/Ice Lake). PVM's world
+    /// switch is 0.179 us ≈ 540 cycles (Huang et al., SOSP 2023).
+    public var vmExitRoundTrip: Double
+    /// KVM's EPT-violation handler without the host page allocation (kvm_tdp_page_fault: memslot
+    /// look-up, GUP fast path, SPTE install): ~1,500 cycles (KVM selftests demand_paging_test
+    /// reports ~1-2 us per fault including the exit on recent hosts).
+    public var eptViolationHandler: Double
+    /// Emulating one instruction in KVM's x86 emulator (MMIO, PTE writes): ~3,000 cycles ≈ 1 us
+    /// (REFERENCES.md: 0.9-2.6 us measured per emulated instruction on this host's kvm_pvm).
+    public var instructionEmulation: Double
+
     /// Bare metal on a recent Intel core (Golden Cove class, 3 GHz).
     public static let bareMetal = CostModel(
         name: "bare-metal", clockGHz: 3.0, l1TLBHit: 0, l2TLBHit: 7, walkStart: 10, walkRefL1: 5, walkRefL2: 15,
         walkRefLLC: 65, walkRefDRAM: 300, adWrite: 20, dataAccess: 5, guestExceptionRoundTrip: 250,
         guestDemandZero4K: 2_000, guestDemandZero2M: 180_000, guestDemandZero1G: 92_160_000, guestPageTablePage: 600,
-        invlpg: 100, cr3Write: 200)
+        invlpg: 100, cr3Write: 200, vmExitRoundTrip: 1_000, eptViolationHandler: 1_500, instructionEmulation: 3_000)
 
     public func demandZero(_ size: PageSize) -> Double {
         switch size {
