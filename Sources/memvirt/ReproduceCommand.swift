@@ -16,6 +16,9 @@ struct ReproduceCommand: ParsableCommand {
     @Flag(name: .long, help: "Print one JSON object on stdout.")
     var json = false
 
+    @Option(name: .long, help: "model (default) or kvm: which engine runs the reproduction.")
+    var engine: String = "model"
+
     @Flag(name: .long, help: "Smaller runs (for a quick look).")
     var quick = false
 
@@ -23,14 +26,21 @@ struct ReproduceCommand: ParsableCommand {
     var quiet = false
 
     func run() throws {
+        let pool: [any Experiment.Type]
+        switch engine {
+        case "model": pool = Reproductions.all
+        case "kvm": pool = Reproductions.kvm
+        default: throw ValidationError("engine '\(engine)': use model or kvm")
+        }
         let chosen: [any Experiment.Type]
         if let n = name {
-            guard let e = Reproductions.named(n) else {
-                throw ValidationError("no reproduction named '\(n)'; there are: \(Reproductions.names.joined(separator: ", "))")
+            guard let e = pool.first(where: { $0.name == n }) else {
+                let names = pool.map { $0.name }
+                throw ValidationError("no \(engine) reproduction named '\(n)'; there are: \(names.isEmpty ? "none yet" : names.joined(separator: ", "))")
             }
             chosen = [e]
         } else {
-            chosen = Reproductions.all
+            chosen = pool
         }
         let showProgress = !quiet
         var reports: [JSONValue] = []

@@ -1,0 +1,7 @@
+import MemVirtCore
+
+/// Reproductions that run on the KVM engine (`memvirt reproduce NAME --engine kvm`).
+/// Owned by the KVM engine work; `Reproductions.kvm` lists them.
+extension Reproductions {
+    public static let kvm: [any Experiment.Type] = []
+}
