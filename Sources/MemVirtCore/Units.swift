@@ -27,34 +27,50 @@ public struct ByteCount: RawRepresentable, Hashable, Comparable, Sendable, Custo
         guard let value = Double(number), value >= 0, !number.isEmpty else {
             throw InputError("'\(text)' is not a byte count (examples: 4096, 64KiB, 512MiB, 1GB)")
         }
-        let unit: Double
+        let unit: UInt64
         switch unitText.lowercased() {
         case "", "b": unit = 1
-        case "kib": unit = 1024
-        case "mib": unit = 1024 * 1024
-        case "gib": unit = 1024 * 1024 * 1024
-        case "tib": unit = 1024 * 1024 * 1024 * 1024
-        case "kb": unit = 1e3
-        case "mb": unit = 1e6
-        case "gb": unit = 1e9
-        case "tb": unit = 1e12
+        case "kib": unit = 1 << 10
+        case "mib": unit = 1 << 20
+        case "gib": unit = 1 << 30
+        case "tib": unit = 1 << 40
+        case "kb": unit = 1_000
+        case "mb": unit = 1_000_000
+        case "gb": unit = 1_000_000_000
+        case "tb": unit = 1_000_000_000_000
         case "k", "m", "g", "t":
             throw InputError("'\(text)': say \(number)\(unitText.uppercased())iB (binary) or \(number)\(unitText.uppercased())B (decimal) for a byte count")
         default:
             throw InputError("'\(text)': unknown byte unit '\(unitText)' (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
         }
-        let bytes = value * unit
+        // Plain digits: exact integer arithmetic (a Double loses integers above 2^53).
+        if let whole = UInt64(number) {
+            let (bytes, overflow) = whole.multipliedReportingOverflow(by: unit)
+            guard !overflow else { throw InputError("'\(text)' is not a whole number of bytes below 2^64") }
+            rawValue = bytes
+            return
+        }
+        let bytes = value * Double(unit)
         guard bytes < 1.8e19, bytes == bytes.rounded() else {
             throw InputError("'\(text)' is not a whole number of bytes below 2^64")
         }
         rawValue = UInt64(bytes)
     }
 
-    /// "64MiB", "1.5GiB", "4096B": binary units, exact where possible.
+    /// "64MiB", "1.50GiB", "1025KiB", "4096B": the largest binary unit that shows the value
+    /// exactly with at most two decimals (so it parses back to the same value); a value no
+    /// unit shows exactly is rounded to two decimals of the largest unit that fits ("1.18MiB").
     public var description: String {
         let units: [(UInt64, String)] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
         for (size, name) in units where rawValue >= size {
-            if rawValue % size == 0 { return "\(rawValue / size)\(name)" }
+            let r = rawValue % size
+            if r == 0 { return "\(rawValue / size)\(name)" }
+            if r * 100 % size == 0 {  // r < 2^40: no overflow
+                let hundredths = r * 100 / size
+                return "\(rawValue / size)." + (hundredths < 10 ? "0" : "") + "\(hundredths)" + name
+            }
+        }
+        for (size, name) in units where rawValue >= size {
             return formatFixed(Double(rawValue) / Double(size), digits: 2) + name
         }
         return "\(rawValue)B"
@@ -73,19 +89,26 @@ public struct ByteCount: RawRepresentable, Hashable, Comparable, Sendable, Custo
 public func parseCount(_ text: String) throws(InputError) -> UInt64 {
     let t = text.trimmingSpaces().filter { $0 != "_" && $0 != "," }
     let (number, unitText) = splitNumber(t)
-    let unit: Double
+    let unit: UInt64
     switch unitText {
     case "": unit = 1
-    case "K", "k": unit = 1e3
-    case "M", "m": unit = 1e6
-    case "G", "g": unit = 1e9
-    case "T", "t": unit = 1e12
+    case "K", "k": unit = 1_000
+    case "M", "m": unit = 1_000_000
+    case "G", "g": unit = 1_000_000_000
+    case "T", "t": unit = 1_000_000_000_000
     default: throw InputError("'\(text)' is not a count (examples: 2000000, 2M, 500K, 1.5G)")
     }
-    guard !number.isEmpty, let v = Double(number), v >= 0, v * unit < 1.8e19, (v * unit) == (v * unit).rounded() else {
+    // Plain digits: exact integer arithmetic (a Double loses integers above 2^53).
+    if let whole = UInt64(number) {
+        let (n, overflow) = whole.multipliedReportingOverflow(by: unit)
+        guard !overflow else { throw InputError("'\(text)' is more than 2^64 - 1") }
+        return n
+    }
+    let scale = Double(unit)
+    guard !number.isEmpty, let v = Double(number), v >= 0, v * scale < 1.8e19, (v * scale) == (v * scale).rounded() else {
         throw InputError("'\(text)' is not a whole, non-negative count (examples: 2000000, 2M, 500K)")
     }
-    return UInt64(v * unit)
+    return UInt64(v * scale)
 }
 
 /// A length of simulated or measured time, in nanoseconds.

@@ -10,9 +10,11 @@
 /// - `zipf`: page `zipf.sample(rng.unitDouble())` (rank 0 is page 0, the hottest; a CDF table
 ///   over the footprint's 4 KiB pages, searched by binary search for the first entry >= u),
 ///   then word `rng.bounded(512)` of that page.
-/// - `chase`: a pointer chase through one random cycle over all 64-byte slots (Sattolo's
-///   algorithm, drawing `j = rng.bounded(i)` for i = n-1 down to 1); access i visits the i-th
-///   slot of the cycle starting at slot 0.
+/// - `chase`: a pointer chase through one random cycle over all 64-byte slots. Sattolo's
+///   algorithm shuffles the list `perm = [0, 1, ..., n-1]` (for i = n-1 down to 1: `j =
+///   rng.bounded(i)`, swap perm[i] and perm[j]); the cycle then visits the slots in list order:
+///   the slot after `perm[k]` is `perm[(k+1) mod n]`. Access i visits the i-th slot of the
+///   cycle starting at slot 0 (so the first access is at offset 0).
 /// - `gups`: like uniform, but every access is a read-modify-write (a write access that also
 ///   reads); the write ratio is ignored.
 /// After the address, when 0 < writeRatio < 1, one more draw decides: write iff
@@ -51,13 +53,20 @@ public struct WorkloadSpec: Hashable, Sendable {
 
         /// Parses `uniform|sequential|strided[:STRIDE]|zipf[:THETA]|chase|gups|lackey:PATH`.
         public init(parsing text: String) throws(InputError) {
-            let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
+            // Empty pieces are kept: "strided:" and ":uniform" are errors, not defaults.
+            let parts = text.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
             let arg = parts.count > 1 ? parts[1] : nil
-            switch parts.first ?? "" {
+            let name = parts[0]
+            if arg != nil, !["strided", "zipf", "lackey"].contains(name) {
+                throw InputError("workload '\(text)': \(name) takes no ':' argument")
+            }
+            switch name {
             case "sequential", "seq": self = .sequential
             case "strided":
                 var stride: UInt64 = 4096
-                if let a = arg { stride = try ByteCount(parsing: a).rawValue }
+                if let a = arg {
+                    do { stride = try ByteCount(parsing: a).rawValue } catch { throw InputError("workload '\(text)': \(error.message)") }
+                }
                 self = .strided(stride: stride)
                 if stride == 0 || stride % 8 != 0 {
                     throw InputError("workload '\(text)': the stride must be a positive multiple of 8 bytes")
@@ -121,6 +130,9 @@ public struct WorkloadSpec: Hashable, Sendable {
         if !(writeRatio >= 0 && writeRatio <= 1) { throw InputError("write ratio \(writeRatio): must be between 0 and 1") }
         if threads < 1 || threads > 1024 { throw InputError("threads \(threads): must be 1...1024") }
         if !base.isAligned(to: .size1G) { throw InputError("base \(base): must be 1GiB-aligned") }
+        if case .strided(let s) = pattern, s == 0 || s % 8 != 0 {
+            throw InputError("stride \(s): must be a positive multiple of 8 bytes")
+        }
         if case .zipf = pattern, footprint.rawValue / 4096 > 1 << 26 {
             throw InputError("footprint \(footprint): zipf's table supports at most 256GiB")
         }
