@@ -53,11 +53,12 @@ public struct GuestError: Error, CustomStringConvertible, Sendable {
 }
 
 /// One simulated vCPU running a workload in one address space over a paging mode.
-public final class Machine<Mode: PagingMode>: @unchecked Sendable {
+public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendable {
     public let mode: Mode
     public let cpu: ModelCPU
     public let kernel: GuestKernel
-    public let space: AddressSpace
+    /// The address space the vCPU runs in (CR3).
+    public private(set) var space: AddressSpace
     let data: PhysicalMemory
     let costs: CostModel
 
@@ -76,6 +77,7 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
     var guestFaults: UInt64 = 0
     var demandZero: UInt64 = 0
     var chargedAccesses: UInt64 = 0
+    var cowFaults: UInt64 = 0
     var chargedL2Hits: UInt64 = 0
     /// The most references one completed walk made.
     public internal(set) var maxWalkRefs = 0
@@ -91,11 +93,40 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
         data = mode.dataMemory
         costs = cpu.costs
         self.computePerAccess = Double(computePerAccess)
+        kernel.cpu = self
         cpu.counters.markApplicable([
             .accesses, .reads, .writes, .tlbHits, .tlbMisses, .l1TLBHits, .l2TLBHits, .walks, .walkMemoryRefs,
             .walkCacheHits, .accessedDirtyWrites, .walkRetries, .guestPageFaults, .guestDemandZeroFaults,
             .guestPageTablePages,
         ] + mode.applicableCounters)
+    }
+
+    /// Called with (guest-virtual, host-physical) after every access when set (tests).
+    public var observer: ((UInt64, UInt64) -> Void)?
+
+    // MARK: GuestCPUControl
+
+    /// Called after every INVLPG (with its address) and CR3 write (nil) when set (tests).
+    public var onSyncPoint: ((UInt64?) -> Void)?
+
+    public func invalidatePage(_ va: UInt64, space: AddressSpace) {
+        mode.invalidatePage(va, space: space, cpu: cpu)
+        if let o = onSyncPoint { o(va) }
+    }
+
+    public func switchAddressSpace(to space: AddressSpace) {
+        self.space = space
+        mode.switchAddressSpace(to: space, cpu: cpu)
+        if let o = onSyncPoint { o(nil) }
+    }
+
+    public func flushTLB(of space: AddressSpace) {
+        mode.flushTLB(of: space, cpu: cpu)
+        if let o = onSyncPoint { o(nil) }
+    }
+
+    public func addressSpaceDestroyed(_ space: AddressSpace) {
+        mode.addressSpaceDestroyed(space, cpu: cpu)
     }
 
     /// Runs every access of `source`, calling `progress(accessesSoFar)` every 2^20 accesses.
@@ -124,6 +155,7 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
             entry = try missAfterLookup(va, kind: a.kind, fetch: fetch)
         }
         let pa = entry.base | (va & entry.size.offsetMask & ~7)
+        if let o = observer { o(va, pa) }
         if write {
             data.write64(pa, va ^ (accesses &* 0x9E37_79B9_7F4A_7C15))
         } else {
@@ -167,6 +199,9 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
                 case .demandZero(let size, let tablePages):
                     demandZero &+= 1
                     cpu.ledger.charge(.guestFaults, costs.demandZero(size) + Double(tablePages) * costs.guestPageTablePage)
+                case .copyOnWrite(let copied):
+                    cowFaults &+= 1
+                    cpu.ledger.charge(.guestFaults, copied ? costs.guestDemandZero4K : costs.guestExceptionRoundTrip)
                 case .segmentationFault(let why):
                     throw GuestError(message: "segmentation fault: \(why) (error code \(code))")
                 case .outOfMemory:
@@ -175,6 +210,9 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
             case .retry(let refs):
                 faultedWalkRefs &+= UInt64(refs)
                 walkRetries &+= 1
+            case .emulated(let e, let refs):
+                faultedWalkRefs &+= UInt64(refs)
+                return e
             case .mmio(let refs):
                 // Emulated by the hypervisor: nothing is cached, the next access exits again.
                 faultedWalkRefs &+= UInt64(refs)
@@ -209,6 +247,7 @@ public final class Machine<Mode: PagingMode>: @unchecked Sendable {
         c[.walkRetries] = walkRetries
         c[.guestPageFaults] = guestFaults
         c[.guestDemandZeroFaults] = demandZero
+        if cowFaults > 0 { c[.guestCopyOnWriteFaults] = cowFaults }
         c[.guestPageTablePages] = kernel.tablePagesAllocated
         if fetches == 0 { c.markNotApplicable([.fetches]) }
         cpu.counters = c

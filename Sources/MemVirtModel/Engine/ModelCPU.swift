@@ -101,6 +101,8 @@ public enum MissOutcome: Sendable {
     case retry(refs: Int)
     /// The access was to MMIO: the hypervisor emulated it (no translation is cached).
     case mmio(refs: Int)
+    /// The hypervisor emulated the access itself at this translation (not cached in the TLB).
+    case emulated(TLBEntry, refs: Int)
 }
 
 /// How guest memory is virtualized: native paging, shadow paging or nested paging.
@@ -116,14 +118,25 @@ public protocol PagingMode: AnyObject {
     func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome
     /// The guest executes INVLPG for `va`.
     func invalidatePage(_ va: UInt64, space: AddressSpace, cpu: ModelCPU)
-    /// The guest writes CR3 to switch to `space`.
+    /// The guest writes CR3 to switch to `space` (a context switch; PCID entries survive).
     func switchAddressSpace(to space: AddressSpace, cpu: ModelCPU)
+    /// The guest flushes `space`'s TLB entries (CR3 reload without no-flush, INVPCID).
+    func flushTLB(of space: AddressSpace, cpu: ModelCPU)
     /// Folds what the mode counted on its own into the CPU's counters (end of a run).
     func settle(cpu: ModelCPU)
+    /// The guest freed an address space's tables.
+    func addressSpaceDestroyed(_ space: AddressSpace, cpu: ModelCPU)
 }
 
 extension PagingMode {
+    /// Native and nested: the flush runs in the guest without an exit.
+    public func flushTLB(of space: AddressSpace, cpu: ModelCPU) {
+        cpu.tlb.flush(pcid: space.pcid)
+        cpu.walkCaches.flush(pcid: space.pcid)
+        cpu.ledger.charge(.guestKernel, cpu.costs.cr3Write)
+    }
     public func settle(cpu: ModelCPU) {}
+    public func addressSpaceDestroyed(_ space: AddressSpace, cpu: ModelCPU) {}
 }
 
 /// Native paging: the guest is the machine; the hardware walks the guest's own tables.

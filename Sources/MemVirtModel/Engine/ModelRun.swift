@@ -24,7 +24,44 @@ public struct ModelConfig: Sendable {
     public var hostPageSize: PageSize = .size4K
     /// Host (EPT) paging levels: 4 or 5.
     public var hostLevels = 4
+    /// Shadow MMU options (unsync, flood threshold, shadow-page limit).
+    public var shadow = ShadowPaging.Options()
     public init() {}
+}
+
+/// Code to run on a machine of any paging mode.
+public struct MachineBody<R> {
+    let body: (any MachineRunner) throws -> R
+    public init(_ f: @escaping (any MachineRunner) throws -> R) { body = f }
+    func run<M: PagingMode>(_ m: Machine<M>) throws -> R { try body(m) }
+}
+
+/// What `MachineBody` sees of a machine (mode-erased).
+public protocol MachineRunner: AnyObject {
+    var modeName: String { get }
+    var cpu: ModelCPU { get }
+    var kernel: GuestKernel { get }
+    var space: AddressSpace { get }
+    var checksum: UInt64 { get }
+    var observer: ((UInt64, UInt64) -> Void)? { get set }
+    var onSyncPoint: ((UInt64?) -> Void)? { get set }
+    func step(_ a: Access) throws
+    func finish() -> CounterSet
+    func runProcessChurn(_ spec: ProcessChurnSpec, heapBase: UInt64) throws
+    func switchAddressSpace(to space: AddressSpace)
+    func flushTLB(of space: AddressSpace)
+    func invalidatePage(_ va: UInt64, space: AddressSpace)
+    var pagingMode: any PagingMode { get }
+}
+
+extension Machine: MachineRunner {
+    public var modeName: String { mode.name }
+    public var pagingMode: any PagingMode { mode }
+}
+
+extension MachineRunner {
+    public func runProcessChurn(_ spec: ProcessChurnSpec) throws { try runProcessChurn(spec, heapBase: WorkloadSpec.defaultBase.rawValue) }
+    public var mode: any PagingMode { pagingMode }
 }
 
 /// A trace replayed as an access source.
@@ -43,6 +80,48 @@ public enum ModelEngine {
         return ((spec.footprint.rawValue + oneG - 1) / oneG) * oneG + 2 * oneG
     }
 
+    /// Builds a machine for `config` (mode, CPU, guest kernel, one empty address space) and
+    /// hands it to `body`.
+    public static func withMachine<R>(config: ModelConfig, capacity: UInt64, _ body: MachineBody<R>) throws -> R {
+        let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
+        cpu.modelLineCache = config.modelLineCache
+        switch config.paging {
+        case .native:
+            let mode = NativePaging(memory: try PhysicalMemory(capacity: capacity, name: "guest-physical"))
+            return try body.run(try machine(mode, cpu, config, capacity))
+        case .nested:
+            let mode = try NestedPaging(cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels)
+            return try body.run(try machine(mode, cpu, config, capacity))
+        case .shadow:
+            let mode = try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
+            return try body.run(try machine(mode, cpu, config, capacity))
+        }
+    }
+
+    static func machine<M: PagingMode>(_ mode: M, _ cpu: ModelCPU, _ config: ModelConfig, _ capacity: UInt64) throws -> Machine<M> {
+        let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
+        let space = try kernel.createAddressSpace()
+        let m = Machine(mode: mode, cpu: cpu, kernel: kernel, space: space)
+        m.switchAddressSpace(to: space)
+        return m
+    }
+
+    /// Runs the fork/exec/exit loop and reports it in the run shape.
+    public static func runProcessChurn(_ spec: ProcessChurnSpec, config: ModelConfig) throws -> RunResult {
+        let clock = WallClock()
+        return try withMachine(config: config, capacity: 4 << 30, MachineBody { m in
+            try m.runProcessChurn(spec)
+            let counters = m.finish()
+            var workload = WorkloadSpec(pattern: .uniform, footprint: ByteCount(UInt64(spec.parentPages) * 4096), accesses: 0, seed: spec.seed)
+            workload.accesses = counters[.accesses]
+            return RunResult(
+                engine: "model", paging: m.mode.name, pageSize: .size4K, workload: workload, counters: counters,
+                cycles: m.cpu.ledger.total, cycleBreakdown: m.cpu.ledger.breakdown, wallSeconds: clock.seconds,
+                extra: [("workload_kind", "process-churn"), ("forks", .uint(m.kernel.forks)), ("exits", .uint(m.kernel.exits)),
+                        ("cow_copies", .uint(m.kernel.copyOnWriteCopies)), ("checksum", .string("0x" + String(m.checksum, radix: 16)))])
+        })
+    }
+
     public static func run(
         spec: WorkloadSpec, config: ModelConfig, progress: ((UInt64, UInt64) -> Void)? = nil
     ) throws -> RunResult {
@@ -58,7 +137,8 @@ public enum ModelEngine {
             let mode = try NestedPaging(cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels)
             return try run(spec: spec, config: config, mode: mode, cpu: cpu, capacity: capacity, progress: progress)
         case .shadow:
-            throw InputError("--paging shadow is not available in this build yet (nested and native are)")
+            let mode = try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
+            return try run(spec: spec, config: config, mode: mode, capacity: capacity, progress: progress)
         }
     }
 
@@ -139,7 +219,7 @@ extension Machine {
     /// Zeroes every counter and the ledger (after a warm-up).
     public func resetStatistics() {
         accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
-        faultedWalkRefs = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0; maxWalkRefs = 0
+        faultedWalkRefs = 0; cowFaults = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0; maxWalkRefs = 0
         cpu.resetStatistics()
     }
 }

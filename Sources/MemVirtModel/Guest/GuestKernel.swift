@@ -13,8 +13,14 @@ public protocol GuestPhysicalMemory: AnyObject {
 
 /// The CPU operations the guest kernel performs on TLB state (a hypervisor may intercept them).
 public protocol GuestCPUControl: AnyObject {
+    /// INVLPG for `va` in `space`.
     func invalidatePage(_ va: UInt64, space: AddressSpace)
+    /// A context switch: a CR3 write loading `space` (with PCIDs, keeping its TLB entries).
     func switchAddressSpace(to space: AddressSpace)
+    /// A full TLB flush of `space` (a CR3 reload without the no-flush bit; flush_tlb_mm).
+    func flushTLB(of space: AddressSpace)
+    /// The space is gone (its tables freed): the hypervisor may drop what it built for it.
+    func addressSpaceDestroyed(_ space: AddressSpace)
 }
 
 /// A virtual memory area: a range of a process's address space with its page size and rights.
@@ -64,6 +70,8 @@ public final class AddressSpace: @unchecked Sendable {
 public enum GuestFaultResolution: Sendable, Equatable {
     /// A fresh zeroed frame was mapped (`tablePages` new page-table pages on the way).
     case demandZero(PageSize, tablePages: Int)
+    /// A write to a copy-on-write page: copied to a fresh frame (or reused when no longer shared).
+    case copyOnWrite(copied: Bool)
     /// The access is not allowed by the area (or no area holds it): the process would get SIGSEGV.
     case segmentationFault(String)
     /// Guest-physical memory is exhausted.
@@ -81,6 +89,18 @@ public final class GuestKernel: @unchecked Sendable {
     private var nextPCID: UInt16 = 1
     /// Page-table pages allocated over the run.
     public private(set) var tablePagesAllocated: UInt64 = 0
+    /// Frames mapped by more than one page-table entry (fork's copy-on-write), by address.
+    var shareCount: [UInt64: Int] = [:]
+    /// The CPU whose TLB the kernel keeps coherent (INVLPG, CR3 writes).
+    public weak var cpu: GuestCPUControl?
+    /// Linux flushes page by page up to this many pages, then the whole TLB
+    /// (tlb_single_page_flush_ceiling, arch/x86/mm/tlb.c).
+    public var singlePageFlushCeiling = 33
+    /// Counts of kernel events.
+    public private(set) var forks: UInt64 = 0
+    public private(set) var exits: UInt64 = 0
+    public private(set) var copyOnWriteCopies: UInt64 = 0
+    public private(set) var pagesUnmapped: UInt64 = 0
 
     public init(memory: GuestPhysicalMemory, capacity: UInt64, paging: PagingConfig) {
         self.memory = memory
@@ -125,6 +145,9 @@ public final class GuestKernel: @unchecked Sendable {
         if code.contains(.write) && !area.writable { return .segmentationFault("write to read-only area at \(GuestVirtualAddress(va))") }
         if code.contains(.instructionFetch) && !area.executable { return .segmentationFault("fetch from non-executable area at \(GuestVirtualAddress(va))") }
         if code.contains(.present) {
+            if code.contains(.write) && area.writable, let leaf = lookupLeaf(va, space: space), !leaf.entry.isWritable {
+                return copyOnWrite(va, leaf: leaf, space: space)
+            }
             return .segmentationFault("protection fault \(code) at \(GuestVirtualAddress(va)) in a mapped page")
         }
         let size = area.pageSize
@@ -164,6 +187,136 @@ public final class GuestKernel: @unchecked Sendable {
         let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
         memory.writePageTableEntry(entryAddress, PageTableEntry(frameAddress: frame, flags: leafFlags).rawValue)
         return true
+    }
+
+    /// Breaks copy-on-write sharing for the page holding `va` (do_wp_page): a private copy if
+    /// the frame is still shared, else the same frame made writable; then INVLPG.
+    func copyOnWrite(_ va: UInt64, leaf: (entryAddress: UInt64, entry: PageTableEntry, size: PageSize), space: AddressSpace) -> GuestFaultResolution {
+        let frame = leaf.entry.pageBase(leaf.size)
+        let shared = (shareCount[frame] ?? 1) > 1
+        var target = frame
+        if shared {
+            guard let f = frames.allocate(leaf.size) else { return .outOfMemory }
+            var off: UInt64 = 0
+            while off < leaf.size.bytes {
+                memory.write64(f + off, memory.read64(frame + off))
+                off += 8
+            }
+            release(frame, leaf.size)
+            target = f
+            copyOnWriteCopies += 1
+        }
+        let e = PageTableEntry(rawValue: (leaf.entry.rawValue & ~PageTableEntry.addressMask) | target).setting([.writable, .dirty])
+        memory.writePageTableEntry(leaf.entryAddress, e.rawValue)
+        cpu?.invalidatePage(va & ~leaf.size.offsetMask, space: space)
+        return .copyOnWrite(copied: shared)
+    }
+
+    /// Drops one mapping of `frame`; frees it with the last.
+    func release(_ frame: UInt64, _ size: PageSize) {
+        if let n = shareCount[frame], n > 1 {
+            shareCount[frame] = n == 2 ? nil : n - 1
+        } else {
+            frames.free(frame, size)
+        }
+    }
+
+    /// Every present leaf of `space`: (va, entry address, entry, size).
+    public func leaves(of space: AddressSpace) -> [(va: UInt64, entryAddress: UInt64, entry: PageTableEntry, size: PageSize)] {
+        var out: [(UInt64, UInt64, PageTableEntry, PageSize)] = []
+        func visit(_ table: UInt64, _ level: Int, _ vaBase: UInt64) {
+            for idx in 0..<512 {
+                let ea = table + UInt64(idx) * 8
+                let e = PageTableEntry(rawValue: memory.read64(ea))
+                guard e.isPresent else { continue }
+                var va = vaBase | (UInt64(idx) << UInt64(12 + 9 * (level - 1)))
+                if level == paging.levels && idx >= 256 { va |= paging.levels == 5 ? 0xFE00_0000_0000_0000 : 0xFFFF_0000_0000_0000 }
+                if level == 1 || (level <= 3 && e.isLargePage) {
+                    out.append((va, ea, e, PageSize(leafLevel: level)!))
+                } else {
+                    visit(e.address, level - 1, va)
+                }
+            }
+        }
+        visit(space.root, paging.levels, 0)
+        return out
+    }
+
+    /// Flushes `pages` virtual pages of `space` the way Linux does: INVLPG each up to the
+    /// ceiling, else a full flush (a CR3 reload).
+    func flush(_ pages: [UInt64], in space: AddressSpace) {
+        guard let c = cpu, !pages.isEmpty else { return }
+        if pages.count <= singlePageFlushCeiling {
+            for va in pages { c.invalidatePage(va, space: space) }
+        } else {
+            c.flushTLB(of: space)
+        }
+    }
+
+    /// fork(): a child with the parent's areas; every private writable page becomes read-only
+    /// and shared copy-on-write in both (copy_page_range); the parent's TLB is flushed.
+    public func fork(_ parent: AddressSpace) throws(InputError) -> AddressSpace {
+        let child = try createAddressSpace()
+        child.areas = parent.areas
+        var changed: [UInt64] = []
+        for leaf in leaves(of: parent) {
+            var e = leaf.entry
+            if e.isWritable {
+                e = e.clearing(.writable)
+                memory.writePageTableEntry(leaf.entryAddress, e.rawValue)
+                changed.append(leaf.va)
+            }
+            let frame = e.pageBase(leaf.size)
+            shareCount[frame] = (shareCount[frame] ?? 1) + 1
+            guard installLeaf(leaf.va, frame: frame, size: leaf.size, flags: e.flags.subtracting([.pageSize, .accessed, .dirty]), space: child) else {
+                throw InputError("guest memory exhausted in fork")
+            }
+        }
+        flush(changed, in: parent)
+        forks += 1
+        return child
+    }
+
+    /// munmap(): clears the leaves of `range` in `space`, frees their frames, flushes the TLB;
+    /// the area is removed (or trimmed).
+    public func unmap(_ range: Range<UInt64>, in space: AddressSpace) {
+        var changed: [UInt64] = []
+        for leaf in leaves(of: space) where range.contains(leaf.va) {
+            memory.writePageTableEntry(leaf.entryAddress, 0)
+            release(leaf.entry.pageBase(leaf.size), leaf.size)
+            changed.append(leaf.va)
+            pagesUnmapped += 1
+        }
+        flush(changed, in: space)
+        var kept: [VirtualMemoryArea] = []
+        for a in space.areas {
+            if a.end <= range.lowerBound || a.start >= range.upperBound { kept.append(a); continue }
+            if a.start < range.lowerBound { var l = a; l.end = range.lowerBound; kept.append(l) }
+            if a.end > range.upperBound { var r = a; r.start = range.upperBound; kept.append(r) }
+        }
+        space.areas = kept
+    }
+
+    /// exit(): unmaps everything and frees the page-table pages (they go back to the frame
+    /// allocator and are reused: a shadow MMU still write-protects them until it notices).
+    public func exit(_ space: AddressSpace) {
+        for leaf in leaves(of: space) {
+            memory.writePageTableEntry(leaf.entryAddress, 0)
+            release(leaf.entry.pageBase(leaf.size), leaf.size)
+            pagesUnmapped += 1
+        }
+        cpu?.addressSpaceDestroyed(space)
+        for t in space.tablePages { frames.free(t, .size4K) }
+        space.tablePages = []
+        space.areas = []
+        spaces.removeAll { $0 === space }
+        exits += 1
+    }
+
+    /// exec(): the old image is unmapped, `areas` are the new one (demand-faulted).
+    public func exec(_ space: AddressSpace, areas: [VirtualMemoryArea]) throws(InputError) {
+        for a in space.areas { unmap(a.start..<a.end, in: space) }
+        for a in areas { try map(a, in: space) }
     }
 
     /// The leaf entry mapping `va` and its size, by a software walk (no A/D updates).

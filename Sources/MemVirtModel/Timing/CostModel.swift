@@ -63,13 +63,29 @@ public struct CostModel: Sendable, Hashable {
     /// Emulating one instruction in KVM's x86 emulator (MMIO, PTE writes): ~3,000 cycles ≈ 1 us
     /// (REFERENCES.md: 0.9-2.6 us measured per emulated instruction on this host's kvm_pvm).
     public var instructionEmulation: Double
+    /// KVM's shadow page-fault handler without the exit (FNAME(page_fault): software guest walk,
+    /// shadow page look-ups, SPTE install): ~2,300 cycles. lmbench page-fault latency is 0.93 us
+    /// under kvm-spt against 0.15 us bare (REFERENCES.md, PVM paper): ~0.78 us extra per fault,
+    /// minus the ~1,000-cycle exit.
+    public var shadowFaultHandler: Double
+    /// Creating a shadow page: allocate and clear a table, hash it, write-protect the guest
+    /// table through the rmap (kvm_mmu_get_page + account_shadowed): ~1,500 cycles.
+    public var shadowPageCreate: Double
+    /// Resynchronizing an unsync shadow page: compare 512 guest entries (kvm_sync_page):
+    /// ~5,000 cycles (512 entries at ~10 cycles each, measured KVM sync costs are a few us).
+    public var shadowResync: Double
+    /// KVM's INVLPG handler under shadow paging (kvm_mmu_invlpg): ~500 cycles plus the exit.
+    public var invlpgHandler: Double
+    /// Injecting an intercepted #PF into the guest (kvm_inject_page_fault): ~300 cycles.
+    public var faultInjection: Double
 
     /// Bare metal on a recent Intel core (Golden Cove class, 3 GHz).
     public static let bareMetal = CostModel(
         name: "bare-metal", clockGHz: 3.0, l1TLBHit: 0, l2TLBHit: 7, walkStart: 10, walkRefL1: 5, walkRefL2: 15,
         walkRefLLC: 65, walkRefDRAM: 300, adWrite: 20, dataAccess: 5, guestExceptionRoundTrip: 250,
         guestDemandZero4K: 2_000, guestDemandZero2M: 180_000, guestDemandZero1G: 92_160_000, guestPageTablePage: 600,
-        invlpg: 100, cr3Write: 200, vmExitRoundTrip: 1_000, eptViolationHandler: 1_500, instructionEmulation: 3_000)
+        invlpg: 100, cr3Write: 200, vmExitRoundTrip: 1_000, eptViolationHandler: 1_500, instructionEmulation: 3_000,
+        shadowFaultHandler: 2_300, shadowPageCreate: 1_500, shadowResync: 5_000, invlpgHandler: 500, faultInjection: 300)
 
     public func demandZero(_ size: PageSize) -> Double {
         switch size {
