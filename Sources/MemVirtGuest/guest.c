@@ -82,6 +82,44 @@ GI void checksum(volatile struct memvirt_mailbox *mb) {
     mb->memory_checksum = h;
 }
 
+GI uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+GI void count_forever(volatile struct memvirt_mailbox *mb) {
+    for (;;) mb->counter = mb->counter + 1;
+}
+
+GI void random_read_forever(volatile struct memvirt_mailbox *mb) {
+    const uint64_t base = mb->base, words = mb->footprint >> 3, salt = mb->salt;
+    uint64_t rng = mb->rng_state;
+    for (;;) {
+        uint64_t off = memvirt_bounded(&rng, words) << 3;
+        uint64_t x = *(volatile uint64_t *)(base + off);
+        if (x != memvirt_store_word(off, salt)) mb->mismatches = mb->mismatches + 1;
+        mb->done_accesses = mb->done_accesses + 1;
+    }
+}
+
+GI void write_passes(volatile struct memvirt_mailbox *mb) {
+    const uint64_t base = mb->base, words = mb->footprint >> 3, n = mb->accesses, salt = mb->salt;
+    const uint64_t compute = mb->compute;
+    uint64_t w = 0, acc = 0, last = rdtsc(), gap = 0;
+    for (uint64_t i = 0; n == 0 || i < n; i++) {
+        *(volatile uint64_t *)(base + (w << 3)) = write_value(i, salt);
+        if (++w == words) { w = 0; mb->passes = mb->passes + 1; }
+        for (uint64_t c = 0; c < compute; c++) __asm__ volatile("add $1, %0" : "+r"(acc));
+        uint64_t t = rdtsc();
+        if (t - last > gap) { gap = t - last; mb->tsc_max_gap = gap; }
+        last = t;
+        mb->tsc_last = t;
+        mb->done_accesses = i + 1;
+    }
+    mb->writes = n;
+}
+
 GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
     for (;;) {
         uint64_t cmd = mb->command, status = MEMVIRT_STATUS_OK;
@@ -111,6 +149,12 @@ GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
             // faults (#PF), delivering that faults (#DF), delivering #DF faults: shutdown.
             *(volatile uint64_t *)mb->list = mb->count;
             __asm__ volatile("ud2" : : : "memory");
+        } else if (cmd == MEMVIRT_CMD_COUNT) {
+            count_forever(mb);
+        } else if (cmd == MEMVIRT_CMD_RANDOM_READ) {
+            random_read_forever(mb);
+        } else if (cmd == MEMVIRT_CMD_WRITE_PASSES) {
+            write_passes(mb);
         } else {
             status = MEMVIRT_STATUS_BAD_COMMAND;
         }
@@ -124,6 +168,7 @@ extern const char __start_memvirt_guest[];
 extern const char __stop_memvirt_guest[];
 extern const char memvirt_guest_trap_stubs[];
 extern const char memvirt_guest_cpl0_loop[];
+extern const char memvirt_guest_idle[];
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     const char *s = __start_memvirt_guest;
@@ -132,4 +177,5 @@ void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     out->entry_offset = (uint64_t)((const char *)memvirt_guest_main - s);
     out->trap_stubs_offset = (uint64_t)(memvirt_guest_trap_stubs - s);
     out->cpl0_loop_offset = (uint64_t)(memvirt_guest_cpl0_loop - s);
+    out->idle_offset = (uint64_t)(memvirt_guest_idle - s);
 }

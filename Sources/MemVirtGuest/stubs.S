@@ -1,20 +1,31 @@
 // The guest runtime's CPL0 part: trap stubs. Each runs in KVM's instruction emulator on a
-// shadow-paging host without VMX (about 1-3 us an instruction), so each is a handful of
-// instructions and leaves to the VMM at once through port I/O (see memvirt_guest.h).
-#define MEMVIRT_PORT_TRAP 0x1f
+// shadow-paging host without VMX (about 1-3 us an instruction), so each is one instruction
+// that leaves to the VMM at once through port I/O (see memvirt_guest.h): the port names the
+// vector (MEMVIRT_PORT_VECTOR_BASE + v) and no register is changed, so the VMM finds the
+// interrupted thread's registers intact (its rip/rsp/rflags in the frame on the kernel stack).
+#define MEMVIRT_PORT_VECTOR_BASE 0xc0
 
     .section memvirt_guest,"axR",@progbits
     .balign 16
     .globl memvirt_guest_trap_stubs
     .hidden memvirt_guest_trap_stubs
 memvirt_guest_trap_stubs:
-    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47
     .balign 16
-    movb $\v, %al
-    outb %al, $MEMVIRT_PORT_TRAP
+    outb %al, $(MEMVIRT_PORT_VECTOR_BASE + \v)
     hlt
     jmp . - 1
     .endr
+
+    // The idle loop of the VMM-side scheduler, entered at CPL0 when no guest thread of a vCPU
+    // can run: interrupts on, halt until one arrives (its stub then exits to the VMM).
+    .balign 16
+    .globl memvirt_guest_idle
+    .hidden memvirt_guest_idle
+memvirt_guest_idle:
+    sti
+1:  hlt
+    jmp 1b
 
     // Entered directly by the VMM at CPL0 (KVM_SET_SREGS/KVM_SET_REGS) with %rcx = n >= 1:
     // 2n instructions, then a MARK exit. Measures KVM's cost per CPL0 instruction (on PVM

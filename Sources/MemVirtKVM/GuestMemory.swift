@@ -26,6 +26,11 @@ public final class GuestMemoryRegion: @unchecked Sendable {
         }
     }
 
+    /// madvise(MADV_MERGEABLE): KSM may merge identical pages of this region (copy-on-write).
+    public func markMergeable() throws(KVMError) {
+        if madvise(mapping.base, Int(size), MADV_MERGEABLE) != 0 { throw KVMError.call("madvise(MADV_MERGEABLE)", lastErrno()) }
+    }
+
     /// Where the region starts in the VMM.
     public var hostAddress: HostVirtualAddress { HostVirtualAddress(rawValue: UInt64(UInt(bitPattern: mapping.base))) }
 

@@ -20,6 +20,10 @@ public struct GuestLayout: Sendable {
     static let tssLimit: UInt64 = 104 + 8192  // header, I/O bitmap (all ports allowed), 0xff terminator
     static let mailboxOffset: UInt64 = 0x3000
     static let kernelStackTop: UInt64 = 0x6000
+    /// The vCPU's async-PF area (`struct kvm_vcpu_pv_apf_data`, 64-byte aligned).
+    static let apfAreaOffset: UInt64 = 0x2100
+    /// Bytes of one guest thread's block: its mailbox (first page) and its user stack.
+    public static let threadBlockSize: UInt64 = 0x4000
     static let userStackTop: UInt64 = 0x10000
     public static let dataPhysical = GuestPhysicalAddress(rawValue: 0x1_0000_0000)
     public static let holePhysical = GuestPhysicalAddress(rawValue: 0xC000_0000)
@@ -40,10 +44,20 @@ public struct GuestLayout: Sendable {
     public var dataVirtual: GuestVirtualAddress
     public var dataSize: UInt64
     public var dataPageSize: PageSize
+    /// Guest threads' blocks (mailbox page + stack), `threadBlockSize` apart.
+    public var threadBlocks: UInt64 = 0
+    public var threadCapacity: Int = 0
 
     public static func mailbox(_ vcpu: Int) -> UInt64 { vcpuBlocks + UInt64(vcpu) * vcpuBlockSize + mailboxOffset }
     static func tss(_ vcpu: Int) -> UInt64 { vcpuBlocks + UInt64(vcpu) * vcpuBlockSize + tssOffset }
     static func tssSelector(_ vcpu: Int) -> UInt16 { UInt16(0x28 + 16 * vcpu) }
+    static func kernelStack(_ vcpu: Int) -> UInt64 { vcpuBlocks + UInt64(vcpu) * vcpuBlockSize + kernelStackTop }
+    /// vCPU `vcpu`'s async-PF area (guest-physical = guest-virtual in the runtime).
+    public static func apfArea(_ vcpu: Int) -> UInt64 { vcpuBlocks + UInt64(vcpu) * vcpuBlockSize + apfAreaOffset }
+    /// Guest thread `t`'s mailbox.
+    public func threadMailbox(_ t: Int) -> UInt64 { threadBlocks + UInt64(t) * Self.threadBlockSize }
+    /// Guest thread `t`'s initial stack pointer.
+    public func threadStack(_ t: Int) -> UInt64 { threadBlocks + UInt64(t + 1) * Self.threadBlockSize - 8 }
 }
 
 /// What a guest VM is built with.
@@ -61,6 +75,10 @@ public struct GuestConfig: Sendable {
     public var tableBytesPerVCPU: UInt64 = 0
     public var listCapacity = 0
     public var irqchip = false
+    /// Blocks for guest threads (the VMM-side scheduler's), across all vCPUs.
+    public var threads = 0
+    /// Mark guest RAM MADV_MERGEABLE (KSM).
+    public var mergeable = false
 
     public init(dataSize: UInt64) { self.dataSize = dataSize }
 }
@@ -115,20 +133,24 @@ public final class GuestVM: @unchecked Sendable {
         let tables = pageTables + tablePages * 4096
         let stride = up(c.tableBytesPerVCPU, 4096)
         let list = tables + stride * UInt64(c.vcpus)
-        let runtimeSize = up(list + up(UInt64(c.listCapacity) * 8, 4096) + 4096, 2 << 20)
+        guard c.threads >= 0, c.threads <= 64 else { throw KVMError.invalid("guest threads \(c.threads): use 0...64") }
+        let threadBlocks = list + up(UInt64(c.listCapacity) * 8, 4096)
+        let runtimeSize = up(threadBlocks + UInt64(c.threads) * GuestLayout.threadBlockSize + 4096, 2 << 20)
         guard runtimeSize <= GuestLayout.holePhysical.rawValue else {
             throw KVMError.invalid("runtime area of \(ByteCount(runtimeSize)) (tables for this footprint) exceeds 3GiB")
         }
         layout = GuestLayout(
             runtimeSize: runtimeSize, imageSize: imageSize, pageTables: pageTables, pageTablePages: tablePages,
             tables: tables, tableStride: stride, list: list, listCapacity: c.listCapacity,
-            dataVirtual: c.dataVirtual, dataSize: c.dataSize, dataPageSize: c.dataPageSize)
+            dataVirtual: c.dataVirtual, dataSize: c.dataSize, dataPageSize: c.dataPageSize,
+            threadBlocks: threadBlocks, threadCapacity: c.threads)
 
         self.kvm = kvm
         vm = try VirtualMachine(kvm: kvm)
         if c.irqchip { try vm.createIRQChip() }
         runtime = try GuestMemoryRegion(guestPhysical: GuestPhysicalAddress(rawValue: 0), size: runtimeSize)
         data = try GuestMemoryRegion(guestPhysical: GuestLayout.dataPhysical, size: c.dataSize, transparentHugePages: c.transparentHugePages)
+        if c.mergeable { try data.markMergeable() }
         if c.manualDirtyProtect { try vm.enableManualDirtyProtect() }
         if c.dirtyRingBytes > 0 { try vm.enableDirtyRing(bytes: c.dirtyRingBytes) }
         try vm.addSlot(id: GuestLayout.runtimeSlot, region: runtime)
@@ -167,7 +189,7 @@ public final class GuestVM: @unchecked Sendable {
             idt[2 * v] = (target & 0xffff) | (0x08 << 16) | ((0x8e | dpl << 5) << 40) | (((target >> 16) & 0xffff) << 48)
             idt[2 * v + 1] = target >> 32
         }
-        for v in 0..<32 { gate(v, image.trap_stubs_offset + UInt64(v) * UInt64(MEMVIRT_TRAP_STUB_SIZE), dpl: 0) }
+        for v in 0..<Int(MEMVIRT_TRAP_VECTORS) { gate(v, image.trap_stubs_offset + UInt64(v) * UInt64(MEMVIRT_TRAP_STUB_SIZE), dpl: 0) }
         try rt.write(array: idt, at: gpa(GuestLayout.idt))
         // TSS per vCPU: RSP0 = its kernel stack, I/O bitmap right after the header, all ports
         // allowed (zero bits; the guest's `out`s exit to us), then the 0xff terminator.
@@ -293,7 +315,8 @@ public final class GuestVM: @unchecked Sendable {
                     return o
                 case MEMVIRT_PORT_PING: o.pings += 1
                 case MEMVIRT_PORT_MARK: o.marks.append(monotonicNanoseconds())
-                case MEMVIRT_PORT_TRAP: throw KVMError.guest(try trapReport(v, vector: UInt8(truncatingIfNeeded: data)))
+                case MEMVIRT_PORT_VECTOR_BASE..<(MEMVIRT_PORT_VECTOR_BASE + MEMVIRT_TRAP_VECTORS):
+                    throw KVMError.guest(try trapReport(v, vector: UInt8(Int32(port) - MEMVIRT_PORT_VECTOR_BASE)))
                 default: throw KVMError.guest(.unknownPort(port: port, isWrite: true, size: 0, data: data))
                 }
             case .ioIn(let port, let size):
@@ -314,7 +337,7 @@ public final class GuestVM: @unchecked Sendable {
     }
 
     /// Reads the exception frame the CPU pushed on the vCPU's kernel stack.
-    private func trapReport(_ v: VirtualCPU, vector: UInt8) throws(KVMError) -> GuestFailure {
+    func trapReport(_ v: VirtualCPU, vector: UInt8) throws(KVMError) -> GuestFailure {
         let regs = try v.getRegs()
         let sregs = try v.getSregs()
         let hasCode: Set<UInt8> = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30]

@@ -66,6 +66,7 @@ public struct KVMCapability: Hashable, Sendable {
     public static let maxVCPUs = KVMCapability(rawValue: 66, name: "MAX_VCPUS")
     public static let nrMemslots = KVMCapability(rawValue: 10, name: "NR_MEMSLOTS")
     public static let xsave2 = KVMCapability(rawValue: 208, name: "XSAVE2")
+    public static let haltPoll = KVMCapability(rawValue: 182, name: "HALT_POLL")
 
     /// The capabilities `kvm probe` reports.
     public static let reported: [KVMCapability] = [

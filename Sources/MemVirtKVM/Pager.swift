@@ -1,6 +1,7 @@
 import CKVM
 import Histogram
 import MemVirtCore
+import MemVirtGuest
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,7 +15,22 @@ public struct PagerOptions: Sendable {
     public var readAhead = 0
     /// Directory of the page store (an unlinked O_TMPFILE).
     public var storeDirectory = "/tmp"
+    /// The store's service time: a fault whose page lives in the store is served no sooner
+    /// than this many nanoseconds after it arrived (a disk; faults overlap, as on a queue).
+    /// Zero-filled first touches are served at once.
+    public var storeDelayNanos: UInt64 = 0
+    /// What the store holds before the guest runs.
+    public var storeContent: StoreContent = .empty
     public init() {}
+
+    /// The page store's initial content.
+    public enum StoreContent: Sendable, Equatable {
+        /// Nothing: a page's first touch is zero-filled.
+        case empty
+        /// Every page, word at region offset o = memvirt_store_word(o, salt): the whole
+        /// region starts "swapped out" and every first touch is a store read.
+        case pattern(salt: UInt64)
+    }
 }
 
 /// What the pager did, with fault service times (HdrHistogram, nanoseconds).
@@ -63,7 +79,14 @@ public struct PagerReport: Sendable {
 /// Why eviction is race-free here: it happens only while serving a fault, and the runner
 /// allows a pager only with one vCPU. That vCPU is inside KVM's fault path (waiting on this
 /// userfaultfd, or about to) until the UFFDIO_COPY below, so no guest write can land between
-/// saving a page and dropping it. With several vCPUs this would need UFFDIO_WRITEPROTECT first.
+/// saving a page and dropping it. With several vCPUs a guest write racing with an eviction
+/// could be lost (it would need UFFDIO_WRITEPROTECT first): the async-PF benchmark, which
+/// runs several vCPUs, only reads its pager-backed memory and checks every word it reads.
+///
+/// With a store delay, faults wait in `pending` (arrival order = due order, the delay being
+/// constant) and the thread sleeps in ppoll until the first is due; a second message for a
+/// page already pending (KVM's async worker retrying, another vCPU) is not queued twice: the
+/// UFFDIO_COPY wakes every thread waiting on the page.
 /// KVM may send two messages for one fault (a FOLL_NOWAIT attempt, then the blocking one):
 /// the second finds the page resident and is only woken.
 public final class Pager: @unchecked Sendable {
@@ -81,6 +104,18 @@ public final class Pager: @unchecked Sendable {
     var residentCount = 0
     var thread: DedicatedThread?
     var failure: KVMError?
+    /// Faults waiting for the store's service time: (page, arrival nanoseconds).
+    var pending: [(page: Int, arrived: UInt64)] = []
+    var pendingHead = 0
+    var isPending: [Bool]
+    /// Faults queued but not yet served, published for other threads.
+    let outstandingCell: UnsafeMutablePointer<UInt32> = {
+        let p = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+        p.initialize(to: 0)
+        return p
+    }()
+    /// Faults waiting for the store's service time (safe to read from any thread).
+    public var outstanding: Int { Int(ckvm_load_acquire_u32(outstandingCell)) }
     let buffer: UnsafeMutableRawPointer
     var r = PagerReport(faults: 0, spurious: 0, zeroFills: 0, storeReads: 0, readAheadPages: 0, evictions: 0,
                         residentLimitPages: nil, peakResidentPages: 0,
@@ -110,15 +145,34 @@ public final class Pager: @unchecked Sendable {
         store = try FileDescriptor.open(options.storeDirectory, 0o20_200_000 | O_RDWR, mode: 0o600)
         resident = [Bool](repeating: false, count: pages)
         stored = [Bool](repeating: false, count: pages)
+        isPending = [Bool](repeating: false, count: pages)
         fifo = []
         fifo.reserveCapacity(pages)
         buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096 * (options.readAhead + 1), alignment: 4096)
         r.residentLimitPages = options.residentLimitPages
+        if case .pattern(let salt) = options.storeContent { try fillStore(salt: salt) }
+    }
+
+    /// Writes the pattern of every page into the store (1 MiB at a time).
+    private func fillStore(salt: UInt64) throws(KVMError) {
+        let chunk = 1 << 20
+        let buf = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buf.deallocate() }
+        let words = buf.assumingMemoryBound(to: UInt64.self)
+        var off: UInt64 = 0
+        while off < region.size {
+            let n = Int(min(UInt64(chunk), region.size - off))
+            for w in 0..<(n / 8) { words[w] = memvirt_store_word(off + UInt64(w) * 8, salt) }
+            if pwrite(store.raw, buf, n, off_t(off)) != n { throw KVMError.call("pwrite(page store)", lastErrno()) }
+            off += UInt64(n)
+        }
+        for p in 0..<pages { stored[p] = true }
     }
 
     deinit {
         stop()
         buffer.deallocate()
+        outstandingCell.deallocate()
     }
 
     /// Starts the pager thread.
@@ -144,10 +198,24 @@ public final class Pager: @unchecked Sendable {
         var fds = [pollfd(fd: uffd.raw, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD.raw, events: Int16(POLLIN), revents: 0)]
         let msgSize = 32
         var msgs = [UInt8](repeating: 0, count: msgSize * 64)
+        let delay = options.storeDelayNanos
         while failure == nil {
-            let n = poll(&fds, 2, -1)
-            if n < 0 { if errno == EINTR { continue }; failure = .call("poll(userfaultfd)", lastErrno()); return }
+            // Serve what is due, then sleep until the next is due or a message comes.
+            var timeout: Int64 = -1
+            while pendingHead < pending.count {
+                let (page, arrived) = pending[pendingHead]
+                let now = monotonicNanoseconds()
+                if arrived + delay > now { timeout = Int64(arrived + delay - now); break }
+                pendingHead += 1
+                isPending[page] = false
+                do { try serve(page: page, since: arrived) } catch { failure = error; return }
+            }
+            if pendingHead == pending.count && pendingHead > 0 { pending.removeAll(keepingCapacity: true); pendingHead = 0 }
+            ckvm_store_release_u32(outstandingCell, UInt32(pending.count - pendingHead))
+            let n = ckvm_ppoll_ns(&fds, 2, timeout)
+            if n < 0 { if n == -EINTR { continue }; failure = .call("ppoll(userfaultfd)", Errno(rawValue: -n)); return }
             if fds[1].revents != 0 { return }
+            if fds[0].revents == 0 { continue }
             let got = msgs.withUnsafeMutableBytes { read(uffd.raw, $0.baseAddress, $0.count) }
             let t0 = monotonicNanoseconds()
             if got < 0 {
@@ -160,16 +228,24 @@ public final class Pager: @unchecked Sendable {
                     (b[i * msgSize], b.loadUnaligned(fromByteOffset: i * msgSize + 16, as: UInt64.self))
                 }
                 guard event == UInt8(UFFD_EVENT_PAGEFAULT) else { continue }
-                do { try serve(address: address, since: t0) } catch { failure = error; return }
+                r.faults += 1
+                let base = region.hostAddress.rawValue
+                guard address >= base, address - base < region.size else { continue }
+                let page = Int((address - base) / 4096)
+                if delay > 0 && stored[page] && !resident[page] {
+                    if isPending[page] { r.spurious += 1; continue }
+                    isPending[page] = true
+                    pending.append((page, t0))
+                    ckvm_store_release_u32(outstandingCell, UInt32(pending.count - pendingHead))
+                    continue
+                }
+                do { try serve(page: page, since: t0) } catch { failure = error; return }
             }
         }
     }
 
-    private func serve(address: UInt64, since t0: UInt64) throws(KVMError) {
-        r.faults += 1
+    private func serve(page: Int, since t0: UInt64) throws(KVMError) {
         let base = region.hostAddress.rawValue
-        let page = Int((address - base) / 4096)
-        guard page >= 0, page < pages else { return }
         if resident[page] {
             r.spurious += 1
             var range = uffdio_range(start: base + UInt64(page) * 4096, len: 4096)

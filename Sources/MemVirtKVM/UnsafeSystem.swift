@@ -54,6 +54,13 @@ final class Mapping: @unchecked Sendable {
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
 
+/// Sleeps `nanos` nanoseconds (nanosleep(2), restarted on EINTR).
+public func usleepNanos(_ nanos: UInt64) {
+    var req = timespec(tv_sec: Int(nanos / 1_000_000_000), tv_nsec: Int(nanos % 1_000_000_000))
+    var rem = timespec()
+    while nanosleep(&req, &rem) != 0 && errno == EINTR { req = rem }
+}
+
 /// This process's resource usage (getrusage(RUSAGE_SELF)): all threads, vCPUs included.
 public struct ProcessUsage: Sendable {
     public var minorFaults: UInt64

@@ -143,6 +143,13 @@ public final class VirtualCPU: @unchecked Sendable {
         _ = try checked(ckvm_set_sregs(fd.raw, &r), "KVM_SET_SREGS")
     }
 
+    /// `KVM_SET_MP_STATE` (KVM_MP_STATE_RUNNABLE = 0: a secondary vCPU with an in-kernel
+    /// irqchip starts waiting for INIT/SIPI otherwise).
+    public func setMPState(_ state: UInt32) throws(KVMError) {
+        var mp = kvm_mp_state(mp_state: state)
+        _ = try checked(ckvm_set_mp_state(fd.raw, &mp), "KVM_SET_MP_STATE(\(state))")
+    }
+
     /// `KVM_GET_MSRS` for `indices`; MSRs KVM refuses are left out.
     public func getMSRs(_ indices: [UInt32]) throws(KVMError) -> [(UInt32, UInt64)] {
         if indices.isEmpty { return [] }

@@ -71,6 +71,16 @@ public final class VirtualMachine: @unchecked Sendable {
         hasIRQChip = true
     }
 
+    /// `KVM_ENABLE_CAP(KVM_CAP_HALT_POLL, 0)`: a halted vCPU sleeps at once instead of polling
+    /// for up to halt_poll_ns (200 us by default), which would hide (or fake) overlap.
+    public func disableHaltPolling() throws(KVMError) {
+        guard kvm.check(.haltPoll) > 0 else { throw KVMError.unavailable("KVM_CAP_HALT_POLL is not supported") }
+        var cap = kvm_enable_cap()
+        cap.cap = UInt32(KVMCapability.haltPoll.rawValue)
+        cap.args.0 = 0
+        _ = try checked(ckvm_enable_cap(fd.raw, &cap), "KVM_ENABLE_CAP(KVM_CAP_HALT_POLL, 0)")
+    }
+
     /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, bytes)`: a dirty ring of `bytes` per vCPU.
     /// Must come before the first vCPU.
     public func enableDirtyRing(bytes: Int) throws(KVMError) {

@@ -15,6 +15,8 @@
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
+#include <time.h>
 
 #define CKVM_CALL(expr) do { int r_ = (expr); return r_ < 0 ? -errno : r_; } while (0)
 
@@ -85,3 +87,10 @@ static inline void ckvm_store_release_u32(uint32_t *p, uint32_t v) { __atomic_st
 
 // Added: the XSAVE2 request (larger XSAVE areas, AMX).
 static inline int ckvm_get_xsave2(int vcpu, struct kvm_xsave *x) { CKVM_CALL(ioctl(vcpu, KVM_GET_XSAVE2, x)); }
+
+// ppoll(2) with a nanosecond timeout (< 0: none), through syscall(2) so no feature macro is needed.
+static inline int ckvm_ppoll_ns(struct pollfd *fds, unsigned long n, int64_t ns) {
+    struct timespec ts = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
+    CKVM_CALL((int)syscall(SYS_ppoll, fds, n, ns < 0 ? NULL : &ts, NULL, (size_t)8));
+}
+static inline int ckvm_uffdio_writeprotect(int uffd, struct uffdio_writeprotect *w) { CKVM_CALL(ioctl(uffd, UFFDIO_WRITEPROTECT, w)); }

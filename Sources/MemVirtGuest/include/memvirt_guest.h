@@ -7,9 +7,12 @@
 // mailbox and reports with `out` to MEMVIRT_PORT_DONE (32-bit value = status). The VMM may
 // then write a new command and resume: the guest loops back and reads it.
 //
-// The CPL0 part is a table of 16-byte trap stubs, one per vector 0...31, each
-// `mov $vector, %al; out %al, $MEMVIRT_PORT_TRAP`: any exception ends at the VMM at once
-// (two emulated instructions), which reads the frame from the vCPU's kernel stack. One more
+// The CPL0 part is a table of 16-byte trap stubs, one per vector 0...47, each
+// `out %al, $(MEMVIRT_PORT_VECTOR_BASE + vector)`: any exception or interrupt ends at the VMM
+// at once (one emulated instruction, no register changed), which reads the frame from the
+// vCPU's kernel stack. Vectors 32... are the interrupts of the VMM-side scheduler (LAPIC timer,
+// async-PF "page ready"); `memvirt_guest_idle` (sti; hlt) is where a vCPU with no runnable
+// guest thread waits for one. One more
 // CPL0 routine, `memvirt_guest_cpl0_loop`, is entered directly by the VMM (it counts %rcx
 // down, then exits through MEMVIRT_PORT_MARK) to time CPL0 instructions for `kvm probe`.
 // (Software interrupts from CPL3 are not used: kvm_pvm answers `int n` with #UD.)
@@ -20,7 +23,13 @@
 #define MEMVIRT_PORT_DONE 0x10
 #define MEMVIRT_PORT_PING 0x11
 #define MEMVIRT_PORT_MARK 0x12
-#define MEMVIRT_PORT_TRAP 0x1f
+/// Trap stubs: `out` to MEMVIRT_PORT_VECTOR_BASE + vector (0...47).
+#define MEMVIRT_PORT_VECTOR_BASE 0xc0
+#define MEMVIRT_TRAP_VECTORS 48
+/// The LAPIC timer's vector (the scheduler's time slice).
+#define MEMVIRT_VECTOR_TIMER 32
+/// The async-PF "page ready" vector (MSR_KVM_ASYNC_PF_INT).
+#define MEMVIRT_VECTOR_APF_READY 33
 /// A port no device answers (the unknown-port test).
 #define MEMVIRT_PORT_UNKNOWN 0x1234
 
@@ -44,7 +53,23 @@ enum memvirt_command {
     /// Write `count` at GVA `list` (the VMM passes this vCPU's TSS.RSP0 and an unmapped
     /// address), then ud2: every exception delivery faults, a triple fault.
     MEMVIRT_CMD_TRIPLE_FAULT = 9,
+    /// Forever: `counter` += 1 (the working thread of the async-PF benchmark).
+    MEMVIRT_CMD_COUNT = 10,
+    /// Forever: read a uniformly random word w of [base, base + footprint) (SplitMix64 from
+    /// `rng_state`), compare it with memvirt_store_word(w) (`salt`), count the read in
+    /// `done_accesses` and a difference in `mismatches` (the faulting thread).
+    MEMVIRT_CMD_RANDOM_READ = 11,
+    /// `accesses` times: write word `i mod (footprint/8)` := v(i), for ever more (a writer
+    /// for migration: each pass over the footprint adds 1 to `passes`), then reports DONE;
+    /// `accesses` = 0 runs forever. Between writes, `compute` adds (sets the write rate).
+    MEMVIRT_CMD_WRITE_PASSES = 12,
 };
+
+/// The word the page store holds at byte offset `off` of the data area (the faulting
+/// thread's oracle).
+static inline uint64_t memvirt_store_word(uint64_t off, uint64_t salt) {
+    return (off * 0x9E3779B97F4A7C15ull) ^ salt ^ 0x5bd1e995ull;
+}
 
 enum memvirt_status { MEMVIRT_STATUS_OK = 0, MEMVIRT_STATUS_BAD_COMMAND = 1 };
 
@@ -81,7 +106,12 @@ struct memvirt_mailbox {
     uint64_t writes;
     uint64_t read_sum;
     uint64_t memory_checksum;
-    uint64_t reserved_out[10];
+    uint64_t counter;         // COUNT: increments
+    uint64_t mismatches;      // RANDOM_READ: words that differed from the store's
+    uint64_t passes;          // WRITE_PASSES: completed passes over the footprint
+    uint64_t tsc_last;        // WRITE_PASSES: rdtsc at the last write
+    uint64_t tsc_max_gap;     // WRITE_PASSES: the largest gap between two writes, TSC ticks
+    uint64_t reserved_out[5];
 };
 
 /// Where the guest image sits in this binary: copy `size` bytes from `start` to a guest
@@ -92,6 +122,7 @@ struct memvirt_guest_image {
     uint64_t entry_offset;      // memvirt_guest_main(struct memvirt_mailbox *)
     uint64_t trap_stubs_offset; // stub for vector v at trap_stubs_offset + 16 * v (v < 32)
     uint64_t cpl0_loop_offset;  // memvirt_guest_cpl0_loop
+    uint64_t idle_offset;       // memvirt_guest_idle
 };
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out);

@@ -1,0 +1,383 @@
+import CKVM
+import MemVirtCore
+import MemVirtGuest
+
+/// MSRs the guest kernel logic writes from the VMM (KVM_SET_MSRS). x2APIC registers are
+/// MSRs 0x800 + (xAPIC offset >> 4); the KVM ones are from Documentation/virt/kvm/x86/msr.rst.
+enum GuestMSR {
+    static let apicBase: UInt32 = 0x1b
+    static let x2apicTPR: UInt32 = 0x808
+    static let x2apicEOI: UInt32 = 0x80b
+    static let x2apicSVR: UInt32 = 0x80f
+    static let x2apicLVTTimer: UInt32 = 0x832
+    static let x2apicTimerInitial: UInt32 = 0x838
+    static let x2apicTimerDivide: UInt32 = 0x83e
+    /// MSR_KVM_ASYNC_PF_EN: 64-byte aligned area | enable (bit 0) | deliver "page ready" as an
+    /// interrupt (bit 3). Without bit 1 (SEND_ALWAYS) KVM sends "page not present" only at CPL3.
+    static let asyncPFEnable: UInt32 = 0x4b56_4d02
+    /// MSR_KVM_ASYNC_PF_INT: the "page ready" vector. Written before MSR_KVM_ASYNC_PF_EN.
+    static let asyncPFInterrupt: UInt32 = 0x4b56_4d06
+    /// MSR_KVM_ASYNC_PF_ACK: 1 = the token slot is free again, send the next "page ready".
+    static let asyncPFAck: UInt32 = 0x4b56_4d07
+}
+
+/// How the VMM-side guest kernel schedules guest threads.
+public struct GuestKernelOptions: Sendable {
+    /// The LAPIC timer period: a thread runs at most this long before the next one in line.
+    public var timeSliceNanos: UInt64 = 4_000_000
+    /// Enable KVM's asynchronous page faults: a thread whose page KVM cannot map at once is
+    /// parked on "page not present" and woken on "page ready"; without, the vCPU waits in KVM.
+    public var asyncPF = false
+    public init() {}
+}
+
+/// One guest thread: the vCPU it is bound to and its command (in its own mailbox).
+public struct GuestThreadSpec: Sendable {
+    public var vcpu: Int
+    public var mailbox: memvirt_mailbox
+    public init(vcpu: Int, mailbox: memvirt_mailbox) {
+        self.vcpu = vcpu
+        self.mailbox = mailbox
+    }
+}
+
+/// What one vCPU's scheduler did.
+public struct VCPUSchedulerReport: Sendable {
+    public var vcpu: Int
+    /// KVM_RUN returns handled.
+    public var exits: UInt64 = 0
+    public var timerTicks: UInt64 = 0
+    /// Thread switches (a different thread, or idle, after an exit).
+    public var switches: UInt64 = 0
+    /// "Page not present": a #PF with the async-PF flag set; the thread was parked.
+    public var apfNotPresent: UInt64 = 0
+    /// "Page ready" interrupts (a parked thread woken), wake-all broadcasts included.
+    public var apfReady: UInt64 = 0
+    /// "Page ready" with token 0xffffffff (wake all): after enabling, and when KVM flushes.
+    public var apfWakeAll: UInt64 = 0
+    /// "Page ready" whose token matched no parked thread.
+    public var apfUnmatched: UInt64 = 0
+    /// Times the vCPU had no runnable thread and went idle (hlt at CPL0).
+    public var idleEntries: UInt64 = 0
+    /// Nanoseconds spent idle.
+    public var idleNanos: UInt64 = 0
+    /// Nanoseconds the VMM spent handling exits (between KVM_RUN returns and re-entries).
+    public var handlingNanos: UInt64 = 0
+    /// Nanoseconds threads spent parked, "page not present" to "page ready" (summed).
+    public var parkedNanos: UInt64 = 0
+    /// Nanoseconds from a thread's wake-up to its next "page not present" (summed).
+    public var runToFaultNanos: UInt64 = 0
+
+    public var json: JSONValue {
+        .object([
+            ("vcpu", .int(Int64(vcpu))), ("exits", .uint(exits)), ("timer_ticks", .uint(timerTicks)), ("switches", .uint(switches)),
+            ("apf_not_present", .uint(apfNotPresent)), ("apf_ready", .uint(apfReady)), ("apf_wake_all", .uint(apfWakeAll)),
+            ("apf_unmatched", .uint(apfUnmatched)), ("idle_entries", .uint(idleEntries)),
+            ("idle_ms", .double(Double(idleNanos / 1000) / 1000)), ("vmm_handling_ms", .double(Double(handlingNanos / 1000) / 1000)),
+            ("parked_us_mean", .double(apfNotPresent == 0 ? 0 : (Double(parkedNanos) / Double(apfNotPresent) / 1e3).rounded())),
+            ("run_to_fault_us_mean", .double(apfReady <= apfWakeAll ? 0 : (Double(runToFaultNanos) / Double(apfReady - apfWakeAll) / 1e3).rounded())),
+        ])
+    }
+}
+
+/// A guest kernel whose logic lives in the VMM, because CPL0 code is emulated on this host
+/// (kvm_pvm: ~1.2 us an instruction). The guest's CPL0 part is only the one-instruction
+/// stubs: every exception and interrupt exits to here at once, and this scheduler saves the
+/// interrupted thread's registers (GPRs from KVM_GET_REGS, rip/rsp/rflags from the frame the
+/// CPU pushed on the kernel stack), picks the next thread and loads it (KVM_SET_REGS, then
+/// KVM_SET_SREGS for the CPL3 segments: KVM_SET_REGS does not change the privilege level).
+///
+/// Per vCPU: x2APIC on (so EOI is one KVM_SET_MSRS from here), the LAPIC timer periodic at the
+/// time slice, and optionally async PF: MSR_KVM_ASYNC_PF_INT then MSR_KVM_ASYNC_PF_EN (needs
+/// the in-kernel irqchip, or KVM silently refuses both). Events:
+/// - timer: EOI; the running thread goes to the back of the run queue.
+/// - #PF with flags = 1 in the vCPU's async-PF area: "page not present", token = CR2; the
+///   thread is parked on the token (flags reset to 0), another runs (or the vCPU idles).
+/// - "page ready" interrupt: token from the area, slot zeroed, EOI, MSR_KVM_ASYNC_PF_ACK;
+///   the parked thread (all of them for 0xffffffff) runs next, ahead of the interrupted one.
+/// - any other exception: the guest is stopped with a report, as `GuestVM.execute` does.
+public final class GuestKernel: @unchecked Sendable {
+    public let g: GuestVM
+    public let options: GuestKernelOptions
+    let threads: [GuestThreadSpec]
+    let stopFlag: UnsafeMutablePointer<UInt32>
+
+    public init(vm g: GuestVM, threads: [GuestThreadSpec], options: GuestKernelOptions) throws(KVMError) {
+        guard g.vm.hasIRQChip else { throw KVMError.invalid("the guest kernel needs the in-kernel irqchip (GuestConfig.irqchip)") }
+        guard threads.count <= g.layout.threadCapacity else {
+            throw KVMError.invalid("\(threads.count) guest threads, room for \(g.layout.threadCapacity) (GuestConfig.threads)")
+        }
+        guard options.timeSliceNanos >= 100_000, options.timeSliceNanos <= 1_000_000_000 else {
+            throw KVMError.invalid("time slice \(options.timeSliceNanos) ns: use 100us...1s")
+        }
+        for t in threads where t.vcpu < 0 || t.vcpu >= g.vcpus.count {
+            throw KVMError.invalid("guest thread bound to vCPU \(t.vcpu); the VM has \(g.vcpus.count)")
+        }
+        if options.asyncPF {
+            guard g.kvm.check(.asyncPF) > 0, g.kvm.check(.asyncPFInt) > 0 else {
+                throw KVMError.unavailable("KVM_CAP_ASYNC_PF / KVM_CAP_ASYNC_PF_INT not supported")
+            }
+        }
+        self.g = g
+        self.options = options
+        self.threads = threads
+        stopFlag = .allocate(capacity: 1)
+        stopFlag.initialize(to: 0)
+        for (t, spec) in threads.enumerated() {
+            try g.runtime.store(spec.mailbox, at: GuestPhysicalAddress(rawValue: g.layout.threadMailbox(t)))
+        }
+        for v in g.vcpus { try setUp(v) }
+    }
+
+    deinit { stopFlag.deallocate() }
+
+    private func setUp(_ v: VirtualCPU) throws(KVMError) {
+        // x2APIC (bit 10) and enabled (bit 11); bit 8 marks the bootstrap processor.
+        let base: UInt64 = 0xFEE0_0000 | 0xC00 | (v.id == 0 ? 0x100 : 0)
+        guard try v.setMSRs([(GuestMSR.apicBase, base)]) == 1 else {
+            throw KVMError.unavailable("KVM refused x2APIC mode (IA32_APIC_BASE = 0x\(String(base, radix: 16)))")
+        }
+        let timer: [(UInt32, UInt64)] = [
+            (GuestMSR.x2apicSVR, 0x1ff),  // software-enable, spurious vector 0xff
+            (GuestMSR.x2apicTPR, 0),
+            (GuestMSR.x2apicTimerDivide, 0xb),  // divide by 1: KVM's APIC bus ticks once a nanosecond
+            (GuestMSR.x2apicLVTTimer, UInt64(MEMVIRT_VECTOR_TIMER) | 1 << 17),  // periodic
+            (GuestMSR.x2apicTimerInitial, options.timeSliceNanos),
+        ]
+        let n = try v.setMSRs(timer)
+        guard n == timer.count else {
+            throw KVMError.unavailable("KVM refused x2APIC MSR 0x\(String(timer[n].0, radix: 16)) from the VMM")
+        }
+        if v.id > 0 { try v.setMPState(0) }  // KVM_MP_STATE_RUNNABLE
+        if options.asyncPF {
+            let area = GuestLayout.apfArea(v.id)
+            try g.runtime.write(array: [UInt64](repeating: 0, count: 9), at: GuestPhysicalAddress(rawValue: area))
+            guard try v.setMSRs([(GuestMSR.asyncPFInterrupt, UInt64(MEMVIRT_VECTOR_APF_READY))]) == 1,
+                  try v.setMSRs([(GuestMSR.asyncPFEnable, area | 1 | 8)]) == 1 else {
+                throw KVMError.unavailable("KVM refused the async-PF MSRs (MSR_KVM_ASYNC_PF_INT, MSR_KVM_ASYNC_PF_EN)")
+            }
+        }
+    }
+
+    /// Asks every vCPU to stop at its next exit (the timer makes one every slice).
+    public func requestStop() { ckvm_store_release_u32(stopFlag, 1) }
+    var stopRequested: Bool { ckvm_load_acquire_u32(stopFlag) != 0 }
+
+    /// Runs every vCPU on its own dedicated thread until `nanos` have passed (or every thread
+    /// reported DONE, or `requestStop`); the caller's thread waits.
+    public func run(forNanos nanos: UInt64) throws(KVMError) -> [VCPUSchedulerReport] {
+        let deadline = monotonicNanoseconds() + nanos
+        let boxes = g.vcpus.map { _ in ResultBox<VCPUSchedulerReport>() }
+        var pthreads: [DedicatedThread] = []
+        for (i, box) in boxes.enumerated() {
+            let mine = threads.enumerated().filter { $0.element.vcpu == i }.map { $0.offset }
+            pthreads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") { [self] in
+                do {
+                    var s = try VCPUScheduler(kernel: self, vcpu: g.vcpus[i], threads: mine)
+                    box.value = .success(try s.run(deadline: deadline))
+                } catch let e as KVMError {
+                    box.value = .failure(e)
+                    requestStop()
+                } catch {}
+            })
+        }
+        for t in pthreads { t.join() }
+        return try boxes.map { (b) throws(KVMError) in try b.value!.get() }
+    }
+
+    /// Guest thread `t`'s mailbox now.
+    public func mailbox(_ t: Int) throws(KVMError) -> memvirt_mailbox {
+        try g.runtime.load(memvirt_mailbox.self, at: GuestPhysicalAddress(rawValue: g.layout.threadMailbox(t)))
+    }
+}
+
+/// One vCPU's scheduler state; lives on that vCPU's thread.
+struct VCPUScheduler {
+    enum State: Equatable { case runnable, parked(token: UInt32), done }
+    let kernel: GuestKernel
+    let v: VirtualCPU
+    let ids: [Int]
+    var regs: [kvm_regs]
+    var state: [State]
+    var runQueue: [Int] = []
+    var current: Int? = nil
+    let userSregs: kvm_sregs
+    let kernelSregs: kvm_sregs
+    let idleRegs: kvm_regs
+    var report: VCPUSchedulerReport
+    var idleSince: UInt64 = 0
+    var parkedAt: [UInt64]
+    var wokenAt: [UInt64]
+
+    init(kernel: GuestKernel, vcpu v: VirtualCPU, threads ids: [Int]) throws(KVMError) {
+        self.kernel = kernel
+        self.v = v
+        self.ids = ids
+        let g = kernel.g
+        let entry = GuestLayout.image + g.image.entry_offset
+        regs = ids.map { t in
+            var r = kvm_regs()
+            r.rip = entry
+            r.rsp = g.layout.threadStack(t)
+            r.rdi = g.layout.threadMailbox(t)
+            r.rflags = 0x202  // IF: the timer and "page ready" reach CPL3 code
+            return r
+        }
+        state = ids.map { _ in .runnable }
+        parkedAt = ids.map { _ in 0 }
+        wokenAt = ids.map { _ in 0 }
+        runQueue = Array(ids.indices)
+        // Taken after the x2APIC switch: KVM_SET_SREGS also sets IA32_APIC_BASE from apic_base.
+        var s = try v.getSregs()
+        s.interrupt_bitmap = (0, 0, 0, 0)
+        userSregs = s
+        var k = s
+        k.cs = kvm_segment(base: 0, limit: 0xffff_ffff, selector: 0x08, type: 11, present: 1, dpl: 0, db: 0, s: 1, l: 1, g: 1, avl: 0, unusable: 0, padding: 0)
+        let d = kvm_segment(base: 0, limit: 0xffff_ffff, selector: 0x10, type: 3, present: 1, dpl: 0, db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0, padding: 0)
+        k.ss = d; k.ds = d; k.es = d
+        kernelSregs = k
+        var idle = kvm_regs()
+        idle.rip = GuestLayout.image + g.image.idle_offset
+        idle.rsp = GuestLayout.kernelStack(v.id) - 256
+        idle.rflags = 0x2
+        idleRegs = idle
+        report = VCPUSchedulerReport(vcpu: v.id)
+    }
+
+    mutating func run(deadline: UInt64) throws(KVMError) -> VCPUSchedulerReport {
+        try dispatch()
+        loop: while true {
+            let exit = try v.runOnce()
+            let t0 = monotonicNanoseconds()
+            report.exits += 1
+            if current == nil && idleSince > 0 { report.idleNanos += t0 - idleSince; idleSince = 0 }
+            if t0 >= deadline || kernel.stopRequested { break loop }
+            switch exit {
+            case .ioOut(let port, _, let data):
+                let p = Int32(port)
+                if p >= MEMVIRT_PORT_VECTOR_BASE && p < MEMVIRT_PORT_VECTOR_BASE + MEMVIRT_TRAP_VECTORS {
+                    try vector(UInt8(p - MEMVIRT_PORT_VECTOR_BASE))
+                } else if p == MEMVIRT_PORT_DONE, let cur = current {
+                    if data != UInt64(MEMVIRT_STATUS_OK.rawValue) { throw KVMError.guest(.badStatus(data)) }
+                    state[cur] = .done
+                    current = nil
+                    if !state.contains(where: { $0 != .done }) { break loop }
+                    try dispatch()
+                } else if p == MEMVIRT_PORT_PING || p == MEMVIRT_PORT_MARK {
+                    // A thread's own marks: nothing to schedule.
+                } else {
+                    throw KVMError.guest(.unknownPort(port: port, isWrite: true, size: 0, data: data))
+                }
+            case .interrupted: break
+            case .ioIn(let port, let size): throw KVMError.guest(.unknownPort(port: port, isWrite: false, size: size, data: 0))
+            case .mmio(let a, let w, let l): throw KVMError.guest(.outsideMemory(address: a, isWrite: w, length: l))
+            case .shutdown: throw KVMError.guest(.tripleFault(rip: (try? v.getRegs().rip) ?? 0))
+            case .halt: throw KVMError.guest(.unexpectedHalt(rip: (try? v.getRegs().rip) ?? 0))
+            case .failEntry(let r): throw KVMError.guest(.failEntry(reason: r))
+            case .internalError(let s): throw KVMError.guest(.internalError(suberror: s))
+            case .dirtyRingFull: throw KVMError.invalid("dirty ring full under the guest kernel (not supported)")
+            case .other(let r): throw KVMError.guest(.unexpectedExit(reason: r))
+            }
+            report.handlingNanos += monotonicNanoseconds() - t0
+        }
+        if current == nil && idleSince > 0 { report.idleNanos += monotonicNanoseconds() - idleSince }
+        return report
+    }
+
+    /// An exception or interrupt reached stub `vec`: the vCPU is at CPL0 in the stub, the
+    /// interrupted context's frame on the stack.
+    mutating func vector(_ vec: UInt8) throws(KVMError) {
+        let g = kernel.g
+        var r = try v.getRegs()
+        let hasCode: Set<UInt8> = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30]
+        var sp = r.rsp
+        var code: UInt64? = nil
+        func load(_ a: UInt64) throws(KVMError) -> UInt64 { try g.runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: a)) }
+        if hasCode.contains(vec) { code = try load(sp); sp += 8 }
+        let rip = try load(sp), cs = try load(sp + 8), rflags = try load(sp + 16), rsp = try load(sp + 24)
+        let fromUser = cs & 3 == 3
+        if vec < 32 && !fromUser {
+            // An exception in our own CPL0 code (idle loop, stub): a bug or a broken guest.
+            throw KVMError.guest(.exception(vector: vec, errorCode: code, rip: rip, cr2: (try? v.getSregs().cr2) ?? 0))
+        }
+        if fromUser, let cur = current {
+            r.rip = rip
+            r.rsp = rsp
+            r.rflags = rflags
+            regs[cur] = r
+        }
+        let area = GuestPhysicalAddress(rawValue: GuestLayout.apfArea(v.id))
+        switch Int32(vec) {
+        case 14:
+            let flags = kernel.options.asyncPF ? try g.runtime.load(UInt32.self, at: area) : 0
+            let cr2 = try v.getSregs().cr2
+            guard flags & 1 != 0, let cur = current else {
+                throw KVMError.guest(.exception(vector: vec, errorCode: code, rip: rip, cr2: cr2))
+            }
+            try g.runtime.store(UInt32(0), at: area)
+            state[cur] = .parked(token: UInt32(truncatingIfNeeded: cr2))
+            let now = monotonicNanoseconds()
+            parkedAt[cur] = now
+            if wokenAt[cur] > 0 { report.runToFaultNanos += now - wokenAt[cur]; wokenAt[cur] = 0 }
+            current = nil
+            report.apfNotPresent += 1
+        case MEMVIRT_VECTOR_TIMER:
+            report.timerTicks += 1
+            try eoi()
+            if let cur = current {
+                runQueue.append(cur)
+                current = nil
+            }
+        case MEMVIRT_VECTOR_APF_READY:
+            let tokenAt = area.advanced(by: 4)
+            let token = try g.runtime.load(UInt32.self, at: tokenAt)
+            try g.runtime.store(UInt32(0), at: tokenAt)
+            try eoi()
+            guard try v.setMSRs([(GuestMSR.asyncPFAck, 1)]) == 1 else { throw KVMError.invalid("KVM refused MSR_KVM_ASYNC_PF_ACK") }
+            report.apfReady += 1
+            var woken: [Int] = []
+            for i in state.indices {
+                if case .parked(let t) = state[i], token == 0xffff_ffff || t == token {
+                    state[i] = .runnable
+                    woken.append(i)
+                    let now = monotonicNanoseconds()
+                    report.parkedNanos += now - parkedAt[i]
+                    wokenAt[i] = now
+                }
+            }
+            if token == 0xffff_ffff { report.apfWakeAll += 1 } else if woken.isEmpty { report.apfUnmatched += 1 }
+            // The woken thread runs next (it waited for its page); the interrupted one after it.
+            if let cur = current { runQueue.insert(cur, at: 0); current = nil }
+            runQueue.insert(contentsOf: woken, at: 0)
+        default:
+            if vec < 32 { throw KVMError.guest(.exception(vector: vec, errorCode: code, rip: rip, cr2: 0)) }
+            throw KVMError.guest(.unexpectedExit(reason: UInt32(vec)))
+        }
+        try dispatch()
+    }
+
+    mutating func eoi() throws(KVMError) {
+        guard try v.setMSRs([(GuestMSR.x2apicEOI, 0)]) == 1 else { throw KVMError.invalid("KVM refused the x2APIC EOI from the VMM") }
+    }
+
+    /// Loads the next runnable thread (the current one if it may go on), or the idle loop.
+    mutating func dispatch() throws(KVMError) {
+        let before = current
+        if current == nil {
+            while !runQueue.isEmpty {
+                let c = runQueue.removeFirst()
+                if state[c] == .runnable { current = c; break }
+            }
+        }
+        if let cur = current {
+            try v.setRegs(regs[cur])
+            try v.setSregs(userSregs)
+        } else {
+            try v.setRegs(idleRegs)
+            try v.setSregs(kernelSregs)
+            report.idleEntries += 1
+            idleSince = monotonicNanoseconds()
+        }
+        if before != current || before == nil { report.switches += 1 }
+    }
+}
