@@ -7,7 +7,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
     case accesses, reads, writes, fetches
     case tlbHits, tlbMisses, l1TLBHits, l2TLBHits
     case walks, walkMemoryRefs, faultedWalkRefs, walkCacheHits, accessedDirtyWrites, walkRetries
-    case guestPageFaults, guestDemandZeroFaults, guestCopyOnWriteFaults
+    case guestPageFaults, guestDemandZeroFaults, guestCopyOnWriteFaults, guestMajorFaults
     case guestPageTablePages
     // KVM vCPU stats.
     case pfTaken, pfFixed, pfEmulate, pfSpurious, pfFast, pfMmioSpteCreated, pfGuest
@@ -41,6 +41,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
         case .guestPageFaults: "guest_page_faults"
         case .guestDemandZeroFaults: "guest_demand_zero_faults"
         case .guestCopyOnWriteFaults: "guest_cow_faults"
+        case .guestMajorFaults: "guest_major_faults"
         case .guestPageTablePages: "guest_page_table_pages"
         case .pfTaken: "pf_taken"
         case .pfFixed: "pf_fixed"
@@ -103,6 +104,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
         case .guestPageFaults: "page faults delivered to the guest kernel, in any paging mode"
         case .guestDemandZeroFaults: "guest faults fixed by mapping a fresh zeroed frame"
         case .guestCopyOnWriteFaults: "guest faults fixed by copying a shared frame"
+        case .guestMajorFaults: "guest faults that read the page from the guest's disk (hard faults)"
         case .guestPageTablePages: "guest page-table pages allocated"
         case .pfTaken: "KVM: page faults the hypervisor handled (shadow faults, EPT violations)"
         case .pfFixed: "KVM: faults fixed by the hypervisor by installing a shadow/EPT entry (a hidden fault)"

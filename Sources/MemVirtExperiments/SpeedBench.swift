@@ -15,7 +15,7 @@ public struct SpeedBench: Sendable {
         /// Footprint of the walking stream.
         public var walkFootprint: ByteCount = .mib(4)
         /// Paging modes to time on the TLB-hit stream (native always).
-        public var modes: [PagingKind] = [.native]
+        public var modes: [PagingKind] = [.native, .shadow, .nested]
         public var seed: UInt64 = 1
         public init() {}
     }

@@ -23,6 +23,15 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("host-levels"), help: "Host (EPT) paging levels: 4 or 5.")
     var hostLevels: Int?
 
+    @Option(name: .long, help: "Cost preset: bare-metal, vmx-ept (default) or pvm-shadow (this host's kvm_pvm).")
+    var costs: String?
+
+    @Option(name: .customLong("shadow-max-pages"), help: "Shadow MMU: shadow pages before recycling (default: 2% of guest pages).")
+    var shadowMaxPages: Int?
+
+    @Flag(name: .customLong("no-unsync"), help: "Shadow MMU: emulate every write to a shadowed table (no unsync leaf tables).")
+    var noUnsync = false
+
     @Flag(name: .customLong("no-tlb"), help: "Run without TLBs and paging-structure caches (every access walks).")
     var noTLB = false
 
@@ -56,6 +65,16 @@ struct RunCommand: ParsableCommand {
             guard l == 4 || l == 5 else { throw ValidationError("host levels \(l): use 4 or 5") }
             config.hostLevels = l
         }
+        let costName = try costs ?? workload.platformValue("costs") ?? "vmx-ept"
+        guard let preset = CostModel.presets[costName] else {
+            throw ValidationError("costs '\(costName)': use \(CostModel.presets.keys.sorted().joined(separator: ", "))")
+        }
+        config.costs = preset
+        if let n = shadowMaxPages {
+            guard n >= 8 else { throw ValidationError("shadow-max-pages \(n): at least 8") }
+            config.shadow.maxShadowPages = n
+        }
+        if noUnsync { config.shadow.unsync = false }
         if noTLB { config.tlb = .none }
         if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }
         let progress = ProgressReporter(enabled: !quiet && !json || !quiet && isatty(2) != 0)

@@ -78,6 +78,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     var demandZero: UInt64 = 0
     var chargedAccesses: UInt64 = 0
     var cowFaults: UInt64 = 0
+    var majorFaults: UInt64 = 0
     var chargedL2Hits: UInt64 = 0
     /// The most references one completed walk made.
     public internal(set) var maxWalkRefs = 0
@@ -199,6 +200,17 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
                 case .demandZero(let size, let tablePages):
                     demandZero &+= 1
                     cpu.ledger.charge(.guestFaults, costs.demandZero(size) + Double(tablePages) * costs.guestPageTablePage)
+                case .major(let size, let tablePages):
+                    majorFaults &+= 1
+                    cpu.ledger.charge(.guestFaults, costs.demandZero(size) + Double(tablePages) * costs.guestPageTablePage)
+                    cpu.ledger.charge(.diskIO, costs.diskRead4K * Double(size.frames))
+                    if !(mode is NativePaging) {
+                        // virtio notify (an emulated I/O exit) and the completion interrupt.
+                        cpu.counters.add(.exits, UInt64(costs.exitsPerDiskIO))
+                        cpu.counters.add(.ioExits, 1)
+                        cpu.ledger.charge(.vmExits, costs.vmExitRoundTrip * costs.exitsPerDiskIO)
+                        cpu.ledger.charge(.emulation, costs.instructionEmulation)
+                    }
                 case .copyOnWrite(let copied):
                     cowFaults &+= 1
                     cpu.ledger.charge(.guestFaults, copied ? costs.guestDemandZero4K : costs.guestExceptionRoundTrip)
@@ -248,6 +260,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         c[.guestPageFaults] = guestFaults
         c[.guestDemandZeroFaults] = demandZero
         if cowFaults > 0 { c[.guestCopyOnWriteFaults] = cowFaults }
+        if majorFaults > 0 { c[.guestMajorFaults] = majorFaults }
         c[.guestPageTablePages] = kernel.tablePagesAllocated
         if fetches == 0 { c.markNotApplicable([.fetches]) }
         cpu.counters = c

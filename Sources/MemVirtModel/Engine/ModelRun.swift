@@ -24,6 +24,8 @@ public struct ModelConfig: Sendable {
     public var hostPageSize: PageSize = .size4K
     /// Host (EPT) paging levels: 4 or 5.
     public var hostLevels = 4
+    /// The workload's memory is a file on the guest's disk: first touches are hard faults.
+    public var fileBacked = false
     /// Shadow MMU options (unsync, flood threshold, shadow-page limit).
     public var shadow = ShadowPaging.Options()
     public init() {}
@@ -109,13 +111,13 @@ public enum ModelEngine {
     /// Runs the fork/exec/exit loop and reports it in the run shape.
     public static func runProcessChurn(_ spec: ProcessChurnSpec, config: ModelConfig) throws -> RunResult {
         let clock = WallClock()
-        return try withMachine(config: config, capacity: 4 << 30, MachineBody { m in
+        return try withMachine(config: config, capacity: 8 << 30, MachineBody { m in
             try m.runProcessChurn(spec)
             let counters = m.finish()
             var workload = WorkloadSpec(pattern: .uniform, footprint: ByteCount(UInt64(spec.parentPages) * 4096), accesses: 0, seed: spec.seed)
             workload.accesses = counters[.accesses]
             return RunResult(
-                engine: "model", paging: m.mode.name, pageSize: .size4K, workload: workload, counters: counters,
+                engine: "model", paging: m.mode.name, pageSize: spec.pageSize, workload: workload, counters: counters,
                 cycles: m.cpu.ledger.total, cycleBreakdown: m.cpu.ledger.breakdown, wallSeconds: clock.seconds,
                 extra: [("workload_kind", "process-churn"), ("forks", .uint(m.kernel.forks)), ("exits", .uint(m.kernel.exits)),
                         ("cow_copies", .uint(m.kernel.copyOnWriteCopies)), ("checksum", .string("0x" + String(m.checksum, radix: 16)))])
@@ -169,7 +171,7 @@ public enum ModelEngine {
         } else {
             let area = VirtualMemoryArea(
                 start: spec.base.rawValue, end: spec.base.rawValue + roundUp(spec.footprint.rawValue, config.pageSize),
-                pageSize: config.pageSize, writable: true)
+                pageSize: config.pageSize, writable: true, fileBacked: config.fileBacked)
             try kernel.map(area, in: space)
             if config.prefault { try prefault(machine, area: area) }
             let streams = try (0..<spec.threads).map { t throws(InputError) in
@@ -219,7 +221,7 @@ extension Machine {
     /// Zeroes every counter and the ledger (after a warm-up).
     public func resetStatistics() {
         accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
-        faultedWalkRefs = 0; cowFaults = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0; maxWalkRefs = 0
+        faultedWalkRefs = 0; cowFaults = 0; majorFaults = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0; maxWalkRefs = 0
         cpu.resetStatistics()
     }
 }

@@ -30,12 +30,15 @@ public struct VirtualMemoryArea: Sendable, Hashable {
     public var pageSize: PageSize
     public var writable: Bool
     public var executable: Bool
-    public init(start: UInt64, end: UInt64, pageSize: PageSize, writable: Bool, executable: Bool = false) {
+    /// Backed by a file on the guest's disk: a first touch reads the page (a hard fault).
+    public var fileBacked: Bool
+    public init(start: UInt64, end: UInt64, pageSize: PageSize, writable: Bool, executable: Bool = false, fileBacked: Bool = false) {
         self.start = start
         self.end = end
         self.pageSize = pageSize
         self.writable = writable
         self.executable = executable
+        self.fileBacked = fileBacked
     }
     public func contains(_ va: UInt64) -> Bool { va >= start && va < end }
 }
@@ -70,6 +73,8 @@ public final class AddressSpace: @unchecked Sendable {
 public enum GuestFaultResolution: Sendable, Equatable {
     /// A fresh zeroed frame was mapped (`tablePages` new page-table pages on the way).
     case demandZero(PageSize, tablePages: Int)
+    /// The page was read from the guest's disk into a fresh frame (a hard fault).
+    case major(PageSize, tablePages: Int)
     /// A write to a copy-on-write page: copied to a fresh frame (or reused when no longer shared).
     case copyOnWrite(copied: Bool)
     /// The access is not allowed by the area (or no area holds it): the process would get SIGSEGV.
@@ -158,6 +163,16 @@ public final class GuestKernel: @unchecked Sendable {
         if !area.executable && paging.noExecuteEnabled { flags.insert(.noExecute) }
         let before = tablePagesAllocated
         guard installLeaf(va & ~size.offsetMask, frame: frame, size: size, flags: flags, space: space) else { return .outOfMemory }
+        if area.fileBacked {
+            // The page's content from "disk": a deterministic pattern of its offset in the file.
+            var off: UInt64 = 0
+            let fileOffset = (va & ~size.offsetMask) - area.start
+            while off < size.bytes {
+                memory.write64(frame + off, (fileOffset + off) ^ 0x00F1_1E00_0000_0000)
+                off += 8
+            }
+            return .major(size, tablePages: Int(tablePagesAllocated - before))
+        }
         return .demandZero(size, tablePages: Int(tablePagesAllocated - before))
     }
 

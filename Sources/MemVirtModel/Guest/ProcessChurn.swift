@@ -18,6 +18,8 @@ public struct ProcessChurnSpec: Sendable, Hashable {
     /// Pages the parent writes after each child exits.
     public var parentWrites: Int
     public var seed: UInt64
+    /// Page size of the parent's heap (fork shares and COW-copies whole pages of this size).
+    public var pageSize: PageSize = .size4K
 
     public init(iterations: Int = 50, parentPages: Int = 256, childTouches: Int = 200, childWriteRatio: Double = 0.5,
                 execPages: Int = 64, parentWrites: Int = 32, seed: UInt64 = 1) {
@@ -44,7 +46,8 @@ extension Machine {
         try spec.validate()
         var rng = SplitMix64(seed: spec.seed)
         let parent = space
-        try kernel.map(VirtualMemoryArea(start: heapBase, end: heapBase + UInt64(spec.parentPages) * 4096, pageSize: .size4K, writable: true), in: parent)
+        let heapBytes = (UInt64(spec.parentPages) * 4096 + spec.pageSize.offsetMask) & ~spec.pageSize.offsetMask
+        try kernel.map(VirtualMemoryArea(start: heapBase, end: heapBase + heapBytes, pageSize: spec.pageSize, writable: true), in: parent)
         for p in 0..<spec.parentPages {
             try step(Access(address: GuestVirtualAddress(heapBase + UInt64(p) * 4096), kind: .write))
         }

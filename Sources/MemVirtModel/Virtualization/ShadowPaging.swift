@@ -135,8 +135,9 @@ public final class ShadowPaging: PagingMode {
     /// guest table write-protected if missing.
     func shadowPage(gfn: UInt64, level: Int, direct: Bool, cpu: ModelCPU) -> Int {
         if let i = index[key(gfn, level, direct: direct)] {
-            // An unsync page is synced before it is linked anywhere new (kvm_mmu_find_shadow_page).
-            if pages[i].unsync { sync(i, cpu: cpu) }
+            // An unsync page is brought up to date before it is linked anywhere new, but stays
+            // unsync until the guest flushes its TLB (kvm_mmu_find_shadow_page).
+            if pages[i].unsync { sync(i, cpu: cpu, keepUnsync: true) }
             useClock &+= 1
             pages[i].lastUse = useClock
             pages[i].writeFlooding = 0
@@ -351,16 +352,19 @@ public final class ShadowPaging: PagingMode {
             pages[sp].writeFlooding = 0
             let idx = GuestVirtualAddress(va).tableIndex(level: level)
             let ea = pages[sp].table + UInt64(idx) * 8
-            let child: Int
-            if level > guestLeafLevel {
-                child = shadowPage(gfn: gw.table(level - 1) >> 12, level: level - 1, direct: false, cpu: cpu)
-            } else {
-                // Below a guest large page, map it in host-page-size pieces (a direct page).
-                let base = (leafGPA & ~PageSize(leafLevel: level)!.offsetMask) >> 12
-                child = shadowPage(gfn: base, level: level - 1, direct: true, cpu: cpu)
-            }
+            let direct = level <= guestLeafLevel
+            // The guest table (or, below a guest large page, the first gfn) the child shadows.
+            let childGfn = direct ? (leafGPA & ~PageSize(leafLevel: level)!.offsetMask) >> 12 : gw.table(level - 1) >> 12
             let e = host.read64(ea)
-            if e & 1 == 0 || e & PageTableEntry.addressMask != pages[child].table {
+            var child = -1
+            if e & 1 != 0, let c = childIndex(of: e), pages[c].live, pages[c].gfn == childGfn, pages[c].direct == direct {
+                // Already linked (FNAME(fetch) only looks a child up when the entry is absent).
+                child = c
+                useClock &+= 1
+                pages[c].lastUse = useClock
+                pages[c].writeFlooding = 0
+            } else {
+                child = shadowPage(gfn: childGfn, level: level - 1, direct: direct, cpu: cpu)
                 if e & 1 != 0, let old = childIndex(of: e) {
                     pages[old].parents.removeAll { $0.0 == sp && $0.1 == idx }
                     cpu.counters.add(.mmuPdeZapped, 1)
@@ -474,7 +478,7 @@ public final class ShadowPaging: PagingMode {
 
     /// Resynchronizes an unsync shadow page with its guest table (kvm_sync_page): every shadow
     /// entry that no longer matches the guest's is zapped (refilled on the next fault).
-    func sync(_ i: Int, cpu: ModelCPU) {
+    func sync(_ i: Int, cpu: ModelCPU, keepUnsync: Bool = false) {
         guard pages[i].live, pages[i].unsync else { return }
         cpu.counters.add(.shadowResyncs, 1)
         cpu.ledger.charge(.shadowSync, cpu.costs.shadowResync)
@@ -492,9 +496,11 @@ public final class ShadowPaging: PagingMode {
                 host.write64(ea, 0)
             }
         }
-        pages[i].unsync = false
-        unsyncCount -= 1
-        writeProtect(gfn: sp.gfn, cpu: cpu)
+        if !keepUnsync {
+            pages[i].unsync = false
+            unsyncCount -= 1
+            writeProtect(gfn: sp.gfn, cpu: cpu)
+        }
         flushTLBs(cpu)
     }
 
