@@ -17,6 +17,12 @@ GI void out32(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a
 
 GI uint64_t write_value(uint64_t i, uint64_t salt) { return ((i + 1) * 0x9E3779B97F4A7C15ull) ^ salt; }
 
+GI uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
 GI void workload(volatile struct memvirt_mailbox *mb) {
     const uint64_t pattern = mb->pattern, base = mb->base, footprint = mb->footprint;
     const uint64_t n = mb->accesses, threshold = mb->write_threshold, stride = mb->stride;
@@ -27,7 +33,19 @@ GI void workload(volatile struct memvirt_mailbox *mb) {
     const uint64_t pages = mb->table_len;
     uint64_t rng = mb->rng_state;
     uint64_t reads = 0, writes = 0, read_sum = 0, slot = 0, acc = 0;
+    const uint64_t gap_threshold = mb->gap_threshold;
+    uint64_t last = gap_threshold ? rdtsc() : 0;
     for (uint64_t i = 0; i < n; i++) {
+        if (gap_threshold) {
+            uint64_t t = rdtsc();
+            if (t - last > gap_threshold) {
+                uint64_t k = mb->gap_count & 63;
+                mb->gap_log[2 * k] = last;
+                mb->gap_log[2 * k + 1] = t - last;
+                mb->gap_count = mb->gap_count + 1;
+            }
+            last = t;
+        }
         uint64_t offset;
         if (pattern == 0) {
             offset = (i * 64) % footprint;
@@ -80,12 +98,6 @@ GI void checksum(volatile struct memvirt_mailbox *mb) {
     uint64_t h = 0;
     for (uint64_t k = 0; k < words; k++) h += w[k] * (2 * k + 1);
     mb->memory_checksum = h;
-}
-
-GI uint64_t rdtsc(void) {
-    uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((uint64_t)hi << 32) | lo;
 }
 
 GI void count_forever(volatile struct memvirt_mailbox *mb) {

@@ -93,6 +93,8 @@ public struct CommandOutcome: Sendable {
     public var userspaceExits: [String: UInt64] = [:]
     public var startNanos: UInt64 = 0
     public var endNanos: UInt64 = 0
+    /// True when a `VCPUKicker` stopped the vCPU before the guest reported DONE.
+    public var stopped = false
 }
 
 /// A VM running the guest runtime: slots, page tables, descriptor tables and vCPUs set up
@@ -298,8 +300,10 @@ public final class GuestVM: @unchecked Sendable {
 
     /// Runs vCPU `index` until the guest reports MEMVIRT_PORT_DONE, on the calling thread
     /// (callers put it on a dedicated thread). A misbehaving guest throws `.guest(...)`.
-    public func execute(vcpu index: Int) throws(KVMError) -> CommandOutcome {
+    public func execute(vcpu index: Int, kicker: VCPUKicker? = nil) throws(KVMError) -> CommandOutcome {
         let v = vcpus[index]
+        kicker?.register(index)
+        defer { kicker?.unregister(index) }
         var o = CommandOutcome(status: 0)
         o.startNanos = monotonicNanoseconds()
         while true {
@@ -330,7 +334,13 @@ public final class GuestVM: @unchecked Sendable {
                 o.userspaceExits["dirty_ring_full", default: 0] += 1
                 guard let h = onDirtyRingFull else { throw KVMError.invalid("dirty ring full and nobody harvests it") }
                 try h(v)
-            case .interrupted: o.userspaceExits["intr", default: 0] += 1
+            case .interrupted:
+                o.userspaceExits["intr", default: 0] += 1
+                if let k = kicker, k.stopRequested {
+                    o.stopped = true
+                    o.endNanos = monotonicNanoseconds()
+                    return o
+                }
             case .other(let r): throw KVMError.guest(.unexpectedExit(reason: r))
             }
         }

@@ -94,3 +94,14 @@ static inline int ckvm_ppoll_ns(struct pollfd *fds, unsigned long n, int64_t ns)
     CKVM_CALL((int)syscall(SYS_ppoll, fds, n, ns < 0 ? NULL : &ts, NULL, (size_t)8));
 }
 static inline int ckvm_uffdio_writeprotect(int uffd, struct uffdio_writeprotect *w) { CKVM_CALL(ioctl(uffd, UFFDIO_WRITEPROTECT, w)); }
+
+// MARK: migration helpers, in ckvm.c (compiled -O2: Swift debug builds would compile
+// static inline bodies at -O0, and these loops run over all guest memory)
+/// A 64-bit hash of one 4 KiB page and its index (the switch-over hash of guest memory).
+uint64_t ckvm_page_hash(const void *page, uint64_t index);
+/// A 64-bit checksum of `n` bytes (a stream message's payload).
+uint64_t ckvm_checksum(const void *p, size_t n);
+/// 1 when the 4 KiB page is all zero bytes.
+int ckvm_page_is_zero(const void *page);
+/// Sets `immediate_exit` in a vCPU's kvm_run (a kicked KVM_RUN then returns EINTR at once).
+static inline void ckvm_set_immediate_exit(struct kvm_run *run, uint8_t v) { __atomic_store_n(&run->immediate_exit, v, __ATOMIC_SEQ_CST); }

@@ -98,7 +98,8 @@ struct memvirt_mailbox {
     uint64_t list_len;
     uint64_t count;           // PING / TOUCH_PAGES / TRIPLE_FAULT
     uint64_t salt;
-    uint64_t reserved_in[17];
+    uint64_t gap_threshold;   // WORKLOAD: log gaps between accesses longer than this (TSC ticks; 0: off)
+    uint64_t reserved_in[16];
     // guest -> VMM
     uint64_t status;
     uint64_t done_accesses;
@@ -111,7 +112,11 @@ struct memvirt_mailbox {
     uint64_t passes;          // WRITE_PASSES: completed passes over the footprint
     uint64_t tsc_last;        // WRITE_PASSES: rdtsc at the last write
     uint64_t tsc_max_gap;     // WRITE_PASSES: the largest gap between two writes, TSC ticks
-    uint64_t reserved_out[5];
+    uint64_t gap_count;       // WORKLOAD: gaps logged (the log keeps the last 64)
+    uint64_t reserved_out[4];
+    /// WORKLOAD with gap_threshold: (start TSC, length) of each gap longer than the threshold,
+    /// entry gap_count mod 64: how the guest itself sees a migration's downtime.
+    uint64_t gap_log[128];
 };
 
 /// Where the guest image sits in this binary: copy `size` bytes from `start` to a guest

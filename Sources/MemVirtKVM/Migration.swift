@@ -1,0 +1,588 @@
+import CKVM
+import MemVirtCore
+import MemVirtGuest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a live migration runs (`memvirt kvm migrate`).
+public struct MigrationOptions: Sendable {
+    public enum Mode: String, Sendable, CaseIterable {
+        /// Dirty-log rounds while the guest runs, then stop-and-copy of the rest and the vCPUs.
+        case precopy
+        /// Stop at once, send the vCPUs; the destination runs and pulls pages on fault while
+        /// the source pushes the rest.
+        case postcopy
+        /// Pre-copy rounds (`maxRounds`), then post-copy for what is still dirty.
+        case hybrid
+    }
+    public var mode: Mode = .precopy
+    /// Bytes per second the sender keeps to (nil: no limit).
+    public var bandwidth: UInt64? = nil
+    /// Pre-copy stops iterating when the rest would take at most this long to send.
+    public var downtimeTargetNanos: UInt64 = 30_000_000
+    public var maxRounds = 30
+    /// Seed 004's page groups: with N > 1 a group of N pages with a dirty page is sent whole and
+    /// its pages are not write-protected again (fewer write-protect faults, more bytes).
+    public var groupPages = 1
+    /// Run the guest this long before migrating.
+    public var afterNanos: UInt64 = 1_000_000_000
+    public init() {}
+}
+
+/// One side's account of a migration (JSON keys as `memvirt kvm migrate/listen --json` prints).
+public struct MigrationReport: Sendable {
+    public var side: String
+    public var mode: MigrationOptions.Mode
+    public var migrated = false
+    public var error: String? = nil
+    public var rounds = 0
+    public var bytesSent: UInt64 = 0
+    public var bytesReceived: UInt64 = 0
+    public var pagesSent: UInt64 = 0
+    public var zeroPages: UInt64 = 0
+    /// Post-copy: pages the destination asked for (guest faults), and pushed unasked.
+    public var pagesRequested: UInt64 = 0
+    public var pagesPushed: UInt64 = 0
+    /// Pages write-protected again (KVM_CLEAR_DIRTY_LOG) and pages left writable (groups).
+    public var pagesReprotected: UInt64 = 0
+    public var pagesLeftWritable: UInt64 = 0
+    public var dirtyPerRound: [UInt64] = []
+    public var totalNanos: UInt64 = 0
+    /// The gap the guest saw across the switch, from its own TSC (destination side).
+    public var downtimeNanos: UInt64? = nil
+    /// Source stop to destination KVM_RUN, by the VMMs' clocks (CLOCK_REALTIME).
+    public var vmmDowntimeNanos: UInt64? = nil
+    public var sourceHash: UInt64? = nil
+    public var destinationHash: UInt64? = nil
+    public var guest: [GuestReport] = []
+    /// The destination's guest run after the switch: its wall time and KVM's pf_fixed (the
+    /// re-shadowing of guest memory a fresh shadow MMU does), reported apart.
+    public var destinationRunNanos: UInt64? = nil
+    public var destinationPfFixed: UInt64? = nil
+    public var kvmPfFixedDuringMigration: UInt64? = nil
+
+    public init(side: String, mode: MigrationOptions.Mode) {
+        self.side = side
+        self.mode = mode
+    }
+
+    public var json: JSONValue {
+        func ms(_ n: UInt64?) -> JSONValue { n.map { .double(Double($0 / 1000) / 1000) } ?? .null }
+        func hex(_ h: UInt64?) -> JSONValue { h.map { .string("0x" + String($0, radix: 16)) } ?? .null }
+        var kv: [(String, JSONValue)] = [
+            ("schema", "memvirt.migration/1"), ("side", .string(side)), ("mode", .string(mode.rawValue)),
+            ("migrated", .bool(migrated)), ("error", error.map { .string($0) } ?? .null),
+            ("rounds", .int(Int64(rounds))), ("bytes_sent", .uint(bytesSent)), ("bytes_received", .uint(bytesReceived)),
+            ("pages_sent", .uint(pagesSent)), ("zero_pages", .uint(zeroPages)),
+            ("pages_requested", .uint(pagesRequested)), ("pages_pushed", .uint(pagesPushed)),
+            ("pages_reprotected", .uint(pagesReprotected)), ("pages_left_writable", .uint(pagesLeftWritable)),
+            ("dirty_per_round", .array(dirtyPerRound.map { .uint($0) })),
+            ("total_ms", ms(totalNanos)), ("downtime_ms", ms(downtimeNanos)), ("vmm_downtime_ms", ms(vmmDowntimeNanos)),
+            ("source_hash", hex(sourceHash)), ("destination_hash", hex(destinationHash)),
+            ("hashes_equal", sourceHash != nil && destinationHash != nil ? .bool(sourceHash == destinationHash) : .null),
+            ("guest", .array(guest.map { r in
+                var o: [(String, JSONValue)] = [("accesses", .uint(r.accesses)), ("reads", .uint(r.reads)), ("writes", .uint(r.writes)), ("read_sum", .uint(r.readSum))]
+                if let c = r.memoryChecksum { o.append(("memory_checksum", .uint(c))) }
+                return .object(o)
+            })),
+            ("destination_run_ms", ms(destinationRunNanos)),
+            ("destination_pf_fixed", destinationPfFixed.map { .uint($0) } ?? .null),
+            ("kvm_pf_fixed_during_migration", kvmPfFixedDuringMigration.map { .uint($0) } ?? .null),
+        ]
+        kv.append(("note", "downtime_ms is the largest gap between two guest accesses across the switch, from the guest's TSC (restored as source TSC + elapsed)"))
+        return .object(kv)
+    }
+}
+
+/// The VM configuration both sides build from (sent in HELLO; the destination must arrive at
+/// the same runtime layout, or the stream is refused as mismatched).
+struct MigrationHello {
+    var dataSize: UInt64
+    var vcpus: UInt32
+    var tableBytesPerVCPU: UInt64
+    var runtimeSize: UInt64
+    var mode: UInt8
+    var pageSize: UInt64
+
+    func encoded() -> [UInt8] {
+        var w = ByteWriter()
+        w.put(dataSize); w.put(vcpus); w.put(tableBytesPerVCPU); w.put(runtimeSize); w.put(mode); w.put(pageSize)
+        return w.bytes
+    }
+    static func decode(_ b: UnsafeRawBufferPointer) throws(KVMError) -> MigrationHello {
+        var r = ByteReader(b, what: "HELLO")
+        return MigrationHello(dataSize: try r.get(), vcpus: try r.get(), tableBytesPerVCPU: try r.get(), runtimeSize: try r.get(),
+                              mode: try r.get(), pageSize: try r.get())
+    }
+}
+
+/// Page records in a PAGES message: u32 count, then (u64 index, u8 kind) each, then the
+/// 4 KiB pages of kind 1 in order. Index < data pages: the data slot; above: the runtime.
+struct PageBatch {
+    static let maxPages = 256
+    var table = ByteWriter()
+    var data: UnsafeMutableRawPointer = .allocate(byteCount: maxPages * 4096, alignment: 4096)
+    var count = 0
+    var dataPages = 0
+
+    mutating func reset() { table = ByteWriter(); count = 0; dataPages = 0 }
+    mutating func add(index: UInt64, page: UnsafeRawPointer) -> Bool {
+        let zero = ckvm_page_is_zero(page) != 0
+        table.put(index)
+        table.put(UInt8(zero ? 0 : 1))
+        if !zero {
+            memcpy(data + dataPages * 4096, page, 4096)
+            dataPages += 1
+        }
+        count += 1
+        return zero
+    }
+    /// The payload: count, table, pages.
+    func payload() -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(4 + table.bytes.count + dataPages * 4096)
+        withUnsafeBytes(of: UInt32(count)) { out.append(contentsOf: $0) }
+        out.append(contentsOf: table.bytes)
+        out.append(contentsOf: UnsafeRawBufferPointer(start: data, count: dataPages * 4096))
+        return out
+    }
+}
+
+public enum LiveMigration {
+    /// Guest gaps longer than this are logged by the guest (microseconds of TSC).
+    static let gapThresholdMicros: UInt64 = 300
+
+    static func tscKHz(_ g: GuestVM) -> UInt64 {
+        let k = ckvm_get_tsc_khz(g.vcpus[0].fd.raw)
+        return k > 0 ? UInt64(k) : 1_000_000
+    }
+
+    static func realtimeNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+    }
+
+    /// Hash of guest memory: the sum over pages of `ckvm_page_hash(page, index)` (data pages
+    /// first, then the runtime), so either side can build it page by page in any order.
+    static func memoryHash(_ g: GuestVM) -> UInt64 {
+        var h: UInt64 = 0
+        let dp = Int(g.data.size / 4096)
+        for p in 0..<dp { h &+= ckvm_page_hash(g.data.mapping.base + p * 4096, UInt64(p)) }
+        for p in 0..<Int(g.runtime.size / 4096) { h &+= ckvm_page_hash(g.runtime.mapping.base + p * 4096, UInt64(dp + p)) }
+        return h
+    }
+
+    // MARK: source
+
+    /// Runs `spec` in a VM here, migrates it to `host:port` after `options.afterNanos`, and
+    /// returns the source's report (with the destination's summary). If the migration fails
+    /// before the destination took over, the guest goes on here to the end of its workload and
+    /// the report says why (`migrated` false): nothing is lost.
+    public static func migrate(_ spec: WorkloadSpec, to host: String, port: UInt16, options o: MigrationOptions) throws(KVMError) -> MigrationReport {
+        do { try spec.validate() } catch { throw KVMError.invalid(error.message) }
+        guard o.groupPages >= 1, o.groupPages <= 512, o.groupPages & (o.groupPages - 1) == 0 else {
+            throw KVMError.invalid("--group-pages \(o.groupPages): a power of two, 1...512")
+        }
+        guard o.maxRounds >= 1, o.maxRounds <= 1000 else { throw KVMError.invalid("--max-rounds \(o.maxRounds): use 1...1000") }
+        let kvm = try KVM()
+        var c = GuestConfig(dataSize: spec.footprint.rawValue)
+        c.dataVirtual = spec.base
+        c.vcpus = spec.threads
+        c.tableBytesPerVCPU = KVMRunner.tableBytes(spec)
+        c.dataSlotFlags = .logDirtyPages
+        c.manualDirtyProtect = kvm.check(.manualDirtyLogProtect2) > 0
+        if o.groupPages > 1 && !c.manualDirtyProtect { throw KVMError.unavailable("--group-pages needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2") }
+        let g = try GuestVM(kvm: kvm, config: c)
+        let khz = tscKHz(g)
+        for t in 0..<spec.threads {
+            var (m, table) = try KVMRunner.prepare(spec, thread: t, layout: g.layout)
+            if !table.isEmpty { try g.runtime.write(array: table, at: GuestPhysicalAddress(rawValue: m.table)) }
+            m.gap_threshold = gapThresholdMicros * khz / 1000
+            try g.setMailbox(t, m)
+        }
+        var report = MigrationReport(side: "source", mode: o.mode)
+        let kicker = VCPUKicker(vm: g)
+        var runner = VCPUThreads(g: g, kicker: kicker)
+        try runner.start()
+        let t0 = monotonicNanoseconds()
+        while monotonicNanoseconds() - t0 < o.afterNanos && !runner.allDoneFast { usleepNanos(2_000_000) }
+        let start = monotonicNanoseconds()
+        var source = SourceSide(g: g, options: o, kicker: kicker, runner: runner, report: report)
+        do {
+            let ch = try MigrationChannel.connect(host: host, port: port)
+            if let bw = o.bandwidth { ch.bandwidth = bw }
+            try source.run(ch)
+            report = source.report
+            report.migrated = true
+            report.totalNanos = monotonicNanoseconds() - start
+            return report
+        } catch {
+            report = source.report
+            runner = source.runner
+            if source.destinationOwnsGuest {
+                report.migrated = true
+                report.error = "after the switch: \(error)"
+                report.totalNanos = monotonicNanoseconds() - start
+                return report
+            }
+            // The destination never took over: the guest goes on here.
+            report.migrated = false
+            report.error = "\(error)"
+            if runner.stopped {
+                kicker.resume()
+                try runner.start()
+            }
+            try runner.join()
+            report.guest = try finalGuest(g, threads: spec.threads)
+            report.sourceHash = memoryHash(g)
+            report.totalNanos = monotonicNanoseconds() - start
+            return report
+        }
+    }
+
+    /// The guest's counters and, computed in the guest on vCPU 0, its memory checksum.
+    static func finalGuest(_ g: GuestVM, threads: Int) throws(KVMError) -> [GuestReport] {
+        var out: [GuestReport] = []
+        for t in 0..<threads {
+            let m = try g.mailbox(t)
+            out.append(GuestReport(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum, memoryChecksum: nil))
+        }
+        let saved = try g.mailbox(0)
+        var m = GuestVM.command(MEMVIRT_CMD_CHECKSUM)
+        m.base = g.layout.dataVirtual.rawValue
+        m.footprint = g.layout.dataSize
+        try g.setMailbox(0, m)
+        _ = try onDedicatedThread(name: "memvirt-checksum") { () throws(KVMError) in try g.execute(vcpu: 0) }
+        out[0].memoryChecksum = try g.mailbox(0).memory_checksum
+        var back = saved
+        back.memory_checksum = out[0].memoryChecksum!
+        try g.setMailbox(0, back)
+        return out
+    }
+}
+
+/// The vCPU threads of a migrating VM: start, stop (kick), join.
+struct VCPUThreads {
+    let g: GuestVM
+    let kicker: VCPUKicker
+    var threads: [DedicatedThread] = []
+    var boxes: [ResultBox<CommandOutcome>] = []
+    var done: [Bool]
+    var stopped = false
+
+    init(g: GuestVM, kicker: VCPUKicker) {
+        self.g = g
+        self.kicker = kicker
+        done = g.vcpus.map { _ in false }
+    }
+
+    mutating func start() throws(KVMError) {
+        stopped = false
+        boxes = g.vcpus.map { _ in ResultBox<CommandOutcome>() }
+        threads = []
+        for (i, box) in boxes.enumerated() where !done[i] {
+            let g = self.g, k = kicker
+            threads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") {
+                do { box.value = .success(try g.execute(vcpu: i, kicker: k)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+            })
+        }
+    }
+
+    /// True when every vCPU reported DONE (read without joining: a hint).
+    var allDoneFast: Bool { boxes.allSatisfy { b in if case .success(let o)? = b.value { return !o.stopped } else { return false } } }
+
+    /// Waits for the threads; marks the vCPUs that finished their workload.
+    mutating func join() throws(KVMError) {
+        for t in threads { t.join() }
+        for (i, b) in boxes.enumerated() {
+            guard let r = b.value else { continue }
+            let o = try r.get()
+            if !o.stopped { done[i] = true }
+        }
+        threads = []
+    }
+
+    /// Kicks every vCPU out of KVM_RUN and waits for them.
+    mutating func stop() throws(KVMError) {
+        kicker.stop()
+        try join()
+        stopped = true
+    }
+}
+
+/// The source's half of the protocol.
+struct SourceSide {
+    let g: GuestVM
+    let options: MigrationOptions
+    let kicker: VCPUKicker
+    var runner: VCPUThreads
+    var report: MigrationReport
+    var destinationOwnsGuest = false
+    var batch = PageBatch()
+    let dataPages: Int
+
+    init(g: GuestVM, options: MigrationOptions, kicker: VCPUKicker, runner: VCPUThreads, report: MigrationReport) {
+        self.g = g
+        self.options = options
+        self.kicker = kicker
+        self.runner = runner
+        self.report = report
+        dataPages = Int(g.data.size / 4096)
+    }
+
+    mutating func flush(_ ch: MigrationChannel) throws(KVMError) {
+        if batch.count == 0 { return }
+        try ch.send(.pages, batch.payload())
+        batch.reset()
+    }
+
+    mutating func sendPage(_ ch: MigrationChannel, _ index: Int) throws(KVMError) {
+        let p: UnsafeRawPointer = index < dataPages ? UnsafeRawPointer(g.data.mapping.base + index * 4096)
+            : UnsafeRawPointer(g.runtime.mapping.base + (index - dataPages) * 4096)
+        if batch.add(index: UInt64(index), page: p) { report.zeroPages += 1 }
+        report.pagesSent += 1
+        if batch.count == PageBatch.maxPages { try flush(ch) }
+    }
+
+    /// One dirty-log harvest of the data slot: the pages to send this round (whole groups when
+    /// `groupPages` > 1), re-protecting only pages outside hot groups.
+    mutating func harvest() throws(KVMError) -> [Int] {
+        let words = (dataPages + 63) / 64
+        var bitmap = [UInt64](repeating: 0, count: words)
+        try g.vm.getDirtyLog(slot: GuestLayout.dataSlot, into: &bitmap)
+        let n = options.groupPages
+        var pages: [Int] = []
+        if n == 1 {
+            if g.vm.manualDirtyProtect {
+                var count: UInt64 = 0
+                for w in bitmap { count += UInt64(w.nonzeroBitCount) }
+                if count > 0 { try g.vm.clearDirtyLog(slot: GuestLayout.dataSlot, firstPage: 0, pages: UInt32(dataPages), bitmap: &bitmap) }
+                report.pagesReprotected += count
+            }
+            for (wi, w) in bitmap.enumerated() where w != 0 {
+                var x = w
+                while x != 0 { pages.append(wi * 64 + x.trailingZeroBitCount); x &= x - 1 }
+            }
+        } else {
+            // A group with a dirty page is not cleared: its dirty bits stay set, so it is sent
+            // whole every round from now on, and its pages are not write-protected again.
+            var left: UInt64 = 0
+            var g0 = 0
+            while g0 < dataPages {
+                var hot = false
+                for p in g0..<min(g0 + n, dataPages) where bitmap[p / 64] >> (p % 64) & 1 == 1 { hot = true; left += 1 }
+                if hot { pages.append(contentsOf: g0..<min(g0 + n, dataPages)) }
+                g0 += n
+            }
+            report.pagesLeftWritable = left
+        }
+        return pages
+    }
+
+    mutating func run(_ ch: MigrationChannel) throws(KVMError) {
+        let hello = MigrationHello(dataSize: g.layout.dataSize, vcpus: UInt32(g.vcpus.count), tableBytesPerVCPU: g.layout.tableStride,
+                                   runtimeSize: g.layout.runtimeSize, mode: UInt8(MigrationOptions.Mode.allCases.firstIndex(of: options.mode)!),
+                                   pageSize: g.layout.dataPageSize.bytes)
+        try ch.send(.hello, hello.encoded())
+        let stats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
+        var pfBefore: UInt64 = 0
+        for s in stats { pfBefore += try s.read()["pf_fixed"] }
+        // Round 0: reset the log, then everything.
+        _ = try harvest()
+        report.pagesReprotected = 0
+        if options.mode != .postcopy {
+            for p in 0..<dataPages { try sendPage(ch, p) }
+            try flush(ch)
+            report.rounds = 1
+            report.dirtyPerRound.append(UInt64(dataPages))
+            let roundLimit = options.mode == .hybrid ? min(options.maxRounds, 2) : options.maxRounds
+            var lastSent = ch.bytesSent, lastTime = monotonicNanoseconds()
+            while report.rounds < roundLimit && !runner.allDoneFast {
+                let dirty = try harvest()
+                report.dirtyPerRound.append(UInt64(dirty.count))
+                let now = monotonicNanoseconds()
+                let rate = Double(ch.bytesSent - lastSent) / max(1e-6, Double(now - lastTime) / 1e9)
+                let estimate = Double(dirty.count * 4096) / max(rate, 1)
+                if estimate * 1e9 <= Double(options.downtimeTargetNanos) && options.mode == .precopy {
+                    // Small enough: leave these for the stop-and-copy (harvested again there).
+                    pendingDirty = dirty
+                    break
+                }
+                lastSent = ch.bytesSent; lastTime = monotonicNanoseconds()
+                for p in dirty { try sendPage(ch, p) }
+                try flush(ch)
+                report.rounds += 1
+            }
+        }
+        // Stop the guest.
+        let stopReal = LiveMigration.realtimeNanos()
+        try runner.stop()
+        var pfAfter: UInt64 = 0
+        for s in stats { pfAfter += try s.read()["pf_fixed"] }
+        report.kvmPfFixedDuringMigration = pfAfter - pfBefore
+        var missing: [Int] = []
+        switch options.mode {
+        case .precopy:
+            var final = Set(pendingDirty)
+            for p in try harvest() { final.insert(p) }
+            report.dirtyPerRound.append(UInt64(final.count))
+            for p in final.sorted() { try sendPage(ch, p) }
+        case .hybrid:
+            let stale = try harvest()
+            report.dirtyPerRound.append(UInt64(stale.count))
+            var w = ByteWriter()
+            w.put(UInt64(stale.count))
+            for p in stale { w.put(UInt64(p)) }
+            try ch.send(.discard, w.bytes)
+            missing = stale
+        case .postcopy:
+            missing = Array(0..<dataPages)
+        }
+        for p in 0..<Int(g.runtime.size / 4096) { try sendPage(ch, dataPages + p) }
+        try flush(ch)
+        // vCPU states and the facts the destination needs to resume.
+        var w = ByteWriter()
+        w.put(stopReal)
+        w.put(UInt64(g.vcpus.count))
+        for (i, v) in g.vcpus.enumerated() {
+            w.put(UInt8(runner.done[i] ? 1 : 0))
+            w.bytes += try v.saveState().encoded()
+        }
+        try ch.send(.state, w.bytes)
+        if options.mode == .precopy {
+            try ch.send(.end)
+            try awaitResumed(ch)
+        } else {
+            try postcopyPush(ch, missing: missing)
+            report.sourceHash = LiveMigration.memoryHash(g)
+            return
+        }
+        report.sourceHash = LiveMigration.memoryHash(g)
+        report.bytesSent = ch.bytesSent
+        // The destination's summary, after its guest finished.
+        while true {
+            let (type, payload) = try ch.receive()
+            if type == .result { try readResult(payload); break }
+            if type == .request || type == .resumed { continue }
+            throw KVMError.invalid("migration stream: unexpected \(type) from the destination")
+        }
+        report.bytesReceived = ch.bytesReceived
+    }
+
+    var pendingDirty: [Int] = []
+
+    mutating func awaitResumed(_ ch: MigrationChannel) throws(KVMError) {
+        let (type, _) = try ch.receive()
+        guard type == .resumed else { throw KVMError.invalid("migration stream: expected RESUMED from the destination, got \(type)") }
+        destinationOwnsGuest = true
+    }
+
+    mutating func readResult(_ b: UnsafeRawBufferPointer) throws(KVMError) {
+        var r = ByteReader(b, what: "RESULT")
+        report.destinationHash = try r.get(UInt64.self)
+        let down: UInt64 = try r.get()
+        report.downtimeNanos = down == UInt64.max ? nil : down
+        let vmmDown: UInt64 = try r.get()
+        report.vmmDowntimeNanos = vmmDown
+        report.destinationRunNanos = try r.get(UInt64.self)
+        report.destinationPfFixed = try r.get(UInt64.self)
+        let n = Int(try r.get(UInt64.self))
+        guard n <= 64 else { throw KVMError.invalid("migration stream corrupt: RESULT with \(n) guests") }
+        report.guest = []
+        for _ in 0..<n {
+            var gr = GuestReport(accesses: try r.get(), reads: try r.get(), writes: try r.get(), readSum: try r.get(), memoryChecksum: nil)
+            let c: UInt64 = try r.get()
+            let has: UInt8 = try r.get()
+            if has != 0 { gr.memoryChecksum = c }
+            report.guest.append(gr)
+        }
+    }
+
+    /// Post-copy: serve the destination's requests first, push the rest in order between them.
+    mutating func postcopyPush(_ ch: MigrationChannel, missing: [Int]) throws(KVMError) {
+        let requests = RequestQueue()
+        let reader = try DedicatedThread.start(name: "memvirt-migrate-requests") {
+            while true {
+                do {
+                    let (type, payload) = try ch.receive()
+                    switch type {
+                    case .request:
+                        var r = ByteReader(payload, what: "REQUEST")
+                        var pages: [Int] = []
+                        while r.remaining >= 8 { pages.append(Int(try r.get(UInt64.self))) }
+                        requests.push(pages)
+                    case .resumed: requests.markResumed()
+                    case .result:
+                        requests.finish(result: Array(payload))
+                        return
+                    default:
+                        requests.fail(KVMError.invalid("migration stream: unexpected \(type) from the destination"))
+                        return
+                    }
+                } catch let e as KVMError {
+                    requests.fail(e)
+                    return
+                } catch {
+                    requests.fail(.invalid("\(error)"))
+                    return
+                }
+            }
+        }
+        var toSend = [Bool](repeating: false, count: dataPages)
+        for p in missing { toSend[p] = true }
+        var cursor = 0
+        var left = missing.count
+        while left > 0 {
+            if let e = requests.failure { reader.join(); throw e }
+            if requests.resumed { destinationOwnsGuest = true }
+            var asked = requests.drain()
+            if !asked.isEmpty {
+                asked.removeAll { $0 < 0 || $0 >= dataPages || !toSend[$0] }
+                for p in asked { toSend[p] = false; left -= 1; report.pagesRequested += 1; try sendPage(ch, p) }
+                try flush(ch)
+                continue
+            }
+            var k = 0
+            while cursor < dataPages && k < 64 {
+                if toSend[cursor] { toSend[cursor] = false; left -= 1; report.pagesPushed += 1; try sendPage(ch, cursor); k += 1 }
+                cursor += 1
+            }
+            try flush(ch)
+        }
+        try ch.send(.end)
+        reader.join()
+        if let e = requests.failure { throw e }
+        destinationOwnsGuest = true
+        if let r = requests.result {
+            let p = UnsafeMutableRawPointer.allocate(byteCount: max(1, r.count), alignment: 8)
+            defer { p.deallocate() }
+            r.withUnsafeBytes { if let b = $0.baseAddress { p.copyMemory(from: b, byteCount: $0.count) } }
+            try readResult(UnsafeRawBufferPointer(start: p, count: r.count))
+        } else {
+            throw KVMError.invalid("migration stream: the destination closed without its RESULT")
+        }
+        report.bytesSent = ch.bytesSent
+        report.bytesReceived = ch.bytesReceived
+    }
+}
+
+/// Requests from the destination, handed from the reader thread to the pusher.
+final class RequestQueue: @unchecked Sendable {
+    var lock = pthread_mutex_t()
+    var pages: [Int] = []
+    var _failure: KVMError?
+    var _result: [UInt8]?
+    var _resumed = false
+    init() { pthread_mutex_init(&lock, nil) }
+    var failure: KVMError? { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _failure }
+    var result: [UInt8]? { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _result }
+    var resumed: Bool { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _resumed }
+    deinit { pthread_mutex_destroy(&lock) }
+    func push(_ p: [Int]) { pthread_mutex_lock(&lock); pages += p; pthread_mutex_unlock(&lock) }
+    func drain() -> [Int] { pthread_mutex_lock(&lock); let p = pages; pages = []; pthread_mutex_unlock(&lock); return p }
+    func fail(_ e: KVMError) { pthread_mutex_lock(&lock); _failure = _failure ?? e; pthread_mutex_unlock(&lock) }
+    func finish(result r: [UInt8]) { pthread_mutex_lock(&lock); _result = r; pthread_mutex_unlock(&lock) }
+    func markResumed() { pthread_mutex_lock(&lock); _resumed = true; pthread_mutex_unlock(&lock) }
+}
