@@ -121,16 +121,17 @@ struct MigrationHello {
 /// 4 KiB pages of kind 1 in order. Index < data pages: the data slot; above: the runtime.
 struct PageBatch {
     static let maxPages = 256
-    var table = ByteWriter()
-    var data: UnsafeMutableRawPointer = .allocate(byteCount: maxPages * 4096, alignment: 4096)
+    /// count (u32), table (u64 index + u8 kind each), pages: laid out at flush.
+    let message: UnsafeMutableRawPointer = .allocate(byteCount: 4 + 9 * maxPages + maxPages * 4096, alignment: 4096)
+    let data: UnsafeMutableRawPointer = .allocate(byteCount: maxPages * 4096, alignment: 4096)
     var count = 0
     var dataPages = 0
 
-    mutating func reset() { table = ByteWriter(); count = 0; dataPages = 0 }
+    mutating func reset() { count = 0; dataPages = 0 }
     mutating func add(index: UInt64, page: UnsafeRawPointer) -> Bool {
         let zero = ckvm_page_is_zero(page) != 0
-        table.put(index)
-        table.put(UInt8(zero ? 0 : 1))
+        (message + 4 + 9 * count).storeBytes(of: index, as: UInt64.self)
+        (message + 4 + 9 * count + 8).storeBytes(of: UInt8(zero ? 0 : 1), as: UInt8.self)
         if !zero {
             memcpy(data + dataPages * 4096, page, 4096)
             dataPages += 1
@@ -138,14 +139,11 @@ struct PageBatch {
         count += 1
         return zero
     }
-    /// The payload: count, table, pages.
-    func payload() -> [UInt8] {
-        var out = [UInt8]()
-        out.reserveCapacity(4 + table.bytes.count + dataPages * 4096)
-        withUnsafeBytes(of: UInt32(count)) { out.append(contentsOf: $0) }
-        out.append(contentsOf: table.bytes)
-        out.append(contentsOf: UnsafeRawBufferPointer(start: data, count: dataPages * 4096))
-        return out
+    /// The payload: count, table, pages (valid until the next add).
+    func payload() -> UnsafeRawBufferPointer {
+        message.storeBytes(of: UInt32(count), as: UInt32.self)
+        memcpy(message + 4 + 9 * count, data, dataPages * 4096)
+        return UnsafeRawBufferPointer(start: message, count: 4 + 9 * count + dataPages * 4096)
     }
 }
 

@@ -1,0 +1,102 @@
+import CKVM
+import MemVirtCore
+import MemVirtGuest
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+@testable import MemVirtKVM
+
+/// Runs a destination on a dedicated thread (port 0), then `body` with its port.
+func withDestination(_ body: (UInt16) throws -> MigrationReport) throws -> (source: MigrationReport, destination: Result<MigrationReport, KVMError>) {
+    let box = ResultBox<MigrationReport>()
+    let portBox = ResultBox<UInt16>()
+    let t = try DedicatedThread.start(name: "test-destination") {
+        do { box.value = .success(try LiveMigration.listen(port: 0) { p in portBox.value = .success(p) }) } catch let e as KVMError {
+            box.value = .failure(e)
+            if portBox.value == nil { portBox.value = .failure(e) }
+        } catch {}
+    }
+    while portBox.value == nil { usleepNanos(1_000_000) }
+    let port = try portBox.value!.get()
+    let s = try body(port)
+    t.join()
+    return (s, box.value!)
+}
+
+@Suite("KVM engine: live migration", .serialized, .enabled(if: KVM.isUsable, Comment(rawValue: kvmReason)))
+struct KVMMigrationTests {
+    static let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: 12_000_000, writeRatio: 0.3, seed: 21)
+
+    @Test("migration reaches the oracle's result with equal switch-over hashes",
+          arguments: [("precopy", 1), ("precopy", 8), ("postcopy", 1), ("hybrid", 1), ("hybrid", 16)])
+    func migrate(mode: String, group: Int) throws {
+        var o = MigrationOptions()
+        o.mode = MigrationOptions.Mode(rawValue: mode)!
+        o.groupPages = group
+        o.afterNanos = 150_000_000
+        let (s, d) = try withDestination { port in try LiveMigration.migrate(Self.spec, to: "127.0.0.1", port: port, options: o) }
+        let dst = try d.get()
+        print("\(mode)/\(group): \(s.json.rendered())")
+        #expect(s.migrated && s.error == nil)
+        #expect(s.sourceHash != nil && s.sourceHash == s.destinationHash)
+        #expect(dst.destinationHash == s.sourceHash)
+        let want = try oracle(Self.spec)
+        #expect(s.guest.first?.readSum == want.readSum)
+        #expect(s.guest.first?.memoryChecksum == want.checksum)
+        #expect(s.bytesSent > 0)
+    }
+
+    @Test("a connection cut during pre-copy: the source keeps running and reaches the oracle's result")
+    func cutConnection() throws {
+        let (listener, port) = try MigrationChannel.listen(address: "127.0.0.1", port: 0)
+        let t = try DedicatedThread.start(name: "test-cutter") {
+            guard let ch = try? MigrationChannel.accept(listener) else { return }
+            _ = try? ch.receive()  // HELLO
+            _ = try? ch.receive()  // a first batch of pages
+            ch.shutdownBoth()
+        }
+        var o = MigrationOptions()
+        o.afterNanos = 100_000_000
+        let r = try LiveMigration.migrate(Self.spec, to: "127.0.0.1", port: port, options: o)
+        t.join()
+        print("cut: \(r.json.rendered())")
+        #expect(!r.migrated)
+        #expect(r.error != nil)
+        let want = try oracle(Self.spec)
+        #expect(r.guest.first?.readSum == want.readSum)
+        #expect(r.guest.first?.memoryChecksum == want.checksum)
+    }
+
+    @Test("a corrupt, truncated or mismatched stream is refused with a clear error", arguments: ["checksum", "version", "truncated"])
+    func corrupt(kind: String) throws {
+        let (listener, port) = try MigrationChannel.listen(address: "127.0.0.1", port: 0)
+        let box = ResultBox<MigrationReport>()
+        let t = try DedicatedThread.start(name: "test-destination") {
+            do { box.value = .success(try LiveMigration.receive(try MigrationChannel.accept(listener))) } catch let e as KVMError { box.value = .failure(e) } catch {}
+        }
+        let ch = try MigrationChannel.connect(host: "127.0.0.1", port: port)
+        // A valid header, then damage.
+        var w = ByteWriter()
+        w.put(MigrationStreamFormat.magic)
+        w.put(kind == "version" ? UInt16(9) : MigrationStreamFormat.version)
+        w.put(MigrationMessage.hello.rawValue)
+        let payload = MigrationHello(dataSize: 1 << 20, vcpus: 1, tableBytesPerVCPU: 0, runtimeSize: 2 << 20, mode: 0, pageSize: 4096).encoded()
+        w.put(UInt64(payload.count))
+        w.put(payload.withUnsafeBytes { ckvm_checksum($0.baseAddress, $0.count) } ^ (kind == "checksum" ? 1 : 0))
+        w.put(UInt64(0))
+        w.bytes += kind == "truncated" ? Array(payload.prefix(5)) : payload
+        let fd = ch.fd.raw
+        let sent = w.bytes.withUnsafeBytes { b in Glibc.send(fd, b.baseAddress, b.count, Int32(MSG_NOSIGNAL)) }
+        #expect(sent == w.bytes.count)
+        if kind == "truncated" { ch.shutdownBoth() }
+        t.join()
+        guard case .failure(let e)? = box.value else { Issue.record("the stream was accepted"); return }
+        print("\(kind): \(e)")
+        switch kind {
+        case "checksum": #expect("\(e)".contains("checksum mismatch"))
+        case "version": #expect("\(e)".contains("version 9"))
+        default: #expect("\(e)".contains("truncated"))
+        }
+    }
+}
