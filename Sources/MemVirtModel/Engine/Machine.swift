@@ -56,6 +56,7 @@ public struct GuestError: Error, CustomStringConvertible, Sendable {
 public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendable {
     public let mode: Mode
     public let cpu: ModelCPU
+    let tlb: TLBHierarchy
     public let kernel: GuestKernel
     /// The address space the vCPU runs in (CR3).
     public private(set) var space: AddressSpace
@@ -92,6 +93,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         self.kernel = kernel
         self.space = space
         data = mode.dataMemory
+        tlb = cpu.tlb
         costs = cpu.costs
         self.computePerAccess = Double(computePerAccess)
         kernel.cpu = self
@@ -146,7 +148,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         let fetch = a.kind == .execute
         if write { writes &+= 1 } else if fetch { fetches &+= 1 }
         var entry: TLBEntry
-        if let (e, level) = cpu.tlb.lookup(va, pcid: space.pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
+        if let (e, level) = tlb.lookup(va, pcid: space.pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
             if level == .l1 { l1Hits &+= 1 } else {
                 l2Hits &+= 1
             }
@@ -167,7 +169,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     /// A TLB miss, or a hit the entry does not permit (a write through a clean entry, a
     /// permission the entry lacks): such an entry is dropped and the walk sets D or faults.
     @inline(never) func missAfterLookup(_ va: UInt64, kind: AccessKind, fetch: Bool) throws -> TLBEntry {
-        if cpu.tlb.lookup(va, pcid: space.pcid, fetch: fetch) != nil { cpu.tlb.invalidatePage(va, pcid: space.pcid) }
+        if !tlb.empty, tlb.lookup(va, pcid: space.pcid, fetch: fetch) != nil { tlb.invalidatePage(va, pcid: space.pcid) }
         return try miss(va, kind: kind)
     }
 

@@ -74,18 +74,20 @@ public final class ModelCPU: @unchecked Sendable {
 /// Table memory that charges every entry read to the CPU's ledger and counts A/D writes.
 public struct ChargedTableMemory<Inner: PageTableMemory>: PageTableMemory {
     public var inner: Inner
-    public let cpu: ModelCPU
+    // Unretained: the walk runs inside a call that holds the CPU (saves a retain/release pair
+    // per walk on the hottest miss path).
+    let cpuRef: Unmanaged<ModelCPU>
     public init(_ inner: Inner, cpu: ModelCPU) {
         self.inner = inner
-        self.cpu = cpu
+        cpuRef = Unmanaged.passUnretained(cpu)
     }
     @inline(__always) public mutating func readEntry(_ address: UInt64, level: Int) -> UInt64? {
         guard let v = inner.readEntry(address, level: level) else { return nil }
-        cpu.chargeWalkRef(address, level: level)
+        cpuRef._withUnsafeGuaranteedRef { $0.chargeWalkRef(address, level: level) }
         return v
     }
     @inline(__always) public mutating func writeEntry(_ address: UInt64, _ value: UInt64) {
-        cpu.adWrites &+= 1
+        cpuRef._withUnsafeGuaranteedRef { $0.adWrites &+= 1 }
         inner.writeEntry(address, value)
     }
 }

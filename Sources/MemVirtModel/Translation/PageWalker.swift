@@ -40,10 +40,22 @@ public protocol PageTableMemory {
 
 /// Direct access to one physical memory (native paging; shadow tables in host memory).
 public struct DirectTableMemory: PageTableMemory {
-    let memory: PhysicalMemory
-    public init(_ memory: PhysicalMemory) { self.memory = memory }
-    public mutating func readEntry(_ address: UInt64, level: Int) -> UInt64? { memory.read64(address) }
-    public mutating func writeEntry(_ address: UInt64, _ value: UInt64) { memory.write64(address, value) }
+    // The raw mapping, not the owning object: a walk's table memory lives inside a call that
+    // holds the memory, and a class reference here costs a retain/release pair per walk.
+    let base: UnsafeMutableRawPointer
+    let capacity: UInt64
+    public init(_ memory: PhysicalMemory) {
+        base = memory.base
+        capacity = memory.capacity
+    }
+    @inline(__always) public mutating func readEntry(_ address: UInt64, level: Int) -> UInt64? {
+        precondition(address &+ 8 <= capacity, "page-table read beyond simulated memory")
+        return base.load(fromByteOffset: Int(address), as: UInt64.self)
+    }
+    @inline(__always) public mutating func writeEntry(_ address: UInt64, _ value: UInt64) {
+        precondition(address &+ 8 <= capacity, "page-table write beyond simulated memory")
+        base.storeBytes(of: value, toByteOffset: Int(address), as: UInt64.self)
+    }
 }
 
 /// The outcome of one walk.

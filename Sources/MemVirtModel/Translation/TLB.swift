@@ -134,7 +134,11 @@ public final class TLBHierarchy: @unchecked Sendable {
         l2 = config.l2.filter { $0.entries > 0 }.map(make)
         l1d4K = l1d.first { !$0.shared && $0.size0 == .size4K }?.cache
         all = l1d + l1i + l2
+        empty = all.isEmpty
     }
+
+    /// No TLB at all (every access walks).
+    let empty: Bool
 
     @inline(__always) static func tag(_ va: UInt64, _ size: PageSize, shared: Bool) -> UInt64 {
         let vpn = va >> UInt64(size.shift)
@@ -148,11 +152,15 @@ public final class TLBHierarchy: @unchecked Sendable {
             let s = fast.lookup(tag: va >> 12, pcid: pcid)
             if s >= 0 { return (TLBEntry(payload: fast.payload(s), size: .size4K), .l1) }
         }
-        for a in fetch ? l1i : l1d {
-            for size in a.sizes {
-                let s = a.cache.lookup(tag: Self.tag(va, size, shared: a.shared), pcid: pcid)
-                if s >= 0 { return (TLBEntry(payload: a.cache.payload(s), size: size), .l1) }
-            }
+        if empty { return nil }
+        return lookupSlow(va, pcid: pcid, fetch: fetch)
+    }
+
+    @inline(never) func lookupSlow(_ va: UInt64, pcid: UInt16, fetch: Bool) -> (TLBEntry, TLBLevel)? {
+        if fetch {
+            if let hit = lookupL1(l1i, va, pcid) { return hit }
+        } else {
+            if let hit = lookupL1(l1d, va, pcid) { return hit }
         }
         for a in l2 {
             for size in a.sizes {
@@ -162,6 +170,16 @@ public final class TLBHierarchy: @unchecked Sendable {
                     fillL1(va, pcid: pcid, entry: e, global: false, fetch: fetch)
                     return (e, .l2)
                 }
+            }
+        }
+        return nil
+    }
+
+    @inline(__always) func lookupL1(_ arrays: [Array_], _ va: UInt64, _ pcid: UInt16) -> (TLBEntry, TLBLevel)? {
+        for a in arrays {
+            for size in a.sizes {
+                let s = a.cache.lookup(tag: Self.tag(va, size, shared: a.shared), pcid: pcid)
+                if s >= 0 { return (TLBEntry(payload: a.cache.payload(s), size: size), .l1) }
             }
         }
         return nil
