@@ -8,9 +8,22 @@ import MemVirtCore
 /// Host frames are given on demand: the first touch of a guest frame is an EPT violation that
 /// exits to the hypervisor, which allocates a frame (gfn_to_pfn) and fills the EPT entry.
 /// Guest page faults go straight to the guest: no exit.
-public final class NestedPaging: PagingMode {
-    public let host: PhysicalMemory
-    public var hostFrames: FrameAllocator
+///
+/// Host frames come from a `HostMemory` (a memory-group analogue: limit, reclaim, swap, KSM),
+/// which may be shared by several VMs. NestedPaging is its `HostMappingOwner`: reclaim clears
+/// EPT accessed bits and zaps EPT leaves through it (with the INVEPT flush of every vCPU that
+/// KVM's kvm_flush_remote_tlbs does). Several vCPUs may share one NestedPaging: each has its
+/// own nested TLB and EPT paging-structure caches (they are per core in hardware), selected
+/// by the `ModelCPU` passed to `resolveMiss` (or `bind`).
+public final class NestedPaging: PagingMode, HostMappingOwner {
+    public let hostMemory: HostMemory
+    /// This VM's index in `hostMemory`.
+    public private(set) var ownerIndex = 0
+    public var host: PhysicalMemory { hostMemory.memory }
+    public var hostFrames: FrameAllocator {
+        get { hostMemory.frames }
+        set { hostMemory.frames = newValue }
+    }
     public let hostPageSize: PageSize
     /// EPT paging levels (4, or 5 with 5-level EPT).
     public let eptLevels: Int
@@ -18,17 +31,51 @@ public final class NestedPaging: PagingMode {
     public let eptRoot: UInt64
     /// EPT accessed/dirty flags (EPTP bit 6).
     public let accessedDirty: Bool
-    /// Guest-physical page (4 KiB tag) -> host-physical page base.
-    let nestedTLB: SetAssociativeCache
-    /// EPT paging-structure caches keyed by gpa >> 21 / >> 30 / >> 39.
-    let eptPDE: SetAssociativeCache
-    let eptPDPTE: SetAssociativeCache
-    let eptPML4E: SetAssociativeCache
     let eptCachesOn: Bool
-    let cpu: ModelCPU
+    /// Per-vCPU translation state; `cur` is the vCPU being served.
+    final class VCPUState {
+        let cpu: ModelCPU
+        /// Guest-physical page (4 KiB tag) -> host-physical page base | writable << 1 | dirty-ok.
+        let nestedTLB: SetAssociativeCache
+        /// EPT paging-structure caches keyed by gpa >> 21 / >> 30 / >> 39.
+        let eptPDE: SetAssociativeCache
+        let eptPDPTE: SetAssociativeCache
+        let eptPML4E: SetAssociativeCache
+        init(cpu: ModelCPU, on: Bool) {
+            self.cpu = cpu
+            nestedTLB = SetAssociativeCache(sets: 1, ways: on ? 32 : 0)
+            eptPDE = SetAssociativeCache(sets: 1, ways: on ? 32 : 0)
+            eptPDPTE = SetAssociativeCache(sets: 1, ways: on ? 4 : 0)
+            eptPML4E = SetAssociativeCache(sets: 1, ways: on ? 2 : 0)
+        }
+        /// A TLB flush request not yet serviced (KVM_REQ_TLB_FLUSH, handled at the next entry).
+        var flushPending = false
+        func flushGuestPhysical() {
+            nestedTLB.flushAll(); eptPDE.flushAll(); eptPDPTE.flushAll(); eptPML4E.flushAll()
+        }
+    }
+    var vcpus: [VCPUState] = []
+    var cur: VCPUState
+    var cpu: ModelCPU { cur.cpu }
     let guestView: NestedGuestMemory
     /// Guest-physical ranges that are MMIO: EPT entries there are misconfigured on purpose.
     public private(set) var mmioRanges: [Range<UInt64>] = []
+    let guestFrameCount: Int
+
+    // Simulated time and the I/O protocol with a scheduler (see Scheduling/VMSimulation).
+    /// Simulated time of the access being served (ns). A scheduler sets it; without one
+    /// (`clockDriven` false) the time is taken from the CPU's ledger.
+    public var now: Double = 0
+    public var clockDriven = false
+    /// When true, an EPT violation that needs swap I/O is not waited for: it is recorded in
+    /// `pendingIO` and the miss answers `.retry`, so the caller can block the vCPU or send an
+    /// async page fault. When false, the vCPU waits synchronously (`syncBlockUntil`).
+    public var deferIO = false
+    public private(set) var pendingIO: (gfn: UInt64, readyAt: Double)?
+    /// The latest time a synchronous host wait ends (clock-driven runs; reset by the caller).
+    public var syncBlockUntil: Double = 0
+    /// Called after each zap's INVEPT flush of every vCPU (a scheduler charges the IPIs).
+    public var onFlush: (() -> Void)?
 
     // Counted on the miss path, folded into the CPU's counters by `settle`.
     var violations: UInt64 = 0
@@ -36,8 +83,9 @@ public final class NestedPaging: PagingMode {
     var nestedRefs: UInt64 = 0
     var nestedTLBHits: UInt64 = 0
     var eptCacheHits: UInt64 = 0
-    var hostFaults: UInt64 = 0
-    var leafPages: [UInt64] = [0, 0, 0]
+    var untrackedFaults: UInt64 = 0
+    var leafPages: [Int64] = [0, 0, 0]
+    var settledStats = HostOwnerStats()
     /// The largest number of references one completed 2D walk made.
     public private(set) var maxWalkRefs = 0
 
@@ -45,32 +93,51 @@ public final class NestedPaging: PagingMode {
     /// AMD's NTLB and Intel's caching of guest-physical translations are not documented in
     /// size; 32 / 2+4+32 entries mirror the native structures (Bhargava et al. 2008 used a
     /// small fully associative NTLB of this order).
-    public init(cpu: ModelCPU, guestCapacity: UInt64, hostPageSize: PageSize = .size4K, eptLevels: Int = 4, accessedDirty: Bool = true) throws(InputError) {
+    /// `hostMemory`: the host's memory to draw frames from (shared by VMs, with a limit);
+    /// nil makes a private one without a limit.
+    public init(cpu: ModelCPU, guestCapacity: UInt64, hostPageSize: PageSize = .size4K, eptLevels: Int = 4, accessedDirty: Bool = true, hostMemory: HostMemory? = nil) throws(InputError) {
         guard eptLevels == 4 || eptLevels == 5 else { throw InputError("EPT levels \(eptLevels): use 4 or 5") }
-        self.cpu = cpu
         self.hostPageSize = hostPageSize
         self.eptLevels = eptLevels
         self.accessedDirty = accessedDirty
         // Host memory: guest RAM plus room for EPT tables, 1 GiB-aligned.
-        let capacity = guestCapacity + (2 << 30)
-        host = try PhysicalMemory(capacity: capacity, name: "host-physical")
-        hostFrames = FrameAllocator(capacity: capacity)
-        guard let root = hostFrames.allocate(.size4K) else { throw InputError("host memory exhausted") }
-        host.zero(root, bytes: 4096)
+        let hm: HostMemory
+        if let given = hostMemory { hm = given } else { hm = try HostMemory(capacity: guestCapacity + (2 << 30)) }
+        if hm.limitFrames != nil {
+            guard hostPageSize == .size4K else { throw InputError("a host memory limit needs 4 KiB host pages") }
+            guard accessedDirty else { throw InputError("host reclaim needs EPT accessed/dirty flags") }
+        }
+        self.hostMemory = hm
+        guard let root = hm.allocateTableFrame() else { throw InputError("host memory exhausted") }
+        hm.memory.zero(root, bytes: 4096)
         eptRoot = root
         let on = cpu.tlb.config.pdeCache > 0
         eptCachesOn = on
-        nestedTLB = SetAssociativeCache(sets: 1, ways: on ? 32 : 0)
-        eptPDE = SetAssociativeCache(sets: 1, ways: on ? 32 : 0)
-        eptPDPTE = SetAssociativeCache(sets: 1, ways: on ? 4 : 0)
-        eptPML4E = SetAssociativeCache(sets: 1, ways: on ? 2 : 0)
+        cur = VCPUState(cpu: cpu, on: on)
+        vcpus = [cur]
+        guestFrameCount = Int(guestCapacity >> 12)
         guestView = NestedGuestMemory()
         guestView.owner = self
+        ownerIndex = hm.register(self, guestFrames: guestFrameCount)
+    }
+
+    /// Serves `cpu` from now on (adding it as a vCPU of this VM the first time).
+    @inline(__always) public func bind(_ cpu: ModelCPU) {
+        if cur.cpu !== cpu { bindSlow(cpu) }
+    }
+
+    func bindSlow(_ cpu: ModelCPU) {
+        if let s = vcpus.first(where: { $0.cpu === cpu }) { cur = s; return }
+        let s = VCPUState(cpu: cpu, on: eptCachesOn)
+        vcpus.append(s)
+        cur = s
     }
 
     public var name: String { "nested" }
     public var applicableCounters: [Counter] {
-        [.pfTaken, .pfFixed, .exits, .eptViolations, .nestedTLBHits, .nestedWalkCacheHits, .nestedWalkRefs, .pages4K, .pages2M, .pages1G, .hostMinorFaults]
+        var c: [Counter] = [.pfTaken, .pfFixed, .exits, .eptViolations, .nestedTLBHits, .nestedWalkCacheHits, .nestedWalkRefs, .pages4K, .pages2M, .pages1G, .hostMinorFaults]
+        if hostMemory.limitFrames != nil { c += [.hostMajorFaults, .swapIns, .swapOuts, .tlbFlush] }
+        return c
     }
     public var dataMemory: PhysicalMemory { host }
     public var guestMemory: GuestPhysicalMemory { guestView }
@@ -79,10 +146,17 @@ public final class NestedPaging: PagingMode {
     /// misconfigured (write without read), so every access exits (SDM 29.3.3.1).
     public func addMMIO(_ range: Range<UInt64>) { mmioRanges.append(range) }
 
+    /// The pending swap-in recorded by the last miss (with `deferIO`), cleared.
+    public func takePendingIO() -> (gfn: UInt64, readyAt: Double)? {
+        let p = pendingIO
+        pendingIO = nil
+        return p
+    }
+
     // MARK: EPT walk
 
     enum NestedOutcome {
-        case translated(hostPage: UInt64, size: PageSize, writable: Bool)
+        case translated(hostPage: UInt64, size: PageSize, writable: Bool, dirty: Bool)
         case violation
         case misconfiguration
     }
@@ -90,12 +164,12 @@ public final class NestedPaging: PagingMode {
     /// Translates guest-physical `gpa` through the nested TLB or an EPT walk (references
     /// counted and charged). `write` sets the EPT dirty flag on the leaf.
     @inline(__always) func translate(_ gpa: UInt64, write: Bool) -> NestedOutcome {
-        let s = nestedTLB.lookup(tag: gpa >> 12, pcid: 0)
+        let s = cur.nestedTLB.lookup(tag: gpa >> 12, pcid: 0)
         if s >= 0 {
-            let p = nestedTLB.payload(s)
-            if !write || p & 1 != 0 {
+            let p = cur.nestedTLB.payload(s)
+            if !write || p & 3 == 3 {
                 nestedTLBHits &+= 1
-                return .translated(hostPage: p & PageTableEntry.addressMask, size: .size4K, writable: p & 2 != 0)
+                return .translated(hostPage: p & PageTableEntry.addressMask, size: .size4K, writable: p & 2 != 0, dirty: p & 1 != 0)
             }
         }
         return walkEPT(gpa, write: write)
@@ -104,13 +178,14 @@ public final class NestedPaging: PagingMode {
     func walkEPT(_ gpa: UInt64, write: Bool) -> NestedOutcome {
         var level = eptLevels
         var table = eptRoot
+        let c = cur
         if eptCachesOn {
-            var s = eptPDE.lookup(tag: gpa >> 21, pcid: 0)
-            if s >= 0 { level = 1; table = eptPDE.payload(s) } else {
-                s = eptPDPTE.lookup(tag: gpa >> 30, pcid: 0)
-                if s >= 0 { level = 2; table = eptPDPTE.payload(s) } else {
-                    s = eptPML4E.lookup(tag: gpa >> 39, pcid: 0)
-                    if s >= 0 { level = 3; table = eptPML4E.payload(s) }
+            var s = c.eptPDE.lookup(tag: gpa >> 21, pcid: 0)
+            if s >= 0 { level = 1; table = c.eptPDE.payload(s) } else {
+                s = c.eptPDPTE.lookup(tag: gpa >> 30, pcid: 0)
+                if s >= 0 { level = 2; table = c.eptPDPTE.payload(s) } else {
+                    s = c.eptPML4E.lookup(tag: gpa >> 39, pcid: 0)
+                    if s >= 0 { level = 3; table = c.eptPML4E.payload(s) }
                 }
             }
             if level < eptLevels { eptCacheHits &+= 1 }
@@ -119,26 +194,27 @@ public final class NestedPaging: PagingMode {
             let ea = table &+ (UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) << 3)
             let raw = host.read64(ea)
             nestedRefs &+= 1
-            cpu.chargeWalkRef(ea, level: level + 8)
+            c.cpu.chargeWalkRef(ea, level: level + 8)
             let e = EPTEntry(rawValue: raw)
             if !e.isPresent { return .violation }
-            if e.isMisconfigured(level: level, physicalAddressBits: cpu.paging.physicalAddressBits) { return .misconfiguration }
+            if e.isMisconfigured(level: level, physicalAddressBits: c.cpu.paging.physicalAddressBits) { return .misconfiguration }
             let leaf = level == 1 || (level <= 3 && e.isLargePage)
+            if leaf && write && !e.isWritable { return .violation }
             var updated = raw
             if accessedDirty {
                 updated |= EPTEntry.Flags.accessed.rawValue
                 if leaf && write { updated |= EPTEntry.Flags.dirty.rawValue }
                 if updated != raw {
                     host.write64(ea, updated)
-                    cpu.adWrites &+= 1
+                    c.cpu.adWrites &+= 1
                 }
             }
             if !leaf {
                 if eptCachesOn {
                     switch level {
-                    case 4: eptPML4E.insert(tag: gpa >> 39, pcid: 0, payload: e.address)
-                    case 3: eptPDPTE.insert(tag: gpa >> 30, pcid: 0, payload: e.address)
-                    case 2: eptPDE.insert(tag: gpa >> 21, pcid: 0, payload: e.address)
+                    case 4: c.eptPML4E.insert(tag: gpa >> 39, pcid: 0, payload: e.address)
+                    case 3: c.eptPDPTE.insert(tag: gpa >> 30, pcid: 0, payload: e.address)
+                    case 2: c.eptPDE.insert(tag: gpa >> 21, pcid: 0, payload: e.address)
                     default: break
                     }
                 }
@@ -147,45 +223,90 @@ public final class NestedPaging: PagingMode {
                 continue
             }
             let size = PageSize(leafLevel: level)!
-            if write && !e.isWritable { return .violation }
             let page = e.pageBase(size) | (gpa & size.offsetMask & ~PageSize.size4K.offsetMask)
-            let dirtyOK: UInt64 = (!accessedDirty || updated & EPTEntry.Flags.dirty.rawValue != 0) ? 1 : 0
-            nestedTLB.insert(tag: gpa >> 12, pcid: 0, payload: page | (e.isWritable ? 2 : 0) | dirtyOK)
-            return .translated(hostPage: e.pageBase(size), size: size, writable: e.isWritable)
+            let dirtyOK = !accessedDirty || updated & EPTEntry.Flags.dirty.rawValue != 0
+            c.nestedTLB.insert(tag: gpa >> 12, pcid: 0, payload: page | (e.isWritable ? 2 : 0) | (dirtyOK ? 1 : 0))
+            return .translated(hostPage: e.pageBase(size), size: size, writable: e.isWritable, dirty: dirtyOK)
         }
     }
 
-    /// The hypervisor's EPT-violation handler: back the host page holding `gpa` and map it.
-    func handleViolation(_ gpa: UInt64) throws(InputError) {
+    /// Nanoseconds on the bound CPU's ledger (the clock of runs without a scheduler).
+    var ledgerNow: Double { cpu.ledger.total / cpu.costs.clockGHz }
+
+    /// The hypervisor's EPT-violation handler: back the host page holding `gpa` and map it
+    /// (gfn_to_pfn, then the EPT entry). Returns false when the page needs swap I/O and
+    /// `deferIO` is set: the I/O is then in `pendingIO`.
+    @discardableResult
+    func handleViolation(_ gpa: UInt64, write: Bool) throws(InputError) -> Bool {
         violations &+= 1
         cpu.counters.add(.exits, 1)
         cpu.counters.add(.pfTaken, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
         cpu.ledger.charge(.hypervisorFaults, cpu.costs.eptViolationHandler)
-        let size = hostPageSize
-        let gpaBase = gpa & ~size.offsetMask
-        guard let frame = hostFrames.allocate(size) else { throw InputError("host memory exhausted backing \(GuestPhysicalAddress(gpa))") }
-        host.zero(frame, bytes: size.bytes)
-        hostFaults &+= 1
-        cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(size))
         let mmio = mmioRanges.contains { $0.contains(gpa) }
-        var flags: EPTEntry.Flags = mmio ? [.write] : .readWriteExecute
-        if size != .size4K { flags.insert(.pageSize) }
-        guard installEPT(gpaBase, frame: frame, size: size, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)) else {
-            throw InputError("host memory exhausted building EPT tables")
+        if hostPageSize != .size4K || mmio {
+            // Untracked host pages (large host pages, MMIO placeholders): allocate and map.
+            let size = hostPageSize
+            guard let frame = hostMemory.allocateUntracked(size) else { throw InputError("host memory exhausted backing \(GuestPhysicalAddress(gpa))") }
+            host.zero(frame, bytes: size.bytes)
+            untrackedFaults &+= 1
+            cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(size))
+            var flags: EPTEntry.Flags = mmio ? [.write] : .readWriteExecute
+            if size != .size4K { flags.insert(.pageSize) }
+            guard installEPT(gpa & ~size.offsetMask, size: size, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)) else {
+                throw InputError("host memory exhausted building EPT tables")
+            }
+            cpu.counters.add(.pfFixed, 1)
+            return true
         }
-        cpu.counters.add(.pfFixed, 1)
-        leafPages[size.leafLevel - 1] &+= 1
+        let gfn = gpa >> 12
+        guard Int(gfn) < guestFrameCount else { throw InputError("guest-physical \(GuestPhysicalAddress(gpa)) beyond guest memory") }
+        var t = clockDriven ? now : max(now, ledgerNow)
+        while true {
+            switch hostMemory.fault(owner: ownerIndex, gfn: gfn, write: write, now: t) {
+            case .map(let frame, let writable, let kind, let readyAt):
+                if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
+                cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
+                if readyAt > t { hostWait(until: readyAt, from: t) }
+                let flags: EPTEntry.Flags = writable ? .readWriteExecute : [.read, .execute]
+                guard installEPT(gfn << 12, size: .size4K, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)) else {
+                    throw InputError("host memory exhausted building EPT tables")
+                }
+                cpu.counters.add(.pfFixed, 1)
+                return true
+            case .io(let readyAt, _):
+                cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
+                if deferIO {
+                    pendingIO = (gfn, readyAt)
+                    return false
+                }
+                hostWait(until: readyAt, from: t)
+                hostMemory.completeReadNow(owner: ownerIndex, gfn: gfn)
+                if !clockDriven { t = max(t, readyAt) }
+            case .outOfMemory:
+                throw InputError("host memory and swap exhausted backing \(GuestPhysicalAddress(gpa))")
+            }
+        }
     }
 
-    func installEPT(_ gpa: UInt64, frame: UInt64, size: PageSize, leaf: EPTEntry) -> Bool {
+    /// The vCPU waits in the host until `until`: recorded for a scheduler, or charged as cycles.
+    func hostWait(until: Double, from t: Double) {
+        if clockDriven {
+            syncBlockUntil = max(syncBlockUntil, until)
+        } else {
+            cpu.ledger.charge(.hostFaults, (until - t) * cpu.costs.clockGHz)
+        }
+    }
+
+    /// Installs `leaf` for `gpa` (building EPT tables); replacing a present leaf flushes.
+    func installEPT(_ gpa: UInt64, size: PageSize, leaf: EPTEntry) -> Bool {
         var table = eptRoot
         var level = eptLevels
         while level > size.leafLevel {
             let ea = table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8
             var e = EPTEntry(rawValue: host.read64(ea))
             if !e.isPresent {
-                guard let t = hostFrames.allocate(.size4K) else { return false }
+                guard let t = hostMemory.allocateTableFrame() else { return false }
                 host.zero(t, bytes: 4096)
                 e = EPTEntry(frameAddress: t, flags: .readWriteExecute)
                 host.write64(ea, e.rawValue)
@@ -193,18 +314,121 @@ public final class NestedPaging: PagingMode {
             table = e.address
             level -= 1
         }
-        host.write64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8, leaf.rawValue)
+        let ea = table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8
+        let old = EPTEntry(rawValue: host.read64(ea))
+        host.write64(ea, leaf.rawValue)
+        if old.isPresent { flushAllVCPUs() } else { leafPages[size.leafLevel - 1] += 1 }
         return true
     }
 
-    /// Host-physical address of `gpa` for the guest kernel's own accesses (backing it first).
-    func hostAddress(_ gpa: UInt64) -> UInt64 {
+    /// The EPT leaf entry address for a 4 KiB `gfn`, if its tables exist.
+    func leafAddress(gfn: UInt64) -> UInt64? {
+        var table = eptRoot
+        var level = eptLevels
+        let gpa = gfn << 12
+        while level > 1 {
+            let e = EPTEntry(rawValue: host.read64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8))
+            if !e.isPresent || e.isLargePage { return nil }
+            table = e.address
+            level -= 1
+        }
+        return table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: 1)) * 8
+    }
+
+    /// INVEPT (single context) on every vCPU: combined and guest-physical mappings dropped.
+    /// The guest-physical caches (nested TLB, EPT walk caches) are dropped at once, so no walk
+    /// in progress can use a stale host frame. Under a scheduler (`clockDriven`) the combined
+    /// mappings (TLBs, guest paging-structure caches) are dropped when the vCPU next translates
+    /// (`serviceFlush`), as KVM services KVM_REQ_TLB_FLUSH on the next VM entry; requests made
+    /// in between coalesce into one flush, counted once in `tlb_flush` as KVM counts it.
+    func flushAllVCPUs() {
+        for v in vcpus {
+            v.flushGuestPhysical()
+            v.flushPending = true
+            if !clockDriven { serviceFlush(v) }
+        }
+        onFlush?()
+    }
+
+    func serviceFlush(_ v: VCPUState) {
+        guard v.flushPending else { return }
+        v.flushPending = false
+        v.cpu.tlb.flushAll(keepGlobal: false)
+        v.cpu.walkCaches.flushAll()
+        v.cpu.counters.add(.tlbFlush, 1)
+    }
+
+    /// Services a pending TLB flush request of `cpu` (before its next TLB look-up).
+    @inline(__always) public func serviceFlush(cpu: ModelCPU) {
+        bind(cpu)
+        if cur.flushPending { serviceFlush(cur) }
+    }
+
+    // MARK: HostMappingOwner
+
+    @discardableResult
+    public func zap(gfn: UInt64) -> Bool {
+        guard let ea = leafAddress(gfn: gfn) else { return false }
+        let e = EPTEntry(rawValue: host.read64(ea))
+        guard e.isPresent else { return false }
+        host.write64(ea, 0)
+        leafPages[0] -= 1
+        flushAllVCPUs()
+        return accessedDirty ? e.rawValue & EPTEntry.Flags.dirty.rawValue != 0 : e.isWritable
+    }
+
+    public func accessedAndClear(gfn: UInt64) -> Bool {
+        guard let ea = leafAddress(gfn: gfn) else { return false }
+        let raw = host.read64(ea)
+        guard EPTEntry(rawValue: raw).isPresent else { return false }
+        guard accessedDirty else { return true }
+        let a = EPTEntry.Flags.accessed.rawValue
+        if raw & a == 0 { return false }
+        host.write64(ea, raw & ~a)
+        return true
+    }
+
+    /// Installs the EPT entry for `gpa` if the host has the page ready (KVM's
+    /// kvm_arch_async_page_ready prefault after an async page fault's I/O). True if mapped.
+    @discardableResult
+    public func prefault(_ gpa: UInt64) -> Bool {
+        guard hostMemory.isReady(owner: ownerIndex, gfn: gpa >> 12, now: now) else { return false }
+        if let hpa = walkEPTSilently(gpa), hpa != 0 { return true }
+        let saved = deferIO
+        deferIO = true
+        defer { deferIO = saved }
+        cpu.ledger.charge(.hypervisorFaults, cpu.costs.eptViolationHandler)
+        guard case .map(let frame, let writable, let kind, _) = hostMemory.fault(owner: ownerIndex, gfn: gpa >> 12, write: false, now: now) else { return false }
+        if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
+        cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
+        let flags: EPTEntry.Flags = writable ? .readWriteExecute : [.read, .execute]
+        _ = installEPT((gpa >> 12) << 12, size: .size4K, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack))
+        return true
+    }
+
+    /// Host-physical address of `gpa` for the guest kernel's own accesses (backing it first;
+    /// a kernel-mode access never goes async). Sets EPT A, and D for a write, as the hardware
+    /// does for the access.
+    func hostAddress(_ gpa: UInt64, write: Bool) -> UInt64 {
         while true {
-            switch walkEPTSilently(gpa) {
-            case .some(let hpa): return hpa
-            case .none:
-                do { try handleViolation(gpa) } catch { preconditionFailure("\(error)") }
+            if let ea = leafAddress(gfn: gpa >> 12) {
+                let raw = host.read64(ea)
+                let e = EPTEntry(rawValue: raw)
+                if e.isPresent && (!write || e.isWritable) {
+                    if accessedDirty {
+                        var u = raw | EPTEntry.Flags.accessed.rawValue
+                        if write { u |= EPTEntry.Flags.dirty.rawValue }
+                        if u != raw { host.write64(ea, u) }
+                    }
+                    return e.pageBase(.size4K) | (gpa & 4095)
+                }
+            } else if let hpa = walkEPTSilently(gpa) {
+                return hpa  // a large host page
             }
+            let saved = deferIO
+            deferIO = false
+            defer { deferIO = saved }
+            do { try handleViolation(gpa, write: write) } catch { preconditionFailure("\(error)") }
         }
     }
 
@@ -224,9 +448,14 @@ public final class NestedPaging: PagingMode {
         }
     }
 
+    /// Host-physical address of `gpa` if mapped now (no fault, no A/D): for inspection.
+    public func mappedHostAddress(_ gpa: GuestPhysicalAddress) -> UInt64? { walkEPTSilently(gpa.rawValue) }
+
     // MARK: PagingMode
 
     public func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome {
+        bind(cpu)
+        if cur.flushPending { serviceFlush(cur) }
         cpu.walksStarted &+= 1
         let before = nestedRefs
         var mem = NestedTableMemory(mode: self)
@@ -237,7 +466,7 @@ public final class NestedPaging: PagingMode {
         switch r.kind {
         case .stopped:
             if mem.misconfigured { return mmioExit(refs: refs) }
-            do { try handleViolation(mem.stoppedAt) } catch { return .guestFault(PageFaultErrorCode(rawValue: 0), refs: refs) }
+            do { try handleViolation(mem.stoppedAt, write: false) } catch { return .guestFault(PageFaultErrorCode(rawValue: 0), refs: refs) }
             return .retry(refs: refs)
         case .fault(let code):
             return .guestFault(code, refs: refs)
@@ -248,18 +477,20 @@ public final class NestedPaging: PagingMode {
             refs += Int(nestedRefs - refsBefore)
             switch outcome {
             case .violation:
-                do { try handleViolation(gpa) } catch { return .guestFault(PageFaultErrorCode(rawValue: 0), refs: refs) }
+                do { try handleViolation(gpa, write: kind == .write) } catch { return .guestFault(PageFaultErrorCode(rawValue: 0), refs: refs) }
                 return .retry(refs: refs)
             case .misconfiguration:
                 return mmioExit(refs: refs)
-            case .translated(let hostPage, let hostSize, _):
-                // The TLB holds the smaller of the guest and host page sizes.
+            case .translated(let hostPage, let hostSize, let eptWritable, let eptDirty):
+                // The TLB holds the smaller of the guest and host page sizes, and the
+                // combined rights: a write through an entry whose EPT leaf is read-only (KSM)
+                // or not yet dirty must walk again.
                 let size = r.entry.size.rawValue <= hostSize.rawValue ? r.entry.size : hostSize
                 let base = (hostPage | (gpa & hostSize.offsetMask)) & ~size.offsetMask
-                var e = r.entry
-                e = TLBEntry(base: base, size: size, writable: e.writable, user: e.user, dirty: e.dirty, noExecute: e.noExecute)
+                let e = r.entry
+                let entry = TLBEntry(base: base, size: size, writable: e.writable && eptWritable, user: e.user, dirty: e.dirty && eptDirty, noExecute: e.noExecute)
                 if refs > maxWalkRefs { maxWalkRefs = refs }
-                return .translated(e, global: r.global, refs: refs, walkCacheHit: r.walkCacheHit)
+                return .translated(entry, global: r.global, refs: refs, walkCacheHit: r.walkCacheHit)
             }
         }
     }
@@ -286,17 +517,26 @@ public final class NestedPaging: PagingMode {
         cpu.ledger.charge(.guestKernel, cpu.costs.cr3Write)
     }
 
+    /// Folds what was counted into `cpu`'s counters. VM-wide counts (host faults, swap,
+    /// mappings) go to the CPU passed here.
     public func settle(cpu: ModelCPU) {
         cpu.counters.add(.eptViolations, violations)
         cpu.counters.add(.eptMisconfigurations, misconfigs)
         cpu.counters.add(.nestedWalkRefs, nestedRefs)
         cpu.counters.add(.nestedTLBHits, nestedTLBHits)
         cpu.counters.add(.nestedWalkCacheHits, eptCacheHits)
-        cpu.counters.add(.hostMinorFaults, hostFaults)
-        cpu.counters[.pages4K] = leafPages[0]
-        cpu.counters[.pages2M] = leafPages[1]
-        cpu.counters[.pages1G] = leafPages[2]
-        violations = 0; misconfigs = 0; nestedRefs = 0; nestedTLBHits = 0; eptCacheHits = 0; hostFaults = 0
+        let s = hostMemory.stats(owner: ownerIndex)
+        cpu.counters.add(.hostMinorFaults, s.minorFaults - settledStats.minorFaults + untrackedFaults)
+        if hostMemory.limitFrames != nil || s.majorFaults > 0 {
+            cpu.counters.add(.hostMajorFaults, s.majorFaults - settledStats.majorFaults)
+            cpu.counters.add(.swapIns, s.swapIns - settledStats.swapIns)
+            cpu.counters.add(.swapOuts, s.swapOuts - settledStats.swapOuts)
+        }
+        settledStats = s
+        cpu.counters[.pages4K] = UInt64(max(leafPages[0], 0))
+        cpu.counters[.pages2M] = UInt64(max(leafPages[1], 0))
+        cpu.counters[.pages1G] = UInt64(max(leafPages[2], 0))
+        violations = 0; misconfigs = 0; nestedRefs = 0; nestedTLBHits = 0; eptCacheHits = 0; untrackedFaults = 0
     }
 }
 
@@ -310,9 +550,9 @@ struct NestedTableMemory: PageTableMemory {
 
     mutating func readEntry(_ address: UInt64, level: Int) -> UInt64? {
         switch mode.translate(address, write: false) {
-        case .translated(let page, let size, _):
+        case .translated(let page, let size, _, _):
             let hpa = page | (address & size.offsetMask)
-            mode.cpu.chargeWalkRef(hpa, level: level)
+            mode.cur.cpu.chargeWalkRef(hpa, level: level)
             return mode.host.read64(hpa)
         case .violation:
             stoppedAt = address
@@ -325,23 +565,25 @@ struct NestedTableMemory: PageTableMemory {
     }
 
     mutating func writeEntry(_ address: UInt64, _ value: UInt64) {
-        mode.cpu.adWrites &+= 1
-        mode.host.write64(mode.hostAddress(address), value)
+        // Guest paging-structure A/D updates are writes for EPT (SDM 29.3.5).
+        mode.cur.cpu.adWrites &+= 1
+        mode.host.write64(mode.hostAddress(address, write: true), value)
     }
 }
 
 /// Guest-physical memory as the nested guest's kernel sees it: every access translated
 /// through EPT (its first touch of a frame is an EPT violation, counted like any other).
 public final class NestedGuestMemory: GuestPhysicalMemory {
-    weak var owner: NestedPaging?
+    // The paging mode owns this view and outlives it.
+    unowned(unsafe) var owner: NestedPaging?
     init() {}
-    public func read64(_ gpa: UInt64) -> UInt64 { owner!.host.read64(owner!.hostAddress(gpa)) }
-    public func write64(_ gpa: UInt64, _ value: UInt64) { owner!.host.write64(owner!.hostAddress(gpa), value) }
+    public func read64(_ gpa: UInt64) -> UInt64 { owner!.host.read64(owner!.hostAddress(gpa, write: false)) }
+    public func write64(_ gpa: UInt64, _ value: UInt64) { owner!.host.write64(owner!.hostAddress(gpa, write: true), value) }
     public func writePageTableEntry(_ gpa: UInt64, _ value: UInt64) { write64(gpa, value) }
     public func zero(_ gpa: UInt64, bytes: UInt64) {
         var a = gpa
         while a < gpa + bytes {
-            let h = owner!.hostAddress(a)
+            let h = owner!.hostAddress(a, write: true)
             let chunk = min(4096 - (a & 4095), gpa + bytes - a)
             owner!.host.zero(h, bytes: chunk)
             a += chunk
