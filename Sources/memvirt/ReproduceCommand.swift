@@ -2,6 +2,8 @@ import ArgumentParser
 import Foundation
 import MemVirtCore
 import MemVirtExperiments
+import MemVirtKVM
+import MemVirtReport
 
 /// `memvirt reproduce [NAME]`: the seed reproductions, a table each (or one JSON object).
 struct ReproduceCommand: ParsableCommand {
@@ -16,8 +18,17 @@ struct ReproduceCommand: ParsableCommand {
     @Flag(name: .long, help: "Print one JSON object on stdout.")
     var json = false
 
-    @Option(name: .long, help: "model (default) or kvm: which engine runs the reproduction.")
-    var engine: String = "model"
+    @Option(name: .long, help: "model or kvm: which engine runs the reproduction (default: model for a named one; both for all, kvm where /dev/kvm is usable).")
+    var engine: String?
+
+    @Option(name: .long, help: "Folder for the report files (report.json, report.html) when running them all; '-' for none.")
+    var out: String = "reports"
+
+    @Flag(name: .long, help: "Run the reproduction's sweep (NAME-sweep), where it has one.")
+    var sweep = false
+
+    @Option(name: .long, help: "vCPUs for `apf --engine kvm` (default: one per host core).")
+    var vcpus: Int?
 
     @Flag(name: .long, help: "Smaller runs (for a quick look).")
     var quick = false
@@ -27,13 +38,28 @@ struct ReproduceCommand: ParsableCommand {
 
     func run() throws {
         let pool: [any Experiment.Type]
+        var skipped: [String] = []
         switch engine {
         case "model": pool = Reproductions.all
         case "kvm": pool = Reproductions.kvm
-        default: throw ValidationError("engine '\(engine)': use model or kvm")
+        case nil:
+            if name != nil {
+                pool = Reproductions.all
+            } else if let why = KVM.unavailableReason {
+                pool = Reproductions.all
+                skipped = Reproductions.kvm.map { "\($0.name) --engine kvm: skipped (\(why))" }
+            } else {
+                pool = Reproductions.all + Reproductions.kvm.filter { !$0.name.hasSuffix("-sweep") }
+            }
+        default: throw ValidationError("engine '\(engine!)': use model or kvm")
         }
+        let engine = self.engine ?? "model"
         let chosen: [any Experiment.Type]
-        if let n = name {
+        if let n0 = name {
+            let n = sweep ? n0 + "-sweep" : n0
+            if sweep && !pool.contains(where: { $0.name == n }) {
+                throw ValidationError("'\(n0)' has no sweep on the \(engine) engine")
+            }
             guard let e = pool.first(where: { $0.name == n }) else {
                 let names = pool.map { $0.name }
                 throw ValidationError("no \(engine) reproduction named '\(n)'; there are: \(names.isEmpty ? "none yet" : names.joined(separator: ", "))")
@@ -44,12 +70,30 @@ struct ReproduceCommand: ParsableCommand {
         }
         let showProgress = !quiet
         var reports: [JSONValue] = []
+        var texts: [(String, String)] = []
+        if let v = vcpus, !(1...64).contains(v) { throw ValidationError("vcpus \(v): use 1...64") }
         for e in chosen {
-            let report = try Reproductions.run(e, quick: quick) { msg in
+            let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
             }
-            if json { reports.append(report.json) } else { print(report.text) }
+            let report: ExperimentReport
+            if let v = vcpus, engine == "kvm", e == KVMAsyncPageFaults.self || e == KVMAsyncPageFaultsSweep.self {
+                report = try KVMAsyncPageFaults(quick: quick, sweep: e == KVMAsyncPageFaultsSweep.self, vcpus: v).run(progress: progress)
+            } else {
+                report = try Reproductions.run(e, quick: quick, progress: progress)
+            }
+            reports.append(report.json)
+            texts.append((report.name, report.text))
+            if !json { print(report.text) }
         }
-        if json { print((chosen.count == 1 ? reports[0] : .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports))])).rendered()) }
+        for s in skipped { printError(s) }
+        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports)), ("skipped", .array(skipped.map { .string($0) }))])
+        if json { print((chosen.count == 1 ? reports[0] : all).rendered()) }
+        if name == nil && out != "-" {
+            try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+            try all.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
+            try HTMLReport.page(texts, skipped: skipped).write(toFile: out + "/report.html", atomically: true, encoding: .utf8)
+            printError("report: \(out)/report.html and \(out)/report.json")
+        }
     }
 }
