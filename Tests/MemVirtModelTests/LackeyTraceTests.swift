@@ -269,6 +269,16 @@ struct LackeyTraceTests {
         #expect(accesses == oracleAccesses)
         #expect(pages == oraclePages)
         #expect(kinds[.execute, default: 0] > 0 && kinds[.read, default: 0] > 0 && kinds[.write, default: 0] > 0)
+
+        // The whole program through the model (memvirt run --workload lackey:FILE): demand
+        // faults equal the distinct 4 KiB pages of the trace, natively and under shadow paging.
+        for kind in [PagingKind.native, .shadow] {
+            var config = ModelConfig()
+            config.paging = kind
+            let r = try ModelEngine.run(spec: WorkloadSpec(pattern: .lackey(path: out.path)), config: config)
+            #expect(r.counters[.guestPageFaults] == UInt64(oraclePages.count), "\(kind)")
+            #expect(r.counters[.accesses] == UInt64(oracleAccesses), "\(kind)")
+        }
     }
 
     @Test(
