@@ -59,7 +59,15 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     let tlb: TLBHierarchy
     public let kernel: GuestKernel
     /// The address space the vCPU runs in (CR3).
-    public private(set) var space: AddressSpace
+    public private(set) var space: AddressSpace {
+        didSet {
+            spaceRef = Unmanaged.passUnretained(space)
+            pcid = space.pcid
+        }
+    }
+    /// Unretained view of `space` and its PCID for the per-access path (`space` keeps it alive).
+    var spaceRef: Unmanaged<AddressSpace>
+    var pcid: UInt16
     let data: PhysicalMemory
     let costs: CostModel
 
@@ -92,6 +100,8 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         self.cpu = cpu
         self.kernel = kernel
         self.space = space
+        spaceRef = Unmanaged.passUnretained(space)
+        pcid = space.pcid
         data = mode.dataMemory
         tlb = cpu.tlb
         costs = cpu.costs
@@ -148,7 +158,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         let fetch = a.kind == .execute
         if write { writes &+= 1 } else if fetch { fetches &+= 1 }
         var entry: TLBEntry
-        if let (e, level) = tlb.lookup(va, pcid: space.pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
+        if let (e, level) = tlb.lookup(va, pcid: pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
             if level == .l1 { l1Hits &+= 1 } else {
                 l2Hits &+= 1
             }
@@ -169,7 +179,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     /// A TLB miss, or a hit the entry does not permit (a write through a clean entry, a
     /// permission the entry lacks): such an entry is dropped and the walk sets D or faults.
     @inline(never) func missAfterLookup(_ va: UInt64, kind: AccessKind, fetch: Bool) throws -> TLBEntry {
-        if !tlb.empty, tlb.lookup(va, pcid: space.pcid, fetch: fetch) != nil { tlb.invalidatePage(va, pcid: space.pcid) }
+        if !tlb.empty, tlb.lookup(va, pcid: pcid, fetch: fetch) != nil { tlb.invalidatePage(va, pcid: pcid) }
         return try miss(va, kind: kind)
     }
 
@@ -185,13 +195,14 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         while true {
             attempts += 1
             if attempts > 64 { throw GuestError(message: "access to \(GuestVirtualAddress(va)) did not resolve after 64 faults") }
-            switch mode.resolveMiss(va, kind: kind, space: space, cpu: cpu) {
+            let outcome = spaceRef._withUnsafeGuaranteedRef { s in mode.resolveMiss(va, kind: kind, space: s, cpu: cpu) }
+            switch outcome {
             case .translated(let e, let global, let refs, let cacheHit):
                 walks &+= 1
                 if refs > maxWalkRefs { maxWalkRefs = refs }
                 walkRefs &+= UInt64(refs)
                 if cacheHit { walkCacheHits &+= 1 }
-                cpu.tlb.insert(va, pcid: space.pcid, entry: e, global: global, fetch: kind == .execute)
+                tlb.insert(va, pcid: pcid, entry: e, global: global, fetch: kind == .execute)
                 return e
             case .guestFault(let code, let refs):
                 faultedWalkRefs &+= UInt64(refs)

@@ -5,6 +5,8 @@ import MemVirtCore
 public final class ModelCPU: @unchecked Sendable {
     public let tlb: TLBHierarchy
     public let walkCaches: PagingStructureCaches
+    /// `walkCaches` when any is configured, else nil (what a walk takes, without a copy).
+    public let walkCachesIfEnabled: PagingStructureCaches?
     public let lineCache = PageTableLineCache()
     public let paging: PagingConfig
     public let costs: CostModel
@@ -15,6 +17,7 @@ public final class ModelCPU: @unchecked Sendable {
     public init(tlb: TLBConfig, paging: PagingConfig, costs: CostModel) {
         self.tlb = TLBHierarchy(config: tlb)
         walkCaches = PagingStructureCaches(config: tlb)
+        walkCachesIfEnabled = walkCaches.enabled ? walkCaches : nil
         self.paging = paging
         self.costs = costs
         counters = CounterSet()
@@ -159,7 +162,7 @@ public final class NativePaging: PagingMode {
         var mem = ChargedTableMemory(DirectTableMemory(memory), cpu: cpu)
         let r = PageWalker.walk(
             va, root: space.root, kind: kind, mode: cpu.privilege, pcid: space.pcid, config: cpu.paging,
-            caches: cpu.walkCaches.enabled ? cpu.walkCaches : nil, memory: &mem)
+            caches: cpu.walkCachesIfEnabled, memory: &mem)
         switch r.kind {
         case .translated: return .translated(r.entry, global: r.global, refs: r.refs, walkCacheHit: r.walkCacheHit)
         case .fault(let code): return .guestFault(code, refs: r.refs)
