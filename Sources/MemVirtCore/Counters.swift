@@ -20,6 +20,7 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
     case shadowPagesCreated, shadowRootCacheHits, shadowResyncs
     case hostMinorFaults, hostMajorFaults, swapIns, swapOuts
     case apfNotPresent, apfReady
+    case ksmPagesShared, ksmPagesSharing, ksmCowBreaks
 
     /// The name in JSON and tables: KVM's stat name where KVM has the event.
     public var name: String {
@@ -81,6 +82,9 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
         case .swapOuts: "swap_outs"
         case .apfNotPresent: "apf_not_present"
         case .apfReady: "apf_ready"
+        case .ksmPagesShared: "pages_shared"
+        case .ksmPagesSharing: "pages_sharing"
+        case .ksmCowBreaks: "ksm_cow_breaks"
         }
     }
 
@@ -144,6 +148,9 @@ public enum Counter: Int, CaseIterable, Sendable, Hashable, Codable {
         case .swapOuts: "pages written to the swap device"
         case .apfNotPresent: "async page faults: 'page not present' delivered to the guest"
         case .apfReady: "async page faults: 'page ready' delivered to the guest"
+        case .ksmPagesShared: "KSM: shared pages in use (sysfs pages_shared)"
+        case .ksmPagesSharing: "KSM: further mappings of shared pages, i.e. pages saved (sysfs pages_sharing)"
+        case .ksmCowBreaks: "KSM: writes to a merged page that copied it (copy-on-write breaks)"
         }
     }
 
