@@ -23,6 +23,12 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("host-levels"), help: "Host (EPT) paging levels: 4 or 5.")
     var hostLevels: Int?
 
+    @Option(name: .customLong("host-limit"), help: "Host memory limit for the VM (nested paging), e.g. 16MiB: beyond it pages are swapped.")
+    var hostLimit: String?
+
+    @Option(name: .customLong("swap-device"), help: "Swap device model with --host-limit: hdd, sata-ssd or nvme (default).")
+    var swapDevice: String?
+
     @Option(name: .long, help: "Cost preset: bare-metal, vmx-ept (default) or pvm-shadow (this host's kvm_pvm).")
     var costs: String?
 
@@ -75,6 +81,16 @@ struct RunCommand: ParsableCommand {
             config.shadow.maxShadowPages = n
         }
         if noUnsync { config.shadow.unsync = false }
+        if let h = try hostLimit ?? workload.platformValue("host_limit") {
+            guard kind == .nested else { throw ValidationError("--host-limit needs --paging nested (host reclaim uses EPT accessed bits)") }
+            do { config.hostLimit = try ByteCount(parsing: h) } catch { throw ValidationError("host limit: \(error.message)") }
+            guard config.hostLimit!.rawValue >= 64 * 4096 else { throw ValidationError("host limit \(h): at least 256KiB") }
+        }
+        if let d = try swapDevice ?? workload.platformValue("swap_device") {
+            let devices: [String: SwapDeviceModel] = ["hdd": .hdd, "sata-ssd": .sataSSD, "nvme": .nvme]
+            guard let m = devices[d] else { throw ValidationError("swap device '\(d)': use hdd, sata-ssd or nvme") }
+            config.swapDevice = m
+        }
         if noTLB { config.tlb = .none }
         if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }
         let progress = ProgressReporter(enabled: !quiet && !json || !quiet && isatty(2) != 0)

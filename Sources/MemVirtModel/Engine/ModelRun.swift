@@ -24,6 +24,10 @@ public struct ModelConfig: Sendable {
     public var hostPageSize: PageSize = .size4K
     /// Host (EPT) paging levels: 4 or 5.
     public var hostLevels = 4
+    /// A host memory limit for the VM (nested paging): beyond it host pages are reclaimed
+    /// (clock on EPT A bits) and swapped to `swapDevice`.
+    public var hostLimit: ByteCount?
+    public var swapDevice: SwapDeviceModel = .nvme
     /// The workload's memory is a file on the guest's disk: first touches are hard faults.
     public var fileBacked = false
     /// Shadow MMU options (unsync, flood threshold, shadow-page limit).
@@ -92,7 +96,11 @@ public enum ModelEngine {
             let mode = NativePaging(memory: try PhysicalMemory(capacity: capacity, name: "guest-physical"))
             return try body.run(try machine(mode, cpu, config, capacity))
         case .nested:
-            let mode = try NestedPaging(cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels)
+            let mode = try NestedPaging(
+                cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels,
+                hostMemory: try config.hostLimit.map { limit throws(InputError) in
+                    try HostMemory(capacity: capacity + (2 << 30), limit: limit, swapDevice: config.swapDevice)
+                })
             return try body.run(try machine(mode, cpu, config, capacity))
         case .shadow:
             let mode = try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
@@ -136,7 +144,11 @@ public enum ModelEngine {
             return try run(spec: spec, config: config, mode: mode, capacity: capacity, progress: progress)
         case .nested:
             let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
-            let mode = try NestedPaging(cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels)
+            let mode = try NestedPaging(
+                cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels,
+                hostMemory: try config.hostLimit.map { limit throws(InputError) in
+                    try HostMemory(capacity: capacity + (2 << 30), limit: limit, swapDevice: config.swapDevice)
+                })
             return try run(spec: spec, config: config, mode: mode, cpu: cpu, capacity: capacity, progress: progress)
         case .shadow:
             let mode = try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
