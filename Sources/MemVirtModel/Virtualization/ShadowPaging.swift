@@ -77,6 +77,17 @@ public final class ShadowPaging: PagingMode {
     // Counted here, folded into the CPU's counters by `settle`.
     var hostFaults: UInt64 = 0
     var leafCounts: [Int64] = [0, 0, 0]
+    /// Log-dirty state while a migration tracks dirty pages (ShadowDirtyTracking.swift).
+    var logDirty: ShadowLogDirty?
+    /// The tracking totals of the last logging session, kept after it stops.
+    var logDirtyStatsAfterStop = DirtyTrackingStats()
+    /// The style `DirtyTracker.startLogging` uses: Xen's drop-all (true) or KVM's rmap
+    /// write-protection (false).
+    public var logDirtyXenStyle = false
+    /// A software-available spte bit (bits 52-58 are ignored by the MMU, SDM 4.5): set when the
+    /// guest allows the write and the gfn is no shadowed table, so W may be restored without
+    /// a guest walk (KVM's shadow_mmu_writable_mask, used by fast_page_fault).
+    static let mmuWritableBit: UInt64 = 1 << 54
 
     public init(guestCapacity: UInt64, hostPageSize: PageSize = .size4K, options: Options = Options()) throws(InputError) {
         self.guestCapacity = guestCapacity
@@ -170,9 +181,9 @@ public final class ShadowPaging: PagingMode {
         var flushed = false
         for a in sptes {
             let e = host.read64(a)
-            if e & 1 != 0 && e & 2 != 0 {
-                host.write64(a, e & ~2)
-                flushed = true
+            if e & 1 != 0 && e & (2 | Self.mmuWritableBit) != 0 {
+                host.write64(a, e & ~(2 | Self.mmuWritableBit))
+                if e & 2 != 0 { flushed = true }
             }
         }
         if flushed { flushTLBs(cpu) }
@@ -284,6 +295,7 @@ public final class ShadowPaging: PagingMode {
             return mode.host.read64(mode.hostAddress(address))
         }
         mutating func writeEntry(_ address: UInt64, _ value: UInt64) {
+            mode.logDirty?.note(address >> 12)
             mode.host.write64(mode.hostAddress(address), value)
         }
         func table(_ level: Int) -> UInt64 {
@@ -315,8 +327,21 @@ public final class ShadowPaging: PagingMode {
         }
     }
 
-    /// The hypervisor's page-fault handler (kvm_mmu_page_fault -> FNAME(page_fault)).
+    /// The hypervisor's page-fault handler (kvm_mmu_page_fault -> FNAME(page_fault)); while
+    /// logging, a write to a log-protected spte takes the fast path first.
     func shadowFault(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU, refs: Int) -> MissOutcome {
+        guard let ld = logDirty else { return shadowFaultSlow(va, kind: kind, space: space, cpu: cpu, refs: refs) }
+        if kind == .write && logDirtyFastPath(va, space: space, cpu: cpu, ld) { return .retry(refs: refs) }
+        let before = cpu.ledger.total
+        let r = shadowFaultSlow(va, kind: kind, space: space, cpu: cpu, refs: refs)
+        if case .retry = r {
+            ld.stats.reshadowFaults &+= 1
+            ld.stats.reshadowCycles += cpu.ledger.total - before
+        }
+        return r
+    }
+
+    func shadowFaultSlow(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU, refs: Int) -> MissOutcome {
         cpu.counters.add(.exits, 1)
         cpu.counters.add(.pfTaken, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
@@ -345,7 +370,8 @@ public final class ShadowPaging: PagingMode {
         }
         // Build the shadow path (FNAME(fetch)).
         let guestLeafLevel = g.entry.size.leafLevel
-        let mapSize = g.entry.size.rawValue <= hostPageSize.rawValue ? g.entry.size : hostPageSize
+        // Huge mappings are split to 4 KiB while logging (dirty pages are tracked per 4 KiB).
+        let mapSize = logDirty != nil ? .size4K : g.entry.size.rawValue <= hostPageSize.rawValue ? g.entry.size : hostPageSize
         var sp = currentRoot
         var level = cpu.paging.levels
         while level > mapSize.leafLevel {
@@ -387,8 +413,12 @@ public final class ShadowPaging: PagingMode {
         // Writable only if the guest allows it, its D bit is set (or this is the write that
         // sets it), and no page of the mapping is a shadowed guest table.
         if g.entry.writable && (g.entry.dirty || write) && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
-            spte |= 0x2
-            if write { spte |= 0x40 }
+            spte |= Self.mmuWritableBit
+            // While logging, W only once the page is dirty this round (a write fault marks it).
+            if logDirty == nil || logDirtyPermitsWrite((leafGPA & ~mapSize.offsetMask) >> 12, write: write, cpu: cpu) {
+                spte |= 0x2
+                if write { spte |= 0x40 }
+            }
         }
         if g.entry.noExecute { spte |= 1 << 63 }
         if mapSize != .size4K { spte |= 0x80 }
@@ -420,6 +450,7 @@ public final class ShadowPaging: PagingMode {
         cpu.counters.add(.mmuPteWrite, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
         cpu.ledger.charge(.emulation, cpu.costs.instructionEmulation)
+        logDirty?.note(gpa >> 12)
         if let v = value { host.write64(hostAddress(gpa), v) }
         let gfn = gpa >> 12
         let idx = Int((gpa & 0xfff) >> 3)
@@ -453,6 +484,7 @@ public final class ShadowPaging: PagingMode {
     /// stores): a write-protected table traps, or its leaf shadow page goes unsync.
     func guestWrite(_ gpa: UInt64, _ value: UInt64) {
         let gfn = gpa >> 12
+        logDirty?.note(gfn)
         guard let cpu = cpuForGuestWrites, byGfn[gfn] != nil, isWriteProtected(gfn) else {
             host.write64(hostAddress(gpa), value)
             return
@@ -635,6 +667,7 @@ public final class ShadowGuestMemory: GuestPhysicalMemory {
         var a = gpa
         while a < gpa + bytes {
             let gfn = a >> 12
+            o.logDirty?.note(gfn)
             if o.byGfn[gfn] != nil && o.isWriteProtected(gfn) {
                 // Clearing a page that is still a shadowed table (a freed table reused): the
                 // first writes trap and are emulated until write flooding unshadows it.
