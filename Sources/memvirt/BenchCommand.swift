@@ -19,7 +19,7 @@ struct BenchCommand: ParsableCommand {
 
     func run() throws {
         var c = SpeedBench.Config()
-        do { c.accesses = try parseCount(accesses) } catch { throw ValidationError(error.message) }
+        do { c.accesses = try parseCount(accesses) } catch { throw CLIError(error.message) }
         c.walkAccesses = max(c.accesses / 4, 1)
         let (rows, j) = try SpeedBench(config: c).run()
         if json {

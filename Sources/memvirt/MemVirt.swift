@@ -21,3 +21,11 @@ struct MemVirt: ParsableCommand {
 func printError(_ message: String) {
     FileHandle.standardError.write(Data((message + "\n").utf8))
 }
+
+/// A bad value found while running a command: ArgumentParser prints "Error: <message>" and
+/// exits 1, without the usage text a `ValidationError` would add (the flags parsed fine; a
+/// value did not make sense).
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ message: String) { description = message }
+}

@@ -51,18 +51,18 @@ struct ReproduceCommand: ParsableCommand {
             } else {
                 pool = Reproductions.all + Reproductions.kvm.filter { !$0.name.hasSuffix("-sweep") }
             }
-        default: throw ValidationError("engine '\(engine!)': use model or kvm")
+        default: throw CLIError("engine '\(engine!)': use model or kvm")
         }
         let engine = self.engine ?? "model"
         let chosen: [any Experiment.Type]
         if let n0 = name {
             let n = sweep ? n0 + "-sweep" : n0
             if sweep && !pool.contains(where: { $0.name == n }) {
-                throw ValidationError("'\(n0)' has no sweep on the \(engine) engine")
+                throw CLIError("'\(n0)' has no sweep on the \(engine) engine")
             }
             guard let e = pool.first(where: { $0.name == n }) else {
                 let names = pool.map { $0.name }
-                throw ValidationError("no \(engine) reproduction named '\(n)'; there are: \(names.isEmpty ? "none yet" : names.joined(separator: ", "))")
+                throw CLIError("no \(engine) reproduction named '\(n)'; there are: \(names.isEmpty ? "none yet" : names.joined(separator: ", "))")
             }
             chosen = [e]
         } else {
@@ -71,7 +71,7 @@ struct ReproduceCommand: ParsableCommand {
         let showProgress = !quiet
         var reports: [JSONValue] = []
         var texts: [(String, String)] = []
-        if let v = vcpus, !(1...64).contains(v) { throw ValidationError("vcpus \(v): use 1...64") }
+        if let v = vcpus, !(1...64).contains(v) { throw CLIError("vcpus \(v): use 1...64") }
         for e in chosen {
             let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }

@@ -56,39 +56,39 @@ struct RunCommand: ParsableCommand {
         config.pageSize = try workload.resolvedPageSize()
         let pagingText = try paging ?? workload.platformValue("paging") ?? "native"
         guard let kind = PagingKind(rawValue: pagingText) else {
-            throw ValidationError("paging '\(pagingText)': use native, shadow or nested")
+            throw CLIError("paging '\(pagingText)': use native, shadow or nested")
         }
         config.paging = kind
         if let l = levels {
-            guard l == 4 || l == 5 else { throw ValidationError("levels \(l): use 4 or 5") }
+            guard l == 4 || l == 5 else { throw CLIError("levels \(l): use 4 or 5") }
             config.pagingConfig.levels = l
         }
         if let h = try hostPageSize ?? workload.platformValue("host_page_size") {
-            guard let p = PageSize(parsing: h) else { throw ValidationError("host page size '\(h)': use 4K, 2M or 1G") }
+            guard let p = PageSize(parsing: h) else { throw CLIError("host page size '\(h)': use 4K, 2M or 1G") }
             config.hostPageSize = p
         }
         if let l = hostLevels {
-            guard l == 4 || l == 5 else { throw ValidationError("host levels \(l): use 4 or 5") }
+            guard l == 4 || l == 5 else { throw CLIError("host levels \(l): use 4 or 5") }
             config.hostLevels = l
         }
         let costName = try costs ?? workload.platformValue("costs") ?? "vmx-ept"
         guard let preset = CostModel.presets[costName] else {
-            throw ValidationError("costs '\(costName)': use \(CostModel.presets.keys.sorted().joined(separator: ", "))")
+            throw CLIError("costs '\(costName)': use \(CostModel.presets.keys.sorted().joined(separator: ", "))")
         }
         config.costs = preset
         if let n = shadowMaxPages {
-            guard n >= 8 else { throw ValidationError("shadow-max-pages \(n): at least 8") }
+            guard n >= 8 else { throw CLIError("shadow-max-pages \(n): at least 8") }
             config.shadow.maxShadowPages = n
         }
         if noUnsync { config.shadow.unsync = false }
         if let h = try hostLimit ?? workload.platformValue("host_limit") {
-            guard kind == .nested else { throw ValidationError("--host-limit needs --paging nested (host reclaim uses EPT accessed bits)") }
-            do { config.hostLimit = try ByteCount(parsing: h) } catch { throw ValidationError("host limit: \(error.message)") }
-            guard config.hostLimit!.rawValue >= 64 * 4096 else { throw ValidationError("host limit \(h): at least 256KiB") }
+            guard kind == .nested else { throw CLIError("--host-limit needs --paging nested (host reclaim uses EPT accessed bits)") }
+            do { config.hostLimit = try ByteCount(parsing: h) } catch { throw CLIError("host limit: \(error.message)") }
+            guard config.hostLimit!.rawValue >= 64 * 4096 else { throw CLIError("host limit \(h): at least 256KiB") }
         }
         if let d = try swapDevice ?? workload.platformValue("swap_device") {
             let devices: [String: SwapDeviceModel] = ["hdd": .hdd, "sata-ssd": .sataSSD, "nvme": .nvme]
-            guard let m = devices[d] else { throw ValidationError("swap device '\(d)': use hdd, sata-ssd or nvme") }
+            guard let m = devices[d] else { throw CLIError("swap device '\(d)': use hdd, sata-ssd or nvme") }
             config.swapDevice = m
         }
         if noTLB { config.tlb = .none }
@@ -99,7 +99,7 @@ struct RunCommand: ParsableCommand {
             result = try ModelEngine.run(spec: spec, config: config, progress: progress.callback)
         } catch let e as InputError {
             progress.finish()
-            throw ValidationError(e.message)
+            throw CLIError(e.message)
         } catch let e as GuestError {
             progress.finish()
             printError("memvirt run: the guest failed: \(e.message)")

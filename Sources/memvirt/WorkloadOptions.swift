@@ -52,26 +52,26 @@ struct WorkloadOptions: ParsableArguments {
     func scenario() throws -> TOMLTable? {
         guard let path = config else { return nil }
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-            throw ValidationError("cannot read scenario file '\(path)'")
+            throw CLIError("cannot read scenario file '\(path)'")
         }
         do {
             return try TOMLTable(string: text)
         } catch let e as TOMLParseError {
-            throw ValidationError("\(path):\(e.source.begin.line):\(e.source.begin.column): \(e.description)")
+            throw CLIError("\(path):\(e.source.begin.line):\(e.source.begin.column): \(e.description)")
         } catch {
-            throw ValidationError("\(path): \(error)")
+            throw CLIError("\(path): \(error)")
         }
     }
 
     /// A string value from the scenario's `[section] key`, accepting numbers too.
     static func value(_ table: TOMLTable?, _ section: String, _ key: String, file: String?) throws -> String? {
         guard let t = table, let sec = t[section] else { return nil }
-        guard let st = sec.table else { throw ValidationError("\(file ?? "scenario"): [\(section)] must be a table") }
+        guard let st = sec.table else { throw CLIError("\(file ?? "scenario"): [\(section)] must be a table") }
         guard let v = st[key] else { return nil }
         if let s = v.string { return s }
         if let i = v.int { return String(i) }
         if let d = v.double { return String(d) }
-        throw ValidationError("\(file ?? "scenario"): [\(section)] \(key) has an unsupported type")
+        throw CLIError("\(file ?? "scenario"): [\(section)] \(key) has an unsupported type")
     }
 
     func spec() throws -> WorkloadSpec {
@@ -102,14 +102,14 @@ struct WorkloadOptions: ParsableArguments {
             }
             try s.validate()
         } catch let e as InputError {
-            throw ValidationError(e.message)
+            throw CLIError(e.message)
         }
         return s
     }
 
     func resolvedPageSize() throws -> PageSize {
         let text = try pageSize ?? Self.value(try scenario(), "platform", "page_size", file: config) ?? "4K"
-        guard let p = PageSize(parsing: text) else { throw ValidationError("page size '\(text)': use 4K, 2M or 1G") }
+        guard let p = PageSize(parsing: text) else { throw CLIError("page size '\(text)': use 4K, 2M or 1G") }
         return p
     }
 
