@@ -91,8 +91,15 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     var chargedL2Hits: UInt64 = 0
     /// The most references one completed walk made.
     public internal(set) var maxWalkRefs = 0
-    /// A running hash of every value read: the guest-visible result of the run.
-    public private(set) var checksum: UInt64 = 0xCBF2_9CE4_8422_2325
+    /// The sum of every value read (mod 2^64): the guest-visible result of the run, defined
+    /// exactly as the KVM guest runtime's `read_sum` (Sources/MemVirtGuest/include/memvirt_guest.h),
+    /// so the two engines can be compared for the same one-thread workload.
+    public private(set) var checksum: UInt64 = 0
+    /// Salt of the value written by access i: v(i) = ((i + 1) * 0x9E3779B97F4A7C15) ^ salt
+    /// (the guest runtime uses thread << 56; thread 0 here).
+    public var writeSalt: UInt64 = 0
+    /// Every write is a read-modify-write (GUPS): x = *p; sum += x; *p = x ^ v(i).
+    public var readModifyWrite = false
     public let computePerAccess: Double
 
     public init(mode: Mode, cpu: ModelCPU, kernel: GuestKernel, space: AddressSpace, computePerAccess: UInt64 = 0) {
@@ -169,10 +176,18 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         }
         let pa = entry.base | (va & entry.size.offsetMask & ~7)
         if let o = observer { o(va, pa) }
+        // Access i (0-based) is number `accesses - 1` here.
         if write {
-            data.write64(pa, va ^ (accesses &* 0x9E37_79B9_7F4A_7C15))
+            let v = (accesses &* 0x9E37_79B9_7F4A_7C15) ^ writeSalt
+            if readModifyWrite {
+                let x = data.read64(pa)
+                checksum &+= x
+                data.write64(pa, x ^ v)
+            } else {
+                data.write64(pa, v)
+            }
         } else {
-            checksum = (checksum ^ data.read64(pa)) &* 0x0000_0100_0000_01B3
+            checksum &+= data.read64(pa)
         }
     }
 

@@ -134,6 +134,16 @@ public protocol PagingMode: AnyObject {
 }
 
 extension PagingMode {
+    /// Where guest-physical `gpa` lives in `dataMemory`, if it is backed (no side effects).
+    public func dataAddress(ofGuestPhysical gpa: UInt64) -> UInt64? {
+        switch self {
+        case is NativePaging: return gpa
+        case let s as ShadowPaging: return s.backedPage(gpa >> 12).map { $0 | (gpa & 0xfff) }
+        case let n as NestedPaging: return n.walkEPTSilently(gpa)
+        default: return nil
+        }
+    }
+
     /// Native and nested: the flush runs in the guest without an exit.
     public func flushTLB(of space: AddressSpace, cpu: ModelCPU) {
         cpu.tlb.flush(pcid: space.pcid)

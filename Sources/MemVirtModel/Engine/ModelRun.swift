@@ -24,6 +24,9 @@ public struct ModelConfig: Sendable {
     public var hostPageSize: PageSize = .size4K
     /// Host (EPT) paging levels: 4 or 5.
     public var hostLevels = 4
+    /// Compute the guest memory checksum of the workload area after the run (the KVM guest's
+    /// `memory_checksum`: sum of w[k] * (2k + 1) over the area's words).
+    public var memoryChecksum = false
     /// A host memory limit for the VM (nested paging): beyond it host pages are reclaimed
     /// (clock on EPT A bits) and swapped to `swapDevice`.
     public var hostLimit: ByteCount?
@@ -186,6 +189,7 @@ public enum ModelEngine {
                 pageSize: config.pageSize, writable: true, fileBacked: config.fileBacked)
             try kernel.map(area, in: space)
             if config.prefault { try prefault(machine, area: area) }
+            if case .gups = spec.pattern { machine.readModifyWrite = true }
             let streams = try (0..<spec.threads).map { t throws(InputError) in
                 GeneratedAccesses(try AccessGenerator(spec: spec, thread: t), count: spec.accesses)
             }
@@ -199,12 +203,18 @@ public enum ModelEngine {
             }
         }
         let loopSeconds = loopClock.seconds
+        var memoryChecksum: JSONValue = .null
+        if case .lackey = spec.pattern {} else if config.memoryChecksum {
+            memoryChecksum = .string("0x" + String(machine.memoryChecksum(base: spec.base.rawValue, bytes: spec.footprint.rawValue), radix: 16))
+        }
         let counters = machine.finish()
         return RunResult(
             engine: "model", paging: mode.name, pageSize: config.pageSize, workload: spec, counters: counters,
             cycles: cpu.ledger.total, cycleBreakdown: cpu.ledger.breakdown, wallSeconds: clock.seconds,
             extra: [
                 ("checksum", .string("0x" + String(machine.checksum, radix: 16))),
+                ("read_sum", .uint(machine.checksum)),
+                ("memory_checksum", memoryChecksum),
                 ("cost_model", .string(config.costs.name)),
                 ("max_walk_refs", .int(Int64((mode as? NestedPaging)?.maxWalkRefs ?? Int(machine.maxWalkRefs)))),
                 ("loop_seconds", .double(loopSeconds)),
@@ -230,6 +240,28 @@ public enum ModelEngine {
 }
 
 extension Machine {
+    /// Sum over the words w[k] of [base, base + bytes) of w[k] * (2k + 1) (mod 2^64), read
+    /// through the guest's tables and the hypervisor's map without touching TLBs or counters;
+    /// an unmapped page reads as zero (the KVM guest runtime's memory_checksum).
+    public func memoryChecksum(base: UInt64, bytes: UInt64) -> UInt64 {
+        var sum: UInt64 = 0
+        var page = base
+        while page < base + bytes {
+            if let leaf = kernel.lookupLeaf(page, space: space) {
+                let gpa = leaf.entry.pageBase(leaf.size) | (page & leaf.size.offsetMask)
+                if let hpa = mode.dataAddress(ofGuestPhysical: gpa) {
+                    var k = (page - base) >> 3
+                    for off in stride(from: UInt64(0), to: 4096, by: 8) {
+                        sum &+= data.read64(hpa + off) &* (2 &* k &+ 1)
+                        k &+= 1
+                    }
+                }
+            }
+            page += 4096
+        }
+        return sum
+    }
+
     /// Zeroes every counter and the ledger (after a warm-up).
     public func resetStatistics() {
         accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
