@@ -37,7 +37,7 @@ public protocol Experiment: Sendable {
 
 /// Every reproduction that exists, in the order `memvirt reproduce` runs them.
 public enum Reproductions {
-    public static let all: [any Experiment.Type] = [TLBReach.self, TwoDimensionalWalk.self, ShadowVersusNested.self, FaultCost.self] + hostMemory
+    public static let all: [any Experiment.Type] = [TLBReach.self, TwoDimensionalWalk.self, ShadowVersusNested.self, FaultCost.self] + hostMemory + migration
 
     public static var names: [String] { all.map { $0.name } }
 

@@ -206,8 +206,11 @@ public final class MigrationGuest {
         }
     }
 
+    /// Runs the workload for `seconds` of guest CPU time (no migration).
+    public func runWorkload(seconds: Double) throws { try run(seconds: seconds) }
+
     /// Guest accesses per guest-CPU second without tracking, measured over `seconds`.
-    func measureBaseline(seconds: Double) throws -> Double {
+    public func measureBaseline(seconds: Double) throws -> Double {
         let a0 = accessesDone, t0 = guestSeconds
         try run(seconds: seconds)
         return Double(accessesDone - a0) / max(guestSeconds - t0, 1e-12)

@@ -173,9 +173,19 @@ public final class NestedDirtyTracker: DirtyTracker {
             cycles += costs.pmlDrain * Double(pmlFill) / Double(costs.pmlEntries) + methodCost(list.count)
             pmlFill = 0
         case .nestedDirtyBits:
-            cycles += scanned * costs.dirtyBitScanPerLeaf
+            // Every leaf scanned, then the bitmap copied out as with any harvest.
+            cycles += scanned * costs.dirtyBitScanPerLeaf + methodCost(list.count)
         default:
             break
+        }
+        if method == .ring && trackingMode != .nestedDirtyBits {
+            // Ring-full exits: the vCPU exits each time its ring reaches the soft limit.
+            let exits = list.count / max(1, costs.ringSoftFull)
+            cpu.counters.add(.exits, UInt64(exits))
+            cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip * Double(exits))
+            cpu.ledger.charge(.hypervisorFaults, costs.ringFullHandler * Double(exits))
+            trackingStats.logFullExits &+= UInt64(exits)
+            trackingStats.logFullCycles += (cpu.costs.vmExitRoundTrip + costs.ringFullHandler) * Double(exits)
         }
         if writtenCount > 0 || !huge.isEmpty { nested.flushAllVCPUs() }
         cycles += costs.remoteTLBFlush + Double(huge.count) * costs.hugePageSplit
