@@ -185,25 +185,35 @@ public final class MigrationGuest {
 
     /// Runs the workload for `seconds` of guest CPU time; `before` is called before each
     /// access (post-copy's missing-page check) and returns seconds the vCPU was blocked,
-    /// which count against the budget.
-    func run(seconds: Double, before: ((Access) -> Double)? = nil) throws {
-        guard seconds > 0 else { return }
+    /// which count against the budget. Returns the seconds used (CPU plus blocked; at least
+    /// `seconds`, more by the last access's overshoot).
+    @discardableResult
+    func run(seconds: Double, before: ((Access) -> Double)? = nil) throws -> Double {
+        guard seconds > 0 else { return 0 }
         let start = guestSeconds
         var blocked = 0.0
         while guestSeconds + blocked - start < seconds {
             let left = seconds - (guestSeconds + blocked - start)
             let n = max(1, min(4096, Int(left / max(secondsPerAccess, 1e-9))))
             let a0 = accessesDone, t0 = guestSeconds
-            for _ in 0..<n {
+            var done = 0
+            while done < n {
                 let a = generator.next()
-                if let b = before { blocked += b(a) }
+                done += 1
+                var waited = 0.0
+                if let b = before { waited = b(a) }
                 try machine.step(a)
                 if let o = onAccess { o(a, lastPA) }
+                if waited > 0 {
+                    blocked += waited
+                    break
+                }
             }
-            accessesDone &+= UInt64(n)
+            accessesDone &+= UInt64(done)
             settle()
-            if accessesDone > a0 { secondsPerAccess = (guestSeconds - t0) / Double(accessesDone - a0) }
+            if accessesDone > a0 && blocked == 0 { secondsPerAccess = (guestSeconds - t0) / Double(accessesDone - a0) }
         }
+        return guestSeconds + blocked - start
     }
 
     /// Runs the workload for `seconds` of guest CPU time (no migration).
@@ -228,6 +238,8 @@ public final class LiveMigration {
     var sentOnce: GfnBitmap
     var result: MigrationResult
     var wall = 0.0
+    /// Guest CPU time run beyond its budgets so far (taken from the next budget).
+    var guestDebt = 0.0
     var throttle = 0.0
     var bytesSinceSync = 0.0
     var dirtyHighCount = 0
@@ -325,7 +337,12 @@ public final class LiveMigration {
     /// Lets `seconds` of wall time pass with the guest running (throttled).
     func advance(seconds: Double) throws {
         guard seconds > 0 else { return }
-        try guest.run(seconds: seconds * (1 - throttle))
+        let budget = seconds * (1 - throttle) - guestDebt
+        if budget > 0 {
+            guestDebt = try guest.run(seconds: budget) - budget
+        } else {
+            guestDebt = -budget
+        }
         wall += seconds
     }
 
@@ -518,15 +535,19 @@ public final class LiveMigration {
         }
         while remaining > 0 {
             demandPages = 0
-            if config.guestRunsAfterSwitch { try guest.run(seconds: slice, before: check) }
+            // The slice lasts as long as the guest ran (its waits included) and the link
+            // needed for the pages it faulted over, at least `slice`.
+            var used = 0.0
+            if config.guestRunsAfterSwitch { used = try guest.run(seconds: slice, before: check) }
+            let dt = max(slice, used, Double(demandPages) * link.secondsPerPage)
             // The link pushes what the demand fetches left of this slice's capacity.
-            var budget = slicePages - demandPages
+            var budget = Int(dt / link.secondsPerPage) - demandPages
             while budget > 0 && qi < queue.count {
                 let g = queue[qi]
                 qi += 1
                 if missing.contains(g) { fetch(g); result.pushedPages += 1; budget -= 1 }
             }
-            wall += slice
+            wall += dt
             if qi >= queue.count && remaining > 0 { queue = missing.members; qi = 0 }
         }
         endRound(index: result.rounds.count, phase: "post-copy", dirty: 0, sent: result.pushedPages + result.postcopyFaults + result.prepagedPages)
