@@ -58,7 +58,6 @@ public struct MigrationConfig: Sendable {
     public var trackingCosts = DirtyTrackingCosts()
     /// Pages sent between guest time slices (granularity of the interleaving).
     public var chunkPages = 32
-    /// Called after every guest access with (access, host-physical address) (tests).
     public init() {}
 }
 
