@@ -61,7 +61,8 @@ struct KVMGuestKernelTests {
         #expect(r.pager.evictions == (r.pager.storeReads > 256 ? r.pager.storeReads - 256 : 0))
         #expect(r.pager.peakResidentPages <= 256)
         if on {
-            #expect(r.notPresent > 100)
+            // How many faults overlap in 1.2 s depends on the host's speed (82 seen under load, ~500 quiet).
+            #expect(r.notPresent > 20)
             // Each parked thread is woken once; the wake-all after enabling comes on top.
             #expect(r.ready >= r.notPresent && r.ready <= r.notPresent + 2)
             #expect(r.schedulers[0].apfUnmatched == 0)
