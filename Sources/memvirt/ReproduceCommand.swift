@@ -41,15 +41,15 @@ struct ReproduceCommand: ParsableCommand {
         var skipped: [String] = []
         switch engine {
         case "model": pool = Reproductions.all
-        case "kvm": pool = Reproductions.kvm
+        case "kvm": pool = Reproductions.kvm + Reproductions.crossEngine
         case nil:
             if name != nil {
                 pool = Reproductions.all
             } else if let why = KVM.unavailableReason {
                 pool = Reproductions.all
-                skipped = Reproductions.kvm.map { "\($0.name) --engine kvm: skipped (\(why))" }
+                skipped = (Reproductions.kvm + Reproductions.crossEngine).map { "\($0.name) --engine kvm: skipped (\(why))" }
             } else {
-                pool = Reproductions.all + Reproductions.kvm.filter { !$0.name.hasSuffix("-sweep") }
+                pool = Reproductions.all + Reproductions.kvm.filter { !$0.name.hasSuffix("-sweep") } + Reproductions.crossEngine
             }
         default: throw CLIError("engine '\(engine!)': use model or kvm")
         }

@@ -164,16 +164,11 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         let write = a.kind == .write
         let fetch = a.kind == .execute
         if write { writes &+= 1 } else if fetch { fetches &+= 1 }
-        var entry: TLBEntry
-        if let (e, level) = tlb.lookup(va, pcid: pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
-            if level == .l1 { l1Hits &+= 1 } else {
-                l2Hits &+= 1
-            }
-            entry = e
-        } else {
-            misses &+= 1
-            entry = try missAfterLookup(va, kind: a.kind, fetch: fetch)
-        }
+        // A read-modify-write is a load and then a store, each translated (compiled guest code
+        // does `x = *p; *p = x ^ v`): the load may install a read-only translation that the
+        // store must upgrade (a D-bit assist natively, a second hidden fault under shadow paging).
+        if write && readModifyWrite { _ = try translate(va, kind: .read, write: false, fetch: false) }
+        let entry = try translate(va, kind: a.kind, write: write, fetch: fetch)
         let pa = entry.base | (va & entry.size.offsetMask & ~7)
         if let o = observer { o(va, pa) }
         // Access i (0-based) is number `accesses - 1` here.
@@ -196,6 +191,16 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     @inline(never) func missAfterLookup(_ va: UInt64, kind: AccessKind, fetch: Bool) throws -> TLBEntry {
         if !tlb.empty, tlb.lookup(va, pcid: pcid, fetch: fetch) != nil { tlb.invalidatePage(va, pcid: pcid) }
         return try miss(va, kind: kind)
+    }
+
+    /// One translation: a TLB look-up, a walk (and faults) on a miss.
+    @inline(__always) func translate(_ va: UInt64, kind: AccessKind, write: Bool, fetch: Bool) throws -> TLBEntry {
+        if let (e, level) = tlb.lookup(va, pcid: pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
+            if level == .l1 { l1Hits &+= 1 } else { l2Hits &+= 1 }
+            return e
+        }
+        misses &+= 1
+        return try missAfterLookup(va, kind: kind, fetch: fetch)
     }
 
     @inline(__always) static func permits(_ e: TLBEntry, write: Bool, fetch: Bool, user: Bool) -> Bool {
