@@ -2,16 +2,37 @@
 // loops that must be optimized even in debug builds (migration hashes, zero-page checks).
 #include "ckvm.h"
 
-/// A 64-bit hash of one 4 KiB page and its index (the switch-over hash of guest memory).
-uint64_t ckvm_page_hash(const void *page, uint64_t index) {
+static inline uint64_t ckvm_mix(uint64_t h) {
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdull; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ull; h ^= h >> 33;
+    return h;
+}
+/// The content part of a page hash (independent of where the page is).
+static uint64_t ckvm_page_content_hash(const void *page) {
     const uint64_t *w = (const uint64_t *)page;
-    uint64_t a = index * 0x9E3779B97F4A7C15ull ^ 0x51ed27a3ull, b = a ^ 0xc2b2ae3d27d4eb4full;
-    for (int i = 0; i < 512; i += 2) {
+    uint64_t a = 0x51ed27a3ull, b = 0xc2b2ae3d27d4eb4full, c = 0x9E3779B97F4A7C15ull, d = 0x243f6a8885a308d3ull;
+    for (int i = 0; i < 512; i += 4) {
         a = (a ^ w[i]) * 0xff51afd7ed558ccdull; a ^= a >> 29;
         b = (b ^ w[i + 1]) * 0xc4ceb9fe1a85ec53ull; b ^= b >> 31;
+        c = (c ^ w[i + 2]) * 0xff51afd7ed558ccdull; c ^= c >> 29;
+        d = (d ^ w[i + 3]) * 0xc4ceb9fe1a85ec53ull; d ^= d >> 31;
     }
-    uint64_t h = a ^ (b * 0x9E3779B97F4A7C15ull);
-    return h ^ (h >> 33);
+    return a ^ (b * 0x9E3779B97F4A7C15ull) ^ (c * 0xc2b2ae3d27d4eb4full) ^ (d * 0x165667b19e3779f9ull);
+}
+static uint64_t ckvm_zero_content_hash_value;
+static int ckvm_zero_content_hash_ready;
+/// A 64-bit hash of one 4 KiB page and its index (the switch-over hash of guest memory):
+/// mix(content hash ^ index * K), so a zero page's hash needs no page (ckvm_page_hash_zero).
+uint64_t ckvm_page_hash(const void *page, uint64_t index) {
+    return ckvm_mix(ckvm_page_content_hash(page) ^ (index * 0x9E3779B97F4A7C15ull + 0x632be59bd9b4e019ull));
+}
+/// ckvm_page_hash of an all-zero page at `index`, without reading one.
+uint64_t ckvm_page_hash_zero(uint64_t index) {
+    if (!__atomic_load_n(&ckvm_zero_content_hash_ready, __ATOMIC_ACQUIRE)) {
+        static const uint64_t zero[512];
+        __atomic_store_n(&ckvm_zero_content_hash_value, ckvm_page_content_hash(zero), __ATOMIC_RELAXED);
+        __atomic_store_n(&ckvm_zero_content_hash_ready, 1, __ATOMIC_RELEASE);
+    }
+    return ckvm_mix(__atomic_load_n(&ckvm_zero_content_hash_value, __ATOMIC_RELAXED) ^ (index * 0x9E3779B97F4A7C15ull + 0x632be59bd9b4e019ull));
 }
 /// A 64-bit checksum of `n` bytes (a stream message's payload).
 uint64_t ckvm_checksum(const void *p, size_t n) {

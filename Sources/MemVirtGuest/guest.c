@@ -35,7 +35,16 @@ GI void workload(volatile struct memvirt_mailbox *mb) {
     uint64_t reads = 0, writes = 0, read_sum = 0, slot = 0, acc = 0;
     const uint64_t gap_threshold = mb->gap_threshold;
     uint64_t last = gap_threshold ? rdtsc() : 0;
+    const uint64_t pace = mb->pace;
+    if (pace && mb->pace_start == 0) mb->pace_start = rdtsc();
+    const uint64_t pace_start = mb->pace_start;
     for (uint64_t i = 0; i < n; i++) {
+        if (pace) {
+            // A paced stream (a writer at a fixed rate): the schedule is absolute, so a pause
+            // (a migration's downtime) is caught up afterwards, as a real writer's backlog.
+            const uint64_t due = pace_start + i * pace;
+            while (rdtsc() < due) __asm__ volatile("pause");
+        }
         if (gap_threshold) {
             uint64_t t = rdtsc();
             if (t - last > gap_threshold) {
@@ -43,6 +52,8 @@ GI void workload(volatile struct memvirt_mailbox *mb) {
                 mb->gap_log[2 * k] = last;
                 mb->gap_log[2 * k + 1] = t - last;
                 mb->gap_count = mb->gap_count + 1;
+                const uint64_t sw = mb->switch_tsc;
+                if (sw && last <= sw && sw <= t) mb->switch_gap = t - last;
             }
             last = t;
         }

@@ -79,6 +79,8 @@ public struct GuestConfig: Sendable {
     public var threads = 0
     /// Mark guest RAM MADV_MERGEABLE (KSM).
     public var mergeable = false
+    /// The runtime's memory comes from a snapshot: do not build it (page tables etc.).
+    public var restoring = false
 
     public init(dataSize: UInt64) { self.dataSize = dataSize }
 }
@@ -157,7 +159,7 @@ public final class GuestVM: @unchecked Sendable {
         if c.dirtyRingBytes > 0 { try vm.enableDirtyRing(bytes: c.dirtyRingBytes) }
         try vm.addSlot(id: GuestLayout.runtimeSlot, region: runtime)
         try vm.addSlot(id: GuestLayout.dataSlot, region: data, flags: c.dataSlotFlags)
-        try buildRuntime(vcpus: c.vcpus)
+        if !c.restoring { try buildRuntime(vcpus: c.vcpus) }
         for i in 0..<c.vcpus {
             let v = try vm.createVCPU(id: i)
             try enterUserMode(v)

@@ -27,6 +27,9 @@ public struct MigrationOptions: Sendable {
     public var groupPages = 1
     /// Run the guest this long before migrating.
     public var afterNanos: UInt64 = 1_000_000_000
+    /// Pace each guest thread's accesses to this many per second (nil: as fast as it goes).
+    /// A uniform writer (`--write-ratio 1`) at 2,560/s dirties 10 MiB/s of 4 KiB pages.
+    public var accessesPerSecond: UInt64? = nil
     public init() {}
 }
 
@@ -48,7 +51,11 @@ public struct MigrationReport: Sendable {
     public var pagesReprotected: UInt64 = 0
     public var pagesLeftWritable: UInt64 = 0
     public var dirtyPerRound: [UInt64] = []
+    /// Start -> the destination runs the guest with every page (pre-copy: RESUMED; post-copy
+    /// and hybrid: the last page pushed).
     public var totalNanos: UInt64 = 0
+    /// Start -> the destination's summary after its guest finished the workload.
+    public var sessionNanos: UInt64? = nil
     /// The gap the guest saw across the switch, from its own TSC (destination side).
     public var downtimeNanos: UInt64? = nil
     /// Source stop to destination KVM_RUN, by the VMMs' clocks (CLOCK_REALTIME).
@@ -61,6 +68,9 @@ public struct MigrationReport: Sendable {
     public var destinationRunNanos: UInt64? = nil
     public var destinationPfFixed: UInt64? = nil
     public var kvmPfFixedDuringMigration: UInt64? = nil
+    /// Where the time went, in order (name, nanoseconds): e.g. round0, rounds, stop,
+    /// final_harvest, final_send, state, resumed on the source.
+    public var phases: [(String, UInt64)] = []
 
     public init(side: String, mode: MigrationOptions.Mode) {
         self.side = side
@@ -78,7 +88,7 @@ public struct MigrationReport: Sendable {
             ("pages_requested", .uint(pagesRequested)), ("pages_pushed", .uint(pagesPushed)),
             ("pages_reprotected", .uint(pagesReprotected)), ("pages_left_writable", .uint(pagesLeftWritable)),
             ("dirty_per_round", .array(dirtyPerRound.map { .uint($0) })),
-            ("total_ms", ms(totalNanos)), ("downtime_ms", ms(downtimeNanos)), ("vmm_downtime_ms", ms(vmmDowntimeNanos)),
+            ("total_ms", ms(totalNanos)), ("session_ms", ms(sessionNanos)), ("downtime_ms", ms(downtimeNanos)), ("vmm_downtime_ms", ms(vmmDowntimeNanos)),
             ("source_hash", hex(sourceHash)), ("destination_hash", hex(destinationHash)),
             ("hashes_equal", sourceHash != nil && destinationHash != nil ? .bool(sourceHash == destinationHash) : .null),
             ("guest", .array(guest.map { r in
@@ -90,6 +100,7 @@ public struct MigrationReport: Sendable {
             ("destination_pf_fixed", destinationPfFixed.map { .uint($0) } ?? .null),
             ("kvm_pf_fixed_during_migration", kvmPfFixedDuringMigration.map { .uint($0) } ?? .null),
         ]
+        kv.append(("phases_ms", .object(phases.map { ($0.0, ms($0.1)) })))
         kv.append(("note", "downtime_ms is the largest gap between two guest accesses across the switch, from the guest's TSC (restored as source TSC + elapsed)"))
         return .object(kv)
     }
@@ -128,6 +139,12 @@ struct PageBatch {
     var dataPages = 0
 
     mutating func reset() { count = 0; dataPages = 0 }
+    /// A page known to be zero (never touched: not resident), without reading it.
+    mutating func addZero(index: UInt64) {
+        (message + 4 + 9 * count).storeBytes(of: index, as: UInt64.self)
+        (message + 4 + 9 * count + 8).storeBytes(of: UInt8(0), as: UInt8.self)
+        count += 1
+    }
     mutating func add(index: UInt64, page: UnsafeRawPointer) -> Bool {
         let zero = ckvm_page_is_zero(page) != 0
         (message + 4 + 9 * count).storeBytes(of: index, as: UInt64.self)
@@ -167,8 +184,11 @@ public enum LiveMigration {
     static func memoryHash(_ g: GuestVM) -> UInt64 {
         var h: UInt64 = 0
         let dp = Int(g.data.size / 4096)
-        for p in 0..<dp { h &+= ckvm_page_hash(g.data.mapping.base + p * 4096, UInt64(p)) }
-        for p in 0..<Int(g.runtime.size / 4096) { h &+= ckvm_page_hash(g.runtime.mapping.base + p * 4096, UInt64(dp + p)) }
+        // Pages never touched read as zero: their hash needs no read (which would fault them in).
+        let rd = (try? g.data.residency()) ?? [UInt8](repeating: 1, count: dp)
+        let rr = (try? g.runtime.residency()) ?? [UInt8](repeating: 1, count: Int(g.runtime.size / 4096))
+        for p in 0..<dp { h &+= rd[p] & 1 != 0 ? ckvm_page_hash(g.data.mapping.base + p * 4096, UInt64(p)) : ckvm_page_hash_zero(UInt64(p)) }
+        for p in 0..<rr.count { h &+= rr[p] & 1 != 0 ? ckvm_page_hash(g.runtime.mapping.base + p * 4096, UInt64(dp + p)) : ckvm_page_hash_zero(UInt64(dp + p)) }
         return h
     }
 
@@ -184,6 +204,7 @@ public enum LiveMigration {
             throw KVMError.invalid("--group-pages \(o.groupPages): a power of two, 1...512")
         }
         guard o.maxRounds >= 1, o.maxRounds <= 1000 else { throw KVMError.invalid("--max-rounds \(o.maxRounds): use 1...1000") }
+        if let r = o.accessesPerSecond, r == 0 || r > 1_000_000_000 { throw KVMError.invalid("--access-rate \(r): use 1...1000000000 accesses per second") }
         let kvm = try KVM()
         var c = GuestConfig(dataSize: spec.footprint.rawValue)
         c.dataVirtual = spec.base
@@ -198,23 +219,28 @@ public enum LiveMigration {
             var (m, table) = try KVMRunner.prepare(spec, thread: t, layout: g.layout)
             if !table.isEmpty { try g.runtime.write(array: table, at: GuestPhysicalAddress(rawValue: m.table)) }
             m.gap_threshold = gapThresholdMicros * khz / 1000
+            if let r = o.accessesPerSecond { m.pace = max(1, khz * 1000 / max(1, r)) }
             try g.setMailbox(t, m)
         }
         var report = MigrationReport(side: "source", mode: o.mode)
+        // vCPU ioctls (KVM_GET_STATS_FD among them) wait for the vCPU's mutex, which KVM_RUN
+        // holds for as long as the guest runs without an exit: take everything per vCPU now.
+        let stats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
         let kicker = VCPUKicker(vm: g)
         var runner = VCPUThreads(g: g, kicker: kicker)
         try runner.start()
         let t0 = monotonicNanoseconds()
         while monotonicNanoseconds() - t0 < o.afterNanos && !runner.allDoneFast { usleepNanos(2_000_000) }
         let start = monotonicNanoseconds()
-        var source = SourceSide(g: g, options: o, kicker: kicker, runner: runner, report: report)
+        var source = SourceSide(g: g, options: o, kicker: kicker, runner: runner, report: report, stats: stats)
         do {
             let ch = try MigrationChannel.connect(host: host, port: port)
             if let bw = o.bandwidth { ch.bandwidth = bw }
             try source.run(ch)
             report = source.report
             report.migrated = true
-            report.totalNanos = monotonicNanoseconds() - start
+            report.sessionNanos = monotonicNanoseconds() - start
+            report.totalNanos = (source.completedAt ?? monotonicNanoseconds()) - start
             return report
         } catch {
             report = source.report
@@ -318,10 +344,14 @@ struct SourceSide {
     var runner: VCPUThreads
     var report: MigrationReport
     var destinationOwnsGuest = false
+    var completedAt: UInt64? = nil
     var batch = PageBatch()
     let dataPages: Int
 
-    init(g: GuestVM, options: MigrationOptions, kicker: VCPUKicker, runner: VCPUThreads, report: MigrationReport) {
+    let stats: [StatsReader]
+
+    init(g: GuestVM, options: MigrationOptions, kicker: VCPUKicker, runner: VCPUThreads, report: MigrationReport, stats: [StatsReader]) {
+        self.stats = stats
         self.g = g
         self.options = options
         self.kicker = kicker
@@ -336,10 +366,20 @@ struct SourceSide {
         batch.reset()
     }
 
+    /// mincore of the data slot, then the runtime: a page not resident is zero (never touched).
+    var resident: [UInt8] = []
+
+    mutating func refreshResidency() throws(KVMError) {
+        resident = try g.data.residency() + g.runtime.residency()
+    }
+
     mutating func sendPage(_ ch: MigrationChannel, _ index: Int) throws(KVMError) {
         let p: UnsafeRawPointer = index < dataPages ? UnsafeRawPointer(g.data.mapping.base + index * 4096)
             : UnsafeRawPointer(g.runtime.mapping.base + (index - dataPages) * 4096)
-        if batch.add(index: UInt64(index), page: p) { report.zeroPages += 1 }
+        if index < resident.count && resident[index] & 1 == 0 {
+            batch.addZero(index: UInt64(index))
+            report.zeroPages += 1
+        } else if batch.add(index: UInt64(index), page: p) { report.zeroPages += 1 }
         report.pagesSent += 1
         if batch.count == PageBatch.maxPages { try flush(ch) }
     }
@@ -384,15 +424,20 @@ struct SourceSide {
                                    runtimeSize: g.layout.runtimeSize, mode: UInt8(MigrationOptions.Mode.allCases.firstIndex(of: options.mode)!),
                                    pageSize: g.layout.dataPageSize.bytes)
         try ch.send(.hello, hello.encoded())
-        let stats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
         var pfBefore: UInt64 = 0
         for s in stats { pfBefore += try s.read()["pf_fixed"] }
-        // Round 0: reset the log, then everything.
+        // Round 0: reset the log, then everything (pages dirtied from here on are logged).
+        var mark = monotonicNanoseconds()
+        func phase(_ name: String) { let now = monotonicNanoseconds(); report.phases.append((name, now - mark)); mark = now }
         _ = try harvest()
         report.pagesReprotected = 0
         if options.mode != .postcopy {
+            try refreshResidency()
             for p in 0..<dataPages { try sendPage(ch, p) }
             try flush(ch)
+            // Pages from the dirty log are resident (the guest wrote them): no stale look-ups.
+            resident = []
+            phase("round0")
             report.rounds = 1
             report.dirtyPerRound.append(UInt64(dataPages))
             let roundLimit = options.mode == .hybrid ? min(options.maxRounds, 2) : options.maxRounds
@@ -413,10 +458,14 @@ struct SourceSide {
                 try flush(ch)
                 report.rounds += 1
             }
+            phase("rounds")
         }
         // Stop the guest.
         let stopReal = LiveMigration.realtimeNanos()
         try runner.stop()
+        phase("stop")
+        // Stopped: residency is exact from here on (dirty pages the guest wrote are resident).
+        try refreshResidency()
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }
         report.kvmPfFixedDuringMigration = pfAfter - pfBefore
@@ -438,8 +487,10 @@ struct SourceSide {
         case .postcopy:
             missing = Array(0..<dataPages)
         }
+        phase("final_harvest")
         for p in 0..<Int(g.runtime.size / 4096) { try sendPage(ch, dataPages + p) }
         try flush(ch)
+        phase("final_send")
         // vCPU states and the facts the destination needs to resume.
         var w = ByteWriter()
         w.put(stopReal)
@@ -449,9 +500,12 @@ struct SourceSide {
             w.bytes += try v.saveState().encoded()
         }
         try ch.send(.state, w.bytes)
+        phase("state")
         if options.mode == .precopy {
             try ch.send(.end)
             try awaitResumed(ch)
+            completedAt = monotonicNanoseconds()
+            phase("resumed")
         } else {
             try postcopyPush(ch, missing: missing)
             report.sourceHash = LiveMigration.memoryHash(g)
@@ -550,6 +604,7 @@ struct SourceSide {
             try flush(ch)
         }
         try ch.send(.end)
+        completedAt = monotonicNanoseconds()
         reader.join()
         if let e = requests.failure { throw e }
         destinationOwnsGuest = true

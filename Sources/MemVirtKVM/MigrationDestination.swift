@@ -43,6 +43,7 @@ extension LiveMigration {
         let dataPages = Int(g.data.size / 4096)
         let runtimePages = Int(g.runtime.size / 4096)
         var hashes = [UInt64](repeating: 0, count: dataPages + runtimePages)
+        var written = [Bool](repeating: false, count: dataPages)
         let faults: PostcopyFaults? = mode == .precopy ? nil : try PostcopyFaults(region: g.data, channel: ch)
         defer { faults?.stop() }
         let zero = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
@@ -78,14 +79,16 @@ extension LiveMigration {
                 for (idx, hasData) in table {
                     let src: UnsafeRawPointer = hasData ? payload.baseAddress! + at : UnsafeRawPointer(zero)
                     if hasData { at += 4096 }
-                    hashes[idx] = ckvm_page_hash(src, UInt64(idx))
+                    hashes[idx] = hasData ? ckvm_page_hash(src, UInt64(idx)) : ckvm_page_hash_zero(UInt64(idx))
                     if idx >= dataPages {
                         memcpy(g.runtime.mapping.base + (idx - dataPages) * 4096, src, 4096)
                     } else if let f = faults {
-                        try f.place(page: idx, from: src)
+                        try f.place(page: idx, from: hasData ? src : nil)
                     } else {
+                        // A zero page over a page never written here: nothing to do (reading
+                        // it to check would fault it in).
                         let dst = g.data.mapping.base + idx * 4096
-                        if hasData { memcpy(dst, src, 4096) } else if ckvm_page_is_zero(dst) == 0 { memset(dst, 0, 4096) }
+                        if hasData { memcpy(dst, src, 4096); written[idx] = true } else if written[idx] { memset(dst, 0, 4096) }
                     }
                     report.pagesSent += 1
                     if !hasData { report.zeroPages += 1 }
@@ -127,6 +130,15 @@ extension LiveMigration {
                         try g.vcpus[i].setMSRs([(0x10, tsc &+ elapsed * khz / 1_000_000)])
                     }
                 }
+                // The guest keeps the gap that spans the source's TSC at the stop: its downtime.
+                for i in 0..<n where !k.done[i] {
+                    var m = try g.mailbox(i)
+                    if m.gap_threshold != 0 {
+                        m.switch_tsc = states[i].msrs.first(where: { $0.0 == 0x10 })?.1 ?? 0
+                        m.switch_gap = 0
+                        try g.setMailbox(i, m)
+                    }
+                }
                 for s in stats { pfBefore += try s.read()["pf_fixed"] }
                 runStart = monotonicNanoseconds()
                 let now = realtimeNanos()
@@ -151,16 +163,10 @@ extension LiveMigration {
         if let f = faults { report.pagesRequested = f.requests }
         faults?.stop()
         report.guest = try finalGuest(g, threads: g.vcpus.count)
-        // The guest's own view of the switch: the logged gap that spans the source's TSC at save.
+        // The guest's own view of the switch: the gap it logged across the source's TSC at save.
         let m = try g.mailbox(0)
         let khz = tscKHz(g)
-        withUnsafeBytes(of: m.gap_log) { b in
-            let log = b.bindMemory(to: UInt64.self)
-            for e in 0..<min(64, Int(m.gap_count)) {
-                let s = log[2 * e], len = log[2 * e + 1]
-                if s <= savedTSC && savedTSC <= s &+ len { report.downtimeNanos = len * 1_000_000 / khz }
-            }
-        }
+        if m.switch_gap > 0 { report.downtimeNanos = m.switch_gap * 1_000_000 / khz }
         report.migrated = true
         report.rounds = 0
         report.bytesReceived = ch.bytesReceived
@@ -220,17 +226,25 @@ final class PostcopyFaults: @unchecked Sendable {
     }
     deinit { stop(); present.deallocate() }
 
-    /// Maps a received page (before or after the guest resumed).
-    func place(page p: Int, from src: UnsafeRawPointer) throws(KVMError) {
+    /// Maps a received page (before or after the guest resumed); nil: a zero page, mapped
+    /// with UFFDIO_ZEROPAGE (no page allocated until the guest writes it).
+    func place(page p: Int, from src: UnsafeRawPointer?) throws(KVMError) {
         let dst = region.hostAddress.rawValue + UInt64(p) * 4096
-        var c = uffdio_copy(dst: dst, src: UInt64(UInt(bitPattern: src)), len: 4096, mode: 0, copy: 0)
-        var rc = ckvm_uffdio_copy(uffd.raw, &c)
-        while rc == -EAGAIN { c.copy = 0; rc = ckvm_uffdio_copy(uffd.raw, &c) }
+        var rc: Int32
+        if let src {
+            var c = uffdio_copy(dst: dst, src: UInt64(UInt(bitPattern: src)), len: 4096, mode: 0, copy: 0)
+            rc = ckvm_uffdio_copy(uffd.raw, &c)
+            while rc == -EAGAIN { c.copy = 0; rc = ckvm_uffdio_copy(uffd.raw, &c) }
+        } else {
+            var z = uffdio_zeropage(range: uffdio_range(start: dst, len: 4096), mode: 0, zeropage: 0)
+            rc = ckvm_uffdio_zeropage(uffd.raw, &z)
+            while rc == -EAGAIN { z.zeropage = 0; rc = ckvm_uffdio_zeropage(uffd.raw, &z) }
+        }
         if rc == -EEXIST {
             // Already mapped: a newer copy of a page sent in an earlier pre-copy round.
-            memcpy(region.mapping.base + p * 4096, src, 4096)
+            if let src { memcpy(region.mapping.base + p * 4096, src, 4096) } else { memset(region.mapping.base + p * 4096, 0, 4096) }
         } else if rc < 0 {
-            _ = try checked(rc, "UFFDIO_COPY(post-copy page \(p))")
+            _ = try checked(rc, "UFFDIO_COPY/ZEROPAGE(post-copy page \(p))")
         }
         ckvm_store_release_u32(present + p, 1)
     }

@@ -34,6 +34,12 @@ public final class VCPUKicker: @unchecked Sendable {
 
     /// Called on a vCPU's thread before it runs.
     func register(_ index: Int) {
+        // The thread may have inherited a mask that blocks SIGUSR1 (a test runner's worker
+        // threads do): a blocked signal never interrupts KVM_RUN, so unblock it here.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGUSR1)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         pthread_mutex_lock(&lock)
         threads[index] = pthread_self()
         pthread_mutex_unlock(&lock)

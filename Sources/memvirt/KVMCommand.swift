@@ -7,7 +7,8 @@ import MemVirtKVM
 struct KVMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvm", abstract: "Real VMs on /dev/kvm.",
-        subcommands: [KVMRunCommand.self, KVMProbeCommand.self, KVMListenCommand.self, KVMMigrateCommand.self])
+        subcommands: [KVMRunCommand.self, KVMProbeCommand.self, KVMListenCommand.self, KVMMigrateCommand.self,
+                      KVMSnapshotCommand.self, KVMRestoreCommand.self])
 }
 
 /// `memvirt kvm run`: a workload in a real VM.

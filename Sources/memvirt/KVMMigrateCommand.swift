@@ -57,6 +57,9 @@ struct KVMMigrateCommand: ParsableCommand {
     @Option(name: .customLong("group-pages"), help: "Page groups (seed 004): N pages sent and left writable together (power of two).")
     var groupPages: Int = 1
 
+    @Option(name: .customLong("access-rate"), help: "Pace each guest thread to N accesses per second (a uniform writer with --write-ratio 1 at 2560 dirties 10 MiB/s).")
+    var accessRate: UInt64?
+
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
 
@@ -82,6 +85,7 @@ struct KVMMigrateCommand: ParsableCommand {
         o.downtimeTargetNanos = try Self.duration(downtimeTarget, "--downtime-target")
         o.maxRounds = maxRounds
         o.groupPages = groupPages
+        o.accessesPerSecond = accessRate
         if let b = bandwidth {
             do { o.bandwidth = try ByteCount(parsing: b).rawValue } catch { throw ValidationError("--bandwidth: \(error.message)") }
         }

@@ -99,6 +99,8 @@ static inline int ckvm_uffdio_writeprotect(int uffd, struct uffdio_writeprotect 
 // static inline bodies at -O0, and these loops run over all guest memory)
 /// A 64-bit hash of one 4 KiB page and its index (the switch-over hash of guest memory).
 uint64_t ckvm_page_hash(const void *page, uint64_t index);
+/// ckvm_page_hash of an all-zero page at `index` (no page read).
+uint64_t ckvm_page_hash_zero(uint64_t index);
 /// A 64-bit checksum of `n` bytes (a stream message's payload).
 uint64_t ckvm_checksum(const void *p, size_t n);
 /// 1 when the 4 KiB page is all zero bytes.

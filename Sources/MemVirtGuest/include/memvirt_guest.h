@@ -99,7 +99,10 @@ struct memvirt_mailbox {
     uint64_t count;           // PING / TOUCH_PAGES / TRIPLE_FAULT
     uint64_t salt;
     uint64_t gap_threshold;   // WORKLOAD: log gaps between accesses longer than this (TSC ticks; 0: off)
-    uint64_t reserved_in[16];
+    uint64_t pace;            // WORKLOAD: access i waits for TSC >= pace_start + i * pace (0: no pacing)
+    uint64_t pace_start;      // WORKLOAD with pace: the TSC of access 0 (0: the guest's first rdtsc)
+    uint64_t switch_tsc;      // WORKLOAD with gap_threshold: a logged gap spanning this TSC is kept in switch_gap
+    uint64_t reserved_in[13];
     // guest -> VMM
     uint64_t status;
     uint64_t done_accesses;
@@ -113,7 +116,8 @@ struct memvirt_mailbox {
     uint64_t tsc_last;        // WRITE_PASSES: rdtsc at the last write
     uint64_t tsc_max_gap;     // WRITE_PASSES: the largest gap between two writes, TSC ticks
     uint64_t gap_count;       // WORKLOAD: gaps logged (the log keeps the last 64)
-    uint64_t reserved_out[4];
+    uint64_t switch_gap;      // WORKLOAD: length (TSC ticks) of the logged gap spanning switch_tsc (a migration's downtime)
+    uint64_t reserved_out[3];
     /// WORKLOAD with gap_threshold: (start TSC, length) of each gap longer than the threshold,
     /// entry gap_count mod 64: how the guest itself sees a migration's downtime.
     uint64_t gap_log[128];
