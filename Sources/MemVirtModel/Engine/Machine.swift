@@ -188,19 +188,20 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
 
     /// A TLB miss, or a hit the entry does not permit (a write through a clean entry, a
     /// permission the entry lacks): such an entry is dropped and the walk sets D or faults.
-    @inline(never) func missAfterLookup(_ va: UInt64, kind: AccessKind, fetch: Bool) throws -> TLBEntry {
-        if !tlb.empty, tlb.lookup(va, pcid: pcid, fetch: fetch) != nil { tlb.invalidatePage(va, pcid: pcid) }
+    @inline(never) func missAfterLookup(_ va: UInt64, kind: AccessKind, dropStale: Bool) throws -> TLBEntry {
+        if dropStale { tlb.invalidatePage(va, pcid: pcid) }
         return try miss(va, kind: kind)
     }
 
     /// One translation: a TLB look-up, a walk (and faults) on a miss.
     @inline(__always) func translate(_ va: UInt64, kind: AccessKind, write: Bool, fetch: Bool) throws -> TLBEntry {
-        if let (e, level) = tlb.lookup(va, pcid: pcid, fetch: fetch), Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
+        let hit = tlb.lookup(va, pcid: pcid, fetch: fetch)
+        if let (e, level) = hit, Self.permits(e, write: write, fetch: fetch, user: cpu.privilege == .user) {
             if level == .l1 { l1Hits &+= 1 } else { l2Hits &+= 1 }
             return e
         }
         misses &+= 1
-        return try missAfterLookup(va, kind: kind, fetch: fetch)
+        return try missAfterLookup(va, kind: kind, dropStale: hit != nil)
     }
 
     @inline(__always) static func permits(_ e: TLBEntry, write: Bool, fetch: Bool, user: Bool) -> Bool {

@@ -99,16 +99,25 @@ public enum ModelEngine {
             let mode = NativePaging(memory: try PhysicalMemory(capacity: capacity, name: "guest-physical"))
             return try body.run(try machine(mode, cpu, config, capacity))
         case .nested:
-            let mode = try NestedPaging(
-                cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels,
-                hostMemory: try config.hostLimit.map { limit throws(InputError) in
-                    try HostMemory(capacity: capacity + (2 << 30), limit: limit, swapDevice: config.swapDevice)
-                })
+            let mode = try nestedPaging(config, cpu: cpu, capacity: capacity)
             return try body.run(try machine(mode, cpu, config, capacity))
         case .shadow:
-            let mode = try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
+            let mode = try shadowPaging(config, capacity: capacity)
             return try body.run(try machine(mode, cpu, config, capacity))
         }
+    }
+
+    /// Nested paging for `config` (with a host memory limit and swap when one is set).
+    static func nestedPaging(_ config: ModelConfig, cpu: ModelCPU, capacity: UInt64) throws -> NestedPaging {
+        try NestedPaging(
+            cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels,
+            hostMemory: try config.hostLimit.map { limit throws(InputError) in
+                try HostMemory(capacity: capacity + (2 << 30), limit: limit, swapDevice: config.swapDevice)
+            })
+    }
+
+    static func shadowPaging(_ config: ModelConfig, capacity: UInt64) throws -> ShadowPaging {
+        try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
     }
 
     static func machine<M: PagingMode>(_ mode: M, _ cpu: ModelCPU, _ config: ModelConfig, _ capacity: UInt64) throws -> Machine<M> {
@@ -147,14 +156,10 @@ public enum ModelEngine {
             return try run(spec: spec, config: config, mode: mode, capacity: capacity, progress: progress)
         case .nested:
             let cpu = ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
-            let mode = try NestedPaging(
-                cpu: cpu, guestCapacity: capacity, hostPageSize: config.hostPageSize, eptLevels: config.hostLevels,
-                hostMemory: try config.hostLimit.map { limit throws(InputError) in
-                    try HostMemory(capacity: capacity + (2 << 30), limit: limit, swapDevice: config.swapDevice)
-                })
+            let mode = try nestedPaging(config, cpu: cpu, capacity: capacity)
             return try run(spec: spec, config: config, mode: mode, cpu: cpu, capacity: capacity, progress: progress)
         case .shadow:
-            let mode = try ShadowPaging(guestCapacity: capacity, hostPageSize: config.hostPageSize, options: config.shadow)
+            let mode = try shadowPaging(config, capacity: capacity)
             return try run(spec: spec, config: config, mode: mode, capacity: capacity, progress: progress)
         }
     }
