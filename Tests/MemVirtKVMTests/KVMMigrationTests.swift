@@ -80,8 +80,11 @@ struct KVMMigrationTests {
             #expect(s.pagesRequested > 0)
             #expect(s.pagesRequested + s.pagesPushed == UInt64(Self.running.footprint.rawValue / 4096))
         case .hybrid:
+            // One pre-copy round after the full copy; the pages the guest dirties while it runs
+            // must show up in some later harvest (the final one, taken a fraction of a
+            // millisecond after the stop, may well be empty).
             #expect(s.rounds == 2)
-            #expect(s.dirtyPerRound.last! > 0)
+            #expect(s.dirtyPerRound.dropFirst().reduce(0, +) > 0)
         }
         // The guest was still running at the switch, and saw it as a gap of its own.
         #expect(s.guest.first?.accesses == Self.running.accesses)
