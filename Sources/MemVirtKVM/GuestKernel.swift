@@ -67,6 +67,10 @@ public struct VCPUSchedulerReport: Sendable {
     public var parkedNanos: UInt64 = 0
     /// Nanoseconds from a thread's wake-up to its next "page not present" (summed).
     public var runToFaultNanos: UInt64 = 0
+    /// The vCPU thread's own time on a host CPU and waiting on a host run queue (runnable but
+    /// not running: the host's CPU contention, a vCPU's steal time), from the host scheduler.
+    public var hostRunNanos: UInt64? = nil
+    public var hostWaitNanos: UInt64? = nil
 
     public var json: JSONValue {
         .object([
@@ -76,6 +80,8 @@ public struct VCPUSchedulerReport: Sendable {
             ("idle_ms", .double(Double(idleNanos / 1000) / 1000)), ("vmm_handling_ms", .double(Double(handlingNanos / 1000) / 1000)),
             ("parked_us_mean", .double(apfNotPresent == 0 ? 0 : (Double(parkedNanos) / Double(apfNotPresent) / 1e3).rounded())),
             ("run_to_fault_us_mean", .double(apfReady <= apfWakeAll ? 0 : (Double(runToFaultNanos) / Double(apfReady - apfWakeAll) / 1e3).rounded())),
+            ("host_run_ms", hostRunNanos.map { .double(Double($0 / 1000) / 1000) } ?? .null),
+            ("host_runqueue_wait_ms", hostWaitNanos.map { .double(Double($0 / 1000) / 1000) } ?? .null),
         ])
     }
 }
@@ -245,6 +251,7 @@ struct VCPUScheduler {
     }
 
     mutating func run(deadline: UInt64) throws(KVMError) -> VCPUSchedulerReport {
+        let host0 = ThreadSchedStat.current()
         try dispatch()
         loop: while true {
             let exit = try v.runOnce()
@@ -281,6 +288,11 @@ struct VCPUScheduler {
             report.handlingNanos += monotonicNanoseconds() - t0
         }
         if current == nil && idleSince > 0 { report.idleNanos += monotonicNanoseconds() - idleSince }
+        if let a = host0, let b = ThreadSchedStat.current() {
+            let d = b.since(a)
+            report.hostRunNanos = d.runNanos
+            report.hostWaitNanos = d.waitNanos
+        }
         return report
     }
 

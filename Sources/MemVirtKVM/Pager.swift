@@ -175,6 +175,21 @@ public final class Pager: @unchecked Sendable {
         outstandingCell.deallocate()
     }
 
+    /// Makes `range` resident before the guest runs (from the store, or zero-filled), in FIFO
+    /// order, as if the guest had touched those pages: a run can then start at its steady
+    /// state (the resident limit full) instead of filling it first. Call before `start`.
+    public func prefill(_ range: Range<Int>) throws(KVMError) {
+        guard thread == nil else { throw KVMError.invalid("pager: prefill before start") }
+        guard range.lowerBound >= 0, range.upperBound <= pages else {
+            throw KVMError.invalid("pager: prefill pages \(range.lowerBound)..<\(range.upperBound) outside the region's \(pages)")
+        }
+        if let l = options.residentLimitPages, residentCount + range.count > l {
+            throw KVMError.invalid("pager: prefill of \(range.count) pages exceeds the resident limit of \(l)")
+        }
+        let t0 = monotonicNanoseconds()
+        for p in range where !resident[p] { try serve(page: p, since: t0, record: false) }
+    }
+
     /// Starts the pager thread.
     public func start() throws(KVMError) {
         guard thread == nil else { return }
@@ -244,7 +259,7 @@ public final class Pager: @unchecked Sendable {
         }
     }
 
-    private func serve(page: Int, since t0: UInt64) throws(KVMError) {
+    private func serve(page: Int, since t0: UInt64, record: Bool = true) throws(KVMError) {
         let base = region.hostAddress.rawValue
         if resident[page] {
             r.spurious += 1
@@ -271,10 +286,10 @@ public final class Pager: @unchecked Sendable {
             if stored[p] {
                 let n = pread(store.raw, dst, 4096, off_t(p) * 4096)
                 if n != 4096 { throw KVMError.call("pread(page store, page \(p))", lastErrno()) }
-                r.storeReads += 1
+                if record { r.storeReads += 1 }
             } else {
                 memset(dst, 0, 4096)
-                r.zeroFills += 1
+                if record { r.zeroFills += 1 }
             }
         }
         var copy = uffdio_copy(dst: base + UInt64(page) * 4096, src: UInt64(UInt(bitPattern: buffer)), len: UInt64(k) * 4096, mode: 0, copy: 0)
@@ -289,8 +304,9 @@ public final class Pager: @unchecked Sendable {
             fifo.append(Int32(page + j))
         }
         residentCount += k
-        r.readAheadPages += UInt64(k - 1)
         r.peakResidentPages = max(r.peakResidentPages, residentCount)
+        guard record else { return }
+        r.readAheadPages += UInt64(k - 1)
         _ = r.serviceNanos.record(monotonicNanoseconds() - t0)
     }
 

@@ -151,3 +151,29 @@ extension DedicatedThread {
 final class ResultBox<T>: @unchecked Sendable {
     var value: Result<T, KVMError>?
 }
+
+/// The calling thread's scheduler statistics from the host kernel (/proc/thread-self/schedstat,
+/// Documentation/scheduler/sched-stats.rst): nanoseconds on a CPU, nanoseconds runnable but
+/// waiting on a run queue (the host's CPU contention as this thread sees it: a vCPU's steal
+/// time), and time slices run. Nil where the file is absent (CONFIG_SCHEDSTATS off).
+public struct ThreadSchedStat: Sendable {
+    public var runNanos: UInt64
+    public var waitNanos: UInt64
+    public var slices: UInt64
+
+    public static func current() -> ThreadSchedStat? {
+        let fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 128)
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, 127) }
+        guard n > 0 else { return nil }
+        let f = String(decoding: buf[0..<n], as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { UInt64($0) }
+        guard f.count >= 3 else { return nil }
+        return ThreadSchedStat(runNanos: f[0], waitNanos: f[1], slices: f[2])
+    }
+
+    public func since(_ b: ThreadSchedStat) -> ThreadSchedStat {
+        ThreadSchedStat(runNanos: runNanos &- b.runNanos, waitNanos: waitNanos &- b.waitNanos, slices: slices &- b.slices)
+    }
+}
