@@ -55,7 +55,6 @@ public struct KSMPairReport: Sendable {
     public var oracle: KSMOracle
     public var settingsBefore: KSMSettings
     public var settingsDuring: KSMSettings
-    public var settingsAfter: KSMSettings
     /// Host counters before ksmd ran, once merged, and once the breaks were seen.
     public var countersBefore: KSMCounters
     public var countersMerged: KSMCounters
@@ -121,6 +120,25 @@ public enum KSMPair {
     static func runHere(_ o: KSMPairOptions) throws(KVMError) -> KSMPairReport {
         if let why = unavailableReason() { throw KVMError.unavailable(why) }
         guard o.pagesPerVM >= 16, o.writePages >= 1 else { throw KVMError.invalid("KSM pair: at least 16 pages per VM and 1 page written") }
+        let pages = o.pagesPerVM
+        let kinds = (0..<pages).map { content(page: $0, vm: 0, options: o).kind }
+        let image = (0..<pages).filter { kinds[$0] == 0 }
+        let privatePages = (0..<pages).filter { kinds[$0] == 3 }
+        guard image.count >= o.writePages, privatePages.count >= o.writePages else {
+            throw KVMError.invalid("KSM pair: \(o.writePages) pages to write, but only \(image.count) image and \(privatePages.count) private pages")
+        }
+        let before = try KSM.settings()
+        return try KSM.withSession(o.tuning) { (s) throws(KVMError) -> KSMPairReport in
+            let r = try measure(o, session: s, settings: before, image: image, privatePages: privatePages)
+            // The VMs are gone: let ksmd drop their pages from its counters (it does so when it
+            // next visits this process), so the next user's baseline is clean. Best effort.
+            _ = try? s.waitForFullScans(2, timeoutSeconds: 5)
+            return r
+        }
+    }
+
+    static func measure(_ o: KSMPairOptions, session s: KSMSession, settings before: KSMSettings,
+                        image: [Int], privatePages: [Int]) throws(KVMError) -> KSMPairReport {
         let kvm = try KVM()
         let pages = o.pagesPerVM
         var c = GuestConfig(dataSize: UInt64(pages) * 4096)
@@ -128,12 +146,12 @@ public enum KSMPair {
         c.tableBytesPerVCPU = UInt64(pages) * 8
         c.listCapacity = o.writePages
         let vms = [try GuestVM(kvm: kvm, config: c), try GuestVM(kvm: kvm, config: c)]
-        let kinds = (0..<pages).map { content(page: $0, vm: 0, options: o).kind }
-        let image = (0..<pages).filter { kinds[$0] == 0 }
-        let privatePages = (0..<pages).filter { kinds[$0] == 3 }
-        guard image.count >= o.writePages, privatePages.count >= o.writePages else {
-            throw KVMError.invalid("KSM pair: \(o.writePages) pages to write, but only \(image.count) image and \(privatePages.count) private pages")
-        }
+        // ksmd now has this process to scan (empty so far): two full scans settle what a
+        // process that ended left in the host counters (ksmd drops it only when it next runs).
+        _ = try? s.waitForFullScans(2, timeoutSeconds: 5)
+        let countersBefore = try KSM.counters()
+        let processBefore = KSM.processStat()
+        let during = try KSM.settings()
 
         // The guests fill their memory (first touch of every page: host faults through KVM).
         var fillNs: UInt64 = 0
@@ -149,12 +167,8 @@ public enum KSMPair {
             let out = try g.execute(vcpu: 0)
             fillNs += out.endNanos - out.startNanos
         }
-
-        let before = try KSM.settings()
         let oracle = try KSMOracle.compute(regions: vms.map { $0.data }, maxPageSharing: before.maxPageSharing ?? 256,
                                            useZeroPages: (before.useZeroPages ?? 0) != 0)
-        let countersBefore = try KSM.counters()
-        let processBefore = KSM.processStat()
 
         func merged() -> UInt64 {
             guard let s = KSM.processStat() else { return (try? KSM.counters()).map { $0.pagesShared + $0.pagesSharing } ?? 0 }
@@ -163,44 +177,41 @@ public enum KSMPair {
         let base0 = processBefore.map { $0.mergingPages + ($0.zeroPages ?? 0) } ?? (countersBefore.pagesShared + countersBefore.pagesSharing)
         let expectedMerged = oracle.expectedMerging + oracle.expectedZeroPages
 
-        return try KSM.withSession(o.tuning) { (s) throws(KVMError) -> KSMPairReport in
-            let during = try KSM.settings()
-            let ksmd = KSMDaemon.find()
-            let cpu0 = ksmd?.cpuNanoseconds()
-            let wait = try s.waitForMerging(timeoutSeconds: o.timeoutSeconds, value: { merged() &- base0 }, done: { $0 >= expectedMerged })
-            let cpu1 = ksmd?.cpuNanoseconds()
-            let countersMerged = try KSM.counters()
-            let processMerged = KSM.processStat()
+        let ksmd = KSMDaemon.find()
+        let cpu0 = ksmd?.cpuNanoseconds()
+        let wait = try s.waitForMerging(timeoutSeconds: o.timeoutSeconds, value: { merged() &- base0 }, done: { $0 >= expectedMerged })
+        let cpu1 = ksmd?.cpuNanoseconds()
+        let countersMerged = try KSM.counters()
+        let processMerged = KSM.processStat()
 
-            // Both VMs map the same frame for image pages (a sample): KSM's merge, seen in pagemap.
-            let sample = Array(image.prefix(256))
-            var same: (Int, Int)? = nil
-            if let a = PageMap.frames(vms[0].data, pages: sample), let b = PageMap.frames(vms[1].data, pages: sample) {
-                same = (zip(a, b).filter { $0 != 0 && $0 == $1 }.count, sample.count)
-            }
-
-            // VM 0 writes private (unmerged) pages, then merged image pages: the copy-on-write breaks.
-            let g = vms[0]
-            let unmerged = try writePass(g, pages: Array(privatePages.prefix(o.writePages)))
-            let mergedPass = try writePass(g, pages: Array(image.prefix(o.writePages)))
-            let t0 = monotonicNanoseconds()
-            let mergedAtBreak = merged() &- base0
-            let target = mergedAtBreak >= UInt64(o.writePages) ? mergedAtBreak - UInt64(o.writePages) : 0
-            _ = try s.waitForMerging(timeoutSeconds: o.timeoutSeconds, value: { merged() &- base0 }, done: { $0 <= target })
-            let breakSeconds = Double(monotonicNanoseconds() - t0) / 1e9
-            let countersAfter = try KSM.counters()
-            let processAfter = KSM.processStat()
-            var pagesScanned: UInt64? = nil
-            if let a = countersBefore.pagesScanned, let b = countersMerged.pagesScanned { pagesScanned = b &- a }
-            return KSMPairReport(
-                options: o, oracle: oracle, settingsBefore: before, settingsDuring: during, settingsAfter: before,
-                countersBefore: countersBefore, countersMerged: countersMerged, countersAfterWrites: countersAfter,
-                processBefore: processBefore, processMerged: processMerged, processAfterWrites: processAfter,
-                mergeSeconds: wait.seconds, mergeFullScans: wait.scans, mergeReachedExpected: wait.done,
-                breakSeconds: breakSeconds, fillNanosecondsPerPage: Double(fillNs) / Double(2 * pages),
-                sameFrameSampled: same, unmergedWrites: unmerged, mergedWrites: mergedPass,
-                ksmdCPUNanoseconds: cpu0.flatMap { a in cpu1.map { $0 &- a } }, pagesScannedInMerge: pagesScanned)
+        // Both VMs map the same frame for image pages (a sample): KSM's merge, seen in pagemap.
+        let sample = Array(image.prefix(256))
+        var same: (Int, Int)? = nil
+        if let a = PageMap.frames(vms[0].data, pages: sample), let b = PageMap.frames(vms[1].data, pages: sample) {
+            same = (zip(a, b).filter { $0 != 0 && $0 == $1 }.count, sample.count)
         }
+
+        // VM 0 writes private (unmerged) pages, then merged image pages: the copy-on-write breaks.
+        let g = vms[0]
+        let unmerged = try writePass(g, pages: Array(privatePages.prefix(o.writePages)))
+        let mergedPass = try writePass(g, pages: Array(image.prefix(o.writePages)))
+        let t0 = monotonicNanoseconds()
+        let mergedAtBreak = merged() &- base0
+        let target = mergedAtBreak >= UInt64(o.writePages) ? mergedAtBreak - UInt64(o.writePages) : 0
+        _ = try s.waitForMerging(timeoutSeconds: o.timeoutSeconds, value: { merged() &- base0 }, done: { $0 <= target })
+        let breakSeconds = Double(monotonicNanoseconds() - t0) / 1e9
+        let countersAfter = try KSM.counters()
+        let processAfter = KSM.processStat()
+        var pagesScanned: UInt64? = nil
+        if let a = countersBefore.pagesScanned, let b = countersMerged.pagesScanned { pagesScanned = b &- a }
+        return KSMPairReport(
+            options: o, oracle: oracle, settingsBefore: before, settingsDuring: during,
+            countersBefore: countersBefore, countersMerged: countersMerged, countersAfterWrites: countersAfter,
+            processBefore: processBefore, processMerged: processMerged, processAfterWrites: processAfter,
+            mergeSeconds: wait.seconds, mergeFullScans: wait.scans, mergeReachedExpected: wait.done,
+            breakSeconds: breakSeconds, fillNanosecondsPerPage: Double(fillNs) / Double(2 * pages),
+            sameFrameSampled: same, unmergedWrites: unmerged, mergedWrites: mergedPass,
+            ksmdCPUNanoseconds: cpu0.flatMap { a in cpu1.map { $0 &- a } }, pagesScannedInMerge: pagesScanned)
     }
 
     /// VM 0's guest writes word 0 of each page (WRITE_LIST_MARKED): the time between its two
