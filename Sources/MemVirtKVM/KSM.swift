@@ -315,6 +315,17 @@ public final class KSMSession: @unchecked Sendable {
         }
     }
 
+    /// Polls `condition` every 2 ms until it holds or the timeout; returns whether it held.
+    @discardableResult
+    public func waitUntil(timeoutSeconds: Double, _ condition: () -> Bool) -> Bool {
+        let t0 = monotonicNanoseconds()
+        while !condition() {
+            if Double(monotonicNanoseconds() - t0) / 1e9 > timeoutSeconds { return false }
+            usleep(2000)
+        }
+        return true
+    }
+
     /// Waits, full scan by full scan, until `done(value)` or until `value` stayed the same over
     /// `stableScans` full scans, or the timeout. Returns the last value, the full scans waited,
     /// the seconds and whether `done` was reached. `value` is read after each full scan.

@@ -131,8 +131,10 @@ public enum KSMPair {
         return try KSM.withSession(o.tuning) { (s) throws(KVMError) -> KSMPairReport in
             let r = try measure(o, session: s, settings: before, image: image, privatePages: privatePages)
             // The VMs are gone: let ksmd drop their pages from its counters (it does so when it
-            // next visits this process), so the next user's baseline is clean. Best effort.
-            _ = try? s.waitForFullScans(2, timeoutSeconds: 5)
+            // next visits this process), so the next user's baseline is clean. Best effort:
+            // once this process has no mergeable memory left ksmd stops counting full scans.
+            let floor = r.processBefore?.mergingPages ?? 0
+            s.waitUntil(timeoutSeconds: 3) { (KSM.processStat()?.mergingPages ?? 0) <= floor }
             return r
         }
     }
