@@ -181,7 +181,7 @@ public enum KSMPair {
 
         let ksmd = KSMDaemon.find()
         let cpu0 = ksmd?.cpuNanoseconds()
-        let wait = try s.waitForMerging(timeoutSeconds: o.timeoutSeconds, value: { merged() &- base0 }, done: { $0 >= expectedMerged })
+        let wait = try s.waitForMerging(stableScans: 3, timeoutSeconds: o.timeoutSeconds, value: { merged() &- base0 }, done: { $0 >= expectedMerged })
         let cpu1 = ksmd?.cpuNanoseconds()
         let countersMerged = try KSM.counters()
         let processMerged = KSM.processStat()
