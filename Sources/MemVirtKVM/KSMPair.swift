@@ -133,8 +133,8 @@ public enum KSMPair {
             // The VMs are gone: let ksmd drop their pages from its counters (it does so when it
             // next visits this process), so the next user's baseline is clean. Best effort:
             // once this process has no mergeable memory left ksmd stops counting full scans.
-            let floor = r.processBefore?.mergingPages ?? 0
-            s.waitUntil(timeoutSeconds: 3) { (KSM.processStat()?.mergingPages ?? 0) <= floor }
+            let floor = r.processBefore.map { $0.rmapItems ?? $0.mergingPages } ?? 0
+            s.waitUntil(timeoutSeconds: 3) { KSM.processStat().map { $0.rmapItems ?? $0.mergingPages } ?? 0 <= floor }
             return r
         }
     }
