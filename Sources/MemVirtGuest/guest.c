@@ -143,6 +143,21 @@ GI void write_passes(volatile struct memvirt_mailbox *mb) {
     mb->writes = n;
 }
 
+GI void fill_pages(volatile struct memvirt_mailbox *mb) {
+    const uint64_t base = mb->base, pages = mb->footprint >> 12;
+    const uint64_t *ids = (const uint64_t *)mb->table;
+    for (uint64_t p = 0; p < pages; p++) {
+        volatile uint64_t *w = (volatile uint64_t *)(base + (p << 12));
+        const uint64_t id = ids[p];
+        if (id == 0) {
+            for (uint64_t k = 0; k < 512; k++) w[k] = 0;
+        } else {
+            for (uint64_t k = 0; k < 512; k++) w[k] = memvirt_fill_word(id, k);
+        }
+    }
+    mb->writes = pages;
+}
+
 GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
     for (;;) {
         uint64_t cmd = mb->command, status = MEMVIRT_STATUS_OK;
@@ -178,6 +193,15 @@ GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
             random_read_forever(mb);
         } else if (cmd == MEMVIRT_CMD_WRITE_PASSES) {
             write_passes(mb);
+        } else if (cmd == MEMVIRT_CMD_FILL_PAGES) {
+            fill_pages(mb);
+        } else if (cmd == MEMVIRT_CMD_WRITE_LIST_MARKED) {
+            const uint64_t *list = (const uint64_t *)mb->list;
+            uint64_t len = mb->list_len, salt = mb->salt;
+            out32(MEMVIRT_PORT_MARK, 0);
+            for (uint64_t i = 0; i < len; i++) *(volatile uint64_t *)list[i] = (i + 1) ^ salt;
+            out32(MEMVIRT_PORT_MARK, 1);
+            mb->writes = len;
         } else {
             status = MEMVIRT_STATUS_BAD_COMMAND;
         }

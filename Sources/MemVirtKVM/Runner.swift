@@ -18,6 +18,11 @@ public struct KVMRunOptions: Sendable {
     public var verify = false
     /// Log dirty pages of the workload memory during the run and harvest at the end.
     public var dirtyLog: DirtyLogMode = .off
+    /// Mark the workload memory MADV_MERGEABLE (KSM) and report KSM's counters.
+    public var mergeable = false
+    /// With `mergeable`: run ksmd (tuned, settings restored after) from before the workload
+    /// until this many full scans after it, with the VM still alive. 0: leave ksmd as it is.
+    public var ksmScans = 0
 
     public init() {}
 }
@@ -40,6 +45,8 @@ public struct KVMRunReport: Sendable {
     public var vcpuStats: StatValues
     public var pager: PagerReport?
     public var dirty: DirtyHarvest?
+    /// With `mergeable`: KSM's counters around the run.
+    public var ksm: JSONValue? = nil
 }
 
 /// Runs a `WorkloadSpec` in a real VM: one vCPU per thread, each drawing its own stream.
@@ -99,6 +106,18 @@ public enum KVMRunner {
     }
 
     static func runHere(_ spec: WorkloadSpec, options o: KVMRunOptions) throws(KVMError) -> KVMRunReport {
+        guard o.mergeable || o.ksmScans == 0 else { throw KVMError.invalid("--ksm-scans needs --mergeable") }
+        guard o.mergeable && o.ksmScans > 0 else { return try runVM(spec, options: o, ksm: nil) }
+        return try KSM.withSession { (s) throws(KVMError) -> KVMRunReport in
+            let r = try runVM(spec, options: o, ksm: s)
+            // The VM is gone: let ksmd drop its pages (rmap items) from the host counters before
+            // the settings go back (with run=0 they would stay until ksmd next runs).
+            s.waitUntil(timeoutSeconds: 3) { KSM.processStat().map { $0.rmapItems ?? $0.mergingPages } ?? 0 == 0 }
+            return r
+        }
+    }
+
+    static func runVM(_ spec: WorkloadSpec, options o: KVMRunOptions, ksm session: KSMSession?) throws(KVMError) -> KVMRunReport {
         do { try spec.validate() } catch { throw KVMError.invalid(error.message) }
         if case .lackey = spec.pattern { throw KVMError.invalid("the KVM engine runs synthetic workloads; a lackey trace is for the model engine") }
         let pagerOn = o.residentLimit != nil || o.userfaultfd || o.readAhead > 0
@@ -118,7 +137,9 @@ public enum KVMRunner {
         if o.dirtyLog != .off { c.dataSlotFlags = .logDirtyPages }
         if o.dirtyLog == .bitmapManual { c.manualDirtyProtect = true }
         if o.dirtyLog == .ring { c.dirtyRingBytes = min(kvm.check(.dirtyLogRing), 1 << 20) }
+        c.mergeable = o.mergeable
         let g = try GuestVM(kvm: kvm, config: c)
+        let ksmBefore = o.mergeable ? (try? KSM.counters(), KSM.processStat()) : nil
         let ring = o.dirtyLog == .ring ? DirtyRingCollector(vm: g) : nil
         if let ring { g.onDirtyRingFull = { v throws(KVMError) in try ring.harvest(v) } }
 
@@ -151,6 +172,29 @@ public enum KVMRunner {
 
         let t1 = monotonicNanoseconds()
         let usageAfter = ProcessUsage.now()
+        // KSM after the run (and, with a session, after ksmd's scans over the finished guest).
+        var ksmJSON: JSONValue? = nil
+        if let (hostBefore, procBefore) = ksmBefore {
+            var kv: [(String, JSONValue)] = [("mergeable_bytes", .uint(g.data.size))]
+            var scanSeconds: Double? = nil
+            if let s = session { scanSeconds = try s.waitForFullScans(UInt64(o.ksmScans), timeoutSeconds: 60) }
+            if let h = try? KSM.settings() { kv.append(("settings", h.json)) }
+            if let s = scanSeconds { kv.append(("full_scans_waited", .int(Int64(o.ksmScans)))); kv.append(("scan_seconds", .double(s))) }
+            if let a = hostBefore, let b = try? KSM.counters() {
+                kv.append(("host_before", a.json))
+                kv.append(("host_after", b.json))
+                kv.append(("pages_shared_delta", .int(Int64(b.pagesShared) - Int64(a.pagesShared))))
+                kv.append(("pages_sharing_delta", .int(Int64(b.pagesSharing) - Int64(a.pagesSharing))))
+            }
+            if let p = KSM.processStat() {
+                kv.append(("process", p.json))
+                kv.append(("saved_bytes_process", .uint(p.mergingPages > 0 ? (p.mergingPages + (p.zeroPages ?? 0)) * 4096 : 0)))
+                if let a = procBefore { kv.append(("ksm_merging_pages_delta", .int(Int64(p.mergingPages) - Int64(a.mergingPages)))) }
+            }
+            if KSM.isPresent, (try? KSM.settings().run) == 0 { kv.append(("note", "ksmd is not running (run=0): use --ksm-scans N to run it for this VM")) }
+            if !KSM.isPresent { kv.append(("note", .string(KSM.unavailableReason() ?? "no KSM"))) }
+            ksmJSON = .object(kv)
+        }
         let vmAfter = try vmStats.read()
         var vcpuAfter = StatValues(values: [:])
         for s in vcpuStats { vcpuAfter.add(try s.read()) }
@@ -228,9 +272,10 @@ public enum KVMRunner {
         ]
         if let p = pagerReport { extra.append(("pager", p.json)) }
         if let d = dirty { extra.append(("dirty_log", d.json)) }
+        if let k = ksmJSON { extra.append(("ksm", k)) }
         let result = RunResult(engine: "kvm", paging: kvm.platform.pagingMode, pageSize: o.pageSize, workload: spec,
                                counters: counters, cycles: nil, wallSeconds: wall, extra: extra)
-        return KVMRunReport(result: result, guests: guests, vmStats: vmDelta, vcpuStats: vcpuDelta, pager: pagerReport, dirty: dirty)
+        return KVMRunReport(result: result, guests: guests, vmStats: vmDelta, vcpuStats: vcpuDelta, pager: pagerReport, dirty: dirty, ksm: ksmJSON)
     }
 
     /// Runs every vCPU's command on its own thread and waits for all.

@@ -39,6 +39,12 @@ struct KVMRunCommand: ParsableCommand {
     @Flag(name: .long, help: "After the run, checksum the workload memory in the guest.")
     var verify = false
 
+    @Flag(name: .long, help: "Mark guest RAM MADV_MERGEABLE (KSM) and report KSM's counters.")
+    var mergeable = false
+
+    @Option(name: .customLong("ksm-scans"), help: "With --mergeable: run ksmd (settings restored after) until N full scans after the workload.")
+    var ksmScans = 0
+
     func run() throws {
         let spec = try workload.spec()
         var o = KVMRunOptions()
@@ -58,6 +64,8 @@ struct KVMRunCommand: ParsableCommand {
             throw ValidationError("--dirty-log '\(dirtyLog)': use off, bitmap, bitmap-manual or ring")
         }
         o.dirtyLog = mode
+        o.mergeable = mergeable
+        o.ksmScans = ksmScans
         let report: KVMRunReport
         do { report = try KVMRunner.run(spec, options: o) } catch {
             printError("memvirt kvm run: \(error)")
@@ -84,6 +92,7 @@ struct KVMRunCommand: ParsableCommand {
         }
         if let p = r.pager { print("pager: \(p.json.rendered())") }
         if let d = r.dirty { print("dirty log: \(d.json.rendered())") }
+        if let k = r.ksm { print("ksm: \(k.rendered())") }
     }
 }
 

@@ -63,7 +63,22 @@ enum memvirt_command {
     /// for migration: each pass over the footprint adds 1 to `passes`), then reports DONE;
     /// `accesses` = 0 runs forever. Between writes, `compute` adds (sets the write rate).
     MEMVIRT_CMD_WRITE_PASSES = 12,
+    /// For each page p of [base, base + footprint): write all 512 words of the page with
+    /// memvirt_fill_word(table[p], k) (`table` has footprint/4096 uint64 content ids; id 0
+    /// writes zeros). Same ids, same page content: the KSM experiment's duplicate pages.
+    MEMVIRT_CMD_FILL_PAGES = 13,
+    /// out MARK; word 0 of each of the `list_len` GVAs in `list` := (index + 1) ^ salt; out MARK.
+    MEMVIRT_CMD_WRITE_LIST_MARKED = 14,
 };
+
+/// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's
+/// finalizer over id and k, so different ids give different pages.
+static inline __attribute__((always_inline)) uint64_t memvirt_fill_word(uint64_t id, uint64_t k) {
+    uint64_t z = id * 0x9E3779B97F4A7C15ull + (k + 1) * 0xD1B54A32D192ED03ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
 
 /// The word the page store holds at byte offset `off` of the data area (the faulting
 /// thread's oracle).
