@@ -86,6 +86,31 @@ public struct VCPUSchedulerReport: Sendable {
     }
 }
 
+/// What one vCPU's scheduler holds between runs: the saved registers of its threads (the
+/// running one's live registers are the vCPU's own), who is parked on which async-PF token,
+/// who is done, the run queue and the running thread. Together with the vCPU's state
+/// (`VirtualCPU.saveState`: LAPIC, MSRs with async PF) and guest memory it is everything a
+/// migration or snapshot needs to resume the guest kernel elsewhere.
+public struct VCPUSchedulerState: @unchecked Sendable, Equatable {
+    public enum Thread: Equatable, Sendable { case runnable, parked(token: UInt32), done }
+    /// Guest thread ids on this vCPU (indices into the kernel's thread list).
+    public var ids: [Int]
+    public var regs: [kvm_regs]
+    public var threads: [Thread]
+    /// Positions in `ids`, next first.
+    public var runQueue: [Int]
+    /// The running thread (a position in `ids`), nil when the vCPU idles.
+    public var current: Int?
+
+    public var parked: Int { threads.filter { if case .parked = $0 { true } else { false } }.count }
+
+    public static func == (a: Self, b: Self) -> Bool {
+        a.ids == b.ids && a.threads == b.threads && a.runQueue == b.runQueue && a.current == b.current
+            && a.regs.count == b.regs.count
+            && zip(a.regs, b.regs).allSatisfy { x, y in withUnsafeBytes(of: x) { bx in withUnsafeBytes(of: y) { by in bx.elementsEqual(by) } } }
+    }
+}
+
 /// A guest kernel whose logic lives in the VMM, because CPL0 code is emulated on this host
 /// (kvm_pvm: ~1.2 us an instruction). The guest's CPL0 part is only the one-instruction
 /// stubs: every exception and interrupt exits to here at once, and this scheduler saves the
@@ -107,8 +132,18 @@ public final class GuestKernel: @unchecked Sendable {
     public let options: GuestKernelOptions
     let threads: [GuestThreadSpec]
     let stopFlag: UnsafeMutablePointer<UInt32>
+    /// Each vCPU's scheduler state after the last `run` (or the one to resume from): a later
+    /// `run` goes on from it.
+    public private(set) var schedulerStates: [VCPUSchedulerState?]
 
-    public init(vm g: GuestVM, threads: [GuestThreadSpec], options: GuestKernelOptions) throws(KVMError) {
+    /// A guest kernel for `threads` on `g`. With `resume`, the schedulers go on from states
+    /// saved elsewhere (a migrated or restored guest): the threads' mailboxes are then already
+    /// in guest memory and are not written, and the caller restores each vCPU's state
+    /// (`VirtualCPU.restoreState`) after this. Enabling async PF on a vCPU makes KVM send
+    /// "page ready" to all (token 0xffffffff), which wakes the threads that were parked when
+    /// the state was saved: the pages they waited for are not coming from this KVM.
+    public init(vm g: GuestVM, threads: [GuestThreadSpec], options: GuestKernelOptions,
+                resume: [VCPUSchedulerState]? = nil) throws(KVMError) {
         guard g.vm.hasIRQChip else { throw KVMError.invalid("the guest kernel needs the in-kernel irqchip (GuestConfig.irqchip)") }
         guard threads.count <= g.layout.threadCapacity else {
             throw KVMError.invalid("\(threads.count) guest threads, room for \(g.layout.threadCapacity) (GuestConfig.threads)")
@@ -127,10 +162,23 @@ public final class GuestKernel: @unchecked Sendable {
         self.g = g
         self.options = options
         self.threads = threads
+        if let r = resume {
+            guard r.count == g.vcpus.count else { throw KVMError.invalid("resume: \(r.count) scheduler states for \(g.vcpus.count) vCPUs") }
+            for (i, st) in r.enumerated() {
+                let mine = threads.enumerated().filter { $0.element.vcpu == i }.map(\.offset)
+                guard st.ids == mine, st.regs.count == mine.count, st.threads.count == mine.count,
+                      st.runQueue.allSatisfy({ $0 >= 0 && $0 < mine.count }), st.current.map({ $0 >= 0 && $0 < mine.count }) ?? true else {
+                    throw KVMError.invalid("resume: vCPU \(i)'s scheduler state does not match its threads \(mine)")
+                }
+            }
+        }
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
-        for (t, spec) in threads.enumerated() {
-            try g.runtime.store(spec.mailbox, at: GuestPhysicalAddress(rawValue: g.layout.threadMailbox(t)))
+        schedulerStates = resume ?? g.vcpus.map { _ in nil }
+        if resume == nil {
+            for (t, spec) in threads.enumerated() {
+                try g.runtime.store(spec.mailbox, at: GuestPhysicalAddress(rawValue: g.layout.threadMailbox(t)))
+            }
         }
         for v in g.vcpus { try setUp(v) }
     }
@@ -173,14 +221,18 @@ public final class GuestKernel: @unchecked Sendable {
     /// reported DONE, or `requestStop`); the caller's thread waits.
     public func run(forNanos nanos: UInt64) throws(KVMError) -> [VCPUSchedulerReport] {
         let deadline = monotonicNanoseconds() + nanos
-        let boxes = g.vcpus.map { _ in ResultBox<VCPUSchedulerReport>() }
+        ckvm_store_release_u32(stopFlag, 0)
+        let boxes = g.vcpus.map { _ in ResultBox<(VCPUSchedulerReport, VCPUSchedulerState)>() }
         var pthreads: [DedicatedThread] = []
         for (i, box) in boxes.enumerated() {
             let mine = threads.enumerated().filter { $0.element.vcpu == i }.map { $0.offset }
+            let saved = schedulerStates[i]
             pthreads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") { [self] in
                 do {
-                    var s = try VCPUScheduler(kernel: self, vcpu: g.vcpus[i], threads: mine)
-                    box.value = .success(try s.run(deadline: deadline))
+                    var s = try saved.map { (st) throws(KVMError) in try VCPUScheduler(kernel: self, vcpu: g.vcpus[i], resume: st) }
+                        ?? VCPUScheduler(kernel: self, vcpu: g.vcpus[i], threads: mine)
+                    let r = try s.run(deadline: deadline)
+                    box.value = .success((r, s.savedState))
                 } catch let e as KVMError {
                     box.value = .failure(e)
                     requestStop()
@@ -188,7 +240,9 @@ public final class GuestKernel: @unchecked Sendable {
             })
         }
         for t in pthreads { t.join() }
-        return try boxes.map { (b) throws(KVMError) in try b.value!.get() }
+        let results = try boxes.map { (b) throws(KVMError) in try b.value!.get() }
+        schedulerStates = results.map(\.1)
+        return results.map(\.0)
     }
 
     /// Guest thread `t`'s mailbox now.
@@ -199,7 +253,7 @@ public final class GuestKernel: @unchecked Sendable {
 
 /// One vCPU's scheduler state; lives on that vCPU's thread.
 struct VCPUScheduler {
-    enum State: Equatable { case runnable, parked(token: UInt32), done }
+    typealias State = VCPUSchedulerState.Thread
     let kernel: GuestKernel
     let v: VirtualCPU
     let ids: [Int]
@@ -214,6 +268,27 @@ struct VCPUScheduler {
     var idleSince: UInt64 = 0
     var parkedAt: [UInt64]
     var wokenAt: [UInt64]
+    /// The vCPU's registers are the current thread's already (a resumed scheduler): no load
+    /// before the first entry.
+    var loaded = false
+
+    /// Goes on from `st` (saved by an earlier run, here or in another VM).
+    init(kernel: GuestKernel, vcpu v: VirtualCPU, resume st: VCPUSchedulerState) throws(KVMError) {
+        try self.init(kernel: kernel, vcpu: v, threads: st.ids)
+        regs = st.regs
+        state = st.threads
+        runQueue = st.runQueue
+        current = st.current
+        let now = monotonicNanoseconds()
+        parkedAt = state.map { if case .parked = $0 { now } else { 0 } }
+        loaded = true
+    }
+
+    /// The state to save: where every thread is, at a point where the vCPU's own registers
+    /// are the current thread's (or the idle loop's).
+    var savedState: VCPUSchedulerState {
+        VCPUSchedulerState(ids: ids, regs: regs, threads: state, runQueue: runQueue, current: current)
+    }
 
     init(kernel: GuestKernel, vcpu v: VirtualCPU, threads ids: [Int]) throws(KVMError) {
         self.kernel = kernel
@@ -252,13 +327,16 @@ struct VCPUScheduler {
 
     mutating func run(deadline: UInt64) throws(KVMError) -> VCPUSchedulerReport {
         let host0 = ThreadSchedStat.current()
-        try dispatch()
-        loop: while true {
+        if !loaded { try dispatch() }
+        if current == nil { idleSince = monotonicNanoseconds() }
+        // Stops only between a handled exit and the next entry, where the vCPU holds the
+        // current thread's registers (or the idle loop's) and no event is half handled: the
+        // state a later run, a migration or a snapshot goes on from.
+        loop: while monotonicNanoseconds() < deadline && !kernel.stopRequested {
             let exit = try v.runOnce()
             let t0 = monotonicNanoseconds()
             report.exits += 1
             if current == nil && idleSince > 0 { report.idleNanos += t0 - idleSince; idleSince = 0 }
-            if t0 >= deadline || kernel.stopRequested { break loop }
             switch exit {
             case .ioOut(let port, _, let data):
                 let p = Int32(port)

@@ -97,4 +97,69 @@ struct KVMGuestKernelTests {
         #expect { try GuestKernel(vm: g, threads: [GuestThreadSpec(vcpu: 0, mailbox: GuestVM.command(MEMVIRT_CMD_COUNT))], options: GuestKernelOptions()) }
             throws: { "\($0)".contains("irqchip") }
     }
+
+    @Test("a guest kernel saved with a thread parked on async PF resumes in a fresh VM: KVM's wake-all there wakes it, and every thread goes on")
+    func resumeParked() throws {
+        let salt: UInt64 = 0x5EED_0F_A5F
+        let kvm = try KVM()
+        var pagers: [Pager] = []
+        // A VM whose data pages come from a pager with a 20 ms store: a faulting thread is
+        // parked on "page not present" almost all the time; a counting thread shares its vCPU.
+        func vm() throws -> GuestVM {
+            var gc = GuestConfig(dataSize: 4 << 20)
+            gc.irqchip = true
+            gc.threads = 2
+            let g = try GuestVM(kvm: kvm, config: gc)
+            try g.vm.disableHaltPolling()
+            var po = PagerOptions()
+            po.storeDelayNanos = 20_000_000
+            po.storeContent = .pattern(salt: salt)
+            let p = try Pager(region: g.data, options: po)
+            try p.start()
+            pagers.append(p)
+            return g
+        }
+        // VMs (and KVM's async-PF workers) go away inside this scope, while the pagers still serve.
+        try {
+            let a = try vm()
+            var f = GuestVM.command(MEMVIRT_CMD_RANDOM_READ)
+            f.base = a.layout.dataVirtual.rawValue
+            f.footprint = a.layout.dataSize
+            f.rng_state = 99
+            f.salt = salt
+            let specs = [GuestThreadSpec(vcpu: 0, mailbox: GuestVM.command(MEMVIRT_CMD_COUNT)), GuestThreadSpec(vcpu: 0, mailbox: f)]
+            var o = GuestKernelOptions()
+            o.asyncPF = true
+            let ka = try GuestKernel(vm: a, threads: specs, options: o)
+            // Short runs, each going on from the last (the reads go on across them), until one
+            // stops with the thread parked after a few reads.
+            var saved: VCPUSchedulerState? = nil
+            for _ in 0..<60 {
+                _ = try onDedicatedThread(name: "test") { () throws(KVMError) in try ka.run(forNanos: 30_000_000) }
+                if let st = ka.schedulerStates[0], st.parked == 1, try ka.mailbox(1).done_accesses >= 3 { saved = st; break }
+            }
+            let st = try #require(saved, "the faulting thread was never parked at a stop")
+            let vs = try a.vcpus[0].saveState()
+            let count0 = try ka.mailbox(0).counter, reads0 = try ka.mailbox(1).done_accesses
+            // The fresh VM: the runtime slot copied (mailboxes, stacks, page tables), the data
+            // pages from a pager with the same content, then the schedulers and the vCPU.
+            let b = try vm()
+            try b.runtime.write(UnsafeRawBufferPointer(start: a.runtime.mapping.base, count: Int(a.runtime.size)), at: GuestPhysicalAddress(rawValue: 0))
+            let kb = try GuestKernel(vm: b, threads: specs, options: o, resume: [st])
+            try b.vcpus[0].restoreState(vs)
+            let r = try onDedicatedThread(name: "test") { () throws(KVMError) in try kb.run(forNanos: 400_000_000) }
+            print("resumed: parked at the switch \(st.parked), \(r[0].json.rendered())")
+            #expect(r[0].apfWakeAll >= 1)
+            #expect(r[0].apfUnmatched == 0)
+            let count1 = try kb.mailbox(0).counter, m1 = try kb.mailbox(1)
+            #expect(count1 > count0)
+            #expect(m1.done_accesses > reads0 + 3)
+            #expect(m1.mismatches == 0)
+            // A scheduler state that does not fit the threads is refused.
+            var bad = st
+            bad.ids = [0]
+            #expect { try GuestKernel(vm: b, threads: specs, options: o, resume: [bad]) } throws: { "\($0)".contains("does not match") }
+        }()
+        for p in pagers { p.stop() }
+    }
 }
