@@ -111,6 +111,10 @@ GI void checksum(volatile struct memvirt_mailbox *mb) {
     mb->memory_checksum = h;
 }
 
+// Entry points for the multiboot image's main (multiboot.c), in this section.
+__attribute__((visibility("hidden"))) GUEST void memvirt_guest_workload(volatile struct memvirt_mailbox *mb) { workload(mb); }
+__attribute__((visibility("hidden"))) GUEST void memvirt_guest_checksum(volatile struct memvirt_mailbox *mb) { checksum(mb); }
+
 GI void count_forever(volatile struct memvirt_mailbox *mb) {
     for (;;) mb->counter = mb->counter + 1;
 }
