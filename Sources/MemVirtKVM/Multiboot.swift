@@ -463,3 +463,35 @@ public enum Multiboot {
         return UInt64(k)
     }
 }
+
+extension LiveMigration {
+    /// Boots `image` (RAM `memory`, command line `cmdline`) here, migrates it to `host:port`
+    /// after `options.afterNanos` with MemVirt's own migration; the destination (`kvm listen`)
+    /// runs the guest to its power-off and returns its result (the image's mailbox).
+    public static func migrate(kernel image: MultibootImage, memory: UInt64, cmdline: String, to host: String, port: UInt16,
+                               options o: MigrationOptions) throws(KVMError) -> MigrationReport {
+        guard o.groupPages == 1 else { throw KVMError.invalid("--group-pages is for runtime guests") }
+        let kvm = try KVM()
+        var c = try Multiboot.config(memory: memory)
+        c.dataSlotFlags = .logDirtyPages
+        c.manualDirtyProtect = kvm.check(.manualDirtyLogProtect2) > 0
+        let g = try GuestVM(kvm: kvm, config: c)
+        try Multiboot.load(image, into: g, cmdline: cmdline)
+        var r = try migrate(g, threads: 1, to: host, port: port, options: o)
+        r.console = g.multiboot?.console
+        return r
+    }
+
+    /// A multiboot guest's result: from its mailbox if it announced one (our image), else
+    /// from its console's result line.
+    static func multibootGuest(_ g: GuestVM, _ mb: MultibootState) throws(KVMError) -> [GuestReport] {
+        if mb.mailbox != nil {
+            let m = try g.mailbox(0)
+            return [GuestReport(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum,
+                                memoryChecksum: mb.exitValue == 0 ? m.memory_checksum : nil)]
+        }
+        let r = MultibootRunReport.parseResult(mb.console)
+        guard let rs = r["read_sum"] else { return [] }
+        return [GuestReport(accesses: r["accesses"] ?? 0, reads: r["reads"] ?? 0, writes: r["writes"] ?? 0, readSum: rs, memoryChecksum: r["memory_checksum"])]
+    }
+}

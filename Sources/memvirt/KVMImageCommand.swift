@@ -41,14 +41,20 @@ struct KernelOptions: ParsableArguments {
     @Option(name: .long, help: "With --kernel: guest RAM (default 128MiB, as QEMU).")
     var memory: String = "128MiB"
 
+    func memoryBytes() throws -> UInt64 {
+        do { return try ByteCount(parsing: memory).rawValue } catch { throw ValidationError("--memory: \(error.message)") }
+    }
+
+    /// What the guest gets: "KERNEL ARGS", as QEMU passes it.
+    func cmdline(_ path: String) -> String { append.isEmpty ? path : path + " " + append }
+
     func run(json: Bool) throws {
         guard let path = kernel else { return }
-        let mem: UInt64
-        do { mem = try ByteCount(parsing: memory).rawValue } catch { throw ValidationError("--memory: \(error.message)") }
+        let mem = try memoryBytes()
         let r: MultibootRunReport
         do {
             let image = try Multiboot.read(path: path)
-            r = try Multiboot.run(image, memory: mem, cmdline: append.isEmpty ? path : path + " " + append)
+            r = try Multiboot.run(image, memory: mem, cmdline: cmdline(path))
         } catch {
             printError("memvirt kvm run --kernel: \(error)")
             throw ExitCode.failure
