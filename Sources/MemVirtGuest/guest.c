@@ -52,6 +52,7 @@ GI void workload(volatile struct memvirt_mailbox *mb) {
                 mb->gap_log[2 * k] = last;
                 mb->gap_log[2 * k + 1] = t - last;
                 mb->gap_count = mb->gap_count + 1;
+                if (t - last > mb->gap_max) mb->gap_max = t - last;
                 const uint64_t sw = mb->switch_tsc;
                 if (sw && last <= sw && sw <= t) mb->switch_gap = t - last;
             }
