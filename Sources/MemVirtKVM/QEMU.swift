@@ -49,7 +49,7 @@ public enum QEMU {
             guard let exe = QEMU.executable else { throw KVMError.unavailable("qemu-system-x86_64 not found on PATH") }
             self.console = console
             self.stderrPath = stderrPath
-            FileManager.default.createFile(atPath: stderrPath, contents: nil)
+            _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
             process.executableURL = URL(fileURLWithPath: exe)
             process.arguments = arguments
             process.standardInput = FileHandle.nullDevice
