@@ -23,6 +23,23 @@ public enum QEMU {
         return nil
     }
 
+    /// "7.2.x" from `qemu-system-x86_64 --version` (nil when it cannot be run).
+    public static var version: String? {
+        guard let exe = executable else { return nil }
+        let p = Process()
+        let pipe = Pipe()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = ["--version"]
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        do { try p.run() } catch { return nil }
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        guard let r = text.range(of: "version ") else { return nil }
+        return String(text[r.upperBound...].prefix { !$0.isWhitespace })
+    }
+
     /// Why QEMU comparisons cannot run here (nil: they can).
     public static var unavailableReason: String? {
         if executable == nil { return "qemu-system-x86_64 not found on PATH (apt-get install qemu-system-x86)" }
