@@ -52,6 +52,7 @@ GI void workload(volatile struct memvirt_mailbox *mb) {
                 mb->gap_log[2 * k] = last;
                 mb->gap_log[2 * k + 1] = t - last;
                 mb->gap_count = mb->gap_count + 1;
+                if (t - last > mb->gap_max) mb->gap_max = t - last;
                 const uint64_t sw = mb->switch_tsc;
                 if (sw && last <= sw && sw <= t) mb->switch_gap = t - last;
             }
@@ -110,6 +111,10 @@ GI void checksum(volatile struct memvirt_mailbox *mb) {
     for (uint64_t k = 0; k < words; k++) h += w[k] * (2 * k + 1);
     mb->memory_checksum = h;
 }
+
+// Entry points for the multiboot image's main (multiboot.c), in this section.
+__attribute__((visibility("hidden"))) GUEST void memvirt_guest_workload(volatile struct memvirt_mailbox *mb) { workload(mb); }
+__attribute__((visibility("hidden"))) GUEST void memvirt_guest_checksum(volatile struct memvirt_mailbox *mb) { checksum(mb); }
 
 GI void count_forever(volatile struct memvirt_mailbox *mb) {
     for (;;) mb->counter = mb->counter + 1;

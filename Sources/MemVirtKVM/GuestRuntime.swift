@@ -81,6 +81,10 @@ public struct GuestConfig: Sendable {
     public var mergeable = false
     /// The runtime's memory comes from a snapshot: do not build it (page tables etc.).
     public var restoring = false
+    /// A multiboot guest (Multiboot.swift): RAM is [0, multibootLowBytes) (the runtime slot)
+    /// and [multibootLowBytes, + dataSize) (the data slot); nothing is built, vCPUs are left
+    /// for the loader to set.
+    public var multibootLowBytes: UInt64? = nil
 
     public init(dataSize: UInt64) { self.dataSize = dataSize }
 }
@@ -109,6 +113,8 @@ public final class GuestVM: @unchecked Sendable {
     public private(set) var vcpus: [VirtualCPU] = []
     public let layout: GuestLayout
     let image: memvirt_guest_image
+    /// Multiboot guests: console text, the announced mailbox (Multiboot.swift).
+    public let multiboot: MultibootState?
     /// Called on the vCPU's thread at KVM_EXIT_DIRTY_RING_FULL (harvest, then reset).
     var onDirtyRingFull: (@Sendable (VirtualCPU) throws(KVMError) -> Void)?
 
@@ -139,7 +145,7 @@ public final class GuestVM: @unchecked Sendable {
         let list = tables + stride * UInt64(c.vcpus)
         guard c.threads >= 0, c.threads <= 64 else { throw KVMError.invalid("guest threads \(c.threads): use 0...64") }
         let threadBlocks = list + up(UInt64(c.listCapacity) * 8, 4096)
-        let runtimeSize = up(threadBlocks + UInt64(c.threads) * GuestLayout.threadBlockSize + 4096, 2 << 20)
+        let runtimeSize = c.multibootLowBytes ?? up(threadBlocks + UInt64(c.threads) * GuestLayout.threadBlockSize + 4096, 2 << 20)
         guard runtimeSize <= GuestLayout.holePhysical.rawValue else {
             throw KVMError.invalid("runtime area of \(ByteCount(runtimeSize)) (tables for this footprint) exceeds 3GiB")
         }
@@ -153,16 +159,17 @@ public final class GuestVM: @unchecked Sendable {
         vm = try VirtualMachine(kvm: kvm)
         if c.irqchip { try vm.createIRQChip() }
         runtime = try GuestMemoryRegion(guestPhysical: GuestPhysicalAddress(rawValue: 0), size: runtimeSize)
-        data = try GuestMemoryRegion(guestPhysical: GuestLayout.dataPhysical, size: c.dataSize, transparentHugePages: c.transparentHugePages)
+        multiboot = c.multibootLowBytes == nil ? nil : MultibootState()
+        data = try GuestMemoryRegion(guestPhysical: c.multibootLowBytes.map { GuestPhysicalAddress(rawValue: $0) } ?? GuestLayout.dataPhysical, size: c.dataSize, transparentHugePages: c.transparentHugePages)
         if c.mergeable { try data.markMergeable() }
         if c.manualDirtyProtect { try vm.enableManualDirtyProtect() }
         if c.dirtyRingBytes > 0 { try vm.enableDirtyRing(bytes: c.dirtyRingBytes) }
         try vm.addSlot(id: GuestLayout.runtimeSlot, region: runtime)
         try vm.addSlot(id: GuestLayout.dataSlot, region: data, flags: c.dataSlotFlags)
-        if !c.restoring { try buildRuntime(vcpus: c.vcpus) }
+        if !c.restoring && multiboot == nil { try buildRuntime(vcpus: c.vcpus) }
         for i in 0..<c.vcpus {
             let v = try vm.createVCPU(id: i)
-            try enterUserMode(v)
+            if multiboot == nil { try enterUserMode(v) }
             vcpus.append(v)
         }
     }
@@ -286,10 +293,10 @@ public final class GuestVM: @unchecked Sendable {
     // MARK: mailbox
 
     public func mailbox(_ vcpu: Int) throws(KVMError) -> memvirt_mailbox {
-        try runtime.load(memvirt_mailbox.self, at: GuestPhysicalAddress(rawValue: GuestLayout.mailbox(vcpu)))
+        try runtime.load(memvirt_mailbox.self, at: GuestPhysicalAddress(rawValue: multiboot?.mailbox ?? GuestLayout.mailbox(vcpu)))
     }
     public func setMailbox(_ vcpu: Int, _ m: memvirt_mailbox) throws(KVMError) {
-        try runtime.store(m, at: GuestPhysicalAddress(rawValue: GuestLayout.mailbox(vcpu)))
+        try runtime.store(m, at: GuestPhysicalAddress(rawValue: multiboot?.mailbox ?? GuestLayout.mailbox(vcpu)))
     }
     /// A fresh mailbox for `command`.
     public static func command(_ c: memvirt_command) -> memvirt_mailbox {
@@ -313,6 +320,11 @@ public final class GuestVM: @unchecked Sendable {
             switch exit {
             case .ioOut(let port, _, let data):
                 o.userspaceExits["io", default: 0] += 1
+                // Multiboot guests' ports first (0xE9 lies in the trap stubs' port range).
+                if let mb = multiboot, try mb.port(port, data) {
+                    if mb.exitValue != nil { o.endNanos = monotonicNanoseconds(); return o }
+                    continue
+                }
                 switch Int32(port) {
                 case MEMVIRT_PORT_DONE:
                     o.endNanos = monotonicNanoseconds()

@@ -71,6 +71,8 @@ public struct MigrationReport: Sendable {
     /// Where the time went, in order (name, nanoseconds): e.g. round0, rounds, stop,
     /// final_harvest, final_send, state, resumed on the source.
     public var phases: [(String, UInt64)] = []
+    /// A multiboot guest's console text on this side (nil otherwise).
+    public var console: String? = nil
 
     public init(side: String, mode: MigrationOptions.Mode) {
         self.side = side
@@ -101,6 +103,7 @@ public struct MigrationReport: Sendable {
             ("kvm_pf_fixed_during_migration", kvmPfFixedDuringMigration.map { .uint($0) } ?? .null),
         ]
         kv.append(("phases_ms", .object(phases.map { ($0.0, ms($0.1)) })))
+        if let c = console { kv.append(("console", .string(c))) }
         kv.append(("note", "downtime_ms is the largest gap between two guest accesses across the switch, from the guest's TSC (restored as source TSC + elapsed)"))
         return .object(kv)
     }
@@ -115,16 +118,23 @@ struct MigrationHello {
     var runtimeSize: UInt64
     var mode: UInt8
     var pageSize: UInt64
+    /// A multiboot guest (Multiboot.swift): 1, and its announced mailbox (0: none). Older
+    /// streams end before these fields: a runtime guest.
+    var multiboot: UInt8 = 0
+    var multibootMailbox: UInt64 = 0
 
     func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.put(dataSize); w.put(vcpus); w.put(tableBytesPerVCPU); w.put(runtimeSize); w.put(mode); w.put(pageSize)
+        w.put(multiboot); w.put(multibootMailbox)
         return w.bytes
     }
     static func decode(_ b: UnsafeRawBufferPointer) throws(KVMError) -> MigrationHello {
         var r = ByteReader(b, what: "HELLO")
-        return MigrationHello(dataSize: try r.get(), vcpus: try r.get(), tableBytesPerVCPU: try r.get(), runtimeSize: try r.get(),
-                              mode: try r.get(), pageSize: try r.get())
+        var h = MigrationHello(dataSize: try r.get(), vcpus: try r.get(), tableBytesPerVCPU: try r.get(), runtimeSize: try r.get(),
+                               mode: try r.get(), pageSize: try r.get())
+        if r.remaining >= 9 { h.multiboot = try r.get(); h.multibootMailbox = try r.get() }
+        return h
     }
 }
 
@@ -222,6 +232,11 @@ public enum LiveMigration {
             if let r = o.accessesPerSecond { m.pace = max(1, khz * 1000 / max(1, r)) }
             try g.setMailbox(t, m)
         }
+        return try migrate(g, threads: spec.threads, to: host, port: port, options: o)
+    }
+
+    /// Migrates the prepared (not yet started) guest `g` (its data slot dirty-logged).
+    static func migrate(_ g: GuestVM, threads: Int, to host: String, port: UInt16, options o: MigrationOptions) throws(KVMError) -> MigrationReport {
         var report = MigrationReport(side: "source", mode: o.mode)
         // vCPU ioctls (KVM_GET_STATS_FD among them) wait for the vCPU's mutex, which KVM_RUN
         // holds for as long as the guest runs without an exit: take everything per vCPU now.
@@ -259,7 +274,7 @@ public enum LiveMigration {
                 try runner.start()
             }
             try runner.join()
-            report.guest = try finalGuest(g, threads: spec.threads)
+            report.guest = try finalGuest(g, threads: threads)
             report.sourceHash = memoryHash(g)
             report.totalNanos = monotonicNanoseconds() - start
             return report
@@ -268,6 +283,7 @@ public enum LiveMigration {
 
     /// The guest's counters and, computed in the guest on vCPU 0, its memory checksum.
     static func finalGuest(_ g: GuestVM, threads: Int) throws(KVMError) -> [GuestReport] {
+        if let mb = g.multiboot { return try multibootGuest(g, mb) }
         var out: [GuestReport] = []
         for t in 0..<threads {
             let m = try g.mailbox(t)
@@ -420,9 +436,10 @@ struct SourceSide {
     }
 
     mutating func run(_ ch: MigrationChannel) throws(KVMError) {
-        let hello = MigrationHello(dataSize: g.layout.dataSize, vcpus: UInt32(g.vcpus.count), tableBytesPerVCPU: g.layout.tableStride,
+        var hello = MigrationHello(dataSize: g.layout.dataSize, vcpus: UInt32(g.vcpus.count), tableBytesPerVCPU: g.layout.tableStride,
                                    runtimeSize: g.layout.runtimeSize, mode: UInt8(MigrationOptions.Mode.allCases.firstIndex(of: options.mode)!),
                                    pageSize: g.layout.dataPageSize.bytes)
+        if let mb = g.multiboot { hello.multiboot = 1; hello.multibootMailbox = mb.mailbox ?? 0 }
         try ch.send(.hello, hello.encoded())
         var pfBefore: UInt64 = 0
         for s in stats { pfBefore += try s.read()["pf_fixed"] }

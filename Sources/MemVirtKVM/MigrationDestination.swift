@@ -33,8 +33,10 @@ extension LiveMigration {
         c.vcpus = Int(hello.vcpus)
         c.tableBytesPerVCPU = hello.tableBytesPerVCPU
         c.dataPageSize = ps
+        if hello.multiboot != 0 { c = try Multiboot.config(memory: hello.runtimeSize + hello.dataSize) }
         let kvm = try KVM()
         let g = try GuestVM(kvm: kvm, config: c)
+        if let mb = g.multiboot, hello.multibootMailbox != 0 { mb.setMailbox(hello.multibootMailbox) }
         guard g.layout.runtimeSize == hello.runtimeSize else {
             throw KVMError.invalid("migration stream mismatched: the source's runtime area is \(hello.runtimeSize) bytes, this memvirt builds \(g.layout.runtimeSize)")
         }
@@ -171,6 +173,7 @@ extension LiveMigration {
         report.rounds = 0
         report.bytesReceived = ch.bytesReceived
         report.totalNanos = monotonicNanoseconds() - start
+        report.console = g.multiboot?.console
         var w = ByteWriter()
         w.put(report.destinationHash ?? 0)
         w.put(report.downtimeNanos ?? UInt64.max)

@@ -8,7 +8,7 @@ struct KVMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvm", abstract: "Real VMs on /dev/kvm.",
         subcommands: [KVMRunCommand.self, KVMProbeCommand.self, KVMListenCommand.self, KVMMigrateCommand.self,
-                      KVMSnapshotCommand.self, KVMRestoreCommand.self])
+                      KVMSnapshotCommand.self, KVMRestoreCommand.self, KVMImageCommand.self])
 }
 
 /// `memvirt kvm run`: a workload in a real VM.
@@ -17,6 +17,8 @@ struct KVMRunCommand: ParsableCommand {
         commandName: "run", abstract: "Run a workload in a real VM on /dev/kvm and report KVM's counters.")
 
     @OptionGroup var workload: WorkloadOptions
+
+    @OptionGroup var kernel: KernelOptions
 
     @Flag(name: .long, help: "Print the result as JSON (schema memvirt.run/1).")
     var json = false
@@ -46,6 +48,7 @@ struct KVMRunCommand: ParsableCommand {
     var ksmScans = 0
 
     func run() throws {
+        if kernel.kernel != nil { return try kernel.run(json: json) }
         let spec = try workload.spec()
         var o = KVMRunOptions()
         o.pageSize = try workload.resolvedPageSize()

@@ -36,6 +36,8 @@ struct KVMMigrateCommand: ParsableCommand {
 
     @OptionGroup var workload: WorkloadOptions
 
+    @OptionGroup var kernel: KernelOptions
+
     @Option(name: .long, help: "HOST:PORT of the listener.")
     var to: String
 
@@ -90,7 +92,14 @@ struct KVMMigrateCommand: ParsableCommand {
             do { o.bandwidth = try ByteCount(parsing: b).rawValue } catch { throw ValidationError("--bandwidth: \(error.message)") }
         }
         let r: MigrationReport
-        do { r = try LiveMigration.migrate(spec, to: host, port: port, options: o) } catch {
+        do {
+            if let k = kernel.kernel {
+                r = try LiveMigration.migrate(kernel: try Multiboot.read(path: k), memory: try kernel.memoryBytes(), cmdline: kernel.cmdline(k),
+                                              to: host, port: port, options: o)
+            } else {
+                r = try LiveMigration.migrate(spec, to: host, port: port, options: o)
+            }
+        } catch {
             printError("memvirt kvm migrate: \(error)")
             throw ExitCode.failure
         }

@@ -36,7 +36,11 @@ struct ReproduceCommand: ParsableCommand {
     @Flag(name: .long, help: "No progress on stderr.")
     var quiet = false
 
+    @Flag(name: .customLong("vs-qemu"), help: "With `migration --engine kvm`: the same multiboot guest under MemVirt and qemu-system-x86_64, side by side.")
+    var vsQemu = false
+
     func run() throws {
+        if vsQemu { return try runVersusQEMU() }
         let pool: [any Experiment.Type]
         var skipped: [String] = []
         switch engine {

@@ -132,7 +132,8 @@ struct memvirt_mailbox {
     uint64_t tsc_max_gap;     // WRITE_PASSES: the largest gap between two writes, TSC ticks
     uint64_t gap_count;       // WORKLOAD: gaps logged (the log keeps the last 64)
     uint64_t switch_gap;      // WORKLOAD: length (TSC ticks) of the logged gap spanning switch_tsc (a migration's downtime)
-    uint64_t reserved_out[3];
+    uint64_t gap_max;         // WORKLOAD with gap_threshold: the longest gap of all (TSC ticks; the log keeps only 64)
+    uint64_t reserved_out[2];
     /// WORKLOAD with gap_threshold: (start TSC, length) of each gap longer than the threshold,
     /// entry gap_count mod 64: how the guest itself sees a migration's downtime.
     uint64_t gap_log[128];
