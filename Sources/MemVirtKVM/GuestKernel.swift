@@ -1,6 +1,9 @@
 import CKVM
 import MemVirtCore
 import MemVirtGuest
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// MSRs the guest kernel logic writes from the VMM (KVM_SET_MSRS). x2APIC registers are
 /// MSRs 0x800 + (xAPIC offset >> 4); the KVM ones are from Documentation/virt/kvm/x86/msr.rst.
@@ -28,6 +31,9 @@ public struct GuestKernelOptions: Sendable {
     /// Enable KVM's asynchronous page faults: a thread whose page KVM cannot map at once is
     /// parked on "page not present" and woken on "page ready"; without, the vCPU waits in KVM.
     public var asyncPF = false
+    /// The run ends when every one of these threads reported DONE (the others, e.g. counting
+    /// threads, run on until then). Nil: when all threads are done, or at the deadline.
+    public var finishWhenDone: Set<Int>? = nil
     public init() {}
 }
 
@@ -135,6 +141,11 @@ public final class GuestKernel: @unchecked Sendable {
     /// Each vCPU's scheduler state after the last `run` (or the one to resume from): a later
     /// `run` goes on from it.
     public private(set) var schedulerStates: [VCPUSchedulerState?]
+    /// Per thread: 1 once it reported DONE (written by its vCPU's thread, read by any).
+    let doneFlags: UnsafeMutablePointer<UInt32>
+    /// The vCPU threads of the current run, so `requestStop` can kick them out of KVM_RUN.
+    var vcpuThreads: [pthread_t?]
+    var threadLock = pthread_mutex_t()
 
     /// A guest kernel for `threads` on `g`. With `resume`, the schedulers go on from states
     /// saved elsewhere (a migrated or restored guest): the threads' mailboxes are then already
@@ -174,7 +185,15 @@ public final class GuestKernel: @unchecked Sendable {
         }
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)
+        doneFlags = .allocate(capacity: max(1, threads.count))
+        doneFlags.initialize(repeating: 0, count: max(1, threads.count))
+        vcpuThreads = g.vcpus.map { _ in nil }
+        pthread_mutex_init(&threadLock, nil)
+        _ = VCPUKicker.installHandler
         schedulerStates = resume ?? g.vcpus.map { _ in nil }
+        for st in resume ?? [] {
+            for (k, t) in st.ids.enumerated() where st.threads[k] == .done { doneFlags[t] = 1 }
+        }
         if resume == nil {
             for (t, spec) in threads.enumerated() {
                 try g.runtime.store(spec.mailbox, at: GuestPhysicalAddress(rawValue: g.layout.threadMailbox(t)))
@@ -183,7 +202,26 @@ public final class GuestKernel: @unchecked Sendable {
         for v in g.vcpus { try setUp(v) }
     }
 
-    deinit { stopFlag.deallocate() }
+    deinit {
+        stopFlag.deallocate()
+        doneFlags.deallocate()
+        pthread_mutex_destroy(&threadLock)
+    }
+
+    /// Whether guest thread `t` reported DONE.
+    public func isDone(_ t: Int) -> Bool { ckvm_load_acquire_u32(doneFlags + t) != 0 }
+
+    /// Whether the run's finishing condition holds (`finishWhenDone`, or every thread done).
+    public var finished: Bool {
+        let ts = options.finishWhenDone.map(Array.init) ?? Array(threads.indices)
+        return ts.allSatisfy(isDone)
+    }
+
+    /// A thread reported DONE (on its vCPU's thread): the run ends when that finishes it.
+    func markDone(_ t: Int) {
+        ckvm_store_release_u32(doneFlags + t, 1)
+        if finished { requestStop() }
+    }
 
     private func setUp(_ v: VirtualCPU) throws(KVMError) {
         // x2APIC (bit 10) and enabled (bit 11); bit 8 marks the bootstrap processor.
@@ -213,8 +251,16 @@ public final class GuestKernel: @unchecked Sendable {
         }
     }
 
-    /// Asks every vCPU to stop at its next exit (the timer makes one every slice).
-    public func requestStop() { ckvm_store_release_u32(stopFlag, 1) }
+    /// Asks every vCPU to stop: each leaves KVM_RUN at once (immediate_exit and a signal, as
+    /// api.rst describes; pending I/O completes first) and its scheduler stops at a clean point.
+    public func requestStop() {
+        ckvm_store_release_u32(stopFlag, 1)
+        for v in g.vcpus { ckvm_set_immediate_exit(v.run, 1) }
+        pthread_mutex_lock(&threadLock)
+        let ts = vcpuThreads
+        pthread_mutex_unlock(&threadLock)
+        for t in ts { if let t { pthread_kill(t, SIGUSR1) } }
+    }
     var stopRequested: Bool { ckvm_load_acquire_u32(stopFlag) != 0 }
 
     /// Runs every vCPU on its own dedicated thread until `nanos` have passed (or every thread
@@ -222,12 +268,26 @@ public final class GuestKernel: @unchecked Sendable {
     public func run(forNanos nanos: UInt64) throws(KVMError) -> [VCPUSchedulerReport] {
         let deadline = monotonicNanoseconds() + nanos
         ckvm_store_release_u32(stopFlag, 0)
+        for v in g.vcpus { ckvm_set_immediate_exit(v.run, 0) }
         let boxes = g.vcpus.map { _ in ResultBox<(VCPUSchedulerReport, VCPUSchedulerState)>() }
         var pthreads: [DedicatedThread] = []
         for (i, box) in boxes.enumerated() {
             let mine = threads.enumerated().filter { $0.element.vcpu == i }.map { $0.offset }
             let saved = schedulerStates[i]
             pthreads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") { [self] in
+                // Kickable: SIGUSR1 unblocked (a test runner's threads may block it).
+                var set = sigset_t()
+                sigemptyset(&set)
+                sigaddset(&set, SIGUSR1)
+                pthread_sigmask(SIG_UNBLOCK, &set, nil)
+                pthread_mutex_lock(&threadLock)
+                vcpuThreads[i] = pthread_self()
+                pthread_mutex_unlock(&threadLock)
+                defer {
+                    pthread_mutex_lock(&threadLock)
+                    vcpuThreads[i] = nil
+                    pthread_mutex_unlock(&threadLock)
+                }
                 do {
                     var s = try saved.map { (st) throws(KVMError) in try VCPUScheduler(kernel: self, vcpu: g.vcpus[i], resume: st) }
                         ?? VCPUScheduler(kernel: self, vcpu: g.vcpus[i], threads: mine)
@@ -345,6 +405,7 @@ struct VCPUScheduler {
                 } else if p == MEMVIRT_PORT_DONE, let cur = current {
                     if data != UInt64(MEMVIRT_STATUS_OK.rawValue) { throw KVMError.guest(.badStatus(data)) }
                     state[cur] = .done
+                    kernel.markDone(ids[cur])
                     current = nil
                     if !state.contains(where: { $0 != .done }) { break loop }
                     try dispatch()

@@ -30,6 +30,12 @@ public struct MigrationOptions: Sendable {
     /// Pace each guest thread's accesses to this many per second (nil: as fast as it goes).
     /// A uniform writer (`--write-ratio 1`) at 2,560/s dirties 10 MiB/s of 4 KiB pages.
     public var accessesPerSecond: UInt64? = nil
+    /// Run the guest under the VMM-side guest kernel: per vCPU the workload thread and a
+    /// counting thread sharing the vCPU by the guest timer (KernelMigration).
+    public var guestKernel = false
+    /// With `guestKernel`: async page faults on both sides (post-copy faults on the
+    /// destination park the faulting thread while its page comes; the counting thread runs).
+    public var asyncPF = false
     public init() {}
 }
 
@@ -73,6 +79,10 @@ public struct MigrationReport: Sendable {
     public var phases: [(String, UInt64)] = []
     /// A multiboot guest's console text on this side (nil otherwise).
     public var console: String? = nil
+    /// The guest kernel's account on this side (`--guest-kernel`), and the destination's as
+    /// the source learns it.
+    public var guestKernel: KernelMigrationReport? = nil
+    public var destinationGuestKernel: KernelMigrationReport? = nil
 
     public init(side: String, mode: MigrationOptions.Mode) {
         self.side = side
@@ -104,6 +114,8 @@ public struct MigrationReport: Sendable {
         ]
         kv.append(("phases_ms", .object(phases.map { ($0.0, ms($0.1)) })))
         if let c = console { kv.append(("console", .string(c))) }
+        if let k = guestKernel { kv.append(("guest_kernel", k.json)) }
+        if let k = destinationGuestKernel { kv.append(("destination_guest_kernel", k.json)) }
         kv.append(("note", "downtime_ms is the largest gap between two guest accesses across the switch, from the guest's TSC (restored as source TSC + elapsed)"))
         return .object(kv)
     }
@@ -122,11 +134,14 @@ struct MigrationHello {
     /// streams end before these fields: a runtime guest.
     var multiboot: UInt8 = 0
     var multibootMailbox: UInt64 = 0
+    /// KernelMigration.enabledBit | asyncPFBit (0: commands on the vCPUs, no guest kernel).
+    var kernel: UInt8 = 0
 
     func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.put(dataSize); w.put(vcpus); w.put(tableBytesPerVCPU); w.put(runtimeSize); w.put(mode); w.put(pageSize)
         w.put(multiboot); w.put(multibootMailbox)
+        w.put(kernel)
         return w.bytes
     }
     static func decode(_ b: UnsafeRawBufferPointer) throws(KVMError) -> MigrationHello {
@@ -134,6 +149,7 @@ struct MigrationHello {
         var h = MigrationHello(dataSize: try r.get(), vcpus: try r.get(), tableBytesPerVCPU: try r.get(), runtimeSize: try r.get(),
                                mode: try r.get(), pageSize: try r.get())
         if r.remaining >= 9 { h.multiboot = try r.get(); h.multibootMailbox = try r.get() }
+        if r.remaining >= 1 { h.kernel = try r.get() }
         return h
     }
 }
@@ -223,26 +239,40 @@ public enum LiveMigration {
         c.dataSlotFlags = .logDirtyPages
         c.manualDirtyProtect = kvm.check(.manualDirtyLogProtect2) > 0
         if o.groupPages > 1 && !c.manualDirtyProtect { throw KVMError.unavailable("--group-pages needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2") }
+        if o.asyncPF && !o.guestKernel { throw KVMError.invalid("--async-pf needs --guest-kernel (a guest kernel parks and wakes the threads)") }
+        if o.guestKernel {
+            c.irqchip = true
+            c.threads = 2 * spec.threads
+        }
         let g = try GuestVM(kvm: kvm, config: c)
         let khz = tscKHz(g)
+        var workload: [memvirt_mailbox] = []
         for t in 0..<spec.threads {
             var (m, table) = try KVMRunner.prepare(spec, thread: t, layout: g.layout)
             if !table.isEmpty { try g.runtime.write(array: table, at: GuestPhysicalAddress(rawValue: m.table)) }
             m.gap_threshold = gapThresholdMicros * khz / 1000
             if let r = o.accessesPerSecond { m.pace = max(1, khz * 1000 / max(1, r)) }
-            try g.setMailbox(t, m)
+            if o.guestKernel { workload.append(m) } else { try g.setMailbox(t, m) }
         }
-        return try migrate(g, threads: spec.threads, to: host, port: port, options: o)
+        var kernel: GuestKernel? = nil
+        if o.guestKernel {
+            try g.vm.disableHaltPolling()
+            kernel = try GuestKernel(vm: g, threads: KernelMigration.threads(workload: workload),
+                                     options: KernelMigration.options(vcpus: spec.threads, asyncPF: o.asyncPF))
+        }
+        return try migrate(g, threads: spec.threads, to: host, port: port, options: o, kernel: kernel)
     }
 
-    /// Migrates the prepared (not yet started) guest `g` (its data slot dirty-logged).
-    static func migrate(_ g: GuestVM, threads: Int, to host: String, port: UInt16, options o: MigrationOptions) throws(KVMError) -> MigrationReport {
+    /// Migrates the prepared (not yet started) guest `g` (its data slot dirty-logged), run by
+    /// `kernel` if given.
+    static func migrate(_ g: GuestVM, threads: Int, to host: String, port: UInt16, options o: MigrationOptions,
+                        kernel: GuestKernel? = nil) throws(KVMError) -> MigrationReport {
         var report = MigrationReport(side: "source", mode: o.mode)
         // vCPU ioctls (KVM_GET_STATS_FD among them) wait for the vCPU's mutex, which KVM_RUN
         // holds for as long as the guest runs without an exit: take everything per vCPU now.
         let stats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
         let kicker = VCPUKicker(vm: g)
-        var runner = VCPUThreads(g: g, kicker: kicker)
+        var runner = VCPUThreads(g: g, kicker: kicker, kernel: kernel)
         try runner.start()
         let t0 = monotonicNanoseconds()
         while monotonicNanoseconds() - t0 < o.afterNanos && !runner.allDoneFast { usleepNanos(2_000_000) }
@@ -274,7 +304,8 @@ public enum LiveMigration {
                 try runner.start()
             }
             try runner.join()
-            report.guest = try finalGuest(g, threads: threads)
+            report.guest = kernel == nil ? try finalGuest(g, threads: threads) : try KernelMigration.finalGuest(g)
+            report.guestKernel = try runner.kernelReport()
             report.sourceHash = memoryHash(g)
             report.totalNanos = monotonicNanoseconds() - start
             return report
@@ -307,19 +338,41 @@ public enum LiveMigration {
 struct VCPUThreads {
     let g: GuestVM
     let kicker: VCPUKicker
+    /// The guest kernel that runs the vCPUs (KernelMigration), or nil: each vCPU runs its
+    /// command (`GuestVM.execute`).
+    let kernel: GuestKernel?
     var threads: [DedicatedThread] = []
     var boxes: [ResultBox<CommandOutcome>] = []
+    var kernelBox = ResultBox<[VCPUSchedulerReport]>()
+    /// The guest kernel's reports over every run so far.
+    var kernelReports: [VCPUSchedulerReport] = []
+    var kernelNanos: UInt64 = 0
+    var kernelStarted: UInt64 = 0
+    /// The counting threads' total when this side first ran them (a destination goes on from
+    /// the source's counts): increments here are counted from it.
+    var counterBase: UInt64? = nil
     var done: [Bool]
     var stopped = false
 
-    init(g: GuestVM, kicker: VCPUKicker) {
+    init(g: GuestVM, kicker: VCPUKicker, kernel: GuestKernel? = nil) {
         self.g = g
         self.kicker = kicker
+        self.kernel = kernel
         done = g.vcpus.map { _ in false }
     }
 
     mutating func start() throws(KVMError) {
         stopped = false
+        if let k = kernel {
+            let box = ResultBox<[VCPUSchedulerReport]>()
+            kernelBox = box
+            if counterBase == nil { counterBase = try KernelMigration.counters(g).reduce(0, +) }
+            kernelStarted = monotonicNanoseconds()
+            threads = [try DedicatedThread.start(name: "memvirt-guest-kernel") {
+                do { box.value = .success(try k.run(forNanos: 24 * 3_600_000_000_000)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+            }]
+            return
+        }
         boxes = g.vcpus.map { _ in ResultBox<CommandOutcome>() }
         threads = []
         for (i, box) in boxes.enumerated() where !done[i] {
@@ -331,11 +384,41 @@ struct VCPUThreads {
     }
 
     /// True when every vCPU reported DONE (read without joining: a hint).
-    var allDoneFast: Bool { boxes.allSatisfy { b in if case .success(let o)? = b.value { return !o.stopped } else { return false } } }
+    var allDoneFast: Bool {
+        if let k = kernel { return k.finished }
+        return boxes.allSatisfy { b in if case .success(let o)? = b.value { return !o.stopped } else { return false } }
+    }
+
+    /// The guest kernel's account so far (nil without one).
+    func kernelReport() throws(KVMError) -> KernelMigrationReport? {
+        guard let k = kernel else { return nil }
+        var r = KernelMigrationReport(asyncPF: k.options.asyncPF)
+        r.add(kernelReports)
+        r.counterIncrements = try KernelMigration.counters(g).reduce(0, +) &- (counterBase ?? 0)
+        r.counterPerSecond = kernelNanos > 0 ? Double(r.counterIncrements) / (Double(kernelNanos) / 1e9) : 0
+        return r
+    }
 
     /// Waits for the threads; marks the vCPUs that finished their workload.
     mutating func join() throws(KVMError) {
         for t in threads { t.join() }
+        if let k = kernel {
+            threads = []
+            guard let r = kernelBox.value else { return }
+            kernelNanos += monotonicNanoseconds() - kernelStarted
+            let reports = try r.get()
+            if kernelReports.isEmpty { kernelReports = reports } else {
+                for (i, x) in reports.enumerated() {
+                    kernelReports[i].exits += x.exits
+                    kernelReports[i].apfNotPresent += x.apfNotPresent
+                    kernelReports[i].apfReady += x.apfReady
+                    kernelReports[i].apfWakeAll += x.apfWakeAll
+                }
+            }
+            for i in g.vcpus.indices { done[i] = k.isDone(KernelMigration.workloadThread(i)) }
+            kernelBox = ResultBox()
+            return
+        }
         for (i, b) in boxes.enumerated() {
             guard let r = b.value else { continue }
             let o = try r.get()
@@ -346,7 +429,7 @@ struct VCPUThreads {
 
     /// Kicks every vCPU out of KVM_RUN and waits for them.
     mutating func stop() throws(KVMError) {
-        kicker.stop()
+        if let k = kernel { k.requestStop() } else { kicker.stop() }
         try join()
         stopped = true
     }
@@ -440,6 +523,7 @@ struct SourceSide {
                                    runtimeSize: g.layout.runtimeSize, mode: UInt8(MigrationOptions.Mode.allCases.firstIndex(of: options.mode)!),
                                    pageSize: g.layout.dataPageSize.bytes)
         if let mb = g.multiboot { hello.multiboot = 1; hello.multibootMailbox = mb.mailbox ?? 0 }
+        if let k = runner.kernel { hello.kernel = KernelMigration.enabledBit | (k.options.asyncPF ? KernelMigration.asyncPFBit : 0) }
         try ch.send(.hello, hello.encoded())
         var pfBefore: UInt64 = 0
         for s in stats { pfBefore += try s.read()["pf_fixed"] }
@@ -516,6 +600,13 @@ struct SourceSide {
             w.put(UInt8(runner.done[i] ? 1 : 0))
             w.bytes += try v.saveState().encoded()
         }
+        if let k = runner.kernel {
+            let states = k.schedulerStates.compactMap { $0 }
+            guard states.count == g.vcpus.count else { throw KVMError.invalid("guest kernel: no scheduler state to send (it never ran)") }
+            KernelMigration.encode(states, into: &w)
+            report.guestKernel = try runner.kernelReport()
+            report.guestKernel?.parkedAtSwitch = states.map(\.parked).reduce(0, +)
+        }
         try ch.send(.state, w.bytes)
         phase("state")
         if options.mode == .precopy {
@@ -566,6 +657,15 @@ struct SourceSide {
             let has: UInt8 = try r.get()
             if has != 0 { gr.memoryChecksum = c }
             report.guest.append(gr)
+        }
+        // The destination's guest kernel account, when it ran one (older streams end here).
+        if r.remaining >= 1, try r.get(UInt8.self) == 1 {
+            var k = KernelMigrationReport(asyncPF: try r.get(UInt8.self) != 0)
+            k.parkedAtSwitch = Int(try r.get(UInt32.self))
+            k.apfNotPresent = try r.get(); k.apfReady = try r.get(); k.apfWakeAll = try r.get()
+            k.counterIncrements = try r.get()
+            k.counterPerSecond = Double(try r.get(UInt64.self))
+            report.destinationGuestKernel = k
         }
     }
 

@@ -34,8 +34,20 @@ extension LiveMigration {
         c.tableBytesPerVCPU = hello.tableBytesPerVCPU
         c.dataPageSize = ps
         if hello.multiboot != 0 { c = try Multiboot.config(memory: hello.runtimeSize + hello.dataSize) }
+        let kernelMode = hello.kernel & KernelMigration.enabledBit != 0
+        if kernelMode {
+            guard hello.multiboot == 0 else { throw KVMError.invalid("migration stream mismatched: a multiboot guest under the guest kernel") }
+            c.irqchip = true
+            c.threads = 2 * c.vcpus
+        }
         let kvm = try KVM()
         let g = try GuestVM(kvm: kvm, config: c)
+        if kernelMode { try g.vm.disableHaltPolling() }
+        /// Where vCPU i's workload keeps its mailbox (a guest thread's under the guest kernel).
+        func workloadMailbox(_ i: Int) -> GuestPhysicalAddress {
+            kernelMode ? KernelMigration.mailboxAddress(g, thread: KernelMigration.workloadThread(i)) : GuestPhysicalAddress(rawValue: GuestLayout.mailbox(i))
+        }
+        var parkedAtSwitch = 0
         if let mb = g.multiboot, hello.multibootMailbox != 0 { mb.setMailbox(hello.multibootMailbox) }
         guard g.layout.runtimeSize == hello.runtimeSize else {
             throw KVMError.invalid("migration stream mismatched: the source's runtime area is \(hello.runtimeSize) bytes, this memvirt builds \(g.layout.runtimeSize)")
@@ -112,12 +124,25 @@ extension LiveMigration {
                 let stopReal = try r.get(UInt64.self)
                 let n = Int(try r.get(UInt64.self))
                 guard n == g.vcpus.count else { throw KVMError.invalid("migration stream mismatched: \(n) vCPU states for \(g.vcpus.count) vCPUs") }
-                var k = VCPUThreads(g: g, kicker: VCPUKicker(vm: g))
+                var done: [Bool] = []
                 var states: [VCPUState] = []
-                for i in 0..<n {
-                    k.done[i] = try r.get(UInt8.self) != 0
+                for _ in 0..<n {
+                    done.append(try r.get(UInt8.self) != 0)
                     states.append(try VCPUState.decode(&r))
                 }
+                // The guest kernel goes on from the source's schedulers; it is made before the
+                // vCPU states are restored (its set-up writes MSRs the restore then overrides).
+                var kernel: GuestKernel? = nil
+                if kernelMode {
+                    let sched = try KernelMigration.decode(&r, vcpus: n)
+                    parkedAtSwitch = sched.map(\.parked).reduce(0, +)
+                    let placeholders = (0..<n).map { _ in GuestVM.command(MEMVIRT_CMD_WORKLOAD) }
+                    kernel = try GuestKernel(vm: g, threads: KernelMigration.threads(workload: placeholders),
+                                             options: KernelMigration.options(vcpus: n, asyncPF: hello.kernel & KernelMigration.asyncPFBit != 0),
+                                             resume: sched)
+                }
+                var k = VCPUThreads(g: g, kicker: VCPUKicker(vm: g), kernel: kernel)
+                k.done = done
                 if mode == .precopy { report.destinationHash = hashes.reduce(0, &+) }
                 faults?.start()
                 for (i, s) in states.enumerated() {
@@ -134,11 +159,11 @@ extension LiveMigration {
                 }
                 // The guest keeps the gap that spans the source's TSC at the stop: its downtime.
                 for i in 0..<n where !k.done[i] {
-                    var m = try g.mailbox(i)
+                    var m = try g.runtime.load(memvirt_mailbox.self, at: workloadMailbox(i))
                     if m.gap_threshold != 0 {
                         m.switch_tsc = states[i].msrs.first(where: { $0.0 == 0x10 })?.1 ?? 0
                         m.switch_gap = 0
-                        try g.setMailbox(i, m)
+                        try g.runtime.store(m, at: workloadMailbox(i))
                     }
                 }
                 for s in stats { pfBefore += try s.read()["pf_fixed"] }
@@ -164,9 +189,11 @@ extension LiveMigration {
         report.destinationPfFixed = pfAfter - pfBefore
         if let f = faults { report.pagesRequested = f.requests }
         faults?.stop()
-        report.guest = try finalGuest(g, threads: g.vcpus.count)
+        report.guest = kernelMode ? try KernelMigration.finalGuest(g) : try finalGuest(g, threads: g.vcpus.count)
+        report.guestKernel = try k.kernelReport()
+        report.guestKernel?.parkedAtSwitch = parkedAtSwitch
         // The guest's own view of the switch: the gap it logged across the source's TSC at save.
-        let m = try g.mailbox(0)
+        let m = try g.runtime.load(memvirt_mailbox.self, at: workloadMailbox(0))
         let khz = tscKHz(g)
         if m.switch_gap > 0 { report.downtimeNanos = m.switch_gap * 1_000_000 / khz }
         report.migrated = true
@@ -184,6 +211,13 @@ extension LiveMigration {
         for gr in report.guest {
             w.put(gr.accesses); w.put(gr.reads); w.put(gr.writes); w.put(gr.readSum)
             w.put(gr.memoryChecksum ?? 0); w.put(UInt8(gr.memoryChecksum == nil ? 0 : 1))
+        }
+        if let k = report.guestKernel {
+            w.put(UInt8(1)); w.put(UInt8(k.asyncPF ? 1 : 0)); w.put(UInt32(k.parkedAtSwitch))
+            w.put(k.apfNotPresent); w.put(k.apfReady); w.put(k.apfWakeAll); w.put(k.counterIncrements)
+            w.put(UInt64(k.counterPerSecond.rounded()))
+        } else {
+            w.put(UInt8(0))
         }
         try ch.send(.result, w.bytes)
         report.bytesSent = ch.bytesSent

@@ -62,6 +62,12 @@ struct KVMMigrateCommand: ParsableCommand {
     @Option(name: .customLong("access-rate"), help: "Pace each guest thread to N accesses per second (a uniform writer with --write-ratio 1 at 2560 dirties 10 MiB/s).")
     var accessRate: UInt64?
 
+    @Flag(name: .customLong("guest-kernel"), help: "Run the guest under the guest kernel: per vCPU the workload thread and a counting thread sharing it by the guest timer; the schedulers migrate with the vCPUs.")
+    var guestKernel = false
+
+    @Flag(name: .customLong("async-pf"), help: "With --guest-kernel: async page faults on both sides (in post-copy the faulting thread waits parked while its page comes, the counting thread runs).")
+    var asyncPF = false
+
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
 
@@ -88,6 +94,10 @@ struct KVMMigrateCommand: ParsableCommand {
         o.maxRounds = maxRounds
         o.groupPages = groupPages
         o.accessesPerSecond = accessRate
+        if asyncPF && !guestKernel { throw ValidationError("--async-pf needs --guest-kernel (a guest kernel parks and wakes the threads)") }
+        if guestKernel && kernel.kernel != nil { throw ValidationError("--guest-kernel runs MemVirt's own runtime: not with --kernel") }
+        o.guestKernel = guestKernel
+        o.asyncPF = asyncPF
         if let b = bandwidth {
             do { o.bandwidth = try ByteCount(parsing: b).rawValue } catch { throw ValidationError("--bandwidth: \(error.message)") }
         }

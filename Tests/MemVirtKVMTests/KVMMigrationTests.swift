@@ -91,6 +91,42 @@ struct KVMMigrationTests {
         #expect(s.downtimeNanos != nil)
     }
 
+    /// Under the guest kernel: the workload thread and a counting thread per vCPU.
+    static let threaded = WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: 400_000, writeRatio: 0.4, seed: 11)
+
+    @Test("under the guest kernel, the schedulers migrate: the workload reaches the oracle's result on the destination; with async PF, post-copy faults there park the workload thread while the counting thread runs",
+          arguments: [("precopy", false), ("postcopy", false), ("postcopy", true)])
+    func guestKernel(mode: String, asyncPF: Bool) throws {
+        var o = MigrationOptions()
+        o.mode = MigrationOptions.Mode(rawValue: mode)!
+        o.afterNanos = 150_000_000
+        o.accessesPerSecond = 1_000_000
+        o.guestKernel = true
+        o.asyncPF = asyncPF
+        // Post-copy over a 16 MiB/s link: the destination touches pages that are not there yet.
+        if o.mode == .postcopy { o.bandwidth = 16 << 20 }
+        let (s, d) = try withDestination { port in try LiveMigration.migrate(Self.threaded, to: "127.0.0.1", port: port, options: o) }
+        let dst = try d.get()
+        print("guest kernel \(mode) apf=\(asyncPF): \(s.json.rendered())")
+        #expect(s.migrated && s.error == nil)
+        #expect(s.sourceHash != nil && s.sourceHash == s.destinationHash)
+        let want = try oracle(Self.threaded)
+        #expect(s.guest.first?.readSum == want.readSum)
+        #expect(s.guest.first?.memoryChecksum == want.checksum)
+        #expect(s.guest.first?.accesses == Self.threaded.accesses)
+        let src = try #require(s.guestKernel), k = try #require(dst.guestKernel)
+        #expect(s.destinationGuestKernel?.counterIncrements == k.counterIncrements)
+        // The counting thread ran on both sides.
+        #expect(src.counterIncrements > 0 && k.counterIncrements > 0)
+        if asyncPF {
+            // Enabling async PF there sends "page ready" to all; post-copy faults went async.
+            #expect(k.apfWakeAll >= 1)
+            #expect(k.apfNotPresent > 0 && k.apfReady >= k.apfNotPresent)
+        } else {
+            #expect(k.apfNotPresent == 0)
+        }
+    }
+
     @Test("a connection cut during pre-copy: the source keeps running and reaches the oracle's result")
     func cutConnection() throws {
         let (listener, port) = try MigrationChannel.listen(address: "127.0.0.1", port: 0)
