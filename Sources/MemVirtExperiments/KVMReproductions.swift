@@ -3,5 +3,5 @@ import MemVirtCore
 /// Reproductions that run on the KVM engine (`memvirt reproduce NAME --engine kvm`).
 /// Owned by the KVM engine work; `Reproductions.kvm` lists them.
 extension Reproductions {
-    public static let kvm: [any Experiment.Type] = [KVMAsyncPageFaults.self, KVMAsyncPageFaultsSweep.self, KVMKSM.self]
+    public static let kvm: [any Experiment.Type] = [KVMAsyncPageFaults.self, KVMAsyncPageFaultsSweep.self, KVMKSM.self, KVMMigration.self]
 }

@@ -36,6 +36,15 @@ public struct MigrationOptions: Sendable {
     /// With `guestKernel`: async page faults on both sides (post-copy faults on the
     /// destination park the faulting thread while its page comes; the counting thread runs).
     public var asyncPF = false
+    /// Before the guest starts, the VMM writes every data page (a pattern with no zero
+    /// words): a guest whose whole memory is in use, so no page can be skipped as untouched.
+    /// The workload's results then differ from the oracle's (which starts from zeroed memory);
+    /// the switch-over hashes still must match.
+    public var prefillData = false
+    /// Post-copy: a page the destination asks for is served no sooner than this after its
+    /// request arrived (a network round trip longer than loopback's ~30 us; pushed pages are
+    /// not delayed, only answers to faults).
+    public var requestRoundTripNanos: UInt64 = 0
     public init() {}
 }
 
@@ -245,6 +254,10 @@ public enum LiveMigration {
             c.threads = 2 * spec.threads
         }
         let g = try GuestVM(kvm: kvm, config: c)
+        if o.prefillData {
+            let words = g.data.mapping.base.assumingMemoryBound(to: UInt64.self)
+            for k in 0..<Int(g.layout.dataSize / 8) { words[k] = (UInt64(k) &+ 1) &* 0x9E37_79B9_7F4A_7C15 }
+        }
         let khz = tscKHz(g)
         var workload: [memvirt_mailbox] = []
         for t in 0..<spec.threads {
@@ -672,6 +685,7 @@ struct SourceSide {
     /// Post-copy: serve the destination's requests first, push the rest in order between them.
     mutating func postcopyPush(_ ch: MigrationChannel, missing: [Int]) throws(KVMError) {
         let requests = RequestQueue()
+        let rtt = options.requestRoundTripNanos
         let reader = try DedicatedThread.start(name: "memvirt-migrate-requests") {
             while true {
                 do {
@@ -681,7 +695,7 @@ struct SourceSide {
                         var r = ByteReader(payload, what: "REQUEST")
                         var pages: [Int] = []
                         while r.remaining >= 8 { pages.append(Int(try r.get(UInt64.self))) }
-                        requests.push(pages)
+                        requests.push(pages, due: monotonicNanoseconds() + rtt)
                     case .resumed: requests.markResumed()
                     case .result:
                         requests.finish(result: Array(payload))
@@ -706,11 +720,16 @@ struct SourceSide {
         while left > 0 {
             if let e = requests.failure { reader.join(); throw e }
             if requests.resumed { destinationOwnsGuest = true }
-            var asked = requests.drain()
+            var asked = requests.drain(dueBy: monotonicNanoseconds())
             if !asked.isEmpty {
                 asked.removeAll { $0 < 0 || $0 >= dataPages || !toSend[$0] }
                 for p in asked { toSend[p] = false; left -= 1; report.pagesRequested += 1; try sendPage(ch, p) }
                 try flush(ch)
+                continue
+            }
+            if cursor >= dataPages {
+                // Only requested pages are left, not due yet (a round trip in progress).
+                usleepNanos(20_000)
                 continue
             }
             var k = 0
@@ -741,7 +760,7 @@ struct SourceSide {
 /// Requests from the destination, handed from the reader thread to the pusher.
 final class RequestQueue: @unchecked Sendable {
     var lock = pthread_mutex_t()
-    var pages: [Int] = []
+    var pages: [(page: Int, due: UInt64)] = []
     var _failure: KVMError?
     var _result: [UInt8]?
     var _resumed = false
@@ -750,8 +769,16 @@ final class RequestQueue: @unchecked Sendable {
     var result: [UInt8]? { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _result }
     var resumed: Bool { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _resumed }
     deinit { pthread_mutex_destroy(&lock) }
-    func push(_ p: [Int]) { pthread_mutex_lock(&lock); pages += p; pthread_mutex_unlock(&lock) }
-    func drain() -> [Int] { pthread_mutex_lock(&lock); let p = pages; pages = []; pthread_mutex_unlock(&lock); return p }
+    func push(_ p: [Int], due: UInt64) { pthread_mutex_lock(&lock); pages += p.map { ($0, due) }; pthread_mutex_unlock(&lock) }
+    /// The requests due by `now` (arrival order; later ones stay queued).
+    func drain(dueBy now: UInt64) -> [Int] {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        let n = pages.firstIndex { $0.due > now } ?? pages.count
+        let p = pages[..<n].map(\.page)
+        pages.removeFirst(n)
+        return p
+    }
     func fail(_ e: KVMError) { pthread_mutex_lock(&lock); _failure = _failure ?? e; pthread_mutex_unlock(&lock) }
     func finish(result r: [UInt8]) { pthread_mutex_lock(&lock); _result = r; pthread_mutex_unlock(&lock) }
     func markResumed() { pthread_mutex_lock(&lock); _resumed = true; pthread_mutex_unlock(&lock) }

@@ -128,6 +128,8 @@ public struct KernelMigrationReport: Sendable {
     public var counterIncrements: UInt64 = 0
     public var counterPerSecond: Double = 0
 
+    public init(asyncPF: Bool) { self.asyncPF = asyncPF }
+
     public var json: JSONValue {
         .object([
             ("async_pf", .bool(asyncPF)), ("parked_at_switch", .int(Int64(parkedAtSwitch))),
