@@ -62,6 +62,9 @@ struct KVMMigrateCommand: ParsableCommand {
     @Option(name: .customLong("access-rate"), help: "Pace each guest thread to N accesses per second (a uniform writer with --write-ratio 1 at 2560 dirties 10 MiB/s).")
     var accessRate: UInt64?
 
+    @Option(name: .customLong("request-round-trip"), help: "Post-copy: serve each page the destination asks for this long after its request (a link longer than loopback), e.g. 2ms.")
+    var requestRoundTrip: String?
+
     @Flag(name: .customLong("guest-kernel"), help: "Run the guest under the guest kernel: per vCPU the workload thread and a counting thread sharing it by the guest timer; the schedulers migrate with the vCPUs.")
     var guestKernel = false
 
@@ -96,6 +99,7 @@ struct KVMMigrateCommand: ParsableCommand {
         o.accessesPerSecond = accessRate
         if asyncPF && !guestKernel { throw ValidationError("--async-pf needs --guest-kernel (a guest kernel parks and wakes the threads)") }
         if guestKernel && kernel.kernel != nil { throw ValidationError("--guest-kernel runs MemVirt's own runtime: not with --kernel") }
+        if let r = requestRoundTrip { o.requestRoundTripNanos = try Self.duration(r, "--request-round-trip") }
         o.guestKernel = guestKernel
         o.asyncPF = asyncPF
         if let b = bandwidth {
