@@ -143,9 +143,8 @@ public final class GuestKernel: @unchecked Sendable {
     public private(set) var schedulerStates: [VCPUSchedulerState?]
     /// Per thread: 1 once it reported DONE (written by its vCPU's thread, read by any).
     let doneFlags: UnsafeMutablePointer<UInt32>
-    /// The vCPU threads of the current run, so `requestStop` can kick them out of KVM_RUN.
-    var vcpuThreads: [pthread_t?]
-    var threadLock = pthread_mutex_t()
+    /// Kicks the vCPU threads of the current run out of KVM_RUN (`requestStop`).
+    let kicker: VCPUKicker
 
     /// A guest kernel for `threads` on `g`. With `resume`, the schedulers go on from states
     /// saved elsewhere (a migrated or restored guest): the threads' mailboxes are then already
@@ -187,9 +186,7 @@ public final class GuestKernel: @unchecked Sendable {
         stopFlag.initialize(to: 0)
         doneFlags = .allocate(capacity: max(1, threads.count))
         doneFlags.initialize(repeating: 0, count: max(1, threads.count))
-        vcpuThreads = g.vcpus.map { _ in nil }
-        pthread_mutex_init(&threadLock, nil)
-        _ = VCPUKicker.installHandler
+        kicker = VCPUKicker(vm: g)
         schedulerStates = resume ?? g.vcpus.map { _ in nil }
         for st in resume ?? [] {
             for (k, t) in st.ids.enumerated() where st.threads[k] == .done { doneFlags[t] = 1 }
@@ -205,7 +202,6 @@ public final class GuestKernel: @unchecked Sendable {
     deinit {
         stopFlag.deallocate()
         doneFlags.deallocate()
-        pthread_mutex_destroy(&threadLock)
     }
 
     /// Whether guest thread `t` reported DONE.
@@ -255,11 +251,7 @@ public final class GuestKernel: @unchecked Sendable {
     /// api.rst describes; pending I/O completes first) and its scheduler stops at a clean point.
     public func requestStop() {
         ckvm_store_release_u32(stopFlag, 1)
-        for v in g.vcpus { ckvm_set_immediate_exit(v.run, 1) }
-        pthread_mutex_lock(&threadLock)
-        let ts = vcpuThreads
-        pthread_mutex_unlock(&threadLock)
-        for t in ts { if let t { pthread_kill(t, SIGUSR1) } }
+        kicker.stop()
     }
     var stopRequested: Bool { ckvm_load_acquire_u32(stopFlag) != 0 }
 
@@ -268,26 +260,15 @@ public final class GuestKernel: @unchecked Sendable {
     public func run(forNanos nanos: UInt64) throws(KVMError) -> [VCPUSchedulerReport] {
         let deadline = monotonicNanoseconds() + nanos
         ckvm_store_release_u32(stopFlag, 0)
-        for v in g.vcpus { ckvm_set_immediate_exit(v.run, 0) }
+        kicker.resume()
         let boxes = g.vcpus.map { _ in ResultBox<(VCPUSchedulerReport, VCPUSchedulerState)>() }
         var pthreads: [DedicatedThread] = []
         for (i, box) in boxes.enumerated() {
             let mine = threads.enumerated().filter { $0.element.vcpu == i }.map { $0.offset }
             let saved = schedulerStates[i]
             pthreads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") { [self] in
-                // Kickable: SIGUSR1 unblocked (a test runner's threads may block it).
-                var set = sigset_t()
-                sigemptyset(&set)
-                sigaddset(&set, SIGUSR1)
-                pthread_sigmask(SIG_UNBLOCK, &set, nil)
-                pthread_mutex_lock(&threadLock)
-                vcpuThreads[i] = pthread_self()
-                pthread_mutex_unlock(&threadLock)
-                defer {
-                    pthread_mutex_lock(&threadLock)
-                    vcpuThreads[i] = nil
-                    pthread_mutex_unlock(&threadLock)
-                }
+                kicker.register(i)
+                defer { kicker.unregister(i) }
                 do {
                     var s = try saved.map { (st) throws(KVMError) in try VCPUScheduler(kernel: self, vcpu: g.vcpus[i], resume: st) }
                         ?? VCPUScheduler(kernel: self, vcpu: g.vcpus[i], threads: mine)
