@@ -21,6 +21,9 @@ public struct AsyncPFCase: Sendable {
     /// before the vCPUs run (the seed's guest had run long before its 60 s were measured).
     /// Otherwise the first `residentLimit / 4 KiB` faults only fill the limit and evict nothing.
     public var startFull = true
+    /// Run the faulting threads (false: only the working threads, for the rate a working
+    /// thread reaches with its vCPU to itself: the reference for work shares).
+    public var faultingThreads = true
     public init() {}
 }
 
@@ -89,7 +92,7 @@ public enum AsyncPFBenchmark {
         var gc = GuestConfig(dataSize: c.residentLimit * c.memoryMultiple)
         gc.vcpus = c.vcpus
         gc.irqchip = true
-        gc.threads = 2 * c.vcpus
+        gc.threads = (c.faultingThreads ? 2 : 1) * c.vcpus
         let g = try GuestVM(kvm: kvm, config: gc)
         try g.vm.disableHaltPolling()
         let salt = c.seed &* 0x2545_F491_4F6C_DD1D
@@ -103,6 +106,7 @@ public enum AsyncPFBenchmark {
         var specs: [GuestThreadSpec] = []
         for i in 0..<c.vcpus {
             specs.append(GuestThreadSpec(vcpu: i, mailbox: GuestVM.command(MEMVIRT_CMD_COUNT)))
+            if !c.faultingThreads { continue }
             var f = GuestVM.command(MEMVIRT_CMD_RANDOM_READ)
             f.base = g.layout.dataVirtual.rawValue
             f.footprint = g.layout.dataSize
@@ -123,8 +127,10 @@ public enum AsyncPFBenchmark {
         var after = StatValues(values: [:])
         for s in stats { after.add(try s.read()) }
         var work: [UInt64] = [], reads: [UInt64] = [], mismatches: UInt64 = 0
+        let perVCPU = c.faultingThreads ? 2 : 1
         for i in 0..<c.vcpus {
-            work.append(try kernel.mailbox(2 * i).counter)
+            work.append(try kernel.mailbox(perVCPU * i).counter)
+            guard c.faultingThreads else { reads.append(0); continue }
             let f = try kernel.mailbox(2 * i + 1)
             reads.append(f.done_accesses)
             mismatches += f.mismatches
