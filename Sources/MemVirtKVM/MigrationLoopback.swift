@@ -5,6 +5,11 @@ extension LiveMigration {
     /// free port on its own thread, the source here (the reproductions' way; two processes
     /// are `memvirt kvm listen` and `memvirt kvm migrate`).
     public static func loopback(_ spec: WorkloadSpec, options: MigrationOptions) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
+        try loopback { (port) throws(KVMError) in try migrate(spec, to: "127.0.0.1", port: port, options: options) }
+    }
+
+    /// The same for any source: `source` migrates to 127.0.0.1 at the port it is given.
+    public static func loopback(source: (UInt16) throws(KVMError) -> MigrationReport) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
         let box = ResultBox<MigrationReport>()
         let portBox = ResultBox<UInt16>()
         let t = try DedicatedThread.start(name: "memvirt-destination") {
@@ -17,7 +22,7 @@ extension LiveMigration {
         let port: UInt16
         do { port = try portBox.value!.get() } catch { t.join(); throw error }
         let s: MigrationReport
-        do { s = try migrate(spec, to: "127.0.0.1", port: port, options: options) } catch {
+        do { s = try source(port) } catch {
             // A source that failed before connecting leaves the destination in accept: a
             // connection closed at once ends it (a truncated stream), then it can be joined.
             if let ch = try? MigrationChannel.connect(host: "127.0.0.1", port: port) { ch.shutdownBoth() }

@@ -501,25 +501,6 @@ extension LiveMigration {
     /// the source. Returns both reports (the destination's holds the guest's result).
     public static func migrateLocally(kernel image: MultibootImage, memory: UInt64, cmdline: String,
                                       options o: MigrationOptions) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
-        let box = ResultBox<MigrationReport>()
-        let portBox = ResultBox<UInt16>()
-        let t = try DedicatedThread.start(name: "memvirt-mb-destination") {
-            do { box.value = .success(try LiveMigration.listen(port: 0) { p in portBox.value = .success(p) }) } catch let e as KVMError {
-                box.value = .failure(e)
-                if portBox.value == nil { portBox.value = .failure(e) }
-            } catch {}
-        }
-        while portBox.value == nil { usleepNanos(1_000_000) }
-        let port: UInt16
-        do { port = try portBox.value!.get() } catch { t.join(); throw error }
-        let s: MigrationReport
-        do { s = try migrate(kernel: image, memory: memory, cmdline: cmdline, to: "127.0.0.1", port: port, options: o) } catch {
-            // The destination may still wait in accept: connect once so it ends.
-            _ = try? MigrationChannel.connect(host: "127.0.0.1", port: port)
-            t.join()
-            throw error
-        }
-        t.join()
-        return (s, try box.value!.get())
+        try loopback { (port) throws(KVMError) in try migrate(kernel: image, memory: memory, cmdline: cmdline, to: "127.0.0.1", port: port, options: o) }
     }
 }
