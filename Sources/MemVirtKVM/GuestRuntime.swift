@@ -292,11 +292,15 @@ public final class GuestVM: @unchecked Sendable {
 
     // MARK: mailbox
 
+    /// Where vCPU `vcpu`'s command mailbox is (a multiboot guest's announced one, if any).
+    public func mailboxAddress(_ vcpu: Int) -> GuestPhysicalAddress {
+        GuestPhysicalAddress(rawValue: multiboot?.mailbox ?? GuestLayout.mailbox(vcpu))
+    }
     public func mailbox(_ vcpu: Int) throws(KVMError) -> memvirt_mailbox {
-        try runtime.load(memvirt_mailbox.self, at: GuestPhysicalAddress(rawValue: multiboot?.mailbox ?? GuestLayout.mailbox(vcpu)))
+        try runtime.load(memvirt_mailbox.self, at: mailboxAddress(vcpu))
     }
     public func setMailbox(_ vcpu: Int, _ m: memvirt_mailbox) throws(KVMError) {
-        try runtime.store(m, at: GuestPhysicalAddress(rawValue: multiboot?.mailbox ?? GuestLayout.mailbox(vcpu)))
+        try runtime.store(m, at: mailboxAddress(vcpu))
     }
     /// A fresh mailbox for `command`.
     public static func command(_ c: memvirt_command) -> memvirt_mailbox {

@@ -45,7 +45,7 @@ extension LiveMigration {
         if kernelMode { try g.vm.disableHaltPolling() }
         /// Where vCPU i's workload keeps its mailbox (a guest thread's under the guest kernel).
         func workloadMailbox(_ i: Int) -> GuestPhysicalAddress {
-            kernelMode ? KernelMigration.mailboxAddress(g, thread: KernelMigration.workloadThread(i)) : GuestPhysicalAddress(rawValue: GuestLayout.mailbox(i))
+            kernelMode ? KernelMigration.mailboxAddress(g, thread: KernelMigration.workloadThread(i)) : g.mailboxAddress(i)
         }
         var parkedAtSwitch = 0
         if let mb = g.multiboot, hello.multibootMailbox != 0 { mb.setMailbox(hello.multibootMailbox) }
