@@ -52,19 +52,12 @@ public struct KVMAsyncPageFaults: Experiment {
             pairs.append((off, on))
         }
         let on0 = (pairs.first(where: { $0.0.config.storeDelayNanos == 1_000_000 }) ?? pairs[0]).1
-        // The working threads alone (no faulting thread): the rate a working thread reaches
-        // with its vCPU to itself, for the work shares (the seed's guest profile).
-        var solo = base
-        solo.faultingThreads = false
-        solo.seconds = min(base.seconds, 2)
-        progress("apf: \(solo.vcpus) vCPUs, working threads alone, \(formatFixed(solo.seconds, digits: 0)) s")
-        let alone = try AsyncPFBenchmark.run(solo)
         let m = Self.modelConfig(on0.config)
         progress("apf: the model engine's VMSimulation of the same case, \(formatFixed(m.duration / 1e9, digits: 0)) simulated seconds")
         let (mOn, mOff) = try AsyncPageFaults.runPair(m, progress: { _ in })
         let model = ModelComparison(config: m, ratio: mOn.totalIncrements / max(mOff.totalIncrements, 1),
                                     notPresent: mOn.counters[.apfNotPresent], ready: mOn.counters[.apfReady])
-        return Self.report(pairs, sweep: !sweepDelays.isEmpty, model: model, alone: alone)
+        return Self.report(pairs, sweep: !sweepDelays.isEmpty, model: model)
     }
 
     /// The model engine's run of the same case.
@@ -109,7 +102,7 @@ public struct KVMAsyncPageFaults: Experiment {
         return b > 0 ? a / b : 0
     }
 
-    static func report(_ pairs: [(AsyncPFResult, AsyncPFResult)], sweep: Bool, model: ModelComparison, alone: AsyncPFResult) -> ExperimentReport {
+    static func report(_ pairs: [(AsyncPFResult, AsyncPFResult)], sweep: Bool, model: ModelComparison) -> ExperimentReport {
         var tables: [TextTable] = []
         let (off0, on0) = pairs.first(where: { $0.0.config.storeDelayNanos == 1_000_000 }) ?? pairs[0]
         var workers = TextTable(title: "workers (store \(formatFixed(Double(on0.config.storeDelayNanos) / 1e6, digits: 2)) ms, \(formatFixed(on0.wallSeconds, digits: 1)) s per case)",
@@ -138,12 +131,10 @@ public struct KVMAsyncPageFaults: Experiment {
                         on.config.storeDelayNanos == UInt64(model.config.device.readLatency) ? "x" + formatFixed(model.ratio, digits: 3) : "", "x1.995"])
         }
         tables.append(ratios)
-        // The seed's guest profile: the working thread's share of vCPU time, here its rate
-        // against the rate it reaches alone. Host contention slows the solo run and the APF run
-        // alike (both keep every vCPU busy), so the share with APF holds up on a busy host.
-        let soloRate = Double(alone.totalWork) / alone.wallSeconds
-        func share(_ r: AsyncPFResult) -> Double { soloRate > 0 ? Double(r.totalWork) / r.wallSeconds / soloRate : 0 }
-        var profile = TextTable(title: "working threads' share of vCPU time (rate against \(formatGrouped(UInt64(soloRate))) increments/s alone)",
+        // The seed's guest profile: the working thread's share of vCPU time, from the VMM's
+        // scheduler (how long each thread held its vCPU, KVM_RUN to exit).
+        func share(_ r: AsyncPFResult) -> Double { r.workShare }
+        var profile = TextTable(title: "working threads' share of vCPU time (time they held their vCPUs, from the VMM's scheduler)",
                                 header: ["", "without APF", "with APF"])
         profile.add(["measured", formatFixed(share(off0) * 100, digits: 1) + "%", formatFixed(share(on0) * 100, digits: 1) + "%"])
         profile.add(["seed (guest profile)", "63.42%", "97.93%"])
@@ -160,7 +151,6 @@ public struct KVMAsyncPageFaults: Experiment {
             ("work_total_without_apf", .uint(off0.totalWork)), ("work_total_with_apf", .uint(on0.totalWork)),
             ("work_without_apf", .array(off0.work.map { .uint($0) })), ("work_with_apf", .array(on0.work.map { .uint($0) })),
             ("apf_not_present", .uint(on0.notPresent)), ("apf_ready", .uint(on0.ready)),
-            ("work_per_s_alone", .double(soloRate.rounded())),
             ("work_share_without_apf", .double((share(off0) * 1000).rounded() / 1000)),
             ("work_share_with_apf", .double((share(on0) * 1000).rounded() / 1000)),
             ("mismatches", .uint(off0.mismatches + on0.mismatches)),

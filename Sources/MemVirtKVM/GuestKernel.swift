@@ -77,6 +77,9 @@ public struct VCPUSchedulerReport: Sendable {
     /// not running: the host's CPU contention, a vCPU's steal time), from the host scheduler.
     public var hostRunNanos: UInt64? = nil
     public var hostWaitNanos: UInt64? = nil
+    /// Per guest thread (by id): nanoseconds it held the vCPU, KVM_RUN entry to exit while it
+    /// was the current thread (a fault it waits for inside KVM counts as its own time).
+    public var threadNanos: [Int: UInt64] = [:]
 
     public var json: JSONValue {
         .object([
@@ -374,8 +377,10 @@ struct VCPUScheduler {
         // current thread's registers (or the idle loop's) and no event is half handled: the
         // state a later run, a migration or a snapshot goes on from.
         loop: while monotonicNanoseconds() < deadline && !kernel.stopRequested {
+            let entered = monotonicNanoseconds()
             let exit = try v.runOnce()
             let t0 = monotonicNanoseconds()
+            if let c = current { report.threadNanos[ids[c], default: 0] += t0 - entered }
             report.exits += 1
             if current == nil && idleSince > 0 { report.idleNanos += t0 - idleSince; idleSince = 0 }
             switch exit {
