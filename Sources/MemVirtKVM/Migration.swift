@@ -573,6 +573,16 @@ struct SourceSide {
                 report.rounds += 1
             }
             phase("rounds")
+            // Wait until the destination has applied everything sent so far (it places pages
+            // more slowly than loopback carries them): the stop-and-copy then goes out on an
+            // empty pipe. The guest runs meanwhile; what it dirties is in the final harvest.
+            try ch.send(.sync)
+            while true {
+                let (type, _) = try ch.receive()
+                if type == .synced { break }
+                throw KVMError.invalid("migration stream: expected SYNCED from the destination, got \(type)")
+            }
+            phase("sync")
         }
         // Stop the guest.
         let stopReal = LiveMigration.realtimeNanos()

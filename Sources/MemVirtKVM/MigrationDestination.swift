@@ -173,6 +173,8 @@ extension LiveMigration {
                 try k.start()
                 runner = k
                 try ch.send(.resumed)
+            case .sync:
+                try ch.send(.synced)
             case .end:
                 gotEnd = true
                 if mode != .precopy { report.destinationHash = hashes.reduce(0, &+) }

@@ -30,11 +30,18 @@ public enum MigrationMessage: UInt16, Sendable {
     case resumed = 7
     /// Destination -> source: the destination's summary after the guest finished.
     case result = 8
+    /// Source -> destination (pre-copy, hybrid; version 2): answer SYNCED once everything
+    /// before this is applied. The source stops the guest only then, so the stop-and-copy
+    /// does not wait behind pages the destination has not placed yet.
+    case sync = 9
+    /// Destination -> source: everything before SYNC is applied.
+    case synced = 10
 }
 
 public enum MigrationStreamFormat {
     public static let magic: UInt32 = 0x474d_564d  // "MVMG" little-endian
-    public static let version: UInt16 = 1
+    /// 2: SYNC / SYNCED before the stop (1 had none).
+    public static let version: UInt16 = 2
     public static let headerSize = 32
     /// The largest payload either side accepts (a batch of pages with its table).
     public static let maxPayload = 64 << 20
