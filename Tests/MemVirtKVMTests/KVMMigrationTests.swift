@@ -7,23 +7,7 @@ import Glibc
 #endif
 @testable import MemVirtKVM
 
-/// Runs a destination on a dedicated thread (port 0), then `body` with its port.
-func withDestination(_ body: (UInt16) throws -> MigrationReport) throws -> (source: MigrationReport, destination: Result<MigrationReport, KVMError>) {
-    let box = ResultBox<MigrationReport>()
-    let portBox = ResultBox<UInt16>()
-    let t = try DedicatedThread.start(name: "test-destination") {
-        do { box.value = .success(try LiveMigration.listen(port: 0) { p in portBox.value = .success(p) }) } catch let e as KVMError {
-            box.value = .failure(e)
-            if portBox.value == nil { portBox.value = .failure(e) }
-        } catch {}
-    }
-    while portBox.value == nil { usleepNanos(1_000_000) }
-    let port = try portBox.value!.get()
-    let s = try body(port)
-    t.join()
-    return (s, box.value!)
-}
-
+/// Migrations here run both sides in this process: LiveMigration.loopback.
 @Suite("KVM engine: live migration", .serialized, .enabled(if: KVM.isUsable, Comment(rawValue: kvmReason)))
 struct KVMMigrationTests {
     static let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: 12_000_000, writeRatio: 0.3, seed: 21)
@@ -35,8 +19,7 @@ struct KVMMigrationTests {
         o.mode = MigrationOptions.Mode(rawValue: mode)!
         o.groupPages = group
         o.afterNanos = 150_000_000
-        let (s, d) = try withDestination { port in try LiveMigration.migrate(Self.spec, to: "127.0.0.1", port: port, options: o) }
-        let dst = try d.get()
+        let (s, dst) = try LiveMigration.loopback(Self.spec, options: o)
         print("\(mode)/\(group): \(s.json.rendered())")
         #expect(s.migrated && s.error == nil)
         #expect(s.sourceHash != nil && s.sourceHash == s.destinationHash)
@@ -63,8 +46,7 @@ struct KVMMigrationTests {
         // Post-copy over a 32 MiB/s link: the push takes long enough for the guest to fault
         // on pages not pushed yet (unlimited loopback outruns it).
         if o.mode == .postcopy { o.bandwidth = 32 << 20 }
-        let (s, d) = try withDestination { port in try LiveMigration.migrate(Self.running, to: "127.0.0.1", port: port, options: o) }
-        let dst = try d.get()
+        let (s, dst) = try LiveMigration.loopback(Self.running, options: o)
         print("running \(mode): \(s.json.rendered())")
         #expect(s.migrated && s.error == nil)
         #expect(s.sourceHash != nil && s.sourceHash == s.destinationHash)
@@ -105,8 +87,7 @@ struct KVMMigrationTests {
         o.asyncPF = asyncPF
         // Post-copy over a 16 MiB/s link: the destination touches pages that are not there yet.
         if o.mode == .postcopy { o.bandwidth = 16 << 20 }
-        let (s, d) = try withDestination { port in try LiveMigration.migrate(Self.threaded, to: "127.0.0.1", port: port, options: o) }
-        let dst = try d.get()
+        let (s, dst) = try LiveMigration.loopback(Self.threaded, options: o)
         print("guest kernel \(mode) apf=\(asyncPF): \(s.json.rendered())")
         #expect(s.migrated && s.error == nil)
         #expect(s.sourceHash != nil && s.sourceHash == s.destinationHash)
