@@ -573,26 +573,26 @@ struct SourceSide {
                 report.rounds += 1
             }
             phase("rounds")
-            // Wait until the destination has applied everything sent so far (it places pages
-            // more slowly than loopback carries them): the stop-and-copy then goes out on an
-            // empty pipe. The guest runs meanwhile; what it dirties is in the final harvest.
-            try ch.send(.sync)
-            while true {
-                let (type, _) = try ch.receive()
-                if type == .synced { break }
-                throw KVMError.invalid("migration stream: expected SYNCED from the destination, got \(type)")
-            }
-            phase("sync")
         }
+        // Wait until the destination has built its VM and applied everything sent so far (it
+        // places pages more slowly than loopback carries them): the stop-and-copy then goes out
+        // on an empty pipe to a VM that is ready. The guest runs meanwhile; what it dirties is
+        // in the final harvest.
+        try ch.send(.sync)
+        while true {
+            let (type, _) = try ch.receive()
+            if type == .synced { break }
+            throw KVMError.invalid("migration stream: expected SYNCED from the destination, got \(type)")
+        }
+        phase("sync")
         // Stop the guest.
         let stopReal = LiveMigration.realtimeNanos()
         try runner.stop()
         phase("stop")
-        // Stopped: residency is exact from here on (dirty pages the guest wrote are resident).
-        try refreshResidency()
-        var pfAfter: UInt64 = 0
-        for s in stats { pfAfter += try s.read()["pf_fixed"] }
-        report.kvmPfFixedDuringMigration = pfAfter - pfBefore
+        // Stopped. On the switch path only the runtime slot's residency is read: the data
+        // pages sent now are dirty, hence resident; post-copy's push reads the data slot's
+        // after STATE (mincore over a large slot costs a millisecond of downtime).
+        resident = [UInt8](repeating: 1, count: dataPages) + (try g.runtime.residency())
         var missing: [Int] = []
         switch options.mode {
         case .precopy:
@@ -632,6 +632,10 @@ struct SourceSide {
         }
         try ch.send(.state, w.bytes)
         phase("state")
+        var pfAfter: UInt64 = 0
+        for s in stats { pfAfter += try s.read()["pf_fixed"] }
+        report.kvmPfFixedDuringMigration = pfAfter - pfBefore
+        if options.mode != .precopy { try refreshResidency() }
         if options.mode == .precopy {
             try ch.send(.end)
             try awaitResumed(ch)

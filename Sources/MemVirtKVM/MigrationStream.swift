@@ -30,9 +30,9 @@ public enum MigrationMessage: UInt16, Sendable {
     case resumed = 7
     /// Destination -> source: the destination's summary after the guest finished.
     case result = 8
-    /// Source -> destination (pre-copy, hybrid; version 2): answer SYNCED once everything
-    /// before this is applied. The source stops the guest only then, so the stop-and-copy
-    /// does not wait behind pages the destination has not placed yet.
+    /// Source -> destination (version 2): answer SYNCED once everything before this is
+    /// applied (and the VM is built). The source stops the guest only then, so the switch
+    /// does not wait behind the destination's set-up or pages it has not placed yet.
     case sync = 9
     /// Destination -> source: everything before SYNC is applied.
     case synced = 10
