@@ -258,12 +258,20 @@ public final class GuestKernel: @unchecked Sendable {
     }
     var stopRequested: Bool { ckvm_load_acquire_u32(stopFlag) != 0 }
 
-    /// Runs every vCPU on its own dedicated thread until `nanos` have passed (or every thread
-    /// reported DONE, or `requestStop`); the caller's thread waits.
-    public func run(forNanos nanos: UInt64) throws(KVMError) -> [VCPUSchedulerReport] {
-        let deadline = monotonicNanoseconds() + nanos
+    /// Clears an earlier stop so the next `run` can go (`run` does it itself unless told not
+    /// to: a caller that may request a stop before `run` starts resets first, then runs).
+    public func prepareRun() {
         ckvm_store_release_u32(stopFlag, 0)
         kicker.resume()
+    }
+
+    /// Runs every vCPU on its own dedicated thread until `nanos` have passed (or the finishing
+    /// condition holds, or `requestStop`); the caller's thread waits. Returns at once when the
+    /// finishing condition already holds (a resumed guest whose workload was done).
+    public func run(forNanos nanos: UInt64, resetStop: Bool = true) throws(KVMError) -> [VCPUSchedulerReport] {
+        let deadline = monotonicNanoseconds() + nanos
+        if resetStop { prepareRun() }
+        if finished { return g.vcpus.indices.map { VCPUSchedulerReport(vcpu: $0) } }
         let boxes = g.vcpus.map { _ in ResultBox<(VCPUSchedulerReport, VCPUSchedulerState)>() }
         var pthreads: [DedicatedThread] = []
         for (i, box) in boxes.enumerated() {
@@ -328,8 +336,8 @@ struct VCPUScheduler {
         loaded = true
     }
 
-    /// The state to save: where every thread is, at a point where the vCPU's own registers
-    /// are the current thread's (or the idle loop's).
+    /// The state to save: where every thread is; the vCPU's own registers are the current
+    /// thread's, the idle loop's, or a stub's with the thread's frame on the kernel stack.
     var savedState: VCPUSchedulerState {
         VCPUSchedulerState(ids: ids, regs: regs, threads: state, runQueue: runQueue, current: current)
     }
@@ -373,9 +381,11 @@ struct VCPUScheduler {
         let host0 = ThreadSchedStat.current()
         if !loaded { try dispatch() }
         if current == nil { idleSince = monotonicNanoseconds() }
-        // Stops only between a handled exit and the next entry, where the vCPU holds the
-        // current thread's registers (or the idle loop's) and no event is half handled: the
-        // state a later run, a migration or a snapshot goes on from.
+        // Stops between a handled exit and the next entry: the vCPU holds the current thread's
+        // registers (or the idle loop's). A kick can also land after KVM delivered an event and
+        // before its stub's `out`: the vCPU is then in the stub with the thread's frame on the
+        // kernel stack, and on resume the `out` exits again and is handled from that frame
+        // (in guest memory, which moves with the guest).
         loop: while monotonicNanoseconds() < deadline && !kernel.stopRequested {
             let entered = monotonicNanoseconds()
             let exit = try v.runOnce()

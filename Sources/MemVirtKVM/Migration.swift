@@ -41,9 +41,9 @@ public struct MigrationOptions: Sendable {
     /// The workload's results then differ from the oracle's (which starts from zeroed memory);
     /// the switch-over hashes still must match.
     public var prefillData = false
-    /// Post-copy: a page the destination asks for is served no sooner than this after its
-    /// request arrived (a network round trip longer than loopback's ~30 us; pushed pages are
-    /// not delayed, only answers to faults).
+    /// Post-copy: the answer to a page the destination asks for goes out this long after the
+    /// request arrived (a network round trip longer than loopback's ~30 us). Pushing is not
+    /// delayed: if the push in page order reaches the page first, it arrives sooner.
     public var requestRoundTripNanos: UInt64 = 0
     public init() {}
 }
@@ -381,8 +381,11 @@ struct VCPUThreads {
             kernelBox = box
             if counterBase == nil { counterBase = try KernelMigration.counters(g).reduce(0, +) }
             kernelStarted = monotonicNanoseconds()
+            // Reset here, not on the new thread: a stop requested before that thread gets going
+            // must not be wiped.
+            k.prepareRun()
             threads = [try DedicatedThread.start(name: "memvirt-guest-kernel") {
-                do { box.value = .success(try k.run(forNanos: 24 * 3_600_000_000_000)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+                do { box.value = .success(try k.run(forNanos: 24 * 3_600_000_000_000, resetStop: false)) } catch let e as KVMError { box.value = .failure(e) } catch {}
             }]
             return
         }
@@ -685,7 +688,7 @@ struct SourceSide {
             if has != 0 { gr.memoryChecksum = c }
             report.guest.append(gr)
         }
-        // The destination's guest kernel account, when it ran one (older streams end here).
+        // The destination's guest kernel account: a flag byte, then the account when it ran one.
         if r.remaining >= 1, try r.get(UInt8.self) == 1 {
             var k = KernelMigrationReport(asyncPF: try r.get(UInt8.self) != 0)
             k.parkedAtSwitch = Int(try r.get(UInt32.self))
@@ -742,7 +745,8 @@ struct SourceSide {
                 continue
             }
             if cursor >= dataPages {
-                // Only requested pages are left, not due yet (a round trip in progress).
+                // Defensive: the push covers every page still to send, so `left` is 0 by the
+                // time the cursor is at the end; never spin without sleeping.
                 usleepNanos(20_000)
                 continue
             }

@@ -43,9 +43,12 @@ extension LiveMigration {
         let kvm = try KVM()
         let g = try GuestVM(kvm: kvm, config: c)
         if kernelMode { try g.vm.disableHaltPolling() }
-        /// Where vCPU i's workload keeps its mailbox (a guest thread's under the guest kernel).
-        func workloadMailbox(_ i: Int) -> GuestPhysicalAddress {
-            kernelMode ? KernelMigration.mailboxAddress(g, thread: KernelMigration.workloadThread(i)) : g.mailboxAddress(i)
+        /// Where vCPU i's workload keeps its mailbox (a guest thread's under the guest kernel);
+        /// nil for a multiboot guest that announced none (nothing of its memory is a mailbox).
+        func workloadMailbox(_ i: Int) -> GuestPhysicalAddress? {
+            if kernelMode { return KernelMigration.mailboxAddress(g, thread: KernelMigration.workloadThread(i)) }
+            if let mb = g.multiboot, mb.mailbox == nil { return nil }
+            return g.mailboxAddress(i)
         }
         var parkedAtSwitch = 0
         if let mb = g.multiboot, hello.multibootMailbox != 0 { mb.setMailbox(hello.multibootMailbox) }
@@ -159,11 +162,12 @@ extension LiveMigration {
                 }
                 // The guest keeps the gap that spans the source's TSC at the stop: its downtime.
                 for i in 0..<n where !k.done[i] {
-                    var m = try g.runtime.load(memvirt_mailbox.self, at: workloadMailbox(i))
+                    guard let at = workloadMailbox(i) else { continue }
+                    var m = try g.runtime.load(memvirt_mailbox.self, at: at)
                     if m.gap_threshold != 0 {
                         m.switch_tsc = states[i].msrs.first(where: { $0.0 == 0x10 })?.1 ?? 0
                         m.switch_gap = 0
-                        try g.runtime.store(m, at: workloadMailbox(i))
+                        try g.runtime.store(m, at: at)
                     }
                 }
                 for s in stats { pfBefore += try s.read()["pf_fixed"] }
@@ -195,9 +199,11 @@ extension LiveMigration {
         report.guestKernel = try k.kernelReport()
         report.guestKernel?.parkedAtSwitch = parkedAtSwitch
         // The guest's own view of the switch: the gap it logged across the source's TSC at save.
-        let m = try g.runtime.load(memvirt_mailbox.self, at: workloadMailbox(0))
-        let khz = tscKHz(g)
-        if m.switch_gap > 0 { report.downtimeNanos = m.switch_gap * 1_000_000 / khz }
+        if let at = workloadMailbox(0) {
+            let m = try g.runtime.load(memvirt_mailbox.self, at: at)
+            let khz = tscKHz(g)
+            if m.switch_gap > 0 { report.downtimeNanos = m.switch_gap * 1_000_000 / khz }
+        }
         report.migrated = true
         report.rounds = 0
         report.bytesReceived = ch.bytesReceived

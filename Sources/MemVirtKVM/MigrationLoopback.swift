@@ -11,25 +11,27 @@ extension LiveMigration {
     /// The same for any source: `source` migrates to 127.0.0.1 at the port it is given.
     public static func loopback(source: (UInt16) throws(KVMError) -> MigrationReport) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
         let box = ResultBox<MigrationReport>()
-        let portBox = ResultBox<UInt16>()
+        let bound = Handoff<Result<UInt16, KVMError>>()
         let t = try DedicatedThread.start(name: "memvirt-destination") {
-            do { box.value = .success(try LiveMigration.listen(port: 0) { p in portBox.value = .success(p) }) } catch let e as KVMError {
+            do { box.value = .success(try LiveMigration.listen(port: 0) { p in bound.put(.success(p)) }) } catch let e as KVMError {
                 box.value = .failure(e)
-                if portBox.value == nil { portBox.value = .failure(e) }
+                bound.put(.failure(e))  // ignored once the port was handed over
             } catch {}
         }
-        while portBox.value == nil { usleepNanos(1_000_000) }
         let port: UInt16
-        do { port = try portBox.value!.get() } catch { t.join(); throw error }
+        do { port = try bound.take().get() } catch { t.join(); throw error }
+        // A source that never connected leaves the destination in accept: a connection closed
+        // at once ends it (a truncated stream). Harmless once the destination has finished
+        // (its listener is closed: the connect is refused).
+        func release() { if let ch = try? MigrationChannel.connect(host: "127.0.0.1", port: port) { ch.shutdownBoth() } }
         let s: MigrationReport
         do { s = try source(port) } catch {
-            // A source that failed before connecting leaves the destination in accept: a
-            // connection closed at once ends it (a truncated stream), then it can be joined.
-            if let ch = try? MigrationChannel.connect(host: "127.0.0.1", port: port) { ch.shutdownBoth() }
+            release()
             t.join()
             throw error
         }
-        t.join()
+        if !s.migrated { release() }
+        t.join()  // synchronizes `box`
         guard let d = box.value else { throw KVMError.invalid("the loopback destination ended without a report") }
         return (s, try d.get())
     }

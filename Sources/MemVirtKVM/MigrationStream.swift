@@ -4,7 +4,7 @@ import MemVirtCore
 import Glibc
 #endif
 
-/// The migration stream, version 1. Every message is a 32-byte header and a payload:
+/// The migration stream, version 2 (see MigrationStreamFormat.version). Every message is a 32-byte header and a payload:
 ///
 ///     u32 magic "MVMG" | u16 version | u16 type | u64 payload length | u64 checksum | u64 sequence
 ///

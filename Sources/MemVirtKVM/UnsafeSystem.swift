@@ -177,3 +177,32 @@ public struct ThreadSchedStat: Sendable {
         ThreadSchedStat(runNanos: runNanos &- b.runNanos, waitNanos: waitNanos &- b.waitNanos, slices: slices &- b.slices)
     }
 }
+
+/// One value handed from one thread to another: `put` once (later puts are ignored), `take`
+/// waits for it. A mutex and a condition variable, so the hand-off is synchronized.
+final class Handoff<T>: @unchecked Sendable {
+    private var lock = pthread_mutex_t()
+    private var cond = pthread_cond_t()
+    private var value: T?
+    init() {
+        pthread_mutex_init(&lock, nil)
+        pthread_cond_init(&cond, nil)
+    }
+    deinit {
+        pthread_cond_destroy(&cond)
+        pthread_mutex_destroy(&lock)
+    }
+    func put(_ v: T) {
+        pthread_mutex_lock(&lock)
+        if value == nil { value = v }
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&lock)
+    }
+    func take() -> T {
+        pthread_mutex_lock(&lock)
+        while value == nil { pthread_cond_wait(&cond, &lock) }
+        let v = value!
+        pthread_mutex_unlock(&lock)
+        return v
+    }
+}

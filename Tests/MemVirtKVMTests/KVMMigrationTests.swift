@@ -108,6 +108,23 @@ struct KVMMigrationTests {
         }
     }
 
+    @Test("under the guest kernel, a workload that finished before the switch migrates; the destination ends at once", arguments: ["precopy", "postcopy"])
+    func guestKernelFinished(mode: String) throws {
+        let small = WorkloadSpec(pattern: .uniform, footprint: .mib(4), accesses: 2_000, writeRatio: 0.5, seed: 12)
+        var o = MigrationOptions()
+        o.mode = MigrationOptions.Mode(rawValue: mode)!
+        o.afterNanos = 100_000_000
+        o.guestKernel = true
+        let t0 = monotonicNanoseconds()
+        let (s, dst) = try LiveMigration.loopback(small, options: o)
+        #expect(monotonicNanoseconds() - t0 < 30_000_000_000)
+        #expect(s.migrated && s.sourceHash == s.destinationHash)
+        let want = try oracle(small)
+        #expect(s.guest.first?.readSum == want.readSum)
+        #expect(s.guest.first?.memoryChecksum == want.checksum)
+        #expect((dst.destinationRunNanos ?? .max) < 1_000_000_000)
+    }
+
     @Test("a connection cut during pre-copy: the source keeps running and reaches the oracle's result")
     func cutConnection() throws {
         let (listener, port) = try MigrationChannel.listen(address: "127.0.0.1", port: 0)
