@@ -412,6 +412,10 @@ struct VCPUThreads {
         r.add(kernelReports)
         r.counterIncrements = try KernelMigration.counters(g).reduce(0, +) &- (counterBase ?? 0)
         r.counterPerSecond = kernelNanos > 0 ? Double(r.counterIncrements) / (Double(kernelNanos) / 1e9) : 0
+        // How long the counting threads held their vCPUs, from the scheduler's clock: robust to
+        // the counting loop's own speed, which varies between runs on a shared host.
+        let held = kernelReports.map { $0.threadNanos[KernelMigration.counterThread($0.vcpu)] ?? 0 }.reduce(0, +)
+        if kernelNanos > 0 { r.counterShare = Double(held) / Double(kernelNanos) / Double(max(1, g.vcpus.count)) }
         return r
     }
 
@@ -429,6 +433,7 @@ struct VCPUThreads {
                     kernelReports[i].apfNotPresent += x.apfNotPresent
                     kernelReports[i].apfReady += x.apfReady
                     kernelReports[i].apfWakeAll += x.apfWakeAll
+                    kernelReports[i].threadNanos.merge(x.threadNanos, uniquingKeysWith: +)
                 }
             }
             for i in g.vcpus.indices { done[i] = k.isDone(KernelMigration.workloadThread(i)) }

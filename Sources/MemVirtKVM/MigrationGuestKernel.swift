@@ -127,6 +127,9 @@ public struct KernelMigrationReport: Sendable {
     /// took the guest), and per second of this side's run.
     public var counterIncrements: UInt64 = 0
     public var counterPerSecond: Double = 0
+    /// The counting threads' share of vCPU time on this side (measured here; nil when learnt
+    /// from the other side's RESULT, which does not carry it).
+    public var counterShare: Double? = nil
 
     public init(asyncPF: Bool) { self.asyncPF = asyncPF }
 
@@ -135,6 +138,7 @@ public struct KernelMigrationReport: Sendable {
             ("async_pf", .bool(asyncPF)), ("parked_at_switch", .int(Int64(parkedAtSwitch))),
             ("apf_not_present", .uint(apfNotPresent)), ("apf_ready", .uint(apfReady)), ("apf_wake_all", .uint(apfWakeAll)),
             ("counter_increments", .uint(counterIncrements)), ("counter_per_s", .double(counterPerSecond.rounded())),
+            ("counter_share", counterShare.map { .double(($0 * 1000).rounded() / 1000) } ?? .null),
         ])
     }
 
