@@ -317,3 +317,38 @@ public struct AccessGenerator: Sendable {
         return Access(address: GuestVirtualAddress(rawValue: base &+ offset), kind: kind, size: 8)
     }
 }
+
+/// The guest runtime's data rules (memvirt_guest.h), for replaying a workload on the host:
+/// access i writes `writeValue(i)` (GUPS xors it in), reads add to read_sum, and
+/// memory_checksum is the sum over the footprint's words w[k] of w[k] * (2k + 1) (mod 2^64).
+public enum GuestDataRules {
+    @inlinable public static func writeValue(_ i: UInt64) -> UInt64 { (i &+ 1) &* 0x9E37_79B9_7F4A_7C15 }
+    /// Word k's term of memory_checksum.
+    @inlinable public static func checksumTerm(_ word: UInt64, index k: UInt64) -> UInt64 { word &* (2 &* k &+ 1) }
+
+    /// read_sum and memory_checksum of thread 0's stream, over a sparse memory (the
+    /// footprint is never allocated): the result any engine must reach from zeroed memory.
+    public static func replay(_ spec: WorkloadSpec) throws(InputError) -> (readSum: UInt64, checksum: UInt64) {
+        var gen = try AccessGenerator(spec: spec)
+        var mem: [UInt64: UInt64] = [:]
+        var readSum: UInt64 = 0
+        let gups = spec.pattern == .gups
+        for i in 0..<spec.accesses {
+            let a = gen.next()
+            let w = (a.address.rawValue - spec.base.rawValue) / 8
+            let v = writeValue(i)
+            if gups {
+                let x = mem[w] ?? 0
+                readSum &+= x
+                mem[w] = x ^ v
+            } else if a.kind == .write {
+                mem[w] = v
+            } else {
+                readSum &+= mem[w] ?? 0
+            }
+        }
+        var h: UInt64 = 0
+        for (k, v) in mem { h &+= checksumTerm(v, index: k) }
+        return (readSum, h)
+    }
+}

@@ -27,23 +27,8 @@ public struct QEMUComparison: Experiment {
         seconds = quick ? 3 : 5
     }
 
-    /// read_sum and memory_checksum of thread 0's stream (MemVirtCore's generator), with a
-    /// sparse memory (the footprint is never allocated).
-    static func oracle(_ spec: WorkloadSpec) throws -> (readSum: UInt64, checksum: UInt64) {
-        var gen = try AccessGenerator(spec: spec)
-        var mem: [UInt64: UInt64] = [:]
-        var readSum: UInt64 = 0
-        let gups = spec.pattern == .gups
-        for i in 0..<spec.accesses {
-            let a = gen.next()
-            let w = (a.address.rawValue - spec.base.rawValue) / 8
-            let v = (i &+ 1) &* 0x9E37_79B9_7F4A_7C15
-            if gups { let x = mem[w] ?? 0; readSum &+= x; mem[w] = x ^ v } else if a.kind == .write { mem[w] = v } else { readSum &+= mem[w] ?? 0 }
-        }
-        var h: UInt64 = 0
-        for (k, v) in mem { h &+= v &* (2 &* k &+ 1) }
-        return (readSum, h)
-    }
+    /// read_sum and memory_checksum of thread 0's stream (MemVirtCore's replay).
+    static func oracle(_ spec: WorkloadSpec) throws -> (readSum: UInt64, checksum: UInt64) { try GuestDataRules.replay(spec) }
 
     public func run(progress: @Sendable (String) -> Void) throws -> ExperimentReport {
         if let why = QEMU.unavailableReason {

@@ -302,6 +302,22 @@ public final class GuestVM: @unchecked Sendable {
     public func setMailbox(_ vcpu: Int, _ m: memvirt_mailbox) throws(KVMError) {
         try runtime.store(m, at: mailboxAddress(vcpu))
     }
+    /// The guest's own memory_checksum of the first `bytes` of its data, computed by vCPU 0
+    /// (on a dedicated thread; the vCPU must be between commands). vCPU 0's mailbox is put back
+    /// afterwards, with the checksum in it.
+    public func checksumInGuest(bytes: UInt64) throws(KVMError) -> UInt64 {
+        let saved = try mailbox(0)
+        var m = GuestVM.command(MEMVIRT_CMD_CHECKSUM)
+        m.base = layout.dataVirtual.rawValue
+        m.footprint = bytes
+        try setMailbox(0, m)
+        _ = try onDedicatedThread(name: "memvirt-checksum") { () throws(KVMError) in try self.execute(vcpu: 0) }
+        var back = saved
+        back.memory_checksum = try mailbox(0).memory_checksum
+        try setMailbox(0, back)
+        return back.memory_checksum
+    }
+
     /// A fresh mailbox for `command`.
     public static func command(_ c: memvirt_command) -> memvirt_mailbox {
         var m = memvirt_mailbox()

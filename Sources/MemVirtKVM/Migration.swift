@@ -331,18 +331,9 @@ public enum LiveMigration {
         var out: [GuestReport] = []
         for t in 0..<threads {
             let m = try g.mailbox(t)
-            out.append(GuestReport(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum, memoryChecksum: nil))
+            out.append(GuestReport(mailbox: m))
         }
-        let saved = try g.mailbox(0)
-        var m = GuestVM.command(MEMVIRT_CMD_CHECKSUM)
-        m.base = g.layout.dataVirtual.rawValue
-        m.footprint = g.layout.dataSize
-        try g.setMailbox(0, m)
-        _ = try onDedicatedThread(name: "memvirt-checksum") { () throws(KVMError) in try g.execute(vcpu: 0) }
-        out[0].memoryChecksum = try g.mailbox(0).memory_checksum
-        var back = saved
-        back.memory_checksum = out[0].memoryChecksum!
-        try g.setMailbox(0, back)
+        out[0].memoryChecksum = try g.checksumInGuest(bytes: g.layout.dataSize)
         return out
     }
 }

@@ -253,18 +253,8 @@ final class PostcopyFaults: @unchecked Sendable {
         self.region = region
         self.channel = channel
         pages = Int(region.size / 4096)
-        let u = ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK)
-        if u < 0 { throw KVMError.call("userfaultfd(2) for post-copy", Errno(rawValue: -u)) }
-        uffd = FileDescriptor(u)
-        var api = uffdio_api(api: ckvm_uffd_api(), features: 0, ioctls: 0)
-        _ = try checked(ckvm_uffdio_api(uffd.raw, &api), "UFFDIO_API")
-        var reg = uffdio_register(range: uffdio_range(start: region.hostAddress.rawValue, len: region.size),
-                                  mode: UInt64(UFFDIO_REGISTER_MODE_MISSING), ioctls: 0)
-        _ = try checked(ckvm_uffdio_register(uffd.raw, &reg), "UFFDIO_REGISTER(post-copy)")
-        var fds: [Int32] = [0, 0]
-        if pipe(&fds) != 0 { throw KVMError.call("pipe", lastErrno()) }
-        stopRead = FileDescriptor(fds[0])
-        stopWrite = FileDescriptor(fds[1])
+        uffd = try userfaultfdForMissing(region, purpose: "post-copy")
+        (stopRead, stopWrite) = try stopPipe()
         present = .allocate(capacity: pages)
         present.initialize(repeating: 0, count: pages)
         requested = [Bool](repeating: false, count: pages)

@@ -47,12 +47,12 @@ enum KernelMigration {
         var out: [GuestReport] = []
         for i in 0..<g.vcpus.count {
             let m = try g.runtime.load(memvirt_mailbox.self, at: mailboxAddress(g, thread: workloadThread(i)))
-            out.append(GuestReport(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum, memoryChecksum: nil))
+            out.append(GuestReport(mailbox: m))
         }
         let words = g.layout.dataSize / 8
         let w = UnsafeRawPointer(g.data.mapping.base).assumingMemoryBound(to: UInt64.self)
         var h: UInt64 = 0
-        for k in 0..<Int(words) { h &+= w[k] &* (2 &* UInt64(k) &+ 1) }
+        for k in 0..<Int(words) { h &+= GuestDataRules.checksumTerm(w[k], index: UInt64(k)) }
         if !out.isEmpty { out[0].memoryChecksum = h }
         return out
     }

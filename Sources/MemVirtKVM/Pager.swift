@@ -128,19 +128,8 @@ public final class Pager: @unchecked Sendable {
         self.region = region
         self.options = options
         pages = Int(region.size / 4096)
-        let u = ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK)
-        if u < 0 { throw KVMError.call("userfaultfd(2) (root or vm.unprivileged_userfaultfd=1 needed)", Errno(rawValue: -u)) }
-        uffd = FileDescriptor(u)
-        var api = uffdio_api(api: ckvm_uffd_api(), features: 0, ioctls: 0)
-        _ = try checked(ckvm_uffdio_api(uffd.raw, &api), "UFFDIO_API")
-        var reg = uffdio_register(range: uffdio_range(start: region.hostAddress.rawValue, len: region.size),
-                                  mode: UInt64(UFFDIO_REGISTER_MODE_MISSING), ioctls: 0)
-        _ = try checked(ckvm_uffdio_register(uffd.raw, &reg), "UFFDIO_REGISTER(\(ByteCount(region.size)))")
-        var pipeFDs: [Int32] = [0, 0]
-        if pipe(&pipeFDs) != 0 { throw KVMError.call("pipe", lastErrno()) }
-        _ = fcntl(pipeFDs[0], F_SETFD, FD_CLOEXEC); _ = fcntl(pipeFDs[1], F_SETFD, FD_CLOEXEC)
-        stopFD = FileDescriptor(pipeFDs[0])
-        stopWriteFD = FileDescriptor(pipeFDs[1])
+        uffd = try userfaultfdForMissing(region, purpose: "pager")
+        (stopFD, stopWriteFD) = try stopPipe()
         // O_TMPFILE (= __O_TMPFILE | O_DIRECTORY; Glibc's Swift overlay does not export it).
         store = try FileDescriptor.open(options.storeDirectory, 0o20_200_000 | O_RDWR, mode: 0o600)
         resident = [Bool](repeating: false, count: pages)
@@ -323,4 +312,27 @@ public final class Pager: @unchecked Sendable {
 
     /// The pager's own failure, if its thread stopped on one.
     public var error: KVMError? { failure }
+}
+
+/// A new userfaultfd (non-blocking, close-on-exec) with `region` registered for missing-page
+/// faults: the pager's, post-copy's and lazy restore's. The region must not be touched yet.
+func userfaultfdForMissing(_ region: GuestMemoryRegion, purpose: String) throws(KVMError) -> FileDescriptor {
+    let u = ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK)
+    if u < 0 { throw KVMError.call("userfaultfd(2) for \(purpose) (root or vm.unprivileged_userfaultfd=1 needed)", Errno(rawValue: -u)) }
+    let fd = FileDescriptor(u)
+    var api = uffdio_api(api: ckvm_uffd_api(), features: 0, ioctls: 0)
+    _ = try checked(ckvm_uffdio_api(fd.raw, &api), "UFFDIO_API (\(purpose))")
+    var reg = uffdio_register(range: uffdio_range(start: region.hostAddress.rawValue, len: region.size),
+                              mode: UInt64(UFFDIO_REGISTER_MODE_MISSING), ioctls: 0)
+    _ = try checked(ckvm_uffdio_register(fd.raw, &reg), "UFFDIO_REGISTER(\(purpose), \(ByteCount(region.size)))")
+    return fd
+}
+
+/// A close-on-exec pipe whose write end stops a thread that polls the read end.
+func stopPipe() throws(KVMError) -> (read: FileDescriptor, write: FileDescriptor) {
+    var fds: [Int32] = [0, 0]
+    if pipe(&fds) != 0 { throw KVMError.call("pipe", lastErrno()) }
+    _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
+    _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
+    return (FileDescriptor(fds[0]), FileDescriptor(fds[1]))
 }

@@ -37,6 +37,13 @@ public struct GuestReport: Sendable {
     public var memoryChecksum: UInt64?
 }
 
+extension GuestReport {
+    /// A workload's counters from its mailbox (no checksum yet).
+    init(mailbox m: memvirt_mailbox) {
+        self.init(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum, memoryChecksum: nil)
+    }
+}
+
 /// A finished KVM run: the shared `RunResult` and the details behind it.
 public struct KVMRunReport: Sendable {
     public var result: RunResult
@@ -212,15 +219,10 @@ public enum KVMRunner {
         var guests: [GuestReport] = []
         for t in 0..<spec.threads {
             let m = try g.mailbox(t)
-            guests.append(GuestReport(accesses: m.done_accesses, reads: m.reads, writes: m.writes, readSum: m.read_sum, memoryChecksum: nil))
+            guests.append(GuestReport(mailbox: m))
         }
         if o.verify {
-            var m = GuestVM.command(MEMVIRT_CMD_CHECKSUM)
-            m.base = g.layout.dataVirtual.rawValue
-            m.footprint = spec.footprint.rawValue
-            try g.setMailbox(0, m)
-            _ = try onDedicatedThread(name: "memvirt-vcpu0") { () throws(KVMError) in try g.execute(vcpu: 0) }
-            guests[0].memoryChecksum = try g.mailbox(0).memory_checksum
+            guests[0].memoryChecksum = try g.checksumInGuest(bytes: spec.footprint.rawValue)
         }
         let pagerReport = pager?.report()
 

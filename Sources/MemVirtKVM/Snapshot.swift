@@ -450,18 +450,8 @@ final class LazyPages: @unchecked Sendable {
     init(region: GuestMemoryRegion, file: Snapshot.File) throws(KVMError) {
         self.region = region
         self.file = file
-        let u = ckvm_userfaultfd(O_CLOEXEC | O_NONBLOCK)
-        if u < 0 { throw KVMError.call("userfaultfd(2) for lazy restore", Errno(rawValue: -u)) }
-        uffd = FileDescriptor(u)
-        var api = uffdio_api(api: ckvm_uffd_api(), features: 0, ioctls: 0)
-        _ = try checked(ckvm_uffdio_api(uffd.raw, &api), "UFFDIO_API")
-        var reg = uffdio_register(range: uffdio_range(start: region.hostAddress.rawValue, len: region.size),
-                                  mode: UInt64(UFFDIO_REGISTER_MODE_MISSING), ioctls: 0)
-        _ = try checked(ckvm_uffdio_register(uffd.raw, &reg), "UFFDIO_REGISTER(lazy restore)")
-        var fds: [Int32] = [0, 0]
-        if pipe(&fds) != 0 { throw KVMError.call("pipe", lastErrno()) }
-        stopRead = FileDescriptor(fds[0])
-        stopWrite = FileDescriptor(fds[1])
+        uffd = try userfaultfdForMissing(region, purpose: "lazy restore")
+        (stopRead, stopWrite) = try stopPipe()
         pthread_mutex_init(&lock, nil)
         stopFlag = .allocate(capacity: 1)
         stopFlag.initialize(to: 0)

@@ -257,7 +257,7 @@ extension Machine {
                 if let hpa = mode.dataAddress(ofGuestPhysical: gpa) {
                     var k = (page - base) >> 3
                     for off in stride(from: UInt64(0), to: 4096, by: 8) {
-                        sum &+= data.read64(hpa + off) &* (2 &* k &+ 1)
+                        sum &+= GuestDataRules.checksumTerm(data.read64(hpa + off), index: k)
                         k &+= 1
                     }
                 }
