@@ -86,6 +86,8 @@ public struct KVMAsyncPageFaults: Experiment {
         // The pager's store: a constant delay per page, served in parallel (Pager's pending
         // queue); its writes of evicted pages go to a file in the page cache (a few us:
         // estimate, pwrite of 4 KiB).
+        // Bandwidth 10 bytes/ns (10 GB/s, a memory copy: assumed, never the bottleneck at one
+        // page per store delay); queue depth 64 = KVM's async PFs per vCPU (ASYNC_PF_PER_VCPU).
         m.device = SwapDeviceModel(name: "pager-store", readLatency: Double(c.storeDelayNanos), writeLatency: 5_000,
                                    bandwidth: 10, queueDepth: 64)
         m.costs = .pvmShadow

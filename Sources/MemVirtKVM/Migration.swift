@@ -348,7 +348,7 @@ struct VCPUThreads {
     var threads: [DedicatedThread] = []
     var boxes: [ResultBox<CommandOutcome>] = []
     var kernelBox = ResultBox<[VCPUSchedulerReport]>()
-    /// The guest kernel's reports over every run so far.
+    /// The guest kernel's reports, one per vCPU per run so far (summed when reported).
     var kernelReports: [VCPUSchedulerReport] = []
     var kernelNanos: UInt64 = 0
     var kernelStarted: UInt64 = 0
@@ -418,15 +418,7 @@ struct VCPUThreads {
             guard let r = kernelBox.value else { return }
             kernelNanos += monotonicNanoseconds() - kernelStarted
             let reports = try r.get()
-            if kernelReports.isEmpty { kernelReports = reports } else {
-                for (i, x) in reports.enumerated() {
-                    kernelReports[i].exits += x.exits
-                    kernelReports[i].apfNotPresent += x.apfNotPresent
-                    kernelReports[i].apfReady += x.apfReady
-                    kernelReports[i].apfWakeAll += x.apfWakeAll
-                    kernelReports[i].threadNanos.merge(x.threadNanos, uniquingKeysWith: +)
-                }
-            }
+            kernelReports += reports
             for i in g.vcpus.indices { done[i] = k.isDone(KernelMigration.workloadThread(i)) }
             kernelBox = ResultBox()
             return
