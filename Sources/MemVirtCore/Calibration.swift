@@ -1,0 +1,35 @@
+/// One cost measured on a real host by `memvirt kvm calibrate`: the hand-off between the KVM
+/// engine (which measures) and machine profiles (which the model reads). Neither engine knows
+/// the other; both speak this.
+public struct CalibratedCost: Sendable, Hashable, Codable {
+    /// The `CostModel` parameter this measurement sets, by its Swift property name
+    /// (for instance `vmExitRoundTrip`, `shadowFaultHandler`, `instructionEmulation`).
+    public var parameter: String
+    /// Median, 10th and 90th percentile of the samples, in nanoseconds of wall time on the host
+    /// (a profile turns them into cycles at its own clock).
+    public var medianNanos: Double
+    public var p10Nanos: Double
+    public var p90Nanos: Double
+    /// Samples taken after warm-up.
+    public var samples: Int
+    /// How it was measured, one line (the guest operation, what was subtracted, the KVM counter
+    /// that confirmed each sample took the intended path).
+    public var method: String
+
+    public init(parameter: String, medianNanos: Double, p10Nanos: Double, p90Nanos: Double, samples: Int, method: String) {
+        self.parameter = parameter
+        self.medianNanos = medianNanos
+        self.p10Nanos = p10Nanos
+        self.p90Nanos = p90Nanos
+        self.samples = samples
+        self.method = method
+    }
+
+    /// Median, p10 and p90 of `nanos` (nearest-rank); `nil` for no samples.
+    public static func summarize(parameter: String, nanos: [Double], method: String) -> CalibratedCost? {
+        guard !nanos.isEmpty else { return nil }
+        let s = nanos.sorted()
+        func rank(_ q: Double) -> Double { s[min(s.count - 1, max(0, Int((q * Double(s.count)).rounded(.up)) - 1))] }
+        return CalibratedCost(parameter: parameter, medianNanos: rank(0.5), p10Nanos: rank(0.1), p90Nanos: rank(0.9), samples: s.count, method: method)
+    }
+}
