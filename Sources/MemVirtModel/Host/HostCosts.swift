@@ -71,6 +71,17 @@ public struct HostCosts: Sendable, Hashable {
     public var remoteFlushTarget: Double = 1_500
     /// Copying a 4 KiB page in the host (KSM copy-on-write break): ~400 cycles at ~30 GB/s.
     public var pageCopy: Double = 400
+    /// Serving a missing page with UFFDIO_ZEROPAGE, from the fault's wake-up of the handler
+    /// thread to the faulting thread's resumption: ~3 us ≈ 9,000 cycles (estimate; a
+    /// userfaultfd round trip is a context switch each way plus the ioctl). Not yet charged.
+    public var userfaultfdZeroPage: Double = 9_000
+    /// The same with UFFDIO_COPY of 4 KiB: the zero-page path plus the copy, ~10,000 cycles
+    /// (estimate). Not yet charged.
+    public var userfaultfdCopy: Double = 10_000
+    /// Evicting one page with MADV_DONTNEED (zap the PTE, the mmu notifier's zap of KVM's spte,
+    /// free the page, the TLB flush amortized over a batch): ~1,000 cycles (estimate). Not
+    /// yet charged.
+    public var dontneedPerPage: Double = 1_000
 
     // KSM (Documentation/admin-guide/mm/ksm.rst defaults: pages_to_scan 100, sleep_millisecs 20).
     /// Pages ksmd looks at per wake-up.
