@@ -299,6 +299,21 @@ extension MachineProfile {
     }
 }
 
+extension MachineProfile {
+    /// Writes `toTOML()` to `path`; a failed write is an error (not a silent success).
+    public func write(to path: String) throws {
+        do { try Data(toTOML().utf8).write(to: URL(fileURLWithPath: path)) } catch {
+            throw ProfileError("cannot write profile '\(path)': \(error.localizedDescription)")
+        }
+    }
+
+    /// What `memvirt kvm calibrate --out FILE --base PROFILE` produces: the base profile (name or
+    /// file) with the measured costs, as TOML text.
+    public static func calibratedTOML(base: String, calibration: [CalibratedCost], date: String, host: String) throws -> String {
+        try load(base).applying(calibration: calibration, date: date, host: host).toTOML()
+    }
+}
+
 // MARK: calibration and comparison
 
 extension MachineProfile {

@@ -102,6 +102,16 @@ public struct Scenario: Sendable {
         return s
     }
 
+    /// The KVM engine runs the workload on this host's real MMU: of `[platform]` it takes only
+    /// `page_size`; any other key given is an error naming it and its line.
+    public func checkForKVMEngine() throws(ConfigError) {
+        for k in Self.platformKeys where k != "page_size" {
+            if let line = lines["platform." + k] {
+                throw ConfigError(file: file, line: line, "[platform] \(k): the KVM engine runs on this host's MMU and takes only page_size from [platform] (\(k) is for `memvirt run`)")
+            }
+        }
+    }
+
     /// "FILE:LINE" of a key, for errors found after decoding.
     public func location(_ key: String) -> String {
         lines[key].map { "\(file):\($0)" } ?? file

@@ -46,13 +46,18 @@ struct ReproduceCommand: ParsableCommand {
 
     func run() throws {
         try reportingErrors(json: json) {
-            let machine = try profile.map { try MachineProfile.load($0) }
-            if let m = machine {
+            if let m = try thisHostProfile() {
                 try Reproductions.$thisHost.withValue(m.reproductionMachine) { try runAll(profile: m) }
             } else {
                 try runAll(profile: nil)
             }
         }
+    }
+
+    /// The profile of the model rows that describe this host: `--profile`, else the built-in
+    /// default (nil). A calibration taken here would plug in at this point.
+    func thisHostProfile() throws -> MachineProfile? {
+        try profile.map { try MachineProfile.load($0) }
     }
 
     func runAll(profile machine: MachineProfile?) throws {

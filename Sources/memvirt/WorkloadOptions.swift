@@ -57,7 +57,13 @@ struct WorkloadOptions: ParsableArguments {
         return scenario?.pageSize ?? .size4K
     }
 
-    /// For commands that need only the workload (the file is read once per call).
-    func spec() throws -> WorkloadSpec { try spec(loadScenario()) }
+    /// The KVM engine's workload (`kvm run`, `kvm migrate`, `kvm snapshot`): [platform] keys
+    /// other than page_size are refused (the file is read once per call).
+    func spec() throws -> WorkloadSpec {
+        let s = try loadScenario()
+        do { try s?.checkForKVMEngine() } catch { throw CLIError(error.description) }
+        return try spec(s)
+    }
+
     func resolvedPageSize() throws -> PageSize { try pageSize(loadScenario()) }
 }

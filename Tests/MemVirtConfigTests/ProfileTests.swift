@@ -130,6 +130,15 @@ import Testing
         #expect(dram.a == 300 && dram.b == 330 && abs(dram.relativeChange - 0.1) < 1e-12)
     }
 
+    @Test func calibratedFileWrittenAndRead() throws {
+        let text = try MachineProfile.calibratedTOML(base: "pvm-shadow", calibration: Self.calibration, date: "2026-12-04", host: "kvm-host")
+        let p = try MachineProfile.decode(text, file: "cal.toml")
+        #expect(p.origin == .calibrated && p.base == "pvm-shadow" && p.name == "calibrated-kvm-host")
+        #expect(p.costs.costs.vmExitRoundTrip == 12.345 * 3.0)
+        #expect(text.contains("vm_exit_round_trip = { cycles = \(12.345 * 3.0), provenance = \"measured\", method = \"PIO to an in-kernel device\", samples = 200, median_ns = 12.345, p10_ns = 11.1, p90_ns = 14.9 }"))
+        #expect(throws: ProfileError.self) { try p.write(to: "/nonexistent-dir/x.toml") }
+    }
+
     @Test func loadErrors() throws {
         #expect(throws: ProfileError.self) { try MachineProfile.load("no-such-profile") }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("memvirt-profile-\(getpid())")

@@ -82,6 +82,14 @@ import Testing
         #expect(both.line == 3 && both.description.contains("not both"))
     }
 
+    @Test func kvmEngineRefusesModelPlatformKeys() throws {
+        try Scenario.decode("[workload]\nseed = 1\n[platform]\npage_size = \"2M\"\n", file: "k.toml").checkForKVMEngine()
+        let s = try Scenario.decode("[platform]\npage_size = \"4K\"\npaging = \"shadow\"\n", file: "k.toml")
+        #expect(throws: ConfigError(file: "k.toml", line: 3, "[platform] paging: the KVM engine runs on this host's MMU and takes only page_size from [platform] (paging is for `memvirt run`)")) {
+            try s.checkForKVMEngine()
+        }
+    }
+
     /// Inputs that abort TOMLKit's bundled C++ parser (SIGABRT) or that it truncates silently.
     @Test(arguments: [
         ("[.]\n", 1), ("[=]\n", 1), ("[é]\n", 1), ("[$x]\n", 1), ("[\n", 1), ("[workload]\n[\n", 2),
