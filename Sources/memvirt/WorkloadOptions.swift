@@ -34,10 +34,11 @@ struct WorkloadOptions: ParsableArguments {
     @Option(name: .customLong("page-size"), help: "Guest page size backing the workload: 4K, 2M or 1G.")
     var pageSize: String?
 
-    /// The scenario file, read and decoded once (nil without --config).
+    /// The scenario file, read and decoded once per command however often its steps ask (nil
+    /// without --config).
     func loadScenario() throws -> Scenario? {
         guard let path = config else { return nil }
-        do { return try Scenario.load(path) } catch { throw CLIError(error.description) }
+        return try ScenarioCache.shared.scenario(path)
     }
 
     var overrides: WorkloadOverrides {
@@ -66,4 +67,24 @@ struct WorkloadOptions: ParsableArguments {
     }
 
     func resolvedPageSize() throws -> PageSize { try pageSize(loadScenario()) }
+}
+
+/// The scenario files this process has read, by path.
+final class ScenarioCache: @unchecked Sendable {
+    static let shared = ScenarioCache()
+    private let lock = NSLock()
+    private var byPath: [String: Scenario] = [:]
+
+    func scenario(_ path: String) throws -> Scenario {
+        lock.lock()
+        defer { lock.unlock() }
+        if let s = byPath[path] { return s }
+        do {
+            let s = try Scenario.load(path)
+            byPath[path] = s
+            return s
+        } catch {
+            throw CLIError(error.description)
+        }
+    }
 }

@@ -130,7 +130,7 @@ public struct CostModel: Sendable, Hashable {
     /// shadow-fault handler. INVLPG and CR3 writes are single emulated CPL0 instructions there.
     /// `shadowResync` is an estimate, not measured: 20 emulated instructions, standing for the
     /// guest's emulated CPL0 flush path that precedes each resync. An exit to the VMM process
-    /// (PIO) was measured at ~36 us by `memvirt kvm probe` (issue 10, 2026-12). Guest kernel work
+    /// (PIO) was measured at ~36 us by `memvirt kvm probe` on such a machine in 2026-12. Guest kernel work
     /// is kept at native speed, as PVM runs it (this host emulates CPL0 instead, which is why
     /// MemVirt's own guest runtime stays at CPL3). Built-in profile `pvm-shadow`.
     public static let pvmShadow: CostModel = {
