@@ -165,6 +165,7 @@ extension MachineProfile {
                 let sets = try t.required(try t.int("sets", range: 1...65_536), "sets")
                 guard sets & (sets - 1) == 0 else { throw t.error("sets", "sets = \(sets) must be a power of two (the model indexes sets by the low bits of the page number)") }
                 let ways = try t.required(try t.int("ways", range: 1...4_096), "ways")
+                guard sets * ways <= 1 << 20 else { throw t.error("ways", "sets x ways = \(sets * ways) entries: at most 1,048,576 per array") }
                 let names = try t.required(try t.strings("page_sizes"), "page_sizes")
                 var sizes: [PageSize] = []
                 for n in names {

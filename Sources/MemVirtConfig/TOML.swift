@@ -76,8 +76,10 @@ public struct TOMLParser {
     var line = 1
     let root = TOMLTableNode(line: 0)
     var current: TOMLTableNode
-    /// Every table defined by a header, by its dotted path (duplicates are errors).
-    var headerPaths: Set<[String]> = []
+    /// Arrays and inline tables open around the value being read (bounded: no input may
+    /// exhaust the stack).
+    var depth = 0
+    static let maxDepth = 64
 
     public static func parse(_ text: String, file: String) throws(ConfigError) -> TOMLTableNode {
         var p = TOMLParser(bytes: Array(text.utf8), file: file)
@@ -301,6 +303,11 @@ public struct TOMLParser {
 
     mutating func value() throws(ConfigError) -> TOMLNode {
         guard let c = peek else { throw fail("expected a value, found the end of the file") }
+        if c == UInt8(ascii: "[") || c == UInt8(ascii: "{") {
+            guard depth < Self.maxDepth else { throw fail("arrays and inline tables nested more than \(Self.maxDepth) deep") }
+            depth += 1
+        }
+        defer { if c == UInt8(ascii: "[") || c == UInt8(ascii: "{") { depth -= 1 } }
         switch c {
         case UInt8(ascii: "\""):
             if peek(1) == c && peek(2) == c { return .string(try multilineBasicString()) }
@@ -389,7 +396,8 @@ public struct TOMLParser {
         case UInt8(ascii: "\\"): out.append(0x5c)
         case UInt8(ascii: "u"), UInt8(ascii: "U"):
             let n = e == UInt8(ascii: "u") ? 4 : 8
-            guard pos + n <= bytes.count, let v = UInt32(String(decoding: bytes[pos..<pos + n], as: UTF8.self), radix: 16),
+            guard pos + n <= bytes.count, bytes[pos..<pos + n].allSatisfy({ Character(UnicodeScalar($0)).isHexDigit }),
+                let v = UInt32(String(decoding: bytes[pos..<pos + n], as: UTF8.self), radix: 16),
                 let s = UnicodeScalar(v)
             else { throw fail("bad \\\(describe(e)) escape: \(n) hex digits of a Unicode scalar value") }
             pos += n

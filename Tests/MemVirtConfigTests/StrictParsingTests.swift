@@ -160,6 +160,42 @@ import Testing
         }
     }
 
+    @Test func deepNestingIsAnErrorNotAStackOverflow() throws {
+        let text = "a = " + String(repeating: "[", count: 100_000) + "\n"
+        #expect(throws: ConfigError.self) { try TOMLParser.parse(text, file: "d.toml") }
+        let inline = "a = " + String(repeating: "{ b = ", count: 70) + "1" + String(repeating: " }", count: 70) + "\n"
+        #expect(throws: ConfigError.self) { try TOMLParser.parse(inline, file: "d.toml") }
+    }
+
+    /// Damaged profiles (bytes replaced, deleted or the file cut) decode or fail with a
+    /// ConfigError naming a line inside the file; none crashes the process.
+    @Test func damagedProfilesFailCleanly() throws {
+        let original = Array(try #require(MachineProfile.builtInText("zen4")).utf8)
+        let lines = original.filter { $0 == 10 }.count + 1
+        var rng = SplitMix64(seed: 10)
+        let alphabet = Array("[]{}=.,\"'#\n \\0xe+-_aZ9é".utf8) + [0, 0xff, 13]
+        var failures = 0
+        for _ in 0..<800 {
+            var b = original
+            for _ in 0..<(1 + Int(rng.next() % 3)) {
+                let i = Int(rng.next() % UInt64(b.count))
+                switch rng.next() % 3 {
+                case 0: b[i] = alphabet[Int(rng.next() % UInt64(alphabet.count))]
+                case 1: b.remove(at: i)
+                default: b = Array(b[..<i])
+                }
+                if b.isEmpty { break }
+            }
+            do {
+                _ = try MachineProfile.decode(TOMLParser.parse(data: Data(b), file: "m.toml"), file: "m.toml")
+            } catch {
+                failures += 1
+                #expect(error.file == "m.toml" && error.line <= lines, "\(error)")
+            }
+        }
+        #expect(failures > 500)
+    }
+
     // MARK: profiles
 
     func profileError(_ edit: (String) -> String) throws -> ConfigError? {
