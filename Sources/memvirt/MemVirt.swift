@@ -16,6 +16,24 @@ struct MemVirt: ParsableCommand {
             """,
         subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, ProfileCommand.self, KVMCommand.self]
     )
+
+    /// ArgumentParser's main, except that with `--json` a failure that reaches here (a bad flag,
+    /// a value a command refused) prints `{"error": ...}` on stdout instead of text on stderr.
+    /// `ExitCode`s pass through: the command has reported already.
+    static func main() {
+        let json = CommandLine.arguments.dropFirst().contains("--json")
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if json && code != .success && !(error is ExitCode) {
+                print(JSONValue.object([("error", .string(message(for: error)))]).rendered())
+                Foundation.exit(code.rawValue)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Prints `message` to stderr.
