@@ -27,9 +27,11 @@ struct ProfileListCommand: ParsableCommand {
                 }))]).rendered())
                 return
             }
-            var t = TextTable(header: ["name", "cpu", "GHz", "date", "description"])
-            for p in all { t.add([p.name, p.cpuModel, formatFixed(p.clockGHz, digits: 1), p.date, p.description]) }
+            var t = TextTable(header: ["name", "cpu", "GHz", "date"])
+            for p in all { t.add([p.name, p.cpuModel, formatFixed(p.clockGHz, digits: 1), p.date]) }
             print(t.rendered)
+            for p in all { print("\(p.name): \(p.description)") }
+            print("`memvirt profile show NAME` prints one with every source; `--profile NAME|FILE` on run and reproduce uses it.")
         }
     }
 }
