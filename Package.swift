@@ -26,6 +26,16 @@ let package = Package(
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
         ),
         .target(name: "MemVirtReport", dependencies: ["MemVirtCore"]),
+        // Machine profiles (TOML files compiled into the binary) and scenario files, decoded
+        // strictly by MemVirt's own TOML parser.
+        .target(
+            name: "MemVirtConfig", dependencies: ["MemVirtCore", "MemVirtModel"],
+            resources: [
+                .embedInCode("Profiles/bare-metal.toml"), .embedInCode("Profiles/vmx-ept.toml"),
+                .embedInCode("Profiles/pvm-shadow.toml"), .embedInCode("Profiles/zen4.toml"),
+                .embedInCode("Profiles/skylake-sp.toml"),
+            ]
+        ),
         // The KVM engine: a C shim over <linux/kvm.h> and <linux/userfaultfd.h>, the guest
         // runtime (C and assembly, linked into the binary and copied into guest memory), and
         // the typed Swift VMM.
@@ -51,13 +61,14 @@ let package = Package(
         .executableTarget(
             name: "memvirt",
             dependencies: [
-                "MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments", "MemVirtReport",
+                "MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments", "MemVirtReport", "MemVirtConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ]
         ),
         .testTarget(name: "MemVirtCoreTests", dependencies: ["MemVirtCore"]),
         .testTarget(name: "MemVirtModelTests", dependencies: ["MemVirtCore", "MemVirtModel"]),
+        .testTarget(name: "MemVirtConfigTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtConfig"]),
         .testTarget(name: "MemVirtKVMTests", dependencies: ["MemVirtCore", "MemVirtKVM", "CKVM"]),
         .testTarget(name: "MemVirtExperimentsTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments"]),
     ]

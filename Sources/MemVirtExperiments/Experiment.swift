@@ -1,4 +1,5 @@
 import MemVirtCore
+import MemVirtModel
 import MemVirtReport
 
 /// What every reproduction returns: tables for people, one JSON object for programs.
@@ -51,4 +52,40 @@ public enum Reproductions {
     static func runTyped<E: Experiment>(_ type: E.Type, quick: Bool, progress: @Sendable (String) -> Void) throws -> ExperimentReport {
         try E(quick: quick).run(progress: progress)
     }
+}
+
+/// The machine that the reproductions' "this host" rows describe: the model rows set beside a
+/// KVM measurement on this host (fault-cost's pvm-shadow row, KSM's and async PF's model
+/// estimates). `memvirt reproduce --profile P` binds it for the run; the default is the
+/// built-in pvm-shadow profile (a calibration of kvm_pvm on one machine, 2026-11-22).
+public struct ReproductionMachine: Sendable {
+    /// The profile's name, shown in the rows and reports.
+    public var name: String
+    public var costs: CostModel
+    public var tlb: TLBConfig
+    public var host: HostCosts
+    public var scheduling: GuestSchedulingCosts
+    public var dirty: DirtyTrackingCosts
+
+    public init(name: String, costs: CostModel, tlb: TLBConfig, host: HostCosts, scheduling: GuestSchedulingCosts, dirty: DirtyTrackingCosts) {
+        self.name = name
+        self.costs = costs
+        self.tlb = tlb
+        self.host = host
+        self.scheduling = scheduling
+        self.dirty = dirty
+    }
+
+    /// The built-in pvm-shadow profile (the test `ProfileTests` keeps the two equal).
+    public static let pvmShadow: ReproductionMachine = {
+        var s = GuestSchedulingCosts()
+        // 100-190 us measured on kvm_pvm (docs/references.md, async page faults).
+        s.pageReadyDelay = 150_000
+        return ReproductionMachine(name: "pvm-shadow", costs: .pvmShadow, tlb: .goldenCove, host: HostCosts(), scheduling: s, dirty: DirtyTrackingCosts())
+    }()
+}
+
+extension Reproductions {
+    /// This host's machine for the reproductions run in this scope.
+    @TaskLocal public static var thisHost: ReproductionMachine = .pvmShadow
 }

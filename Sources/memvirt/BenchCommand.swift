@@ -18,6 +18,10 @@ struct BenchCommand: ParsableCommand {
     var json = false
 
     func run() throws {
+        try reportingErrors(json: json) { try bench() }
+    }
+
+    func bench() throws {
         var c = SpeedBench.Config()
         do { c.accesses = try parseCount(accesses) } catch { throw CLIError(error.message) }
         c.walkAccesses = max(c.accesses / 4, 1)

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import MemVirtConfig
 import MemVirtCore
 
 /// `memvirt`: parse arguments, call an engine or an experiment, print. No logic lives here.
@@ -13,8 +14,26 @@ struct MemVirt: ParsableCommand {
             shadow and nested MMUs, host memory and migration) and the KVM engine (real VMs on \
             /dev/kvm). Counters carry KVM's stat names where KVM has the event.
             """,
-        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, KVMCommand.self]
+        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, ProfileCommand.self, KVMCommand.self]
     )
+
+    /// ArgumentParser's main, except that with `--json` a failure that reaches here (a bad flag,
+    /// a value a command refused) prints `{"error": ...}` on stdout instead of text on stderr.
+    /// `ExitCode`s pass through: the command has reported already.
+    static func main() {
+        let json = CommandLine.arguments.dropFirst().contains("--json")
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if json && code != .success && !(error is ExitCode) {
+                print(JSONValue.object([("error", .string(message(for: error)))]).rendered())
+                Foundation.exit(code.rawValue)
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 /// Prints `message` to stderr.
@@ -28,4 +47,30 @@ func printError(_ message: String) {
 struct CLIError: Error, CustomStringConvertible {
     var description: String
     init(_ message: String) { description = message }
+}
+
+/// The message of any error a command reports.
+func errorMessage(_ error: any Error) -> String {
+    switch error {
+    case let e as CLIError: e.description
+    case let e as InputError: e.message
+    case let e as ConfigError: e.description
+    case let e as ProfileError: e.message
+    default: String(describing: error)
+    }
+}
+
+/// The one error style of MemVirt's commands: a failure is `Error: MESSAGE` on stderr and exit
+/// status 1 (through ArgumentParser), or with `--json` one object `{"error": MESSAGE}` on stdout
+/// and exit status 1. `ExitCode`s thrown by `body` pass through unchanged.
+func reportingErrors(json: Bool, _ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let e as ExitCode {
+        throw e
+    } catch {
+        guard json else { throw error is CLIError ? error : CLIError(errorMessage(error)) }
+        print(JSONValue.object([("error", .string(errorMessage(error)))]).rendered())
+        throw ExitCode.failure
+    }
 }

@@ -1,8 +1,10 @@
 import ArgumentParser
 import Foundation
+import MemVirtConfig
 import MemVirtCore
 import MemVirtExperiments
 import MemVirtKVM
+import MemVirtModel
 import MemVirtReport
 
 /// `memvirt reproduce [NAME]`: the seed reproductions, a table each (or one JSON object).
@@ -36,10 +38,29 @@ struct ReproduceCommand: ParsableCommand {
     @Flag(name: .long, help: "No progress on stderr.")
     var quiet = false
 
+    @Option(name: .long, help: "Machine profile (name or file) for the model rows that describe this host (default pvm-shadow; see `memvirt profile list`).")
+    var profile: String?
+
     @Flag(name: .customLong("vs-qemu"), help: "With `migration --engine kvm`: the same multiboot guest under MemVirt and qemu-system-x86_64, side by side.")
     var vsQemu = false
 
     func run() throws {
+        try reportingErrors(json: json) {
+            if let m = try thisHostProfile() {
+                try Reproductions.$thisHost.withValue(m.reproductionMachine) { try runAll(profile: m) }
+            } else {
+                try runAll(profile: nil)
+            }
+        }
+    }
+
+    /// The profile of the model rows that describe this host: `--profile`, else the built-in
+    /// default (nil). A calibration taken here would plug in at this point.
+    func thisHostProfile() throws -> MachineProfile? {
+        try profile.map { try MachineProfile.load($0) }
+    }
+
+    func runAll(profile machine: MachineProfile?) throws {
         if vsQemu { return try runVersusQEMU() }
         let pool: [any Experiment.Type]
         var skipped: [String] = []
@@ -75,7 +96,13 @@ struct ReproduceCommand: ParsableCommand {
         let showProgress = !quiet
         var reports: [JSONValue] = []
         var texts: [(String, String)] = []
-        if let v = vcpus, !(1...64).contains(v) { throw CLIError("vcpus \(v): use 1...64") }
+        if let v = vcpus {
+            // Only the async PF reproduction on the KVM engine takes vCPUs; it runs 1...8.
+            guard engine == "kvm", chosen.contains(where: { $0 == KVMAsyncPageFaults.self || $0 == KVMAsyncPageFaultsSweep.self }) else {
+                throw CLIError("--vcpus is used only by `reproduce apf --engine kvm` (the model reproductions set their own)")
+            }
+            guard (1...GuestLayout.maxVCPUs).contains(v) else { throw CLIError("--vcpus \(v): use 1...\(GuestLayout.maxVCPUs) (the most vCPUs the KVM guest runtime takes)") }
+        }
         for e in chosen {
             let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
@@ -91,13 +118,29 @@ struct ReproduceCommand: ParsableCommand {
             if !json { print(report.text) }
         }
         for s in skipped { printError(s) }
-        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports)), ("skipped", .array(skipped.map { .string($0) }))])
-        if json { print((chosen.count == 1 ? reports[0] : all).rendered()) }
+        let thisHost: JSONValue = machine?.summaryJSON
+            ?? .object([("name", .string(Reproductions.thisHost.name)), ("origin", "built-in"), ("date", "2026-11-22")])
+        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("profile", thisHost), ("reproductions", .array(reports)),
+                                      ("skipped", .array(skipped.map { .string($0) }))])
+        if json {
+            if chosen.count == 1, case .object(let kv) = reports[0] {
+                print(JSONValue.object(kv + [("profile", thisHost)]).rendered())
+            } else {
+                print(all.rendered())
+            }
+        }
         if name == nil && out != "-" {
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
             try all.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
             try HTMLReport.page(texts, skipped: skipped).write(toFile: out + "/report.html", atomically: true, encoding: .utf8)
             printError("report: \(out)/report.html and \(out)/report.json")
         }
+    }
+}
+
+extension MachineProfile {
+    /// The profile as the machine of the reproductions' "this host" rows.
+    var reproductionMachine: ReproductionMachine {
+        ReproductionMachine(name: name, costs: costModel, tlb: tlb, host: costs.host, scheduling: costs.scheduling, dirty: costs.dirty)
     }
 }

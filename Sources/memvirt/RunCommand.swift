@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import MemVirtConfig
 import MemVirtCore
 import MemVirtModel
 import MemVirtReport
@@ -29,7 +30,10 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("swap-device"), help: "Swap device model with --host-limit: hdd, sata-ssd or nvme (default).")
     var swapDevice: String?
 
-    @Option(name: .long, help: "Cost preset: bare-metal, vmx-ept (default) or pvm-shadow (this host's kvm_pvm).")
+    @Option(name: .long, help: "Machine profile: a built-in (`memvirt profile list`) or a profile file (default vmx-ept).")
+    var profile: String?
+
+    @Option(name: .long, help: "Shorthand for --profile with a built-in name: bare-metal, vmx-ept (default), pvm-shadow, zen4, skylake-sp.")
     var costs: String?
 
     @Option(name: .customLong("shadow-max-pages"), help: "Shadow MMU: shadow pages before recycling (default: 2% of guest pages).")
@@ -44,57 +48,97 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .customLong("no-walk-caches"), help: "Run without paging-structure caches.")
     var noWalkCaches = false
 
-    @Flag(name: .long, help: "Print one JSON object on stdout.")
+    @Flag(name: .long, help: "Print one JSON object on stdout (on failure: {\"error\": ...}).")
     var json = false
 
     @Flag(name: .long, help: "No progress on stderr.")
     var quiet = false
 
     func run() throws {
-        let spec = try workload.spec()
+        try reportingErrors(json: json) { try runModel() }
+    }
+
+    /// Flags and scenario keys resolved to a model configuration; settings the chosen paging
+    /// mode would ignore are refused with the reason.
+    func runModel() throws {
+        let scenario = try workload.loadScenario()
+        let spec = try workload.spec(scenario)
         var config = ModelConfig()
-        config.pageSize = try workload.resolvedPageSize()
-        let pagingText = try paging ?? workload.platformValue("paging") ?? "native"
-        guard let kind = PagingKind(rawValue: pagingText) else {
-            throw CLIError("paging '\(pagingText)': use native, shadow or nested")
+        config.pageSize = try workload.pageSize(scenario)
+        func from(_ key: String) -> String { scenario.map { " (\($0.location("platform." + key)))" } ?? "" }
+        var kind = scenario?.paging ?? .native
+        if let p = paging {
+            guard let k = PagingKind(rawValue: p) else { throw CLIError("--paging '\(p)': use native, shadow or nested") }
+            kind = k
         }
         config.paging = kind
-        if let l = levels {
-            guard l == 4 || l == 5 else { throw CLIError("levels \(l): use 4 or 5") }
+        if let l = levels ?? scenario?.levels {
+            guard l == 4 || l == 5 else { throw CLIError("--levels \(l): use 4 or 5") }
             config.pagingConfig.levels = l
         }
-        if let h = try hostPageSize ?? workload.platformValue("host_page_size") {
-            guard let p = PageSize(parsing: h) else { throw CLIError("host page size '\(h)': use 4K, 2M or 1G") }
+
+        // The machine: a profile (or --costs NAME), then the flags that change it.
+        if profile != nil && costs != nil { throw CLIError("give --profile or --costs, not both (--costs NAME is a shorthand for --profile NAME)") }
+        if let c = costs, !MachineProfile.builtInNames.contains(c) {
+            throw CLIError("--costs '\(c)': use \(MachineProfile.builtInNames.joined(separator: ", ")) (or --profile FILE)")
+        }
+        let profileName = profile ?? costs ?? scenario?.profile ?? "vmx-ept"
+        let folder = (profile ?? costs) == nil ? scenario.map { ($0.file as NSString).deletingLastPathComponent } : nil
+        let machine: MachineProfile
+        do { machine = try MachineProfile.load(profileName, relativeTo: folder) } catch {
+            throw CLIError(errorMessage(error) + ((profile ?? costs) == nil ? from("profile") : ""))
+        }
+        machine.apply(to: &config)
+
+        if let h = hostPageSize {
+            guard let p = PageSize(parsing: h) else { throw CLIError("--host-page-size '\(h)': use 4K, 2M or 1G") }
+            config.hostPageSize = p
+        } else if let p = scenario?.hostPageSize {
             config.hostPageSize = p
         }
-        if let l = hostLevels {
-            guard l == 4 || l == 5 else { throw CLIError("host levels \(l): use 4 or 5") }
+        if let l = hostLevels ?? scenario?.hostLevels {
+            guard l == 4 || l == 5 else { throw CLIError("--host-levels \(l): use 4 or 5") }
             config.hostLevels = l
         }
-        let costName = try costs ?? workload.platformValue("costs") ?? "vmx-ept"
-        guard let preset = CostModel.presets[costName] else {
-            throw CLIError("costs '\(costName)': use \(CostModel.presets.keys.sorted().joined(separator: ", "))")
+        let hostPageSizeGiven = hostPageSize != nil || scenario?.hostPageSize != nil
+        let hostLevelsGiven = hostLevels != nil || scenario?.hostLevels != nil
+        let shadowMaxGiven = shadowMaxPages != nil || scenario?.shadowMaxPages != nil
+        if kind == .native {
+            if hostPageSizeGiven { throw CLIError("--host-page-size\(from("host_page_size")): native paging has no host pages (use --paging shadow or nested)") }
+            if hostLevelsGiven { throw CLIError("--host-levels\(from("host_levels")): native paging has no host (EPT) tables (use --paging nested)") }
         }
-        config.costs = preset
-        if let n = shadowMaxPages {
-            guard n >= 8 else { throw CLIError("shadow-max-pages \(n): at least 8") }
+        if kind == .shadow && hostLevelsGiven {
+            throw CLIError("--host-levels\(from("host_levels")): shadow paging has no EPT tables (use --paging nested)")
+        }
+        if kind != .shadow && shadowMaxGiven {
+            throw CLIError("--shadow-max-pages\(from("shadow_max_pages")): only the shadow MMU has shadow pages (use --paging shadow)")
+        }
+        if kind != .shadow && noUnsync { throw CLIError("--no-unsync: only the shadow MMU unsyncs tables (use --paging shadow)") }
+        if let n = shadowMaxPages ?? scenario?.shadowMaxPages {
+            guard n >= 8 else { throw CLIError("--shadow-max-pages \(n): at least 8") }
             config.shadow.maxShadowPages = n
         }
         if noUnsync { config.shadow.unsync = false }
-        if let h = try hostLimit ?? workload.platformValue("host_limit") {
-            guard kind == .nested else { throw CLIError("--host-limit needs --paging nested (host reclaim uses EPT accessed bits)") }
-            do { config.hostLimit = try ByteCount(parsing: h) } catch { throw CLIError("host limit: \(error.message)") }
-            guard config.hostLimit!.rawValue >= 64 * 4096 else { throw CLIError("host limit \(h): at least 256KiB") }
+        if let h = hostLimit {
+            do { config.hostLimit = try ByteCount(parsing: h) } catch { throw CLIError("--host-limit: \(error.message)") }
+        } else if let h = scenario?.hostLimit {
+            config.hostLimit = h
         }
-        if let d = try swapDevice ?? workload.platformValue("swap_device") {
-            let devices: [String: SwapDeviceModel] = ["hdd": .hdd, "sata-ssd": .sataSSD, "nvme": .nvme]
-            guard let m = devices[d] else { throw CLIError("swap device '\(d)': use hdd, sata-ssd or nvme") }
+        if let h = config.hostLimit {
+            guard kind == .nested else { throw CLIError("--host-limit\(hostLimit == nil ? from("host_limit") : ""): needs --paging nested (host reclaim uses EPT accessed bits)") }
+            guard h.rawValue >= 64 * 4096 else { throw CLIError("--host-limit \(h): at least 256KiB") }
+        }
+        if let d = swapDevice ?? scenario?.swapDevice {
+            guard config.hostLimit != nil else {
+                throw CLIError("--swap-device\(swapDevice == nil ? from("swap_device") : ""): only used with --host-limit (without a limit nothing is swapped)")
+            }
+            guard let m = MachineProfile.swapDevices[d] else { throw CLIError("--swap-device '\(d)': use hdd, sata-ssd or nvme") }
             config.swapDevice = m
         }
         if noTLB { config.tlb = .none }
         if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }
         let progress = ProgressReporter(enabled: !quiet && !json || !quiet && isatty(2) != 0)
-        let result: RunResult
+        var result: RunResult
         do {
             result = try ModelEngine.run(spec: spec, config: config, progress: progress.callback)
         } catch let e as InputError {
@@ -102,14 +146,20 @@ struct RunCommand: ParsableCommand {
             throw CLIError(e.message)
         } catch let e as GuestError {
             progress.finish()
-            printError("memvirt run: the guest failed: \(e.message)")
+            if json {
+                print(JSONValue.object([("error", .string("the guest failed: \(e.message)"))]).rendered())
+            } else {
+                printError("memvirt run: the guest failed: \(e.message)")
+            }
             throw ExitCode(3)
         }
         progress.finish()
+        result.extra.append(("profile", machine.summaryJSON))
         if json {
             print(result.json.rendered(pretty: false))
         } else {
             print(TextReport.run(result))
+            print("profile: \(machine.name) (\(machine.origin.rawValue), \(machine.date))")
         }
     }
 }

@@ -50,14 +50,15 @@ public struct KVMKSM: Experiment {
         merge.add(["full scans / seconds to merge", "\(r.mergeFullScans) / \(formatFixed(r.mergeSeconds, digits: 2))", r.mergeReachedExpected ? "reached" : "NOT reached"])
         if let cpu = r.ksmdCPUNanoseconds, let scanned = r.pagesScannedInMerge, scanned > 0 {
             merge.add(["ksmd CPU per page scanned", formatFixed(Double(cpu) / Double(scanned) / 1000, digits: 2) + " us",
-                       "model: " + formatFixed(HostCosts().ksmScanPerPage / CostModel.pvmShadow.clockGHz / 1000, digits: 2) + " us"])
+                       "model: " + formatFixed(Reproductions.thisHost.host.ksmScanPerPage / Reproductions.thisHost.costs.clockGHz / 1000, digits: 2) + " us"])
         }
 
         let u = r.unmergedWrites, m = r.mergedWrites
         // The model's price of one copy-on-write break on this host's preset: the exit, KVM's
-        // shadow fault handler, the host page copy (CostModel.pvmShadow, HostCosts.pageCopy).
-        let model = CostModel.pvmShadow
-        let modelCOWus = (model.vmExitRoundTrip + model.shadowFaultHandler + HostCosts().pageCopy) / model.clockGHz / 1000
+        // shadow fault handler, the host page copy (this host's profile: `reproduce --profile`,
+        // pvm-shadow by default).
+        let model = Reproductions.thisHost.costs
+        let modelCOWus = (model.vmExitRoundTrip + model.shadowFaultHandler + Reproductions.thisHost.host.pageCopy) / model.clockGHz / 1000
         var cow = TextTable(title: "Copy-on-write: VM 0 writes one word in each page", header: ["", "unmerged pages", "merged pages"])
         cow.add(["pages written", formatGrouped(UInt64(u.pages)), formatGrouped(UInt64(m.pages))])
         cow.add(["KSM pages among them before / after (kpageflags)", "\(u.ksmBefore.map(String.init) ?? "n/a") / \(u.ksmAfter.map(String.init) ?? "n/a")",
@@ -65,7 +66,7 @@ public struct KVMKSM: Experiment {
         cow.add(["pf_fixed (KVM)", formatGrouped(u.pfFixed), formatGrouped(m.pfFixed)])
         cow.add(["VMM minor faults (getrusage)", formatGrouped(u.minorFaults), formatGrouped(m.minorFaults)])
         cow.add(["time per write", formatFixed(u.nanosecondsPerPage / 1000, digits: 2) + " us", formatFixed(m.nanosecondsPerPage / 1000, digits: 2) + " us"])
-        cow.add(["model: one COW break (pvm-shadow)", "", formatFixed(modelCOWus, digits: 2) + " us"])
+        cow.add(["model: one COW break (\(model.name))", "", formatFixed(modelCOWus, digits: 2) + " us"])
         cow.add(["pages_sharing drop (host) after ksmd saw the writes", "", g(r.pagesSharingDropAfterWrites)])
         cow.add(["ksm_merging_pages drop (this process)", "", g(r.mergingDropAfterWrites)])
         cow.add(["seconds until ksmd counted the breaks", "", formatFixed(r.breakSeconds, digits: 2)])

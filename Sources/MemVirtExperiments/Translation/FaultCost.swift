@@ -17,13 +17,18 @@ public struct FaultCost: Experiment {
     public func run(progress: @Sendable (String) -> Void) throws -> ExperimentReport {
         var t = TextTable(header: ["fault", "paging", "costs", "cycles/fault", "virt. layer/fault", "virt. share", "exits/fault", "faults/s (1 vCPU)", "CPU at 50k faults/s"])
         var rows: [JSONValue] = []
-        let configs: [(PagingKind, CostModel)] = [(.native, .bareMetal), (.shadow, .vmxEPT), (.nested, .vmxEPT), (.shadow, .pvmShadow)]
+        // The last row is this host (`reproduce --profile`; pvm-shadow by default), with its TLBs.
+        let thisHost = Reproductions.thisHost
+        let configs: [(PagingKind, CostModel, TLBConfig)] = [
+            (.native, .bareMetal, .goldenCove), (.shadow, .vmxEPT, .goldenCove), (.nested, .vmxEPT, .goldenCove), (.shadow, thisHost.costs, thisHost.tlb),
+        ]
         for hard in [false, true] {
-            for (kind, costs) in configs {
+            for (kind, costs, tlb) in configs {
                 progress("\(Self.name): \(hard ? "hard" : "soft") faults, \(kind.rawValue), \(costs.name)")
                 var c = ModelConfig()
                 c.paging = kind
                 c.costs = costs
+                c.tlb = tlb
                 c.fileBacked = hard
                 // Every access touches a new page: every access is a guest fault.
                 let spec = WorkloadSpec(pattern: .strided(stride: 4096), footprint: ByteCount(pages * 4096), accesses: pages, writeRatio: hard ? 0 : 1, seed: 1)
@@ -54,7 +59,7 @@ public struct FaultCost: Experiment {
             notes: [
                 "VMware KB 1687: under shadow paging both soft and hard guest faults enter the virtualization layer; hard faults also wait for disk I/O; tens of thousands of faults per second slow a VM to a crawl. The last column is the CPU the virtualization layer alone would take at 50,000 faults/s.",
                 "Soft fault: first write to a fresh anonymous page. Hard fault: first read of a file-backed page (a 4 KiB NVMe read, ~80 us, plus the virtio notify and completion exits under virtualization).",
-                "pvm-shadow is this host's kvm_pvm as `memvirt kvm probe` measures it (a first touch costs ~12 us here).",
+                "\(thisHost.name) describes this host (`reproduce --profile`; the built-in pvm-shadow holds constants from a calibration of kvm_pvm on one machine on 2026-11-22, where a first touch cost ~12 us).",
             ],
             json: .object([("schema", "memvirt.reproduce/1"), ("name", .string(Self.name)), ("rows", .array(rows))]))
     }

@@ -71,6 +71,17 @@ public struct HostCosts: Sendable, Hashable {
     public var remoteFlushTarget: Double = 1_500
     /// Copying a 4 KiB page in the host (KSM copy-on-write break): ~400 cycles at ~30 GB/s.
     public var pageCopy: Double = 400
+    /// Serving a missing page with UFFDIO_ZEROPAGE, from the fault's wake-up of the handler
+    /// thread to the faulting thread's resumption: ~3 us ≈ 9,000 cycles (estimate; a
+    /// userfaultfd round trip is a context switch each way plus the ioctl). Not yet charged.
+    public var userfaultfdZeroPage: Double = 9_000
+    /// The same with UFFDIO_COPY of 4 KiB: the zero-page path plus the copy, ~10,000 cycles
+    /// (estimate). Not yet charged.
+    public var userfaultfdCopy: Double = 10_000
+    /// Evicting one page with MADV_DONTNEED (zap the PTE, the mmu notifier's zap of KVM's spte,
+    /// free the page, the TLB flush amortized over a batch): ~1,000 cycles (estimate). Not
+    /// yet charged.
+    public var dontneedPerPage: Double = 1_000
 
     // KSM (Documentation/admin-guide/mm/ksm.rst defaults: pages_to_scan 100, sleep_millisecs 20).
     /// Pages ksmd looks at per wake-up.
@@ -109,7 +120,8 @@ public struct GuestSchedulingCosts: Sendable, Hashable {
     /// Time from the end of the swap-in I/O until "page ready" is injected: KVM's async worker
     /// wakes (workqueue), finishes get_user_pages, kvm_arch_async_page_ready prefaults the
     /// EPT entry and kicks the vCPU: ~20 us on bare-metal VMX. (On this host's kvm_pvm the
-    /// measured delay is 100-190 us, REFERENCES.md, because CPL0 guest code is emulated.)
+    /// measured delay is 100-190 us, docs/references.md on async page faults, because CPL0 guest
+    /// code is emulated.)
     public var pageReadyDelay: Double = 20_000
     /// A vCPU that halts with nothing to run (HLT exit) and is woken by an interrupt:
     /// ~2 x vmExitRoundTrip of hypervisor time (charged on wake-up).

@@ -32,8 +32,8 @@ public struct CostModel: Sendable, Hashable {
     public var dataAccess: Double
 
     // Guest kernel (native costs; a virtualized guest pays these plus the hypervisor's).
-    /// Exception delivery and IRET for a #PF: ~250 cycles on recent Intel cores (Linux
-    /// `perf bench`/lmbench "page fault" on bare metal ~0.15 us total, REFERENCES.md PVM row).
+    /// Exception delivery and IRET for a #PF: ~250 cycles on recent Intel cores (lmbench "page
+    /// fault" on bare metal ~0.15 us total, Huang et al., "PVM", SOSP 2023).
     public var guestExceptionRoundTrip: Double
     /// Linux anonymous demand-zero fault for 4 KiB, handler plus clearing the page: ~0.7 us ≈
     /// 2,000 cycles (will-it-scale page_fault1 ~1.4 M faults/s per core on a 3 GHz Intel core).
@@ -61,11 +61,11 @@ public struct CostModel: Sendable, Hashable {
     /// reports ~1-2 us per fault including the exit on recent hosts).
     public var eptViolationHandler: Double
     /// Emulating one instruction in KVM's x86 emulator (MMIO, PTE writes): ~3,000 cycles ≈ 1 us
-    /// (REFERENCES.md: 0.9-2.6 us measured per emulated instruction on this host's kvm_pvm).
+    /// (estimate; docs/references.md, instruction emulation: 0.9-2.6 us measured on kvm_pvm).
     public var instructionEmulation: Double
     /// KVM's shadow page-fault handler without the exit (FNAME(page_fault): software guest walk,
     /// shadow page look-ups, SPTE install): ~2,300 cycles. lmbench page-fault latency is 0.93 us
-    /// under kvm-spt against 0.15 us bare (REFERENCES.md, PVM paper): ~0.78 us extra per fault,
+    /// under kvm-spt against 0.15 us bare (Huang et al., "PVM", SOSP 2023): ~0.78 us extra per fault,
     /// minus the ~1,000-cycle exit.
     public var shadowFaultHandler: Double
     /// Creating a shadow page: allocate and clear a table, hash it, write-protect the guest
@@ -78,6 +78,20 @@ public struct CostModel: Sendable, Hashable {
     public var invlpgHandler: Double
     /// Injecting an intercepted #PF into the guest (kvm_inject_page_fault): ~300 cycles.
     public var faultInjection: Double
+    /// An exit that KVM hands to the VMM process and back (KVM_RUN returns for a PIO or MMIO
+    /// exit; the VMM handles it and re-enters): ~12,000 cycles on a VMX host (estimate from
+    /// kvm-unit-tests x86/vmexit.c, whose `inl_from_qemu` test times exactly this round trip,
+    /// against ~1,000-1,500 for an exit handled in the kernel). Profiles set it per host; not yet
+    /// charged by the model's events.
+    public var userspaceExitRoundTrip: Double = 12_000
+    /// KVM's handling of a guest CR3 write under shadow paging, beside the exit
+    /// (kvm_mmu_new_pgd: look up the cached shadow root or build one, sync unsync children):
+    /// ~1,000 cycles (estimate). Not yet charged by the model's events.
+    public var cr3SwitchHandler: Double = 1_000
+    /// KVM's handling of a guest write to a shadowed page-table page beyond the instruction's
+    /// emulation (kvm_mmu_track_write: find the shadow pages of the gfn, update or zap the
+    /// affected sptes, detect flooding): ~1,000 cycles (estimate). Not yet charged.
+    public var shadowPTEWrite: Double = 1_000
     /// The categories that are the virtualization layer's (what a hypervisor adds).
     public static let virtualizationCategories: Set<String> = ["vm_exits", "hypervisor_faults", "emulation", "shadow_sync", "host_faults"]
     /// A 4 KiB read from the guest's disk for a hard (major) fault: ~80 us for a datacenter
@@ -88,7 +102,9 @@ public struct CostModel: Sendable, Hashable {
     /// virtio-blk; with PV EOI the second is cheaper). Counted as 2 exits.
     public var exitsPerDiskIO: Double = 2
 
-    /// Bare metal on a recent Intel core (Golden Cove class, 3 GHz).
+    /// Bare metal on a recent Intel core (Golden Cove class, 3 GHz). The same numbers, each with
+    /// its source, are the built-in profile `bare-metal` (Sources/MemVirtConfig/Profiles), which
+    /// is what `memvirt run --profile` reads; a test keeps the two equal.
     public static let bareMetal = CostModel(
         name: "bare-metal", clockGHz: 3.0, l1TLBHit: 0, l2TLBHit: 7, walkStart: 10, walkRefL1: 5, walkRefL2: 15,
         walkRefLLC: 65, walkRefDRAM: 300, adWrite: 20, dataAccess: 5, guestExceptionRoundTrip: 250,
@@ -96,20 +112,27 @@ public struct CostModel: Sendable, Hashable {
         invlpg: 100, cr3Write: 200, vmExitRoundTrip: 1_000, eptViolationHandler: 1_500, instructionEmulation: 3_000,
         shadowFaultHandler: 2_300, shadowPageCreate: 1_500, shadowResync: 5_000, invlpgHandler: 500, faultInjection: 300)
 
-    /// A VMX host with EPT (Intel, recent KVM): the bare-metal costs plus the hypervisor's.
+    /// A VMX host with EPT (Intel, recent KVM): the same numbers as `bareMetal`, whose hypervisor
+    /// entries already are the VMX/EPT figures (native runs never charge them). Built-in profile
+    /// `vmx-ept`.
     public static let vmxEPT: CostModel = {
         var c = bareMetal
         c.name = "vmx-ept"
         return c
     }()
 
-    /// This machine's kvm_pvm (shadow paging without VMX), calibrated with `memvirt kvm probe`
-    /// on it (2026-11-22): a first guest touch (shadow fault fixed in KVM, host page allocated)
-    /// costs 11.9-13.8 us ≈ 37,500 cycles at 3 GHz; one emulated CPL0 instruction 1.2-1.4 us
-    /// ≈ 3,700 cycles. PVM's world switch is 0.179 us ≈ 540 cycles (Huang et al., SOSP 2023);
-    /// the remaining ~35,000 cycles of a first touch are the shadow-fault handler. Guest kernel
-    /// work is kept at native speed, as PVM runs it (this host emulates CPL0 instead, which is
-    /// why MemVirt's own guest runtime stays at CPL3).
+    /// kvm_pvm (shadow paging without VMX): constants from a calibration with `memvirt kvm probe`
+    /// on one machine on 2026-11-22, not a measurement of the host you run on (recalibrate with
+    /// `memvirt kvm calibrate`). That calibration measured a first guest touch (shadow fault fixed
+    /// in KVM, host page allocated) at 11.9-13.8 us ≈ 37,500 cycles at 3 GHz and one emulated
+    /// CPL0 instruction at 1.2-1.4 us ≈ 3,700 cycles. PVM's world switch is 0.179 us ≈ 540
+    /// cycles (Huang et al., SOSP 2023); the remaining ~35,000 cycles of a first touch are the
+    /// shadow-fault handler. INVLPG and CR3 writes are single emulated CPL0 instructions there.
+    /// `shadowResync` is an estimate, not measured: 20 emulated instructions, standing for the
+    /// guest's emulated CPL0 flush path that precedes each resync. An exit to the VMM process
+    /// (PIO) was measured at ~36 us by `memvirt kvm probe` on such a machine in 2026-12. Guest kernel work
+    /// is kept at native speed, as PVM runs it (this host emulates CPL0 instead, which is why
+    /// MemVirt's own guest runtime stays at CPL3). Built-in profile `pvm-shadow`.
     public static let pvmShadow: CostModel = {
         var c = bareMetal
         c.name = "pvm-shadow"
@@ -117,7 +140,9 @@ public struct CostModel: Sendable, Hashable {
         c.shadowFaultHandler = 35_000
         c.instructionEmulation = 3_700
         c.invlpgHandler = 3_700
+        c.cr3SwitchHandler = 3_700
         c.shadowResync = 3_700 * 20
+        c.userspaceExitRoundTrip = 108_000
         return c
     }()
 
