@@ -26,7 +26,7 @@ struct SweepKillTests {
     static let text = """
         [base]
         workload.pattern = "uniform"
-        workload.accesses = "300K"
+        workload.accesses = "200K"
         workload.footprint = "4MiB"
         [axes]
         platform.paging = ["native", "nested"]
@@ -60,7 +60,7 @@ struct SweepKillTests {
         var inodes: [String: UInt64] = [:]
         for name in before {
             let v = try JSONValue.parse(try String(contentsOfFile: "\(out)/\(name)", encoding: .utf8))
-            #expect(v["result"]?["counters"]?["accesses"]?.doubleValue == 300_000)
+            #expect(v["result"]?["counters"]?["accesses"]?.doubleValue == 200_000)
             inodes[name] = try FileManager.default.attributesOfItem(atPath: "\(out)/\(name)")[.systemFileNumber] as? UInt64
         }
         // The same command again runs to the end.
