@@ -101,6 +101,8 @@ struct SweepRunCommand: ParsableCommand {
     @Option(name: .long, help: "A point's ID (from `sweep plan`).") var point: String?
     @Option(name: .long, help: "Point indices A-B (0-based, inclusive), run in order.") var points: String?
     @Option(name: .long, help: "The result directory.") var out: String
+    @Option(name: .customLong("plan-digest"), help: "Refuse to run unless the plan's digest (sweep plan --json) is this one (sbatch scripts pass it).")
+    var planDigest: String?
     @Flag(name: .long, help: "No line per point on stderr.") var quiet = false
 
     func validate() throws {
@@ -111,6 +113,7 @@ struct SweepRunCommand: ParsableCommand {
         let plan = try SweepCommand.plan(file)
         let selected: [SweepPoint]
         do {
+            if let d = planDigest { try plan.check(digest: d) }
             if let id = point { selected = [try plan.point(id: id)] } else { selected = Array(try plan.points(range: points!)) }
         } catch let e as InputError { throw CLIError(e.message) }
         let runner = try SweepCommand.runner(plan, out: out)
@@ -174,7 +177,7 @@ struct SweepSlurmCommand: ParsableCommand {
         do {
             let array = try SlurmArray(
                 executable: SweepCommand.executable(), sweepFile: SweepCommand.absolute(file), out: SweepCommand.absolute(out),
-                count: plan.points.count, chunk: chunk, partition: partition, time: time, throttle: throttle)
+                count: plan.points.count, planDigest: plan.digest, chunk: chunk, partition: partition, time: time, throttle: throttle)
             let path = try array.write()
             guard submit else {
                 print("sweep slurm: wrote \(path) (\(plan.points.count) points, \(array.tasks) array tasks); submit with: sbatch \(path)")

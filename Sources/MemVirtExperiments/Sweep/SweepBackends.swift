@@ -56,6 +56,8 @@ public struct SlurmArray: Sendable {
     public var sweepFile: String
     public var out: String
     public var count: Int
+    /// `SweepPlan.digest`: each task checks it before running.
+    public var planDigest: String
     public var chunk: Int
     public var partition: String?
     /// `--time` as sbatch takes it (minutes, or [D-]HH:MM:SS).
@@ -64,7 +66,7 @@ public struct SlurmArray: Sendable {
     public var throttle: Int?
     public var jobName = "memvirt-sweep"
 
-    public init(executable: String, sweepFile: String, out: String, count: Int, chunk: Int,
+    public init(executable: String, sweepFile: String, out: String, count: Int, planDigest: String, chunk: Int,
                 partition: String? = nil, time: String? = nil, throttle: Int? = nil) throws {
         guard chunk >= 1 else { throw InputError("chunk \(chunk): at least 1 point per array task") }
         guard count >= 1 else { throw InputError("\(sweepFile): the plan has no points") }
@@ -79,6 +81,7 @@ public struct SlurmArray: Sendable {
         self.sweepFile = sweepFile
         self.out = out
         self.count = count
+        self.planDigest = planDigest
         self.chunk = chunk
         self.partition = partition
         self.time = time
@@ -104,7 +107,7 @@ public struct SlurmArray: Sendable {
         s += "K=\(chunk)\nN=\(count)\n"
         s += "A=$(( SLURM_ARRAY_TASK_ID * K ))\n"
         s += "B=$(( A + K - 1 )); if [ \"$B\" -ge \"$N\" ]; then B=$(( N - 1 )); fi\n"
-        s += "exec \(q(executable)) sweep run \(q(sweepFile)) --points \"$A-$B\" --out \(q(out))\n"
+        s += "exec \(q(executable)) sweep run \(q(sweepFile)) --points \"$A-$B\" --plan-digest \(planDigest) --out \(q(out))\n"
         return s
     }
 

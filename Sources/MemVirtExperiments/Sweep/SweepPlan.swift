@@ -75,6 +75,18 @@ public struct SweepPlan: Sendable {
         excludedCount = excluded
     }
 
+    /// A digest of the whole plan (every ID in order): an sbatch script carries it, so a task
+    /// refuses to run when the sweep file changed after the script was written (the indices
+    /// it was given would name other points).
+    public var digest: String { Self.pointID(scenario: points.map(\.id).joined(separator: "\n")) }
+
+    /// Checks `expected` against `digest`.
+    public func check(digest expected: String) throws {
+        guard expected == digest else {
+            throw InputError("\(file.path): the plan changed since the script was written (plan digest \(digest), the script expects \(expected)); write the script again with `memvirt sweep slurm`")
+        }
+    }
+
     /// The point with `id`, or an error listing how to find IDs.
     public func point(id: String) throws -> SweepPoint {
         guard let p = points.first(where: { $0.id == id }) else {
@@ -122,7 +134,7 @@ public struct SweepPlan: Sendable {
     public var json: JSONValue {
         .object([
             ("schema", "memvirt.sweep-plan/1"), ("file", .string(file.path)), ("count", .int(Int64(points.count))),
-            ("excluded", .int(Int64(excludedCount))),
+            ("excluded", .int(Int64(excludedCount))), ("digest", .string(digest)),
             ("axes", .array(axes.map { a in .object([("key", .string(a.key)), ("values", .array(a.values.map(\.json)))]) })),
             ("points", .array(points.map { p in
                 .object([("index", .int(Int64(p.index))), ("id", .string(p.id)),

@@ -170,5 +170,9 @@ struct SweepPlanTests {
         #expect(throws: InputError.self) { try plan.points(range: "0-12") }
         #expect(throws: InputError.self) { try plan.points(range: "x") }
         #expect(throws: InputError.self) { try plan.point(id: "nope") }
+        try plan.check(digest: plan.digest)
+        let other = try SweepPlan(file: SweepFile(text: Self.text.replacingOccurrences(of: "[1, 2]", with: "[2, 1]"), path: "s.toml"))
+        #expect(other.digest != plan.digest, "the same points in another order are other indices")
+        #expect(throws: InputError.self) { try other.check(digest: plan.digest) }
     }
 }

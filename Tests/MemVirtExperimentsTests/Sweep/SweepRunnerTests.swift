@@ -162,7 +162,7 @@ struct SweepRunnerTests {
     @Test("The sbatch script's array tasks cover every point once, in chunks")
     func slurmScript() throws {
         for (count, chunk) in [(16, 1), (16, 5), (7, 7), (1, 3)] {
-            let a = try SlurmArray(executable: "/bin/echo", sweepFile: "/s w/f.toml", out: "/o", count: count, chunk: chunk,
+            let a = try SlurmArray(executable: "/bin/echo", sweepFile: "/s w/f.toml", out: "/o", count: count, planDigest: "0123456789ab", chunk: chunk,
                                    partition: "debug", time: "00:05:00", throttle: 2)
             #expect(a.script.contains("#SBATCH --array=0-\(a.tasks - 1)%2\n"))
             #expect(a.script.contains("#SBATCH --partition=debug\n") && a.script.contains("#SBATCH --time=00:05:00\n"))
@@ -176,14 +176,14 @@ struct SweepRunnerTests {
                 let pid = try ChildProcess.spawn(["/bin/bash", dir + "/s.sh"], stdout: dir + "/out", stderr: dir + "/err")
                 #expect(try ChildProcess.wait(pid) == 0)
                 let out = try String(contentsOfFile: dir + "/out", encoding: .utf8)
-                #expect(out == "sweep run /s w/f.toml --points \(a.range(task: t)) --out /o\n")
+                #expect(out == "sweep run /s w/f.toml --points \(a.range(task: t)) --plan-digest 0123456789ab --out /o\n")
                 let r = a.range(task: t).split(separator: "-").map { Int($0)! }
                 covered += Array(r[0]...r[1])
             }
             unsetenv("SLURM_ARRAY_TASK_ID")
             #expect(covered == Array(0..<count))
         }
-        #expect(throws: InputError.self) { try SlurmArray(executable: "x", sweepFile: "f", out: "o", count: 4, chunk: 0) }
-        #expect(throws: InputError.self) { try SlurmArray(executable: "x", sweepFile: "f", out: "o", count: 4, chunk: 1, time: "5 min") }
+        #expect(throws: InputError.self) { try SlurmArray(executable: "x", sweepFile: "f", out: "o", count: 4, planDigest: "d", chunk: 0) }
+        #expect(throws: InputError.self) { try SlurmArray(executable: "x", sweepFile: "f", out: "o", count: 4, planDigest: "d", chunk: 1, time: "5 min") }
     }
 }
