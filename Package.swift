@@ -56,7 +56,11 @@ let package = Package(
         ),
         .target(
             name: "MemVirtExperiments",
-            dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtReport"]
+            dependencies: [
+                "MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtReport",
+                // Sweep files (Sweep/SweepFile.swift) are TOML.
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ]
         ),
         .executableTarget(
             name: "memvirt",
