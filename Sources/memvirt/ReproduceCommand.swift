@@ -75,7 +75,12 @@ struct ReproduceCommand: ParsableCommand {
         let showProgress = !quiet
         var reports: [JSONValue] = []
         var texts: [(String, String)] = []
-        if let v = vcpus, !(1...64).contains(v) { throw CLIError("vcpus \(v): use 1...64") }
+        if let v = vcpus {
+            guard engine == "kvm", chosen.allSatisfy({ $0 == KVMAsyncPageFaults.self || $0 == KVMAsyncPageFaultsSweep.self }) else {
+                throw CLIError("--vcpus applies to `apf --engine kvm` only (the model engine and the other reproductions ignore it)")
+            }
+            guard (1...GuestLayout.maxVCPUs).contains(v) else { throw CLIError("--vcpus \(v): the KVM engine runs 1...\(GuestLayout.maxVCPUs) vCPUs") }
+        }
         for e in chosen {
             let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }

@@ -101,6 +101,9 @@ static inline int ckvm_uffdio_writeprotect(int uffd, struct uffdio_writeprotect 
 uint64_t ckvm_page_hash(const void *page, uint64_t index);
 /// ckvm_page_hash of an all-zero page at `index` (no page read).
 uint64_t ckvm_page_hash_zero(uint64_t index);
+/// How many of `n` page hashes (pages first..first+n-1) are not the zero page's hash: the
+/// pages of a snapshot with content.
+size_t ckvm_count_nonzero_hashes(const uint64_t *hashes, size_t n, uint64_t first);
 /// A 64-bit checksum of `n` bytes (a stream message's payload).
 uint64_t ckvm_checksum(const void *p, size_t n);
 /// 1 when the 4 KiB page is all zero bytes.
