@@ -289,7 +289,7 @@ public enum Snapshot {
 
         init(path: String) throws(KVMError) {
             self.path = path
-            let fd = try FileDescriptor.open(path, O_RDONLY)
+            let fd = try FileDescriptor.open(path, O_RDONLY | O_NONBLOCK)  // a FIFO would block the open: refused below
             self.fd = fd
             var st = stat()
             if fstat(fd.raw, &st) != 0 { throw KVMError.call("fstat(\(path))", lastErrno()) }
@@ -521,7 +521,7 @@ public enum Snapshot {
 
     /// Reads a working-set file (`memvirt-working-set 1` then one page index a line).
     public static func readWorkingSet(_ path: String) throws(KVMError) -> [Int] {
-        let fd = try FileDescriptor.open(path, O_RDONLY)
+        let fd = try FileDescriptor.open(path, O_RDONLY | O_NONBLOCK)  // a FIFO would block the open: refused below
         var st = stat()
         if fstat(fd.raw, &st) != 0 { throw KVMError.call("fstat(\(path))", lastErrno()) }
         try requireRegularFile(st, path: path, what: "working-set")

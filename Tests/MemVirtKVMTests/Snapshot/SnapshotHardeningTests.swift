@@ -178,6 +178,12 @@ struct SnapshotFileTests {
         do { _ = try Multiboot.read(path: dir); Issue.record("read") } catch { #expect("\(error)" == "\(dir) is a directory, not a kernel file") }
         do { _ = try WorkingSetFile(creating: dir); Issue.record("created") } catch { #expect("\(error)".contains("is a directory")) }
         do { _ = try WorkingSetFile(creating: "/nonexistent-dir/ws"); Issue.record("created") } catch { #expect("\(error)".contains("/nonexistent-dir/ws")) }
+        // A FIFO is refused, not waited on.
+        let fifo = temporaryPath("afifo")
+        #expect(mkfifo(fifo, 0o644) == 0)
+        defer { unlink(fifo) }
+        do { _ = try Snapshot.File(path: fifo); Issue.record("opened") } catch { #expect("\(error)" == "\(fifo) is a FIFO, not a snapshot file") }
+        do { _ = try Snapshot.readWorkingSet(fifo); Issue.record("read") } catch { #expect("\(error)".contains("is a FIFO")) }
     }
 
     @Test("a working-set file with CRLF line ends reads the same as with LF", arguments: ["\n", "\r\n"])
