@@ -22,6 +22,17 @@ struct KVMCommand: ParsableCommand {
         do { return try ByteCount(parsing: s).rawValue } catch { throw ValidationError("\(flag): \(error.message)") }
     }
 
+    /// Flushes stdout and fails when the output could not be written (a full disk, /dev/full,
+    /// a closed pipe): a report that was lost is not a success.
+    static func finishOutput(_ command: String) throws {
+        // fflush(NULL): every stream (Swift 6 does not let us name C's global `stdout`); what is
+        // left in stdout's buffer fails to write again on a device that refused the first part.
+        if fflush(nil) != 0 {
+            printError("\(command): cannot write the output: \(String(cString: strerror(errno)))")
+            throw ExitCode.failure
+        }
+    }
+
     /// Reports a failed KVM command on stderr (and, with --json, as `{"error": ...}` on stdout)
     /// and gives the exit code.
     static func failure(_ command: String, _ error: any Error, json: Bool) -> ExitCode {
@@ -149,6 +160,7 @@ struct KVMRunCommand: ParsableCommand {
         } else {
             printText(report)
         }
+        try KVMCommand.finishOutput("memvirt kvm run")
     }
 
     func printText(_ r: KVMRunReport) {

@@ -81,6 +81,7 @@ struct KernelOptions: ParsableArguments {
             print(r.console, terminator: r.console.hasSuffix("\n") || r.console.isEmpty ? "" : "\n")
             print("memvirt: guest powered off with \(r.exitValue.map { "0x" + String($0, radix: 16) } ?? "-") after \(formatFixed(Double(r.wallNanos) / 1e9, digits: 3)) s (\(r.format), \(ByteCount(r.memoryBytes)) RAM; exits \(r.vcpuStats["exits"]), emulated instructions \(r.vcpuStats["insn_emulation"]))")
         }
+        try KVMCommand.finishOutput("memvirt kvm run --kernel")
         if r.exitValue != 0 { throw ExitCode.failure }
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import MemVirtCore
 import MemVirtKVM
 
@@ -20,5 +21,6 @@ struct KVMProbeCommand: ParsableCommand {
             throw KVMCommand.failure("memvirt kvm probe", error, json: json)
         }
         print(json ? p.json.rendered(pretty: true) : p.text)
+        try KVMCommand.finishOutput("memvirt kvm probe")
     }
 }

@@ -37,6 +37,7 @@ struct KVMSnapshotCommand: ParsableCommand {
             throw KVMCommand.failure("memvirt kvm snapshot", error, json: json)
         }
         print(json ? r.json.rendered(pretty: true) : r.json.rendered())
+        try KVMCommand.finishOutput("memvirt kvm snapshot")
     }
 }
 
@@ -84,5 +85,6 @@ struct KVMRestoreCommand: ParsableCommand {
             throw KVMCommand.failure("memvirt kvm restore", error, json: json)
         }
         print(json ? r.json.rendered(pretty: true) : r.json.rendered())
+        try KVMCommand.finishOutput("memvirt kvm restore")
     }
 }

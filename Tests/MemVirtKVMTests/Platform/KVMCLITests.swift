@@ -16,15 +16,16 @@ let memvirtBinary: String? = {
 let memvirtReason = "needs the memvirt binary in .build/debug (swift build --build-tests builds it)"
 
 /// Runs memvirt with `args`: exit status, stdout, stderr, seconds.
-func memvirt(_ args: [String]) throws -> (status: Int32, out: String, err: String, seconds: Double) {
+func memvirt(_ args: [String], stdoutTo file: String? = nil) throws -> (status: Int32, out: String, err: String, seconds: Double) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: memvirtBinary!)
     p.arguments = args
     let out = Pipe(), err = Pipe()
-    p.standardOutput = out
+    p.standardOutput = file.map { FileHandle(forWritingAtPath: $0)! as Any } ?? out
     p.standardError = err
     let t0 = Date()
     try p.run()
+    if file != nil { try out.fileHandleForWriting.close() }
     let o = out.fileHandleForReading.readDataToEndOfFile()
     let e = err.fileHandleForReading.readDataToEndOfFile()
     p.waitUntilExit()
@@ -90,6 +91,14 @@ struct KVMCLISnapshotTests {
         let r = try memvirt(["kvm", "restore", "--file", path, "--lazy", "--run-for", "10ms"])
         #expect(r.status == 0, "\(r.err)")
         #expect(r.out.contains("\"finished\":true"), "\(r.out)")
+    }
+
+    @Test("a report that cannot be written (stdout on /dev/full) is a failure")
+    func outputErrors() throws {
+        let r = try memvirt(["kvm", "run", "--workload", "uniform", "--footprint", "4MiB", "--accesses", "1000", "--json"], stdoutTo: "/dev/full")
+        #expect(r.status != 0 && r.err.contains("cannot write the output: No space left on device"), "\(r.err)")
+        let ok = try memvirt(["kvm", "run", "--workload", "uniform", "--footprint", "4MiB", "--accesses", "1000", "--json"])
+        #expect(ok.status == 0 && ok.out.contains("\"engine\""), "\(ok.err)")
     }
 
     @Test("restore --record-working-set to a bad path fails before the guest runs; --json failures print an error object")
