@@ -34,6 +34,11 @@ uint64_t ckvm_page_hash_zero(uint64_t index) {
     }
     return ckvm_mix(__atomic_load_n(&ckvm_zero_content_hash_value, __ATOMIC_RELAXED) ^ (index * 0x9E3779B97F4A7C15ull + 0x632be59bd9b4e019ull));
 }
+size_t ckvm_count_nonzero_hashes(const uint64_t *hashes, size_t n, uint64_t first) {
+    size_t count = 0;
+    for (size_t i = 0; i < n; i++) count += hashes[i] != ckvm_page_hash_zero(first + i);
+    return count;
+}
 /// A 64-bit checksum of `n` bytes (a stream message's payload).
 uint64_t ckvm_checksum(const void *p, size_t n) {
     const unsigned char *c = (const unsigned char *)p;

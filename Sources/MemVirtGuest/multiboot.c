@@ -25,8 +25,14 @@
 #define CH(s, i) ((i) < sizeof(s) - 1 ? (uint64_t)(uint8_t)(s)[(i) % sizeof(s)] : 0ull)
 #define W8(s, k) (CH(s, k) | CH(s, k + 1) << 8 | CH(s, k + 2) << 16 | CH(s, k + 3) << 24 | \
                   CH(s, k + 4) << 32 | CH(s, k + 5) << 40 | CH(s, k + 6) << 48 | CH(s, k + 7) << 56)
-#define SAY(s) do { say(W8(s, 0)); if (sizeof(s) > 9) say(W8(s, 8)); if (sizeof(s) > 17) say(W8(s, 16)); \
-                    if (sizeof(s) > 25) say(W8(s, 24)); if (sizeof(s) > 33) say(W8(s, 32)); } while (0)
+// A string literal of up to 96 characters, 8 at a time (a longer one does not compile).
+#define SAY(s) do { _Static_assert(sizeof(s) <= 97, "SAY takes at most 96 characters"); \
+                    say(W8(s, 0)); if (sizeof(s) > 9) say(W8(s, 8)); if (sizeof(s) > 17) say(W8(s, 16)); \
+                    if (sizeof(s) > 25) say(W8(s, 24)); if (sizeof(s) > 33) say(W8(s, 32)); \
+                    if (sizeof(s) > 41) say(W8(s, 40)); if (sizeof(s) > 49) say(W8(s, 48)); \
+                    if (sizeof(s) > 57) say(W8(s, 56)); if (sizeof(s) > 65) say(W8(s, 64)); \
+                    if (sizeof(s) > 73) say(W8(s, 72)); if (sizeof(s) > 81) say(W8(s, 80)); \
+                    if (sizeof(s) > 89) say(W8(s, 88)); } while (0)
 
 GI void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
 GI void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }

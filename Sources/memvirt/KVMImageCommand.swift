@@ -22,8 +22,22 @@ struct KVMImageCommand: ParsableCommand {
 
     func run() throws {
         let bytes = Multiboot.runtimeImage()
-        guard FileManager.default.createFile(atPath: out, contents: Data(bytes)) else {
-            printError("memvirt kvm image: cannot write '\(out)'")
+        // Every write checked (FileManager.createFile reports success on /dev/full).
+        let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            printError("memvirt kvm image: cannot write '\(out)': \(String(cString: strerror(errno)))")
+            throw ExitCode.failure
+        }
+        var off = 0
+        var failure: Int32? = nil
+        while off < bytes.count {
+            let w = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
+            if w < 0 { if errno == EINTR { continue }; failure = errno; break }
+            off += w
+        }
+        if close(fd) != 0 && failure == nil { failure = errno }
+        if let e = failure {
+            printError("memvirt kvm image: cannot write '\(out)': \(String(cString: strerror(e)))")
             throw ExitCode.failure
         }
         printError("memvirt kvm image: wrote \(out) (\(bytes.count) bytes, multiboot ELF32, loads at 0x100000)")
@@ -36,28 +50,30 @@ struct KernelOptions: ParsableArguments {
     var kernel: String?
 
     @Option(name: .long, help: "With --kernel: the command line (the guest gets \"KERNEL ARGS\", as under QEMU).")
-    var append: String = ""
+    var append: String?
 
     @Option(name: .long, help: "With --kernel: guest RAM (default 128MiB, as QEMU).")
-    var memory: String = "128MiB"
+    var memory: String?
+
+    /// QEMU's default guest RAM.
+    static let defaultMemory = "128MiB"
 
     func memoryBytes() throws -> UInt64 {
-        do { return try ByteCount(parsing: memory).rawValue } catch { throw ValidationError("--memory: \(error.message)") }
+        do { return try ByteCount(parsing: memory ?? Self.defaultMemory).rawValue } catch { throw ValidationError("--memory: \(error.message)") }
     }
 
     /// What the guest gets: "KERNEL ARGS", as QEMU passes it.
-    func cmdline(_ path: String) -> String { append.isEmpty ? path : path + " " + append }
+    func cmdline(_ path: String) -> String { (append ?? "").isEmpty ? path : path + " " + append! }
 
-    func run(json: Bool) throws {
+    func run(json: Bool, maxRunNanos: UInt64? = nil, memoryLimit: UInt64? = nil) throws {
         guard let path = kernel else { return }
         let mem = try memoryBytes()
         let r: MultibootRunReport
         do {
             let image = try Multiboot.read(path: path)
-            r = try Multiboot.run(image, memory: mem, cmdline: cmdline(path))
+            r = try Multiboot.run(image, memory: mem, cmdline: cmdline(path), timeoutNanos: maxRunNanos ?? Multiboot.defaultMaxRunNanos, memoryLimit: memoryLimit)
         } catch {
-            printError("memvirt kvm run --kernel: \(error)")
-            throw ExitCode.failure
+            throw KVMCommand.failure("memvirt kvm run --kernel", error, json: json)
         }
         if json {
             print(r.json.rendered(pretty: true))
@@ -65,6 +81,7 @@ struct KernelOptions: ParsableArguments {
             print(r.console, terminator: r.console.hasSuffix("\n") || r.console.isEmpty ? "" : "\n")
             print("memvirt: guest powered off with \(r.exitValue.map { "0x" + String($0, radix: 16) } ?? "-") after \(formatFixed(Double(r.wallNanos) / 1e9, digits: 3)) s (\(r.format), \(ByteCount(r.memoryBytes)) RAM; exits \(r.vcpuStats["exits"]), emulated instructions \(r.vcpuStats["insn_emulation"]))")
         }
+        try KVMCommand.finishOutput("memvirt kvm run --kernel")
         if r.exitValue != 0 { throw ExitCode.failure }
     }
 }

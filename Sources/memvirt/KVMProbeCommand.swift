@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import MemVirtCore
 import MemVirtKVM
 
@@ -17,9 +18,9 @@ struct KVMProbeCommand: ParsableCommand {
         guard pages >= 64, pages <= 1 << 20 else { throw ValidationError("--pages \(pages): use 64...1048576") }
         let p: KVMProbe
         do { p = try KVMProbe.run(pages: pages) } catch {
-            printError("memvirt kvm probe: \(error)")
-            throw ExitCode.failure
+            throw KVMCommand.failure("memvirt kvm probe", error, json: json)
         }
         print(json ? p.json.rendered(pretty: true) : p.text)
+        try KVMCommand.finishOutput("memvirt kvm probe")
     }
 }

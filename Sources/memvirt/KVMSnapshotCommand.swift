@@ -14,8 +14,11 @@ struct KVMSnapshotCommand: ParsableCommand {
     @Option(name: .long, help: "The snapshot file to write (written as FILE.partial, renamed when complete).")
     var file: String
 
-    @Option(name: .long, help: "Run this long before the snapshot, e.g. 500ms, 2s.")
+    @Option(name: .long, help: "Run this long before the snapshot, e.g. 500ms, 2s, 1min.")
     var after: String = "1s"
+
+    @Option(name: .customLong("memory-limit"), help: "Refuse when the guest would need more host memory than this, e.g. 4GiB.")
+    var memoryLimit: String?
 
     @Option(name: .customLong("access-rate"), help: "Pace each guest thread to N accesses per second.")
     var accessRate: UInt64?
@@ -25,14 +28,16 @@ struct KVMSnapshotCommand: ParsableCommand {
 
     func run() throws {
         let spec = try workload.spec()
-        let after = try KVMMigrateCommand.duration(self.after, "--after")
+        if workload.pageSize != nil { throw ValidationError("--page-size: snapshots hold 4K guest pages only") }
+        let after = try KVMCommand.duration(self.after, "--after")
+        let limit = try memoryLimit.map { try KVMCommand.bytes($0, "--memory-limit") }
         if let r = accessRate, r == 0 { throw ValidationError("--access-rate 0: use a positive rate") }
         let r: SnapshotSaveReport
-        do { r = try Snapshot.save(spec, afterNanos: after, to: file, accessesPerSecond: accessRate) } catch {
-            printError("memvirt kvm snapshot: \(error)")
-            throw ExitCode.failure
+        do { r = try Snapshot.save(spec, afterNanos: after, to: file, accessesPerSecond: accessRate, memoryLimit: limit) } catch {
+            throw KVMCommand.failure("memvirt kvm snapshot", error, json: json)
         }
         print(json ? r.json.rendered(pretty: true) : r.json.rendered())
+        try KVMCommand.finishOutput("memvirt kvm snapshot")
     }
 }
 
@@ -57,6 +62,9 @@ struct KVMRestoreCommand: ParsableCommand {
     @Option(name: .customLong("run-for"), help: "Stop the guest after this long, e.g. 200ms (default: run to the end).")
     var runFor: String?
 
+    @Option(name: .customLong("memory-limit"), help: "Refuse when the restore would need more host memory than this, e.g. 4GiB.")
+    var memoryLimit: String?
+
     @Flag(name: .long, help: "Print the report as JSON (schema memvirt.restore/1).")
     var json = false
 
@@ -64,16 +72,19 @@ struct KVMRestoreCommand: ParsableCommand {
         var o = RestoreOptions()
         o.lazy = lazy
         if (prefetch != nil || recordWorkingSet != nil) && !lazy { throw ValidationError("--prefetch and --record-working-set need --lazy") }
-        if let r = runFor { o.runNanos = try KVMMigrateCommand.duration(r, "--run-for") }
+        if let r = runFor { o.runNanos = try KVMCommand.duration(r, "--run-for") }
+        o.memoryLimit = try memoryLimit.map { try KVMCommand.bytes($0, "--memory-limit") }
         let r: RestoreReport
         do {
             if let p = prefetch { o.prefetch = try Snapshot.readWorkingSet(p) }
+            // Opened before the restore: a bad path fails now, not after the guest ran.
+            let record = try recordWorkingSet.map { (w) throws(KVMError) in try WorkingSetFile(creating: w) }
             r = try Snapshot.restore(from: file, options: o)
-            if let w = recordWorkingSet { try Snapshot.writeWorkingSet(r.touchOrder, to: w) }
+            try record?.write(r.touchOrder)
         } catch {
-            printError("memvirt kvm restore: \(error)")
-            throw ExitCode.failure
+            throw KVMCommand.failure("memvirt kvm restore", error, json: json)
         }
         print(json ? r.json.rendered(pretty: true) : r.json.rendered())
+        try KVMCommand.finishOutput("memvirt kvm restore")
     }
 }

@@ -97,11 +97,10 @@ struct ReproduceCommand: ParsableCommand {
         var reports: [JSONValue] = []
         var texts: [(String, String)] = []
         if let v = vcpus {
-            // Only the async PF reproduction on the KVM engine takes vCPUs; it runs 1...8.
-            guard engine == "kvm", chosen.contains(where: { $0 == KVMAsyncPageFaults.self || $0 == KVMAsyncPageFaultsSweep.self }) else {
-                throw CLIError("--vcpus is used only by `reproduce apf --engine kvm` (the model reproductions set their own)")
+            guard engine == "kvm", chosen.allSatisfy({ $0 == KVMAsyncPageFaults.self || $0 == KVMAsyncPageFaultsSweep.self }) else {
+                throw CLIError("--vcpus applies to `apf --engine kvm` only (the model engine and the other reproductions ignore it)")
             }
-            guard (1...GuestLayout.maxVCPUs).contains(v) else { throw CLIError("--vcpus \(v): use 1...\(GuestLayout.maxVCPUs) (the most vCPUs the KVM guest runtime takes)") }
+            guard (1...GuestLayout.maxVCPUs).contains(v) else { throw CLIError("--vcpus \(v): the KVM engine runs 1...\(GuestLayout.maxVCPUs) vCPUs") }
         }
         for e in chosen {
             let progress: @Sendable (String) -> Void = { msg in

@@ -32,15 +32,12 @@ static inline int ckvm_get_msr_index_list(int fd, struct kvm_msr_list *l) { CKVM
 static inline int ckvm_create_vcpu(int vm, unsigned long id) { CKVM_CALL(ioctl(vm, KVM_CREATE_VCPU, id)); }
 static inline int ckvm_set_user_memory_region(int vm, const struct kvm_userspace_memory_region *r) { CKVM_CALL(ioctl(vm, KVM_SET_USER_MEMORY_REGION, r)); }
 static inline int ckvm_set_tss_addr(int vm, unsigned long addr) { CKVM_CALL(ioctl(vm, KVM_SET_TSS_ADDR, addr)); }
-static inline int ckvm_set_identity_map_addr(int vm, const uint64_t *addr) { CKVM_CALL(ioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, addr)); }
 static inline int ckvm_create_irqchip(int vm) { CKVM_CALL(ioctl(vm, KVM_CREATE_IRQCHIP, 0)); }
 static inline int ckvm_enable_cap(int fd, const struct kvm_enable_cap *c) { CKVM_CALL(ioctl(fd, KVM_ENABLE_CAP, c)); }
 static inline int ckvm_get_dirty_log(int vm, struct kvm_dirty_log *l) { CKVM_CALL(ioctl(vm, KVM_GET_DIRTY_LOG, l)); }
 static inline int ckvm_clear_dirty_log(int vm, struct kvm_clear_dirty_log *l) { CKVM_CALL(ioctl(vm, KVM_CLEAR_DIRTY_LOG, l)); }
 static inline int ckvm_reset_dirty_rings(int vm) { CKVM_CALL(ioctl(vm, KVM_RESET_DIRTY_RINGS, 0)); }
 static inline int ckvm_get_stats_fd(int fd) { CKVM_CALL(ioctl(fd, KVM_GET_STATS_FD, 0)); }
-static inline int ckvm_get_clock(int vm, struct kvm_clock_data *c) { CKVM_CALL(ioctl(vm, KVM_GET_CLOCK, c)); }
-static inline int ckvm_set_clock(int vm, const struct kvm_clock_data *c) { CKVM_CALL(ioctl(vm, KVM_SET_CLOCK, c)); }
 
 // MARK: vCPU fd
 static inline int ckvm_run(int vcpu) { CKVM_CALL(ioctl(vcpu, KVM_RUN, 0)); }
@@ -72,7 +69,6 @@ static inline int ckvm_set_tsc_khz(int vcpu, unsigned long khz) { CKVM_CALL(ioct
 static inline int ckvm_userfaultfd(int flags) { CKVM_CALL((int)syscall(SYS_userfaultfd, flags)); }
 static inline int ckvm_uffdio_api(int uffd, struct uffdio_api *a) { CKVM_CALL(ioctl(uffd, UFFDIO_API, a)); }
 static inline int ckvm_uffdio_register(int uffd, struct uffdio_register *r) { CKVM_CALL(ioctl(uffd, UFFDIO_REGISTER, r)); }
-static inline int ckvm_uffdio_unregister(int uffd, struct uffdio_range *r) { CKVM_CALL(ioctl(uffd, UFFDIO_UNREGISTER, r)); }
 static inline int ckvm_uffdio_copy(int uffd, struct uffdio_copy *c) { CKVM_CALL(ioctl(uffd, UFFDIO_COPY, c)); }
 static inline int ckvm_uffdio_zeropage(int uffd, struct uffdio_zeropage *z) { CKVM_CALL(ioctl(uffd, UFFDIO_ZEROPAGE, z)); }
 static inline int ckvm_uffdio_wake(int uffd, struct uffdio_range *r) { CKVM_CALL(ioctl(uffd, UFFDIO_WAKE, r)); }
@@ -93,7 +89,6 @@ static inline int ckvm_ppoll_ns(struct pollfd *fds, unsigned long n, int64_t ns)
     struct timespec ts = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
     CKVM_CALL((int)syscall(SYS_ppoll, fds, n, ns < 0 ? NULL : &ts, NULL, (size_t)8));
 }
-static inline int ckvm_uffdio_writeprotect(int uffd, struct uffdio_writeprotect *w) { CKVM_CALL(ioctl(uffd, UFFDIO_WRITEPROTECT, w)); }
 
 // MARK: migration helpers, in ckvm.c (compiled -O2: Swift debug builds would compile
 // static inline bodies at -O0, and these loops run over all guest memory)
@@ -101,6 +96,9 @@ static inline int ckvm_uffdio_writeprotect(int uffd, struct uffdio_writeprotect 
 uint64_t ckvm_page_hash(const void *page, uint64_t index);
 /// ckvm_page_hash of an all-zero page at `index` (no page read).
 uint64_t ckvm_page_hash_zero(uint64_t index);
+/// How many of `n` page hashes (pages first..first+n-1) are not the zero page's hash: the
+/// pages of a snapshot with content.
+size_t ckvm_count_nonzero_hashes(const uint64_t *hashes, size_t n, uint64_t first);
 /// A 64-bit checksum of `n` bytes (a stream message's payload).
 uint64_t ckvm_checksum(const void *p, size_t n);
 /// 1 when the 4 KiB page is all zero bytes.

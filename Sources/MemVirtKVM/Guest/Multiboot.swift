@@ -67,6 +67,16 @@ public struct MultibootImage: Sendable {
     public var format: String
 
     public static let magic: UInt32 = 0x1BAD_B002
+
+    /// The requirement bits (0-15) of a header's flags, named as the specification names them:
+    /// 0 page-aligned modules, 1 memory information, 2 video mode information; 3-15 are
+    /// reserved (a loader must refuse an image that sets one it does not know).
+    public static func describeRequirements(_ bits: UInt32) -> String {
+        let names = [0: "page-aligned modules", 1: "memory information", 2: "video mode information"]
+        return (0..<16).filter { bits & (1 << UInt32($0)) != 0 }
+            .map { "bit \($0): " + (names[$0] ?? "reserved requirement, unknown to this loader") }
+            .joined(separator: "; ")
+    }
     public static let bootloaderMagic: UInt32 = 0x2BAD_B002
 
     /// Parses `bytes` (from `name`, for messages). Every refusal says what and where.
@@ -97,7 +107,7 @@ public struct MultibootImage: Sendable {
         // information: always given) are met; 2 (video mode) and the undefined ones are not.
         let unmet = flags & 0xffff & ~UInt32(0x3)
         if unmet != 0 {
-            throw KVMError.invalid("\(name): multiboot header at offset \(hex(h)) requires flags \(hex(unmet)) (bit 2: video mode information), which this loader does not provide")
+            throw KVMError.invalid("\(name): multiboot header at offset \(hex(h)) requires flags \(hex(unmet)) (\(MultibootImage.describeRequirements(unmet))), which this loader does not provide")
         }
         if flags & 0x1_0000 != 0 {
             // The a.out kludge: header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr.
@@ -306,7 +316,12 @@ public enum Multiboot {
 
     /// Boots `image` with `memory` bytes of RAM and `cmdline`, runs it until it writes port
     /// 0xF4 (or fails), and reports its console and result.
-    public static func run(_ image: MultibootImage, memory: UInt64, cmdline: String, timeoutNanos: UInt64 = 600_000_000_000) throws(KVMError) -> MultibootRunReport {
+    /// The default of `timeoutNanos` (`--max-run`): a foreign kernel may never power off.
+    public static let defaultMaxRunNanos: UInt64 = 600_000_000_000
+
+    public static func run(_ image: MultibootImage, memory: UInt64, cmdline: String, timeoutNanos: UInt64 = defaultMaxRunNanos,
+                           memoryLimit: UInt64? = nil) throws(KVMError) -> MultibootRunReport {
+        try HostMemoryBudget(parts: [("guest RAM", memory)]).check("this multiboot guest", limit: memoryLimit)
         let kvm = try KVM()
         let g = try GuestVM(kvm: kvm, config: try config(memory: memory))
         try load(image, into: g, cmdline: cmdline)
@@ -331,7 +346,7 @@ public enum Multiboot {
             throw KVMError.invalid("the multiboot guest failed: \(e)" + (console.isEmpty ? "" : "; its console:\n" + console))
         case .success(let o):
             if o.stopped && g.multiboot!.exitValue == nil {
-                throw KVMError.invalid("the multiboot guest did not power off (port 0xf4) within \(timeoutNanos / 1_000_000_000) s; its console:\n" + console)
+                throw KVMError.invalid("the multiboot guest did not power off (port 0xf4) within --max-run \(Duration64(rawValue: timeoutNanos)); its console:\n" + console)
             }
         }
         return MultibootRunReport(exitValue: g.multiboot!.exitValue, console: console, result: MultibootRunReport.parseResult(console),
@@ -343,11 +358,17 @@ public enum Multiboot {
     public static func read(path: String) throws(KVMError) -> MultibootImage {
         guard let f = fopen(path, "rb") else { throw KVMError.invalid("cannot open kernel '\(path)': \(String(cString: strerror(errno)))") }
         defer { fclose(f) }
+        var st = stat()
+        if fstat(fileno(f), &st) != 0 { throw KVMError.call("fstat(\(path))", lastErrno()) }
+        try requireRegularFile(st, path: path, what: "kernel")
         var bytes: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             let n = fread(&buf, 1, buf.count, f)
-            if n <= 0 { break }
+            if n <= 0 {
+                if ferror(f) != 0 { throw KVMError.call("read kernel '\(path)'", lastErrno()) }
+                break
+            }
             bytes += buf[0..<n]
             if bytes.count > 1 << 30 { throw KVMError.invalid("kernel '\(path)' is larger than 1 GiB") }
         }

@@ -1,6 +1,9 @@
 import CKVM
 import MemVirtCore
 import MemVirtGuest
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// How `KVMRunner` runs a workload.
 public struct KVMRunOptions: Sendable {
@@ -23,6 +26,11 @@ public struct KVMRunOptions: Sendable {
     /// With `mergeable`: run ksmd (tuned, settings restored after) from before the workload
     /// until this many full scans after it, with the VM still alive. 0: leave ksmd as it is.
     public var ksmScans = 0
+    /// Stop the guest and fail the run when it has not finished after this long (`--max-run`;
+    /// nil: no limit, a synthetic workload always ends).
+    public var maxRunNanos: UInt64? = nil
+    /// Refuse the run when it would need more host memory than this (`--memory-limit`).
+    public var memoryLimit: UInt64? = nil
 
     public init() {}
 }
@@ -103,6 +111,38 @@ public enum KVMRunner {
         return (m, table)
     }
 
+    /// What a run of `spec` takes from the host, at most: the guest data it touches (all of the
+    /// footprint for a workload that covers it; with a pager, the resident limit: evicted
+    /// pages go to the store file under /tmp, on disk here), and the runtime area with the
+    /// per-thread lookup tables and the page tables (one 4 KiB table per 2 MiB of footprint
+    /// with 4K pages, plus the fixed runtime: `GuestVM`'s layout, rounded up to 2 MiB).
+    public static func memoryBudget(_ spec: WorkloadSpec, pageSize: PageSize, residentLimit: UInt64?) -> HostMemoryBudget {
+        let f = spec.footprint.rawValue
+        let data = residentLimit.map { min($0, f) } ?? f
+        let (tables, o1) = tableBytes(spec).multipliedReportingOverflow(by: UInt64(max(1, spec.threads)))
+        let pageTables = (f / (2 << 20) + f / (1 << 30) + 16) * 4096
+        // Fixed part: the runtime image, descriptor tables, mailboxes and stacks (`GuestVM`
+        // rounds the runtime area to 2 MiB).
+        let fixed: UInt64 = 2 << 20
+        return HostMemoryBudget(parts: [("guest data", data), ("lookup tables", o1 ? .max : tables), ("runtime", pageTables + fixed)])
+    }
+
+    /// Refuses guest page sizes the host's KVM cannot give the guest, before any VM exists:
+    /// 1 GiB pages need CPUID.80000001H:EDX.Page1GB (bit 26) in KVM_GET_SUPPORTED_CPUID, or
+    /// the guest's first access through a 1 GiB mapping is a bare #PF (reserved bit).
+    public static func checkPageSize(_ ps: PageSize, kvm: KVM) throws(KVMError) {
+        guard ps == .size1G else { return }
+        try checkPageSize(ps, extendedFeatureEDX: kvm.supportedCPUIDEntry(leaf: 0x8000_0001)?.edx)
+    }
+
+    /// The same check on a CPUID leaf 0x80000001 EDX (nil: the leaf is missing).
+    public static func checkPageSize(_ ps: PageSize, extendedFeatureEDX edx: UInt32?) throws(KVMError) {
+        guard ps == .size1G else { return }
+        guard let edx, edx & (1 << 26) != 0 else {
+            throw KVMError.invalid("--page-size 1G: this host's KVM does not offer 1 GiB guest pages (CPUID 0x80000001 EDX bit 26, Page1GB, is clear in KVM_GET_SUPPORTED_CPUID); use 4K or 2M")
+        }
+    }
+
     /// Table bytes one thread needs.
     static func tableBytes(_ spec: WorkloadSpec) -> UInt64 {
         switch spec.pattern {
@@ -134,7 +174,9 @@ public enum KVMRunner {
         if pagerOn && o.pageSize != .size4K && o.residentLimit != nil {
             throw KVMError.invalid("--resident-limit works on 4K guest pages")
         }
+        try memoryBudget(spec, pageSize: o.pageSize, residentLimit: o.residentLimit).check("this run", limit: o.memoryLimit)
         let kvm = try KVM()
+        try checkPageSize(o.pageSize, kvm: kvm)
         var c = GuestConfig(dataSize: spec.footprint.rawValue)
         c.dataVirtual = spec.base
         c.dataPageSize = o.pageSize
@@ -175,7 +217,7 @@ public enum KVMRunner {
         let usageBefore = ProcessUsage.now()
         let t0 = monotonicNanoseconds()
 
-        let outcomes = try runAll(g)
+        let outcomes = try runAll(g, maxRunNanos: o.maxRunNanos)
 
         let t1 = monotonicNanoseconds()
         let usageAfter = ProcessUsage.now()
@@ -280,17 +322,31 @@ public enum KVMRunner {
         return KVMRunReport(result: result, guests: guests, vmStats: vmDelta, vcpuStats: vcpuDelta, pager: pagerReport, dirty: dirty, ksm: ksmJSON)
     }
 
-    /// Runs every vCPU's command on its own thread and waits for all.
-    static func runAll(_ g: GuestVM) throws(KVMError) -> [CommandOutcome] {
+    /// Runs every vCPU's command on its own thread and waits for all, at most `maxRunNanos`:
+    /// then the vCPUs are kicked out of KVM_RUN and the run fails, naming the limit.
+    static func runAll(_ g: GuestVM, maxRunNanos: UInt64? = nil) throws(KVMError) -> [CommandOutcome] {
         let boxes = g.vcpus.map { _ in ResultBox<CommandOutcome>() }
+        let kicker = VCPUKicker(vm: g)
+        let running = RunningCount(g.vcpus.count)
         var threads: [DedicatedThread] = []
         for (i, box) in boxes.enumerated() {
             threads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") {
-                do { box.value = .success(try g.execute(vcpu: i)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+                do { box.value = .success(try g.execute(vcpu: i, kicker: kicker)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+                running.finish()
             })
         }
+        if let limit = maxRunNanos {
+            let t0 = monotonicNanoseconds()
+            while monotonicNanoseconds() - t0 < limit && running.value > 0 { usleepNanos(1_000_000) }
+            if running.value > 0 { kicker.stop() }
+        }
         for t in threads { t.join() }
-        return try boxes.map { (b) throws(KVMError) in try b.value!.get() }
+        let outcomes = try boxes.map { (b) throws(KVMError) in try b.value!.get() }
+        let unfinished = outcomes.filter(\.stopped).count
+        if unfinished > 0, let limit = maxRunNanos {
+            throw KVMError.invalid("the guest did not finish within --max-run \(Duration64(rawValue: limit)) (\(unfinished) of \(outcomes.count) vCPUs still running): stopped")
+        }
+        return outcomes
     }
 
     static func statsJSON(_ s: StatValues, _ ds: [StatDescriptor], wall: Double) -> JSONValue {
@@ -312,5 +368,29 @@ public enum KVMRunner {
         }
         kv.append(("to_userspace", .object(userspace.sorted { $0.key < $1.key }.map { ($0.key, .uint($0.value)) })))
         return .object(kv)
+    }
+}
+
+/// vCPU threads still running (each calls `finish` as it ends), read by the thread that
+/// enforces `--max-run`.
+final class RunningCount: @unchecked Sendable {
+    private var lock = pthread_mutex_t()
+    private var count: Int
+    init(_ n: Int) { count = n; pthread_mutex_init(&lock, nil) }
+    deinit { pthread_mutex_destroy(&lock) }
+    func finish() { pthread_mutex_lock(&lock); count -= 1; pthread_mutex_unlock(&lock) }
+    var value: Int { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return count }
+}
+
+extension KVM {
+    /// One entry of KVM_GET_SUPPORTED_CPUID (index 0), or nil when KVM does not list the leaf.
+    func supportedCPUIDEntry(leaf: UInt32) throws(KVMError) -> kvm_cpuid_entry2? {
+        let buf = try supportedCPUID()
+        return buf.withPointer { p -> kvm_cpuid_entry2? in
+            let n = Int(p.pointee.nent)
+            let entries = UnsafeRawPointer(p).advanced(by: MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+            for i in 0..<n where entries[i].function == leaf && entries[i].index == 0 { return entries[i] }
+            return nil
+        }
     }
 }

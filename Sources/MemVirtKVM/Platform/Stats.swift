@@ -91,6 +91,7 @@ public final class StatsReader: @unchecked Sendable {
 /// Stat values by name.
 public struct StatValues: Sendable {
     public var values: [String: UInt64]
+    public init(values: [String: UInt64]) { self.values = values }
     public subscript(_ name: String) -> UInt64 { values[name] ?? 0 }
 
     /// `self - earlier` for cumulative stats, `self` for the others (instant, peak).

@@ -114,7 +114,7 @@ final class DedicatedThread: @unchecked Sendable {
 }
 
 /// Runs `body` on a dedicated pthread and returns its result; the caller waits.
-func onDedicatedThread<T: Sendable>(name: String, _ body: @escaping @Sendable () throws(KVMError) -> T) throws(KVMError) -> T {
+public func onDedicatedThread<T: Sendable>(name: String, _ body: @escaping @Sendable () throws(KVMError) -> T) throws(KVMError) -> T {
     let box = ResultBox<T>()
     let t = try DedicatedThread.start(name: name) {
         do { box.value = .success(try body()) } catch let e as KVMError { box.value = .failure(e) } catch {}

@@ -23,6 +23,34 @@ public enum SnapshotFormat {
     public static let magic: UInt32 = 0x4e53_564d  // "MVSN" little-endian
     public static let version: UInt16 = 1
     public static let headerSize = 64
+    /// The largest meta a reader accepts: 8 vCPU states (tens of KiB each) and 8 bytes per
+    /// page hash of up to `maxPages` pages fit well below it.
+    public static let maxMetaBytes: UInt64 = 256 << 20
+    /// The most pages a snapshot may hold: 16 TiB of guest memory (KVM's x86 guest-physical
+    /// space is 52 bits, but no guest of ours comes near this; it keeps every count in an Int).
+    public static let maxPages: UInt64 = 1 << 32
+}
+
+/// Runs a decoder over snapshot bytes. The decoders shared with the migration stream name the
+/// stream in their errors: here they name the snapshot file instead.
+func snapshotWording<T>(_ path: String, _ body: () throws(KVMError) -> T) -> Result<T, KVMError> {
+    do { return .success(try body()) } catch {
+        guard case .invalid(let m) = error else { return .failure(error) }
+        var text = m.replacing("migration stream corrupt", with: "snapshot \(path) corrupt")
+        text = text.replacing("migration stream", with: "snapshot \(path)")
+        if !text.contains(path) { text = "snapshot \(path) corrupt: " + text }
+        return .failure(.invalid(text))
+    }
+}
+
+/// Refuses a path that is not a regular file (a directory reads as 0 bytes or EISDIR, a FIFO
+/// blocks) with what it is.
+func requireRegularFile(_ st: stat, path: String, what: String) throws(KVMError) {
+    let kind = st.st_mode & S_IFMT
+    guard kind != S_IFREG else { return }
+    let name = kind == S_IFDIR ? "a directory" : kind == S_IFIFO ? "a FIFO" : kind == S_IFCHR ? "a character device"
+        : kind == S_IFBLK ? "a block device" : kind == S_IFSOCK ? "a socket" : "not a regular file"
+    throw KVMError.invalid("\(path) is \(name), not a \(what) file")
 }
 
 /// What `Snapshot.save` did.
@@ -59,6 +87,8 @@ public struct RestoreOptions: Sendable {
     public var prefetch: [Int] = []
     /// Run the restored guest this long, then stop it (nil: to the end of its workload).
     public var runNanos: UInt64? = nil
+    /// Refuse the restore when it would need more host memory than this (`--memory-limit`).
+    public var memoryLimit: UInt64? = nil
     public init() {}
 }
 
@@ -79,6 +109,12 @@ public struct RestoreReport: Sendable {
     public var finished = false
     public var guest: [GuestReport] = []
     public var snapshotHash: UInt64 = 0
+    /// Host memory the restore was allowed to take (runtime + data pages with content): what
+    /// was checked against the host's available memory and `memoryLimit`.
+    public var memoryNeededBytes: UInt64 = 0
+    /// Guest data memory resident in the VMM at the end (the data mapping's `Rss` in
+    /// /proc/self/smaps: zero pages mapped for reads are not counted).
+    public var dataResidentBytes: UInt64? = nil
 
     public var json: JSONValue {
         .object([
@@ -86,6 +122,7 @@ public struct RestoreReport: Sendable {
             ("time_to_first_instruction_ms", .double(Double(timeToFirstInstructionNanos / 1000) / 1000)),
             ("pages_loaded_eagerly", .uint(pagesLoadedEagerly)), ("faults", .uint(faults)), ("prefetched", .uint(prefetched)),
             ("run_ms", .double(Double(runNanos / 1000) / 1000)), ("finished", .bool(finished)),
+            ("memory_needed_bytes", .uint(memoryNeededBytes)), ("data_resident_bytes", dataResidentBytes.map { .uint($0) } ?? .null),
             ("snapshot_hash", .string("0x" + String(snapshotHash, radix: 16))),
             ("guest", .array(guest.map { r in
                 var o: [(String, JSONValue)] = [("accesses", .uint(r.accesses)), ("reads", .uint(r.reads)), ("writes", .uint(r.writes)), ("read_sum", .uint(r.readSum))]
@@ -101,8 +138,12 @@ public enum Snapshot {
 
     /// Runs `spec` in a VM for `afterNanos` (or to its end), stops it, and writes the snapshot
     /// to `path`.
-    public static func save(_ spec: WorkloadSpec, afterNanos: UInt64, to path: String, accessesPerSecond: UInt64? = nil) throws(KVMError) -> SnapshotSaveReport {
+    public static func save(_ spec: WorkloadSpec, afterNanos: UInt64, to path: String, accessesPerSecond: UInt64? = nil,
+                            memoryLimit: UInt64? = nil) throws(KVMError) -> SnapshotSaveReport {
         do { try spec.validate() } catch { throw KVMError.invalid(error.message) }
+        // A path that cannot take the snapshot is refused before the guest runs.
+        try checkWritable(path)
+        try KVMRunner.memoryBudget(spec, pageSize: .size4K, residentLimit: nil).check("the snapshot's guest", limit: memoryLimit)
         let kvm = try KVM()
         var c = GuestConfig(dataSize: spec.footprint.rawValue)
         c.dataVirtual = spec.base
@@ -129,6 +170,22 @@ public enum Snapshot {
         report.saveNanos = monotonicNanoseconds() - s0
         report.vcpusDone = runner.done
         return report
+    }
+
+    /// Refuses a snapshot path that is a directory or another non-file, or whose temporary
+    /// `PATH.partial` cannot be created (the test leaves nothing behind).
+    static func checkWritable(_ path: String) throws(KVMError) {
+        var st = stat()
+        if stat(path, &st) == 0 { try requireRegularFile(st, path: path, what: "snapshot") }
+        let tmp = path + ".partial"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        if fd < 0 {
+            let e = lastErrno()
+            if e.rawValue == EEXIST { return }  // an old one: O_TRUNC at the write
+            throw KVMError.call("cannot create the snapshot's temporary file \(tmp)", e)
+        }
+        close(fd)
+        unlink(tmp)
     }
 
     /// Writes a stopped VM's snapshot.
@@ -178,6 +235,9 @@ public enum Snapshot {
         // Write to a temporary name, rename when complete: a crash never leaves a valid-looking file.
         let tmp = path + ".partial"
         let fd = try FileDescriptor.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+        // A failed write leaves nothing behind: no PATH.partial.
+        var complete = false
+        defer { if !complete { unlink(tmp) } }
         func pwriteAll(_ p: UnsafeRawPointer, _ n: Int, _ off: UInt64) throws(KVMError) {
             var done = 0
             while done < n {
@@ -205,6 +265,7 @@ public enum Snapshot {
         }
         if fsync(fd.raw) != 0 { throw KVMError.call("fsync(\(tmp))", lastErrno()) }
         if rename(tmp, path) != 0 { throw KVMError.call("rename(\(tmp) -> \(path))", lastErrno()) }
+        complete = true
         report.fileBytes = fileSize
         report.memoryBytes = memoryBytes
         report.pages = UInt64(hashes.count)
@@ -228,10 +289,11 @@ public enum Snapshot {
 
         init(path: String) throws(KVMError) {
             self.path = path
-            let fd = try FileDescriptor.open(path, O_RDONLY)
+            let fd = try FileDescriptor.open(path, O_RDONLY | O_NONBLOCK)  // a FIFO would block the open: refused below
             self.fd = fd
             var st = stat()
             if fstat(fd.raw, &st) != 0 { throw KVMError.call("fstat(\(path))", lastErrno()) }
+            try requireRegularFile(st, path: path, what: "snapshot")
             let size = UInt64(st.st_size)
             var h = [UInt8](repeating: 0, count: SnapshotFormat.headerSize)
             let got = h.withUnsafeMutableBytes { pread(fd.raw, $0.baseAddress, $0.count, 0) }
@@ -255,9 +317,12 @@ public enum Snapshot {
                     let hsum: UInt64 = try r.get()
                     let want = ckvm_checksum(b.baseAddress, 48)
                     guard hsum == want else { throw KVMError.invalid("snapshot \(path) corrupt: header checksum mismatch") }
-                    guard metaLen <= 256 << 20, memOff % 4096 == 0, memOff >= UInt64(SnapshotFormat.headerSize) + metaLen,
-                          fileSize == memOff + memBytes, memBytes % 4096 == 0 else {
-                        throw KVMError.invalid("snapshot \(path) corrupt: inconsistent header (meta \(metaLen), memory at \(memOff) + \(memBytes), size \(fileSize))")
+                    // Every number is checked before it is summed or converted: a crafted header is an
+                    // error, never a trap.
+                    let (end, overflow) = memOff.addingReportingOverflow(memBytes)
+                    guard metaLen <= SnapshotFormat.maxMetaBytes, memOff % 4096 == 0, memOff >= UInt64(SnapshotFormat.headerSize) + metaLen,
+                          !overflow, fileSize == end, memBytes % 4096 == 0, memBytes / 4096 <= SnapshotFormat.maxPages else {
+                        throw KVMError.invalid("snapshot \(path) corrupt: inconsistent header (meta \(metaLen) bytes of at most \(SnapshotFormat.maxMetaBytes), memory at \(memOff) + \(memBytes)\(overflow ? " (past 2^64)" : ""), size \(fileSize))")
                     }
                     return (metaLen, metaSum, memOff, memBytes, fileSize)
                 }
@@ -272,41 +337,73 @@ public enum Snapshot {
             let msum = meta.withUnsafeBytes { ckvm_checksum($0.baseAddress, $0.count) }
             guard msum == metaSum else { throw KVMError.invalid("snapshot \(path) corrupt: meta checksum mismatch (vCPU state or page hashes damaged)") }
             let parsed: Result<(MigrationHello, [Bool], [VCPUState], [UInt64]), KVMError> = meta.withUnsafeBytes { b in
-                Result { () throws(KVMError) in
+                snapshotWording(path) { () throws(KVMError) in
                     var r = ByteReader(b, what: "snapshot meta")
-                    let hb = try r.getBytes()
+                    let hb = try Self.blob(&r, path: path, what: "the VM configuration")
                     let hr: Result<MigrationHello, KVMError> = hb.withUnsafeBytes { x in Result { () throws(KVMError) in try MigrationHello.decode(x) } }
                     let hello = try hr.get()
                     _ = try r.get(UInt64.self)  // realtime at save
-                    let n = Int(try r.get(UInt64.self))
-                    guard n >= 1, n <= GuestLayout.maxVCPUs, UInt32(n) == hello.vcpus else { throw KVMError.invalid("snapshot \(path) corrupt: \(n) vCPU states") }
+                    let n64 = try r.get(UInt64.self)
+                    guard n64 >= 1, n64 <= UInt64(GuestLayout.maxVCPUs), n64 == UInt64(hello.vcpus) else {
+                        throw KVMError.invalid("snapshot \(path) corrupt: \(n64) vCPU states for a VM of \(hello.vcpus) vCPUs (this memvirt runs 1...\(GuestLayout.maxVCPUs))")
+                    }
+                    let n = Int(n64)
                     var done: [Bool] = [], states: [VCPUState] = []
-                    for _ in 0..<n {
+                    for i in 0..<n {
                         done.append(try r.get(UInt8.self) != 0)
-                        let sb = try r.getBytes()
+                        let sb = try Self.blob(&r, path: path, what: "vCPU \(i)'s state")
                         let sr: Result<VCPUState, KVMError> = sb.withUnsafeBytes { x in
                             Result { () throws(KVMError) in var rr = ByteReader(x, what: "snapshot vCPU state"); return try VCPUState.decode(&rr) }
                         }
                         states.append(try sr.get())
                     }
-                    let pages = Int(try r.get(UInt64.self))
-                    guard UInt64(pages) * 4096 == memBytes, r.remaining == pages * 8 else {
-                        throw KVMError.invalid("snapshot \(path) corrupt: \(pages) page hashes for \(memBytes) bytes of memory")
+                    let pages64 = try r.get(UInt64.self)
+                    // memBytes is bounded by the header check (at most maxPages pages).
+                    guard pages64 == memBytes / 4096, UInt64(r.remaining) == pages64 * 8 else {
+                        throw KVMError.invalid("snapshot \(path) corrupt: \(pages64) page hashes (\(r.remaining) bytes of them) for \(memBytes) bytes of memory")
                     }
+                    let pages = Int(pages64)
                     var hashes = [UInt64](repeating: 0, count: pages)
                     hashes.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: b[r.offset...])) }
                     return (hello, done, states, hashes)
                 }
             }
             (hello, done, states, hashes) = try parsed.get()
-            guard hello.dataSize + hello.runtimeSize == memBytes else {
+            let (guestBytes, sumOverflow) = hello.dataSize.addingReportingOverflow(hello.runtimeSize)
+            guard !sumOverflow, guestBytes == memBytes, hello.dataSize % 4096 == 0, hello.runtimeSize % 4096 == 0 else {
                 throw KVMError.invalid("snapshot \(path) corrupt: \(hello.dataSize) + \(hello.runtimeSize) bytes of guest memory, \(memBytes) in the file")
+            }
+            // The runtime holds every vCPU's lookup table: a larger table cannot be real (and
+            // would overflow the layout's arithmetic).
+            guard hello.tableBytesPerVCPU <= hello.runtimeSize / UInt64(hello.vcpus) else {
+                throw KVMError.invalid("snapshot \(path) corrupt: \(hello.tableBytesPerVCPU) table bytes per vCPU in a runtime area of \(hello.runtimeSize) bytes")
             }
             memoryOffset = memOff
             memory = try Mapping(size: Int(memBytes), prot: PROT_READ, flags: MAP_PRIVATE, fd: fd.raw, offset: off_t(memOff), what: "snapshot \(path)")
         }
 
         func page(_ i: Int) -> UnsafeRawPointer { UnsafeRawPointer(memory.base + i * 4096) }
+
+        /// True when the snapshot says page `i` is all zeros (its hash is the zero page's):
+        /// restore maps the zero page instead of copying, so untouched memory stays unallocated.
+        func isZero(_ i: Int) -> Bool { hashes[i] == ckvm_page_hash_zero(UInt64(i)) }
+
+        /// Data pages (below `dataPages`) with content.
+        func nonZeroPages(below dataPages: Int) -> Int {
+            hashes.withUnsafeBufferPointer { Int(ckvm_count_nonzero_hashes($0.baseAddress, min(dataPages, $0.count), 0)) }
+        }
+
+        /// A length-prefixed field of the meta, its length checked against what is left before
+        /// it is converted.
+        static func blob(_ r: inout ByteReader, path: String, what: String) throws(KVMError) -> [UInt8] {
+            let n = try r.get(UInt64.self)
+            guard n <= UInt64(r.remaining) else {
+                throw KVMError.invalid("snapshot \(path) corrupt: \(what) claims \(n) bytes at meta offset \(r.offset - 8), \(r.remaining) remain")
+            }
+            let a = Array(r.buffer[r.offset..<(r.offset + Int(n))])
+            r.offset += Int(n)
+            return a
+        }
 
         /// The page's content checked against its hash.
         func checkedPage(_ i: Int) throws(KVMError) -> UnsafeRawPointer {
@@ -324,9 +421,19 @@ public enum Snapshot {
     public static func restore(from path: String, options o: RestoreOptions) throws(KVMError) -> RestoreReport {
         let t0 = monotonicNanoseconds()
         let f = try File(path: path)
-        guard let ps = PageSize.allCases.first(where: { $0.bytes == f.hello.pageSize }) else {
-            throw KVMError.invalid("snapshot \(path) corrupt: guest page size \(f.hello.pageSize)")
+        guard let ps = PageSize.allCases.first(where: { $0.bytes == f.hello.pageSize }), f.hello.dataSize % ps.bytes == 0 else {
+            throw KVMError.invalid("snapshot \(path) corrupt: guest page size \(f.hello.pageSize) for \(f.hello.dataSize) bytes of data (use 4K, 2M or 1G)")
         }
+        // Host memory: the runtime, and the data pages with content. Zero pages (never written,
+        // holes in the file) are not copied, eagerly or lazily: the guest reads them from the
+        // host's zero page, so even the final checksum, which reads every page, allocates none.
+        // A guest whose workload goes on may still write any page of its footprint: then the
+        // whole footprint counts.
+        let dataPageCount = Int(f.hello.dataSize / 4096)
+        let budget = f.done.allSatisfy({ $0 })
+            ? HostMemoryBudget(parts: [("runtime", f.hello.runtimeSize), ("data pages with content", UInt64(f.nonZeroPages(below: dataPageCount)) * 4096)])
+            : HostMemoryBudget(parts: [("runtime", f.hello.runtimeSize), ("guest data (its workload goes on)", f.hello.dataSize)])
+        try budget.check("restoring \(path)", limit: o.memoryLimit)
         var c = GuestConfig(dataSize: f.hello.dataSize)
         c.vcpus = Int(f.hello.vcpus)
         c.tableBytesPerVCPU = f.hello.tableBytesPerVCPU
@@ -340,6 +447,7 @@ public enum Snapshot {
         let dataPages = Int(g.data.size / 4096)
         var report = RestoreReport(lazy: o.lazy)
         report.snapshotHash = f.hashes.reduce(0, &+)
+        report.memoryNeededBytes = budget.needBytes
         // The runtime (descriptor tables, page tables, mailboxes, stacks): always eagerly.
         for i in 0..<Int(g.runtime.size / 4096) {
             memcpy(g.runtime.mapping.base + i * 4096, try f.checkedPage(dataPages + i), 4096)
@@ -348,32 +456,50 @@ public enum Snapshot {
         if o.lazy {
             lazy = try LazyPages(region: g.data, file: f)
         } else {
-            // Eager: read the data pages in (large reads), then check every page.
-            var off = 0
-            let total = Int(g.data.size)
-            while off < total {
-                let n = pread(f.fd.raw, g.data.mapping.base + off, min(total - off, 32 << 20), off_t(f.memoryOffset + UInt64(off)))
-                if n < 0 { if errno == EINTR { continue }; throw KVMError.call("read snapshot \(path)", lastErrno()) }
-                if n == 0 { throw KVMError.invalid("snapshot \(path) truncated while reading guest memory at \(off)") }
-                off += n
+            // Eager: read the runs of pages with content in (large reads), then check them; zero
+            // pages stay untouched (fresh anonymous memory reads as zero).
+            var i = 0
+            while i < dataPages {
+                if f.isZero(i) { i += 1; continue }
+                var j = i + 1
+                while j < dataPages && !f.isZero(j) && j - i < 8192 { j += 1 }
+                var off = i * 4096
+                let end = j * 4096
+                while off < end {
+                    let n = pread(f.fd.raw, g.data.mapping.base + off, end - off, off_t(f.memoryOffset + UInt64(off)))
+                    if n < 0 { if errno == EINTR { continue }; throw KVMError.call("read snapshot \(path)", lastErrno()) }
+                    if n == 0 { throw KVMError.invalid("snapshot \(path) truncated while reading guest memory at \(off)") }
+                    off += n
+                }
+                for k in i..<j where ckvm_page_hash(g.data.mapping.base + k * 4096, UInt64(k)) != f.hashes[k] {
+                    throw KVMError.invalid("snapshot \(path) corrupt: page \(k) does not match its hash")
+                }
+                report.pagesLoadedEagerly += UInt64(j - i)
+                i = j
             }
-            for i in 0..<dataPages where ckvm_page_hash(g.data.mapping.base + i * 4096, UInt64(i)) != f.hashes[i] {
-                throw KVMError.invalid("snapshot \(path) corrupt: page \(i) does not match its hash")
-            }
-            report.pagesLoadedEagerly = UInt64(dataPages)
         }
         for (i, s) in f.states.enumerated() { try g.vcpus[i].restoreState(s) }
         let kicker = VCPUKicker(vm: g)
         var runner = VCPUThreads(g: g, kicker: kicker)
         runner.done = f.done
-        lazy?.start(onError: { kicker.stop() })
+        defer { lazy?.stop() }
+        try lazy?.start(onError: { kicker.stop() })
         report.timeToFirstInstructionNanos = monotonicNanoseconds() - t0
         try runner.start()
-        if let l = lazy, !o.prefetch.isEmpty { l.prefetch(o.prefetch.filter { $0 >= 0 && $0 < dataPages }) }
+        if let l = lazy, !o.prefetch.isEmpty { try l.prefetch(o.prefetch.filter { $0 >= 0 && $0 < dataPages }) }
         let r0 = monotonicNanoseconds()
+        // vCPUs that had finished before the snapshot do not run again (no thread to wait for).
+        let allFinished = { (r: VCPUThreads) in r.allDoneFast || r.done.allSatisfy { $0 } }
         if let limit = o.runNanos {
-            while monotonicNanoseconds() - r0 < limit && !runner.allDoneFast { usleepNanos(1_000_000) }
-            if !runner.allDoneFast { try runner.stop() } else { try runner.join() }
+            while monotonicNanoseconds() - r0 < limit && !allFinished(runner) { usleepNanos(1_000_000) }
+            if !allFinished(runner) {
+                try runner.stop()
+                // The stop leaves immediate_exit set: clear it, or the checksum below would
+                // leave KVM_RUN at once, over and over.
+                kicker.resume()
+            } else {
+                try runner.join()
+            }
         } else {
             try runner.join()
         }
@@ -385,6 +511,7 @@ public enum Snapshot {
             // The guest's checksum reads all its memory: with lazy pages, while the handler still runs.
             report.guest = try LiveMigration.finalGuest(g, threads: g.vcpus.count)
         }
+        report.dataResidentBytes = residentBytes(of: g.data.mapping.base)
         if let l = lazy {
             l.stop()
             if let e = l.error { throw e }
@@ -394,7 +521,10 @@ public enum Snapshot {
 
     /// Reads a working-set file (`memvirt-working-set 1` then one page index a line).
     public static func readWorkingSet(_ path: String) throws(KVMError) -> [Int] {
-        let fd = try FileDescriptor.open(path, O_RDONLY)
+        let fd = try FileDescriptor.open(path, O_RDONLY | O_NONBLOCK)  // a FIFO would block the open: refused below
+        var st = stat()
+        if fstat(fd.raw, &st) != 0 { throw KVMError.call("fstat(\(path))", lastErrno()) }
+        try requireRegularFile(st, path: path, what: "working-set")
         var bytes: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 1 << 16)
         while true {
@@ -403,27 +533,50 @@ public enum Snapshot {
             if n == 0 { break }
             bytes += buf[0..<n]
         }
-        let lines = String(decoding: bytes, as: UTF8.self).split(separator: "\n")
-        guard let first = lines.first, first.hasPrefix("memvirt-working-set 1") else {
+        // Lines end in LF or CRLF (a file edited on Windows); "\r\n" is one Character in Swift,
+        // so split on the bytes.
+        let lines = bytes.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).enumerated().compactMap { (k, l) -> (Int, String)? in
+            let t = l.last == UInt8(ascii: "\r") ? l.dropLast() : l[...]
+            return t.isEmpty ? nil : (k + 1, String(decoding: t, as: UTF8.self))
+        }
+        guard let first = lines.first, first.0 == 1, first.1.hasPrefix("memvirt-working-set 1") else {
             throw KVMError.invalid("\(path) is not a working-set file (first line must be 'memvirt-working-set 1')")
         }
         var pages: [Int] = []
-        for (k, l) in lines.dropFirst().enumerated() {
-            guard let p = Int(l), p >= 0 else { throw KVMError.invalid("\(path):\(k + 2): '\(l)' is not a page index") }
+        for (k, l) in lines.dropFirst() {
+            guard let p = Int(l), p >= 0 else { throw KVMError.invalid("\(path):\(k): '\(l)' is not a page index") }
             pages.append(p)
         }
         return pages
     }
 
     public static func writeWorkingSet(_ pages: [Int], to path: String) throws(KVMError) {
+        try WorkingSetFile(creating: path).write(pages)
+    }
+}
+
+/// A working-set file opened for writing: created before a restore, so a bad path fails
+/// before the guest runs rather than after.
+public final class WorkingSetFile: @unchecked Sendable {
+    let fd: FileDescriptor
+    public let path: String
+
+    public init(creating path: String) throws(KVMError) {
+        self.path = path
+        var st = stat()
+        if stat(path, &st) == 0 { try requireRegularFile(st, path: path, what: "working-set") }
+        fd = try FileDescriptor.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+    }
+
+    /// `memvirt-working-set 1 pages=N`, then one page index a line.
+    public func write(_ pages: [Int]) throws(KVMError) {
         var s = "memvirt-working-set 1 pages=\(pages.count)\n"
         for p in pages { s += "\(p)\n" }
-        let fd = try FileDescriptor.open(path, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
         let bytes = Array(s.utf8)
         var off = 0
         while off < bytes.count {
             let w = bytes.withUnsafeBytes { Glibc.write(fd.raw, $0.baseAddress! + off, $0.count - off) }
-            if w < 0 { throw KVMError.call("write(\(path))", lastErrno()) }
+            if w < 0 { if errno == EINTR { continue }; throw KVMError.call("write(\(path))", lastErrno()) }
             off += w
         }
     }
@@ -463,8 +616,17 @@ final class LazyPages: @unchecked Sendable {
     var error: KVMError? { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _error }
     var touchOrder: [Int] { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _order }
 
-    /// Copies page `p` in; false when it was there already.
+    /// Copies page `p` in (a page the snapshot says is zero: maps the zero page, allocating
+    /// nothing until the guest writes it); false when it was there already.
     func copy(_ p: Int, check: Bool = true) throws(KVMError) -> Bool {
+        if file.isZero(p) {
+            var z = uffdio_zeropage(range: uffdio_range(start: region.hostAddress.rawValue + UInt64(p) * 4096, len: 4096), mode: 0, zeropage: 0)
+            var rc = ckvm_uffdio_zeropage(uffd.raw, &z)
+            while rc == -EAGAIN { z.zeropage = 0; rc = ckvm_uffdio_zeropage(uffd.raw, &z) }
+            if rc == -EEXIST { return false }
+            _ = try checked(rc, "UFFDIO_ZEROPAGE(restore page \(p))")
+            return true
+        }
         let src = check ? try file.checkedPage(p) : file.page(p)
         var c = uffdio_copy(dst: region.hostAddress.rawValue + UInt64(p) * 4096, src: UInt64(UInt(bitPattern: src)), len: 4096, mode: 0, copy: 0)
         var rc = ckvm_uffdio_copy(uffd.raw, &c)
@@ -474,12 +636,14 @@ final class LazyPages: @unchecked Sendable {
         return true
     }
 
-    func start(onError: @escaping @Sendable () -> Void) {
-        thread = try? DedicatedThread.start(name: "memvirt-lazy-restore") { [self] in loop(onError) }
+    /// Starts the fault handler. A handler that cannot start fails the restore: without it the
+    /// first touch of a page would hang its vCPU forever.
+    func start(onError: @escaping @Sendable () -> Void) throws(KVMError) {
+        thread = try DedicatedThread.start(name: "memvirt-lazy-restore") { [self] in loop(onError) }
     }
 
-    func prefetch(_ pages: [Int]) {
-        prefetcher = try? DedicatedThread.start(name: "memvirt-prefetch") { [self] in
+    func prefetch(_ pages: [Int]) throws(KVMError) {
+        prefetcher = try DedicatedThread.start(name: "memvirt-prefetch") { [self] in
             for p in pages {
                 if ckvm_load_acquire_u32(stopFlag) != 0 { break }
                 do throws(KVMError) {
@@ -534,4 +698,29 @@ final class LazyPages: @unchecked Sendable {
             }
         }
     }
+}
+
+/// `Rss` of the mapping that starts at `base`, from /proc/self/smaps (nil if not found). Pages
+/// mapped to the shared zero page are not counted.
+func residentBytes(of base: UnsafeMutableRawPointer) -> UInt64? {
+    guard let f = fopen("/proc/self/smaps", "r") else { return nil }
+    defer { fclose(f) }
+    let start = String(UInt(bitPattern: base), radix: 16)
+    var line = [CChar](repeating: 0, count: 512)
+    var inside = false
+    while fgets(&line, Int32(line.count), f) != nil {
+        let s = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if let dash = s.firstIndex(of: "-"), s[..<dash].allSatisfy(\.isHexDigit), !s[..<dash].isEmpty {
+            // A mapping's first line: "start-end perms ...".
+            var lo = s[..<dash]
+            while lo.count > 1 && lo.hasPrefix("0") { lo = lo.dropFirst() }
+            inside = lo == start
+            continue
+        }
+        if inside && s.hasPrefix("Rss:") {
+            let fields = s.split(separator: " ", omittingEmptySubsequences: true)
+            return fields.count >= 2 ? UInt64(fields[1]).map { $0 * 1024 } : nil
+        }
+    }
+    return nil
 }

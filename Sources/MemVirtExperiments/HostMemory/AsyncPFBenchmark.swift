@@ -1,6 +1,6 @@
-import CKVM
 import MemVirtCore
 import MemVirtGuest
+import MemVirtKVM
 
 /// One case of the async-PF benchmark (seed 001, "KVM asynchronous page faults", KVM Forum
 /// 2010, scaled to this host): per vCPU a faulting thread (uniform random reads over guest

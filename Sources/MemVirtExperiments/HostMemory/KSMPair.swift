@@ -1,6 +1,6 @@
-import CKVM
 import MemVirtCore
 import MemVirtGuest
+import MemVirtKVM
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -95,7 +95,7 @@ public struct KSMPairReport: Sendable {
 public enum KSMPair {
     /// Why the experiment cannot run here, or nil.
     public static func unavailableReason() -> String? {
-        if access("/dev/kvm", R_OK | W_OK) != 0 { return "/dev/kvm is not usable: \(lastErrno())" }
+        if access("/dev/kvm", R_OK | W_OK) != 0 { return "/dev/kvm is not usable: \(Errno(rawValue: errno))" }
         return KSM.unavailableReason()
     }
 
@@ -237,65 +237,5 @@ public enum KSMPair {
         return KSMWritePass(pages: pages.count, ksmBefore: ksmBefore, ksmAfter: PageMap.ksmCount(g.data, pages: pages),
                             nanoseconds: out.marks[1] - out.marks[0], pfFixed: s1["pf_fixed"] &- s0["pf_fixed"],
                             minorFaults: u1.minorFaults &- u0.minorFaults)
-    }
-}
-
-/// /proc/self/pagemap (64 bits per virtual page: bit 63 present, bits 0-54 the frame number,
-/// shown to root only) and /proc/kpageflags (64 bits per frame: bit 21 KPF_KSM);
-/// Documentation/admin-guide/mm/pagemap.rst.
-enum PageMap {
-    static let kpfKSM: UInt64 = 1 << 21
-
-    /// Frame numbers of `pages` of `region` (0 when not present), or nil when unreadable.
-    static func frames(_ region: GuestMemoryRegion, pages: [Int]) -> [UInt64]? {
-        let fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        let base = Int(bitPattern: region.mapping.base) / 4096
-        var out: [UInt64] = []
-        out.reserveCapacity(pages.count)
-        for p in pages {
-            var e: UInt64 = 0
-            guard pread(fd, &e, 8, off_t((base + p) * 8)) == 8 else { return nil }
-            out.append(e >> 63 == 1 ? e & ((1 << 55) - 1) : 0)
-        }
-        // Without CAP_SYS_ADMIN the frame numbers read as 0.
-        return out.contains { $0 != 0 } ? out : nil
-    }
-
-    /// How many of `pages` are mapped to a KSM page now, or nil when the kernel does not say.
-    static func ksmCount(_ region: GuestMemoryRegion, pages: [Int]) -> Int? {
-        guard let f = frames(region, pages: pages) else { return nil }
-        let fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var n = 0
-        for pfn in f where pfn != 0 {
-            var flags: UInt64 = 0
-            guard pread(fd, &flags, 8, off_t(pfn * 8)) == 8 else { return nil }
-            if flags & kpfKSM != 0 { n += 1 }
-        }
-        return n
-    }
-}
-
-/// The ksmd kernel thread: its CPU time from /proc/<pid>/schedstat (first field: ns on a CPU).
-struct KSMDaemon {
-    let pid: Int32
-
-    static func find() -> KSMDaemon? {
-        guard let d = opendir("/proc") else { return nil }
-        defer { closedir(d) }
-        while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard let pid = Int32(name) else { continue }
-            if let comm = try? KSM.readString("/proc/\(pid)/comm"), comm == "ksmd" { return KSMDaemon(pid: pid) }
-        }
-        return nil
-    }
-
-    func cpuNanoseconds() -> UInt64? {
-        guard let s = try? KSM.readString("/proc/\(pid)/schedstat"), let f = s.split(separator: " ").first else { return nil }
-        return UInt64(f)
     }
 }
