@@ -60,5 +60,6 @@ let package = Package(
         .testTarget(name: "MemVirtModelTests", dependencies: ["MemVirtCore", "MemVirtModel"]),
         .testTarget(name: "MemVirtKVMTests", dependencies: ["MemVirtCore", "MemVirtKVM", "CKVM"]),
         .testTarget(name: "MemVirtExperimentsTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments"]),
+        .testTarget(name: "MemVirtReportTests", dependencies: ["MemVirtCore", "MemVirtReport", "MemVirtExperiments"]),
     ]
 )

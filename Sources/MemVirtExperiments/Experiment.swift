@@ -9,13 +9,46 @@ public struct ExperimentReport: Sendable {
     /// Claims from the sources beside what was measured, one line each.
     public var notes: [String]
     public var json: JSONValue
+    /// The series it is about, with the reference points it reproduces (charts in the HTML).
+    public var figures: [Figure]
+    /// The finding in one sentence, with its number beside the seed's or the target's.
+    public var headline: Headline?
 
-    public init(name: String, title: String, tables: [TextTable], notes: [String] = [], json: JSONValue) {
+    /// `figures` and `headline` default to those `ReproductionFigures` builds from `json`
+    /// (the rows the reproduction already computed).
+    public init(name: String, title: String, tables: [TextTable], notes: [String] = [], json: JSONValue,
+                figures: [Figure]? = nil, headline: Headline? = nil) {
         self.name = name
         self.title = title
         self.tables = tables
         self.notes = notes
         self.json = json
+        if let figures {
+            self.figures = figures
+            self.headline = headline
+        } else {
+            let (f, h) = ReproductionFigures.derive(name: name, json: json)
+            self.figures = f
+            self.headline = headline ?? h
+        }
+    }
+
+    /// "model" or "kvm", from the JSON's "engine" key.
+    public var engine: String { json["engine"]?.asString ?? "model" }
+
+    /// `json` with what rebuilds the report beside it ("title", "tables", "notes",
+    /// "headline", "figures"): what report.json stores, and `memvirt report` reads back.
+    public var savedJSON: JSONValue {
+        guard case .object(var kv) = json else { return json }
+        for (k, v) in ReportSection.savedKeys(title: title, tables: tables, notes: notes, headline: headline, figures: figures) where !kv.contains(where: { $0.0 == k }) {
+            kv.append((k, v))
+        }
+        return .object(kv)
+    }
+
+    /// The report's part for the HTML page and the CSV files.
+    public var section: ReportSection {
+        ReportSection(name: name, engine: engine, title: title, headline: headline, figures: figures, tables: tables, notes: notes)
     }
 
     public var text: String {

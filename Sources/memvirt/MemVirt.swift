@@ -13,7 +13,7 @@ struct MemVirt: ParsableCommand {
             shadow and nested MMUs, host memory and migration) and the KVM engine (real VMs on \
             /dev/kvm). Counters carry KVM's stat names where KVM has the event.
             """,
-        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, KVMCommand.self]
+        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, ReportCommand.self, KVMCommand.self]
     )
 }
 

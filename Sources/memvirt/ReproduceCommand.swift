@@ -73,12 +73,15 @@ struct ReproduceCommand: ParsableCommand {
             chosen = pool
         }
         let showProgress = !quiet
-        var reports: [JSONValue] = []
-        var texts: [(String, String)] = []
+        var reports: [ExperimentReport] = []
         if let v = vcpus, !(1...64).contains(v) { throw CLIError("vcpus \(v): use 1...64") }
-        for e in chosen {
+        // Progress on stderr only: one line updated in place on a terminal, plain lines
+        // otherwise; stdout is flushed after each table so the two never interleave in a file.
+        let line = ProgressLine(total: chosen.count)
+        for (i, e) in chosen.enumerated() {
+            if showProgress { line.begin(i + 1, e.name + (engine == "kvm" ? " (kvm)" : "")) }
             let progress: @Sendable (String) -> Void = { msg in
-                if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
+                if showProgress { line.update(msg) }
             }
             let report: ExperimentReport
             if let v = vcpus, engine == "kvm", e == KVMAsyncPageFaults.self || e == KVMAsyncPageFaultsSweep.self {
@@ -86,18 +89,23 @@ struct ReproduceCommand: ParsableCommand {
             } else {
                 report = try Reproductions.run(e, quick: quick, progress: progress)
             }
-            reports.append(report.json)
-            texts.append((report.name, report.text))
-            if !json { print(report.text) }
+            if showProgress { line.end(); line.clear() }
+            reports.append(report)
+            if !json {
+                print(report.text)
+                fflush(nil)  // stdout: tables reach a shared file before the next progress line
+            }
         }
         for s in skipped { printError(s) }
-        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports)), ("skipped", .array(skipped.map { .string($0) }))])
-        if json { print((chosen.count == 1 ? reports[0] : all).rendered()) }
+        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports.map(\.json))), ("skipped", .array(skipped.map { .string($0) }))])
+        if json { print((chosen.count == 1 ? reports[0].json : all).rendered()) }
         if name == nil && out != "-" {
+            // report.json: each reproduction's JSON plus what rebuilds the page (`memvirt report`).
+            let saved: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports.map(\.savedJSON))), ("skipped", .array(skipped.map { .string($0) }))])
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
-            try all.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
-            try HTMLReport.page(texts, skipped: skipped).write(toFile: out + "/report.html", atomically: true, encoding: .utf8)
-            printError("report: \(out)/report.html and \(out)/report.json")
+            try saved.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
+            let files = try ReportFiles.write(reports.map(\.section), skipped: skipped, to: out)
+            printError("report: \(out)/report.html, \(out)/report.json and \(files.count - 1) CSV files in \(out)/<reproduction>/")
         }
     }
 }
