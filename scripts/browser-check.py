@@ -110,6 +110,19 @@ def main():
         shots["full"] = os.path.join(out_dir, "report-full.png")
         with open(shots["full"], "wb") as f:
             f.write(base64.b64decode(full["data"]))
+        # One screenshot per section (id), for people to look at without scrolling a long page.
+        rects = json.loads(send("Runtime.evaluate", {"expression": """JSON.stringify(Array.from(document.querySelectorAll('section')).map(s => {
+            const r = s.getBoundingClientRect(); return {id: s.id, x: r.left + window.scrollX, y: r.top + window.scrollY, width: r.width, height: r.height}; }))""",
+            "returnByValue": True}, session=sid)["result"]["value"])
+        for r in rects:
+            if r["width"] <= 0 or r["height"] <= 0:
+                continue
+            shot = send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                        "clip": {"x": r["x"], "y": r["y"], "width": r["width"], "height": min(r["height"], 8000), "scale": 1}}, session=sid)
+            path = os.path.join(out_dir, "report-section-" + (r["id"] or "unnamed") + ".png")
+            with open(path, "wb") as f:
+                f.write(base64.b64decode(shot["data"]))
+            shots.setdefault("sections", []).append(path)
         # Errors: console.error/assert calls, uncaught exceptions, and log entries at error
         # level (failed loads, blocked resources, parse errors).
         errors = []

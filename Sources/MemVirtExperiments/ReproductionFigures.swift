@@ -90,10 +90,9 @@ public enum ReproductionFigures {
             figs.append(Figure(
                 id: "translation-cycles", title: "What walk caches and large pages save (4/4 levels)", kind: .groupedBar,
                 x: Axis("configuration"), y: Axis("translation cycles per access", unit: "cycles"),
-                series: [Series(name: "translation cycles/access", points: avgs.enumerated().map { DataPoint(x: Double($0.offset), y: d($0.element, "translation_cycles_per_access") ?? 0) }),
-                         Series(name: "avg refs/miss", points: avgs.enumerated().map { DataPoint(x: Double($0.offset), y: d($0.element, "avg_walk_refs") ?? 0) })],
+                series: [Series(name: "translation cycles/access", points: avgs.enumerated().map { DataPoint(x: Double($0.offset), y: d($0.element, "translation_cycles_per_access") ?? 0) })],
                 categories: avgs.map { s($0, "configuration") },
-                caption: "Uniform reads, Golden Cove TLBs; references per miss shown beside the cycles."))
+                caption: "Uniform reads, Golden Cove TLBs; references per miss are in the table below."))
         }
         let allMatch = walks.allSatisfy { d($0, "max_walk_refs") == d($0, "closed_form") }
         let w44 = walks.first { d($0, "guest_levels") == 4 && d($0, "host_levels") == 4 } ?? walks[0]
@@ -305,7 +304,7 @@ public enum ReproductionFigures {
         let rs = rows(j, "rows")
         guard !rs.isEmpty else { return ([], nil) }
         let label = { (r: JSONValue) in "\(s(r, "guest")) \(s(r, "migration"))\(r["auto_converge"]?.asBool == true ? " +AC" : "")" }
-        let withRounds = rs.filter { rows($0, "per_round").count > 1 }
+        let withRounds = rs.filter { rows($0, "per_round").count > 1 && s($0, "migration").hasPrefix("pre") }
         let dirty = Figure(
             id: "dirty-per-round", title: "Dirty pages per migration round", kind: .line,
             x: Axis("round"), y: Axis("dirty pages", scale: .log),
@@ -313,7 +312,7 @@ public enum ReproductionFigures {
                 guard let x = d(p, "round"), let y = d(p, "dirty_pages"), y > 0 else { return nil }
                 return DataPoint(x: x, y: y)
             }) },
-            caption: "Pre-copy rounds: pages dirtied while the previous round was sent. Log scale.")
+            caption: "Pre-copy cases: pages dirtied while the previous round was sent. Log scale.")
         let cats = rs.map(label)
         let times = Figure(
             id: "downtime-total", title: "Downtime and total time per case", kind: .groupedBar,
@@ -321,12 +320,12 @@ public enum ReproductionFigures {
             series: [Series(name: "downtime", points: rs.enumerated().compactMap { i, r in d(r, "downtime_ms").map { DataPoint(x: Double(i), y: max($0, 0.01)) } }),
                      Series(name: "total", points: rs.enumerated().compactMap { i, r in d(r, "total_ms").map { DataPoint(x: Double(i), y: max($0, 0.01)) } })],
             categories: cats,
-            references: [ReferencePoint(label: "QEMU downtime-limit 300 ms", x: 0, y: 300, source: "QEMU defaults")],
+            references: cats.indices.map { ReferencePoint(label: "QEMU downtime-limit 300 ms", x: Double($0), y: 300, source: "QEMU defaults") },
             caption: "QEMU's defaults: 128 MiB/s, 300 ms downtime limit. Clark et al. (NSDI 2005) report 60-210 ms downtime for Xen pre-copy.")
-        let web = rs.first { s($0, "guest") == "web" && s($0, "migration") == "precopy" } ?? rs[0]
+        let web = rs.first { s($0, "guest").hasPrefix("web") && s($0, "migration").hasPrefix("pre") && $0["auto_converge"]?.asBool != true } ?? rs[0]
         let down = d(web, "downtime_ms") ?? 0
         return (withRounds.isEmpty ? [times] : [dirty, times], Headline(
-            text: "\(label(web).capitalized): \(fmt(down, 1)) ms of downtime in \(Int(d(web, "rounds") ?? 0)) rounds, \(fmt(d(web, "total_ms") ?? 0, 0)) ms in all (QEMU's downtime limit: 300 ms; Clark et al.: 60-210 ms).",
+            text: "\(label(web).prefix(1).uppercased() + label(web).dropFirst()): \(fmt(down, 1)) ms of downtime in \(Int(d(web, "rounds") ?? 0)) rounds, \(fmt(d(web, "total_ms") ?? 0, 0)) ms in all (QEMU's downtime limit: 300 ms; Clark et al.: 60-210 ms).",
             metric: "downtime, \(label(web))", value: down, unit: "ms", target: 300, targetSource: "QEMU downtime-limit default", met: down <= 300))
     }
 

@@ -137,7 +137,7 @@ public struct PixelScale: Sendable {
 
 /// Renders a `Figure` as one inline SVG element: no script, no external resources.
 public enum SVGChart {
-    public static let width = 720.0
+    public static let width = 760.0
     public static let height = 380.0
     /// The plot area: left, top, right, bottom.
     public static let plotLeft = 78.0, plotTop = 40.0, plotRight = 520.0, plotBottom = 318.0
@@ -193,7 +193,8 @@ public enum SVGChart {
     /// The whole `<svg>` element.
     public static func render(_ fig: Figure) -> String {
         let label = xmlEscape(fig.title)
-        var o = "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\" viewBox=\"0 0 \(f(width)) \(f(height))\" width=\"\(f(width))\" height=\"\(f(height))\" role=\"img\" aria-label=\"\(label)\" font-family=\"system-ui, sans-serif\" font-size=\"12\">"
+        let h = height + extraBottom(fig)
+        var o = "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"chart\" viewBox=\"0 0 \(f(width)) \(f(h))\" width=\"\(f(width))\" height=\"\(f(h))\" role=\"img\" aria-label=\"\(label)\" font-family=\"system-ui, sans-serif\" font-size=\"12\">"
         o += "<title>\(label)</title>"
         o += "<text x=\"\(f(width / 2))\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">\(label)</text>"
         if fig.kind == .heatmap {
@@ -205,6 +206,27 @@ public enum SVGChart {
     }
 
     static func color(_ i: Int) -> String { palette[i % palette.count] }
+
+    /// Category labels longer than this are cut (the full label stays in the marks' tooltips).
+    static let maxCategoryLabel = 32
+
+    static func categoryLabel(_ c: String) -> String {
+        c.count > maxCategoryLabel ? String(c.prefix(maxCategoryLabel - 1)) + "…" : c
+    }
+
+    /// Whether bar categories are drawn slanted (when one does not fit its band).
+    static func slanted(_ fig: Figure) -> Bool {
+        guard fig.kind == .groupedBar || fig.kind == .stackedBar else { return false }
+        let band = (plotRight - plotLeft) / Double(max(fig.categories.count, 1))
+        return fig.categories.contains { Double(categoryLabel($0).count) * 6.5 > band }
+    }
+
+    /// Room added below the plot for slanted category labels (20 degrees: sin = 0.34).
+    static func extraBottom(_ fig: Figure) -> Double {
+        guard slanted(fig) else { return 0 }
+        let longest = fig.categories.map { categoryLabel($0).count }.max() ?? 0
+        return (Double(longest) * 6 * 0.34).rounded()
+    }
 
     static func plot(_ fig: Figure) -> String {
         let (ys, yTicks) = yScale(fig)
@@ -222,11 +244,13 @@ public enum SVGChart {
         if categorical {
             let n = max(fig.categories.count, 1)
             let band = (plotRight - plotLeft) / Double(n)
-            let rotate = fig.categories.contains { $0.count * 6 > Int(band) }
-            for (i, c) in fig.categories.enumerated() {
+            _ = band
+            let rotate = slanted(fig)
+            for (i, c0) in fig.categories.enumerated() {
                 let x = f(xs.pixel(Double(i)))
+                let c = categoryLabel(c0)
                 if rotate {
-                    o += "<text transform=\"translate(\(x) \(f(plotBottom + 12))) rotate(20)\" text-anchor=\"start\" font-size=\"10\">\(xmlEscape(c))</text>"
+                    o += "<text transform=\"translate(\(f(xs.pixel(Double(i)) - 6)) \(f(plotBottom + 12))) rotate(20)\" text-anchor=\"start\" font-size=\"10\">\(xmlEscape(c))</text>"
                 } else {
                     o += "<text x=\"\(x)\" y=\"\(f(plotBottom + 16))\" text-anchor=\"middle\">\(xmlEscape(c))</text>"
                 }
@@ -240,7 +264,7 @@ public enum SVGChart {
                 o += "<text x=\"\(x)\" y=\"\(f(plotBottom + 16))\" text-anchor=\"middle\">\(xmlEscape(Ticks.label(t)))</text>"
             }
         }
-        o += "<text x=\"\(f((plotLeft + plotRight) / 2))\" y=\"\(f(height - 14))\" text-anchor=\"middle\">\(xmlEscape(axisTitle(fig.x) + (fig.x.scale == .log && !categorical ? ", log scale" : "")))</text>"
+        o += "<text x=\"\(f((plotLeft + plotRight) / 2))\" y=\"\(f(height + extraBottom(fig) - 14))\" text-anchor=\"middle\">\(xmlEscape(axisTitle(fig.x) + (fig.x.scale == .log && !categorical ? ", log scale" : "")))</text>"
         o += "<rect x=\"\(f(plotLeft))\" y=\"\(f(plotTop))\" width=\"\(f(plotRight - plotLeft))\" height=\"\(f(plotBottom - plotTop))\" fill=\"none\" stroke=\"#888\"/>"
 
         // Marks.

@@ -24,13 +24,17 @@ enum Browser {
     }
     static var reason: String { unavailableReason ?? "" }
 
-    /// Quick runs of every model reproduction: the report the browser loads.
-    nonisolated(unsafe) static var cached: [ReportSection]?
-    static func quickSections() throws -> [ReportSection] {
+    /// Quick runs of every model reproduction (several minutes in a debug build), run once
+    /// for both suites below: the second waits on the lock while the first runs them.
+    nonisolated(unsafe) static var cached: [ExperimentReport]?
+    static let lock = NSLock()
+    static func quickReports() throws -> [ExperimentReport] {
+        lock.lock()
+        defer { lock.unlock() }
         if let c = cached { return c }
-        var out: [ReportSection] = []
+        var out: [ExperimentReport] = []
         for e in Reproductions.all {
-            out.append(try Reproductions.run(e, quick: true, progress: { _ in }).section)
+            out.append(try Reproductions.run(e, quick: true, progress: { _ in }))
         }
         cached = out
         return out
@@ -40,7 +44,7 @@ enum Browser {
 @Suite("The HTML report in headless Chromium", .serialized, .enabled(if: Browser.unavailableReason == nil, Comment(rawValue: Browser.reason)))
 struct BrowserTests {
     @Test func reportLoadsWithoutErrorsAndEveryChartDraws() throws {
-        let sections = try Browser.quickSections()
+        let sections = try Browser.quickReports().map(\.section)
         let dir = Browser.root + "/.build/browser-report"
         try? FileManager.default.removeItem(atPath: dir)
         try ReportFiles.write(sections, skipped: ["a skipped <reproduction> & its reason"], to: dir)
@@ -75,8 +79,7 @@ struct ReproductionFigureTests {
     @Test func quickRunsCarryFiguresHeadlinesAndRebuildFromJSON() throws {
         let dir = try tempDir("quick")
         var saved: [JSONValue] = []
-        for e in Reproductions.all {
-            let r = try Reproductions.run(e, quick: true, progress: { _ in })
+        for r in try Browser.quickReports() {
             #expect(!r.figures.isEmpty, "\(r.name): no figure")
             #expect(r.headline != nil, "\(r.name): no headline")
             for f in r.figures {
