@@ -53,6 +53,7 @@ public struct ExperimentReport: Sendable {
 
     public var text: String {
         var out = "== \(name): \(title)\n\n"
+        if let h = headline { out += h.text + "\n\n" }
         for t in tables { out += t.rendered + "\n" }
         for n in notes { out += "- " + n + "\n" }
         return out
