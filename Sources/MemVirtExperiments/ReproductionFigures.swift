@@ -34,6 +34,7 @@ public enum ReproductionFigures {
     static func d(_ j: JSONValue?, _ key: String) -> Double? { j?[key]?.asDouble }
     static func s(_ j: JSONValue?, _ key: String) -> String { j?[key]?.asString ?? "" }
     static func fmt(_ v: Double, _ digits: Int = 2) -> String { formatFixed(v, digits: digits) }
+    static func sentenceCase(_ t: String) -> String { t.prefix(1).uppercased() + t.dropFirst() }
     /// Unique values in order of first appearance.
     static func unique(_ xs: [String]) -> [String] {
         var seen: Set<String> = [], out: [String] = []
@@ -325,7 +326,7 @@ public enum ReproductionFigures {
         let web = rs.first { s($0, "guest").hasPrefix("web") && s($0, "migration").hasPrefix("pre") && $0["auto_converge"]?.asBool != true } ?? rs[0]
         let down = d(web, "downtime_ms") ?? 0
         return (withRounds.isEmpty ? [times] : [dirty, times], Headline(
-            text: "\(label(web).prefix(1).uppercased() + label(web).dropFirst()): \(fmt(down, 1)) ms of downtime in \(Int(d(web, "rounds") ?? 0)) rounds, \(fmt(d(web, "total_ms") ?? 0, 0)) ms in all (QEMU's downtime limit: 300 ms; Clark et al.: 60-210 ms).",
+            text: "\(sentenceCase(label(web))): \(fmt(down, 1)) ms of downtime in \(Int(d(web, "rounds") ?? 0)) rounds, \(fmt(d(web, "total_ms") ?? 0, 0)) ms in all (QEMU's downtime limit: 300 ms; Clark et al.: 60-210 ms).",
             metric: "downtime, \(label(web))", value: down, unit: "ms", target: 300, targetSource: "QEMU downtime-limit default", met: down <= 300))
     }
 
@@ -437,7 +438,7 @@ public enum ReproductionFigures {
         let pre = cs[0]
         let down = d(pre["source"], "downtime_ms") ?? 0
         return (dirty.series.isEmpty ? [times] : [times, dirty], Headline(
-            text: "\(s(pre, "case").capitalized) migrates the real VM with \(fmt(down, 1)) ms of guest-seen downtime and \(fmt(d(pre, "bytes_ratio") ?? 0, 2))x its memory sent; the targets (60 ms, 1.5x) are \(met == true ? "met in every case" : "not met in every case").",
+            text: "\(sentenceCase(s(pre, "case"))) migrates the real VM with \(fmt(down, 1)) ms of guest-seen downtime and \(fmt(d(pre, "bytes_ratio") ?? 0, 2))x its memory sent; the targets (60 ms, 1.5x) are \(met == true ? "met in every case" : "not met in every case").",
             metric: "pre-copy downtime (KVM)", value: down, unit: "ms", target: 60, targetSource: "issue target: <= 60 ms and <= 1.5x memory, every case", met: met))
     }
 
