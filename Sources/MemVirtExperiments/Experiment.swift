@@ -33,13 +33,18 @@ public struct ExperimentReport: Sendable {
         }
     }
 
-    /// "model" or "kvm", from the JSON's "engine" key.
-    public var engine: String { json["engine"]?.asString ?? "model" }
+    /// "model" or "kvm", from the JSON's "engine" key; for reproductions whose JSON has none,
+    /// what they run on (`validate` runs both engines, the QEMU comparison runs on KVM).
+    public var engine: String {
+        if let e = json["engine"]?.asString { return e }
+        return ["validate": "model+kvm", "migration-vs-qemu": "kvm"][name] ?? "model"
+    }
 
     /// `json` with what rebuilds the report beside it ("title", "tables", "notes",
     /// "headline", "figures"): what report.json stores, and `memvirt report` reads back.
     public var savedJSON: JSONValue {
         guard case .object(var kv) = json else { return json }
+        if !kv.contains(where: { $0.0 == "engine" }) && engine != "model" { kv.append(("engine", .string(engine))) }
         for (k, v) in ReportSection.savedKeys(title: title, tables: tables, notes: notes, headline: headline, figures: figures) where !kv.contains(where: { $0.0 == k }) {
             kv.append((k, v))
         }

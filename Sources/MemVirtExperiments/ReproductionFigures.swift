@@ -9,7 +9,7 @@ import MemVirtReport
 public enum ReproductionFigures {
     public static func derive(name: String, json: JSONValue) -> ([Figure], Headline?) {
         if json["skipped"] != nil { return ([], nil) }
-        let kvm = json["engine"]?.asString == "kvm"
+        let kvm = json["engine"]?.asString?.hasPrefix("kvm") == true
         switch (name, kvm) {
         case ("tlb-reach", false): return tlbReach(json)
         case ("2d-walk", false): return twoDimensionalWalk(json)
