@@ -446,15 +446,16 @@ public enum ReproductionFigures {
         let rs = rows(j, "rows")
         guard !rs.isEmpty else { return ([], nil) }
         let guests = unique(rs.map { s($0, "guest") })
-        func fig(_ id: String, _ title: String, _ key: String, _ unit: String, _ scale: Double) -> Figure {
-            Figure(id: id, title: title, kind: .groupedBar, x: Axis("guest"), y: Axis(title, unit: unit),
+        func fig(_ id: String, _ title: String, _ axis: String, _ key: String, _ unit: String, _ scale: Double) -> Figure {
+            Figure(id: id, title: title, kind: .groupedBar, x: Axis("guest"), y: Axis(axis, unit: unit),
                    series: ["memvirt", "qemu"].map { vmm in Series(name: vmm, points: guests.enumerated().compactMap { i, g in
                        rs.first { s($0, "guest") == g && s($0, "vmm") == vmm }.flatMap { d($0, key) }.map { DataPoint(x: Double(i), y: $0 * scale) }
                    }) },
                    categories: guests, caption: "The same multiboot guest under MemVirt and qemu-system-x86_64, live-migrated over loopback.")
         }
-        let figs = [fig("total", "total migration time", "total_ms", "ms", 1), fig("gap", "guest-seen gap", "guest_seen_gap_ms", "ms", 1),
-                    fig("bytes", "sent", "bytes_sent", "MB", 1e-6)]
+        let figs = [fig("total", "Total migration time: MemVirt against QEMU", "total time", "total_ms", "ms", 1),
+                    fig("gap", "Downtime the guest sees: MemVirt against QEMU", "longest gap between guest accesses", "guest_seen_gap_ms", "ms", 1),
+                    fig("bytes", "Bytes sent: MemVirt against QEMU", "sent", "bytes_sent", "MB", 1e-6)]
         let m = rs.compactMap { s($0, "vmm") == "memvirt" ? d($0, "total_ms") : nil }, q = rs.compactMap { s($0, "vmm") == "qemu" ? d($0, "total_ms") : nil }
         let mt = m.reduce(0, +) / Double(max(m.count, 1)), qt = q.reduce(0, +) / Double(max(q.count, 1))
         let ok = rs.allSatisfy { $0["equals_oracle"]?.asBool == true }
