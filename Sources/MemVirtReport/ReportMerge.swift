@@ -71,8 +71,9 @@ public enum ReportMerge {
     }
 
     /// Merges runs of one table (same header). Column 0 and every column with a cell that is
-    /// not a number are keys; a row's key is its key cells. With one table the table is
-    /// returned unchanged.
+    /// not a number are keys, and numeric columns from the left join them while a key would
+    /// name several rows of one run; a row's key is its key cells. With one table the table
+    /// is returned unchanged.
     public static func mergeTables(_ ts: [TextTable]) -> TextTable {
         guard let first = ts.first else { return TextTable(header: []) }
         if ts.count == 1 { return first }
@@ -88,6 +89,16 @@ public enum ReportMerge {
             }
         }
         for c in 0..<width where !seenNumber[c] { numeric[c] = false }
+        // A row's key must name one row of a run: where the non-numeric cells do not
+        // (page-groups' n, 2d-walk's levels, log-dirty's round), numeric columns join the key
+        // from the left until they do.
+        func keysUnique() -> Bool {
+            ts.allSatisfy { t in
+                let keys = t.rows.map { r in (0..<width).map { numeric[$0] ? "" : ($0 < r.count ? r[$0] : "") } }
+                return Set(keys).count == keys.count
+            }
+        }
+        for c in 1..<max(width, 1) where numeric[c] && !keysUnique() { numeric[c] = false }
         var header: [String] = []
         for (c, h) in first.header.enumerated() {
             header += numeric[c] ? ["\(h) mean", "\(h) min", "\(h) max"] : [h]
@@ -112,8 +123,11 @@ public enum ReportMerge {
                 guard let like = parsed.first else { cells += ["", "", ""]; continue }
                 let vs = parsed.map(\.value)
                 let mean = vs.reduce(0, +) / Double(vs.count)
-                let fmt = (like.value, like.suffix, max(parsed.map(\.decimals).max() ?? 0, vs.count > 1 && like.decimals == 0 && !like.grouped ? 1 : 0), like.grouped)
-                cells += [format(mean, like: fmt), format(vs.min()!, like: fmt), format(vs.max()!, like: fmt)]
+                // Min and max as the runs printed them; the mean of ungrouped integers gets a decimal.
+                let decimals = parsed.map(\.decimals).max() ?? 0
+                let plain = (like.value, like.suffix, decimals, like.grouped)
+                let meanFormat = (like.value, like.suffix, decimals == 0 && !like.grouped && vs.count > 1 ? 1 : decimals, like.grouped)
+                cells += [format(mean, like: meanFormat), format(vs.min()!, like: plain), format(vs.max()!, like: plain)]
             }
             cells.append("\(rs.count)")
             out.add(cells)

@@ -123,6 +123,18 @@ struct MergeTests {
         #expect(csv[1][2] == "2000")
     }
 
+    @Test func numericConfigurationColumnsJoinTheKeyWhenNeeded() {
+        func run(_ k: Int) -> TextTable {
+            var t = TextTable(header: ["pattern", "n", "faults"])
+            for p in ["seq", "rand"] { for n in [1, 8] { t.add([p, "\(n)", "\(100 / n * k)"]) } }
+            return t
+        }
+        let m = ReportMerge.mergeTables([run(1), run(3)])
+        #expect(m.header == ["pattern", "n", "faults mean", "faults min", "faults max", "runs"])
+        #expect(m.rows == [["seq", "1", "200.0", "100", "300", "2"], ["seq", "8", "24.0", "12", "36", "2"],
+                           ["rand", "1", "200.0", "100", "300", "2"], ["rand", "8", "24.0", "12", "36", "2"]])
+    }
+
     @Test func aMalformedFileIsNamedAndTheRestGoesOn() throws {
         let dir = try tempDir("bad")
         try Self.run(1).rendered().write(toFile: dir + "/good.json", atomically: true, encoding: .utf8)
