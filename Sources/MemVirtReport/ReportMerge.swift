@@ -2,7 +2,7 @@ import Foundation
 import MemVirtCore
 
 /// Merging repeated runs of a reproduction into one section: table rows keyed by their
-/// non-numeric cells (and the first column), numeric columns become mean, min and max;
+/// leading cells (see `mergeTables`), numeric columns become mean, min and max;
 /// figure points with the same series and x get the mean as y and the range as a whisker;
 /// headlines get the mean value and the range.
 public enum ReportMerge {
@@ -70,35 +70,29 @@ public enum ReportMerge {
         return s + like.suffix
     }
 
-    /// Merges runs of one table (same header). Column 0 and every column with a cell that is
-    /// not a number are keys, and numeric columns from the left join them while a key would
-    /// name several rows of one run; a row's key is its key cells. With one table the table
-    /// is returned unchanged.
+    /// Merges runs of one table (same header). A row's key is its first cells: the fewest
+    /// leading columns (at least one) that name one row in every run, such as (pattern, n) or
+    /// (mode, harvest, round). Every other column whose cells are all numbers becomes mean,
+    /// min and max columns; other text columns show their distinct values joined by " | ".
+    /// A "runs" column counts the runs that had the row. One table is returned unchanged.
     public static func mergeTables(_ ts: [TextTable]) -> TextTable {
         guard let first = ts.first else { return TextTable(header: []) }
         if ts.count == 1 { return first }
         let width = first.header.count
-        var numeric = [Bool](repeating: true, count: width)
-        numeric[0] = false
-        var seenNumber = [Bool](repeating: false, count: width)
-        for t in ts {
-            for r in t.rows {
-                for c in 1..<max(width, 1) where c < r.count && !r[c].isEmpty {
-                    if parseNumber(r[c]) == nil { numeric[c] = false } else { seenNumber[c] = true }
-                }
-            }
-        }
-        for c in 0..<width where !seenNumber[c] { numeric[c] = false }
-        // A row's key must name one row of a run: where the non-numeric cells do not
-        // (page-groups' n, 2d-walk's levels, log-dirty's round), numeric columns join the key
-        // from the left until they do.
-        func keysUnique() -> Bool {
+        func cell(_ r: [String], _ c: Int) -> String { c < r.count ? r[c] : "" }
+        func unique(_ k: Int) -> Bool {
             ts.allSatisfy { t in
-                let keys = t.rows.map { r in (0..<width).map { numeric[$0] ? "" : ($0 < r.count ? r[$0] : "") } }
+                let keys = t.rows.map { r in (0..<k).map { cell(r, $0) } }
                 return Set(keys).count == keys.count
             }
         }
-        for c in 1..<max(width, 1) where numeric[c] && !keysUnique() { numeric[c] = false }
+        var keyCount = min(1, width)
+        while keyCount < width && !unique(keyCount) { keyCount += 1 }
+        var numeric = [Bool](repeating: false, count: width)
+        for c in keyCount..<width {
+            let cells = ts.flatMap { $0.rows.map { cell($0, c) } }.filter { !$0.isEmpty }
+            numeric[c] = !cells.isEmpty && cells.allSatisfy { parseNumber($0) != nil }
+        }
         var header: [String] = []
         for (c, h) in first.header.enumerated() {
             header += numeric[c] ? ["\(h) mean", "\(h) min", "\(h) max"] : [h]
@@ -109,7 +103,7 @@ public enum ReportMerge {
         var rows: [[String]: [[String]]] = [:]
         for t in ts {
             for r in t.rows {
-                let key = (0..<width).map { numeric[$0] ? "" : ($0 < r.count ? r[$0] : "") }
+                let key = (0..<keyCount).map { cell(r, $0) }
                 if rows[key] == nil { order.append(key) }
                 rows[key, default: []].append(r)
             }
@@ -118,8 +112,14 @@ public enum ReportMerge {
             let rs = rows[key]!
             var cells: [String] = []
             for c in 0..<width {
-                if !numeric[c] { cells.append(key[c]); continue }
-                let parsed = rs.compactMap { c < $0.count ? parseNumber($0[c]) : nil }
+                if c < keyCount { cells.append(key[c]); continue }
+                if !numeric[c] {
+                    var seen: [String] = []
+                    for v in rs.map({ cell($0, c) }) where !seen.contains(v) { seen.append(v) }
+                    cells.append(seen.joined(separator: " | "))
+                    continue
+                }
+                let parsed = rs.compactMap { parseNumber(cell($0, c)) }
                 guard let like = parsed.first else { cells += ["", "", ""]; continue }
                 let vs = parsed.map(\.value)
                 let mean = vs.reduce(0, +) / Double(vs.count)

@@ -129,6 +129,9 @@ struct MergeTests {
             for p in ["seq", "rand"] { for n in [1, 8] { t.add([p, "\(n)", "\(100 / n * k)"]) } }
             return t
         }
+        var other = run(3)
+        other.rows[0][2] = "n/a"  // a text cell in a numeric column: that column is text
+        #expect(ReportMerge.mergeTables([run(1), other]).rows[0] == ["seq", "1", "100 | n/a", "2"])
         let m = ReportMerge.mergeTables([run(1), run(3)])
         #expect(m.header == ["pattern", "n", "faults mean", "faults min", "faults max", "runs"])
         #expect(m.rows == [["seq", "1", "200.0", "100", "300", "2"], ["seq", "8", "24.0", "12", "36", "2"],
