@@ -461,6 +461,6 @@ public enum ReproductionFigures {
         let ok = rs.allSatisfy { $0["equals_oracle"]?.asBool == true }
         return (figs, Headline(
             text: "Over \(guests.count) guests MemVirt migrates in \(fmt(mt, 0)) ms on average against QEMU's \(fmt(qt, 0)) ms; guest memory equals the oracle after migration on \(ok ? "both VMMs in every case" : "not every run").",
-            metric: "mean total migration time, MemVirt", value: mt, unit: "ms", target: qt, targetSource: "QEMU \(s(j, "qemu_version")), same guest", met: ok))
+            metric: "mean total migration time, MemVirt", value: mt, unit: "ms", target: qt, targetSource: "QEMU \(s(j, "qemu_version")), same guest; met = guest memory equals the oracle on both VMMs", met: ok))
     }
 }
