@@ -97,11 +97,12 @@ struct ReproduceCommand: ParsableCommand {
             }
         }
         for s in skipped { printError(s) }
-        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports.map(\.json))), ("skipped", .array(skipped.map { .string($0) }))])
-        if json { print((chosen.count == 1 ? reports[0].json : all).rendered()) }
+        // Each reproduction's JSON plus what rebuilds the page ("title", "tables", "notes",
+        // "headline", "figures"): report.json, and `--json`, so `memvirt report` can merge
+        // saved runs of one reproduction too.
+        let saved: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports.map(\.savedJSON))), ("skipped", .array(skipped.map { .string($0) }))])
+        if json { print((chosen.count == 1 ? reports[0].savedJSON : saved).rendered()) }
         if name == nil && out != "-" {
-            // report.json: each reproduction's JSON plus what rebuilds the page (`memvirt report`).
-            let saved: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("reproductions", .array(reports.map(\.savedJSON))), ("skipped", .array(skipped.map { .string($0) }))])
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
             try saved.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
             let files = try ReportFiles.write(reports.map(\.section), skipped: skipped, to: out)

@@ -23,6 +23,6 @@ extension ReproduceCommand {
             if showProgress { line.update(msg) }
         }
         if showProgress { line.end(); line.clear() }
-        print(json ? report.json.rendered() : report.text)
+        print(json ? report.savedJSON.rendered() : report.text)
     }
 }
