@@ -35,9 +35,11 @@ public struct ExperimentReport: Sendable {
 
     /// "model" or "kvm", from the JSON's "engine" key; for reproductions whose JSON has none,
     /// what they run on (`validate` runs both engines, the QEMU comparison runs on KVM).
-    public var engine: String {
-        if let e = json["engine"]?.asString { return e }
-        return ["validate": "model+kvm", "migration-vs-qemu": "kvm"][name] ?? "model"
+    public var engine: String { json["engine"]?.asString ?? Self.implicitEngine(name) }
+
+    /// The engine of a reproduction whose JSON names none.
+    public static func implicitEngine(_ name: String) -> String {
+        ["validate": "model+kvm", "migration-vs-qemu": "kvm"][name] ?? "model"
     }
 
     /// `json` with what rebuilds the report beside it ("title", "tables", "notes",

@@ -34,7 +34,13 @@ struct ReportCommand: ParsableCommand {
         if r.sections.isEmpty {
             throw CLIError("no report could be read from \(paths.joined(separator: ", "))")
         }
-        let merged = ReportMerge.merge(r.sections)
+        // Saved before reports named every engine: validate and the QEMU comparison had none.
+        let sections = r.sections.map { s in
+            var s = s
+            if s.engine == "model" { s.engine = ExperimentReport.implicitEngine(s.name) }
+            return s
+        }
+        let merged = ReportMerge.merge(sections)
         var skipped: [String] = []
         for s in r.skipped where !skipped.contains(s) { skipped.append(s) }
         let inputs = paths.count - r.errors.filter { e in paths.contains { e.hasPrefix($0 + ":") } }.count
