@@ -180,7 +180,8 @@ public enum SVGChart {
         let v = values.filter { $0.isFinite && (axis.scale == .linear || $0 > 0) }
         var lo = v.min() ?? 0, hi = v.max() ?? 1
         if axis.scale == .log {
-            let t = Ticks.log(lo, hi)
+            // Bars on a log axis: a value on a power of ten must not sit on the axis (no bar).
+            let t = Ticks.log(includeZero ? lo * 0.9 : lo, hi)
             return (PixelScale(lo: t.first!, hi: t.last!, from: from, to: to, log: true), t)
         }
         if includeZero { lo = min(lo, 0); hi = max(hi, 0) }

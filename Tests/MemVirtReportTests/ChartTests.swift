@@ -132,6 +132,14 @@ struct SVGTests {
         }
     }
 
+    @Test func barsOnALogAxisStartBelowTheirSmallestValue() {
+        let f = Figure(id: "b", title: "b", kind: .groupedBar, x: Axis("c"), y: Axis("v", scale: .log),
+                       series: [Series(name: "s", points: [DataPoint(x: 0, y: 10), DataPoint(x: 1, y: 5000)])], categories: ["a", "b"])
+        let (ys, ticks) = SVGChart.yScale(f)
+        #expect(ticks == [1, 10, 100, 1000, 10_000])
+        #expect(ys.pixel(10) < SVGChart.plotBottom)
+    }
+
     @Test func stackedBarsSumAndScatterDrawsIdentity() {
         let stacked = Figure(id: "s", title: "s", kind: .stackedBar, x: Axis("c"), y: Axis("v"),
                              series: [Series(name: "a", points: [DataPoint(x: 0, y: 30)]), Series(name: "b", points: [DataPoint(x: 0, y: 70)])],
