@@ -75,5 +75,6 @@ let package = Package(
         .testTarget(name: "MemVirtConfigTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtConfig"]),
         .testTarget(name: "MemVirtKVMTests", dependencies: ["MemVirtCore", "MemVirtKVM", "CKVM"]),
         .testTarget(name: "MemVirtExperimentsTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments"]),
+        .testTarget(name: "MemVirtReportTests", dependencies: ["MemVirtCore", "MemVirtReport", "MemVirtExperiments"]),
     ]
 )

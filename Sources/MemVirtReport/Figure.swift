@@ -16,12 +16,18 @@ public struct Axis: Sendable, Hashable, Codable {
 }
 
 /// One point of a series; `x` is numeric, or the index of a category for bar charts.
+/// `low`/`high`: the range of `y` over repeated runs (set when `memvirt report` merges runs;
+/// drawn as a whisker), absent for a single run.
 public struct DataPoint: Sendable, Hashable, Codable {
     public var x: Double
     public var y: Double
-    public init(x: Double, y: Double) {
+    public var low: Double?
+    public var high: Double?
+    public init(x: Double, y: Double, low: Double? = nil, high: Double? = nil) {
         self.x = x
         self.y = y
+        self.low = low
+        self.high = high
     }
 }
 
@@ -75,5 +81,39 @@ public struct Figure: Sendable, Hashable, Codable {
         self.categories = categories
         self.references = references
         self.caption = caption
+    }
+}
+
+/// The finding of a reproduction in one sentence, with its number beside the seed's or the
+/// target's, as data: the report's summary table is built from these.
+public struct Headline: Sendable, Hashable, Codable {
+    /// One sentence stating the finding with its number.
+    public var text: String
+    /// What `value` measures ("APF work ratio"), for the summary table.
+    public var metric: String
+    public var value: Double
+    public var unit: String
+    /// The seed's, paper's or closed form's number, when there is one.
+    public var target: Double?
+    /// Where `target` comes from ("seed 001, KVM Forum 2010").
+    public var targetSource: String
+    /// Whether the target is met (the reproduction's own criterion), nil when there is no target.
+    public var met: Bool?
+    /// Runs merged into this headline (1 for a single run); `low`/`high` their range.
+    public var runs: Int
+    public var low: Double?
+    public var high: Double?
+    public init(text: String, metric: String, value: Double, unit: String = "", target: Double? = nil, targetSource: String = "",
+                met: Bool? = nil, runs: Int = 1, low: Double? = nil, high: Double? = nil) {
+        self.text = text
+        self.metric = metric
+        self.value = value
+        self.unit = unit
+        self.target = target
+        self.targetSource = targetSource
+        self.met = met
+        self.runs = runs
+        self.low = low
+        self.high = high
     }
 }

@@ -94,17 +94,20 @@ struct ReproduceCommand: ParsableCommand {
             chosen = pool
         }
         let showProgress = !quiet
-        var reports: [JSONValue] = []
-        var texts: [(String, String)] = []
+        var reports: [ExperimentReport] = []
         if let v = vcpus {
             guard engine == "kvm", chosen.allSatisfy({ $0 == KVMAsyncPageFaults.self || $0 == KVMAsyncPageFaultsSweep.self }) else {
                 throw CLIError("--vcpus applies to `apf --engine kvm` only (the model engine and the other reproductions ignore it)")
             }
             guard (1...GuestLayout.maxVCPUs).contains(v) else { throw CLIError("--vcpus \(v): the KVM engine runs 1...\(GuestLayout.maxVCPUs) vCPUs") }
         }
-        for e in chosen {
+        // Progress on stderr only: one line updated in place on a terminal, plain lines
+        // otherwise; stdout is flushed after each table so the two never interleave in a file.
+        let line = ProgressLine(total: chosen.count)
+        for (i, e) in chosen.enumerated() {
+            if showProgress { line.begin(i + 1, e.name + (engine == "kvm" ? " (kvm)" : "")) }
             let progress: @Sendable (String) -> Void = { msg in
-                if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
+                if showProgress { line.update(msg) }
             }
             let report: ExperimentReport
             if let v = vcpus, engine == "kvm", e == KVMAsyncPageFaults.self || e == KVMAsyncPageFaultsSweep.self {
@@ -112,27 +115,33 @@ struct ReproduceCommand: ParsableCommand {
             } else {
                 report = try Reproductions.run(e, quick: quick, progress: progress)
             }
-            reports.append(report.json)
-            texts.append((report.name, report.text))
-            if !json { print(report.text) }
+            if showProgress { line.end(); line.clear() }
+            reports.append(report)
+            if !json {
+                print(report.text)
+                fflush(nil)  // stdout: tables reach a shared file before the next progress line
+            }
         }
         for s in skipped { printError(s) }
         let thisHost: JSONValue = machine?.summaryJSON
             ?? .object([("name", .string(Reproductions.thisHost.name)), ("origin", "built-in"), ("date", "2026-11-22")])
-        let all: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("profile", thisHost), ("reproductions", .array(reports)),
-                                      ("skipped", .array(skipped.map { .string($0) }))])
+        // Each reproduction's JSON plus what rebuilds the page ("title", "tables", "notes",
+        // "headline", "figures"): report.json, and `--json`, so `memvirt report` can merge
+        // saved runs of one reproduction too.
+        let saved: JSONValue = .object([("schema", "memvirt.reproduce/1"), ("profile", thisHost), ("reproductions", .array(reports.map(\.savedJSON))),
+                                        ("skipped", .array(skipped.map { .string($0) }))])
         if json {
-            if chosen.count == 1, case .object(let kv) = reports[0] {
+            if chosen.count == 1, case .object(let kv) = reports[0].savedJSON {
                 print(JSONValue.object(kv + [("profile", thisHost)]).rendered())
             } else {
-                print(all.rendered())
+                print(saved.rendered())
             }
         }
         if name == nil && out != "-" {
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
-            try all.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
-            try HTMLReport.page(texts, skipped: skipped).write(toFile: out + "/report.html", atomically: true, encoding: .utf8)
-            printError("report: \(out)/report.html and \(out)/report.json")
+            try saved.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
+            let files = try ReportFiles.write(reports.map(\.section), skipped: skipped, to: out)
+            printError("report: \(out)/report.html, \(out)/report.json and \(files.count - 1) CSV files in \(out)/<reproduction>/")
         }
     }
 }

@@ -3,6 +3,7 @@ import Foundation
 import MemVirtCore
 import MemVirtExperiments
 import MemVirtKVM
+import MemVirtReport
 
 extension ReproduceCommand {
     /// `reproduce migration --engine kvm --vs-qemu`.
@@ -16,9 +17,12 @@ extension ReproduceCommand {
             return
         }
         let showProgress = !quiet
+        let line = ProgressLine(total: 1)
+        if showProgress { line.begin(1, QEMUComparison.name) }
         let report = try QEMUComparison(quick: quick).run { msg in
-            if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
+            if showProgress { line.update(msg) }
         }
-        print(json ? report.json.rendered() : report.text)
+        if showProgress { line.end(); line.clear() }
+        print(json ? report.savedJSON.rendered() : report.text)
     }
 }

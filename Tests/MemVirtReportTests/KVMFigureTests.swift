@@ -1,0 +1,82 @@
+import Foundation
+import MemVirtCore
+import MemVirtExperiments
+import Testing
+@testable import MemVirtReport
+
+/// The KVM reproductions' charts and headlines, from JSON shaped as they write it (their keys,
+/// made-up numbers): the charts carry exactly those numbers, without needing /dev/kvm.
+@Suite("Charts of the KVM reproductions")
+struct KVMFigureTests {
+    static func point(_ f: Figure, _ series: Int, _ i: Int) -> Double? {
+        f.series.indices.contains(series) && f.series[series].points.indices.contains(i) ? f.series[series].points[i].y : nil
+    }
+
+    @Test func apf() throws {
+        let j = try JSONReader.parse("""
+            {"name":"apf","engine":"kvm","apf_work_ratio":1.4,"seed_ratio":1.995,"model_ratio":1.9,"work_share_without_apf":0.4,"work_share_with_apf":0.7,
+             "sweep":[{"store_delay_us":100,"apf_work_ratio":1.1},{"store_delay_us":1000,"apf_work_ratio":1.6}]}
+            """)
+        let (figs, h) = ReproductionFigures.derive(name: "apf", json: j)
+        #expect(figs.map(\.id) == ["work-ratio", "work-share", "ratio-vs-store-delay"])
+        #expect(Self.point(figs[0], 0, 0) == 1.4 && Self.point(figs[0], 1, 0) == 1.9)
+        #expect(figs[0].references.first?.y == 1.995)
+        #expect(Self.point(figs[1], 1, 0) == 70)
+        #expect(figs[2].series[0].points.map(\.x) == [100, 1000])
+        #expect(h?.value == 1.4 && h?.target == 1.995 && h?.met == false)  // 30% off: outside 25%
+    }
+
+    @Test func ksm() throws {
+        let j = try JSONReader.parse("""
+            {"name":"ksm","engine":"kvm","pages_shared":100,"pages_sharing":300,"expected_shared":100,"expected_sharing":320,
+             "saved_bytes":1228800,"expected_saved_bytes":1310720,"merge_reached_expected":false,"cow_ns_per_write":20000,"unmerged_ns_per_write":500,"model_cow_break_us":12}
+            """)
+        let (figs, h) = ReproductionFigures.derive(name: "ksm", json: j)
+        #expect(figs.count == 2)
+        #expect(figs[0].series[0].points.map(\.y) == [100, 300])
+        #expect(figs[0].references.map(\.y) == [100, 320])
+        #expect(figs[1].references.first?.y == 12_000)
+        #expect(h?.met == false)
+        #expect(h.map { abs($0.value - 1.171875) < 1e-9 } == true)
+    }
+
+    @Test func migration() throws {
+        let j = try JSONReader.parse("""
+            {"name":"migration","engine":"kvm","targets_met":true,"cases":[
+              {"case":"pre-copy","bytes_ratio":1.1,"source":{"downtime_ms":40,"total_ms":900,"dirty_per_round":[1000,200,50]}},
+              {"case":"post-copy","bytes_ratio":1.0,"source":{"downtime_ms":5,"total_ms":700,"dirty_per_round":[]}}]}
+            """)
+        let (figs, h) = ReproductionFigures.derive(name: "migration", json: j)
+        #expect(figs.map(\.id) == ["downtime-total", "dirty-per-round"])
+        #expect(figs[0].series[0].points.map(\.y) == [40, 5])
+        #expect(figs[1].series.map(\.name) == ["pre-copy"])
+        #expect(figs[1].series[0].points.map(\.y) == [1000, 200, 50])
+        #expect(h?.value == 40 && h?.met == true)
+    }
+
+    @Test func validateAndVersusQEMU() throws {
+        let v = try JSONReader.parse("""
+            {"name":"validate","all_equal":true,"rows":[{"workload":"uniform","read_sum_equal":true,"memory_equal":true,"kvm_pf_fixed":1000,"model_shadow_pf_fixed":1100,"kvm_wall_seconds":2,"model_shadow_wall_seconds":3}]}
+            """)
+        let (vf, vh) = ReproductionFigures.derive(name: "validate", json: v)
+        #expect(vf.allSatisfy { $0.kind == .scatter })
+        #expect(vf[0].series[0].points[0].x == 1000 && vf[0].series[0].points[0].y == 1100)
+        #expect(SVGChart.render(vf[0]).contains("class=\"identity\""))
+        #expect(vh?.value == 1 && vh?.met == true)
+        let q = try JSONReader.parse("""
+            {"name":"migration-vs-qemu","qemu_version":"7.2","rows":[
+              {"guest":"idle","vmm":"memvirt","total_ms":100,"guest_seen_gap_ms":10,"bytes_sent":2000000,"equals_oracle":true},
+              {"guest":"idle","vmm":"qemu","total_ms":300,"guest_seen_gap_ms":30,"bytes_sent":4000000,"equals_oracle":true}]}
+            """)
+        let (qf, qh) = ReproductionFigures.derive(name: "migration-vs-qemu", json: q)
+        #expect(qf.count == 3)
+        #expect(qf[0].series.map { $0.points.map(\.y) } == [[100], [300]])
+        #expect(qf[2].series.map { $0.points.map(\.y) } == [[2], [4]])
+        #expect(qh?.value == 100 && qh?.target == 300)
+    }
+
+    @Test func skippedRunsHaveNoCharts() {
+        let (f, h) = ReproductionFigures.derive(name: "ksm", json: .object([("name", "ksm"), ("engine", "kvm"), ("skipped", "no /dev/kvm")]))
+        #expect(f.isEmpty && h == nil)
+    }
+}
