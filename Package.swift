@@ -13,7 +13,6 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
-        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
     ],
     targets: [
@@ -58,8 +57,9 @@ let package = Package(
             name: "MemVirtExperiments",
             dependencies: [
                 "MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtReport",
-                // Sweep files (Sweep/SweepFile.swift) are TOML.
-                .product(name: "TOMLKit", package: "TOMLKit"),
+                // Sweep files (Sweep/SweepFile.swift) are TOML, read by MemVirtConfig's strict
+                // parser against the scenario schema.
+                "MemVirtConfig",
             ]
         ),
         .executableTarget(
@@ -67,7 +67,6 @@ let package = Package(
             dependencies: [
                 "MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments", "MemVirtReport", "MemVirtConfig",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "TOMLKit", package: "TOMLKit"),
             ]
         ),
         .testTarget(name: "MemVirtCoreTests", dependencies: ["MemVirtCore"]),

@@ -1,15 +1,15 @@
 import Foundation
+import MemVirtConfig
 import MemVirtCore
-import TOMLKit
 
-/// The scenario keys a sweep may set in `[base]` and vary in `[axes]`: the keys `memvirt run
-/// --config` reads (Sources/memvirt/WorkloadOptions.swift and RunCommand.swift). When the
-/// strict library `Scenario` type lands, this list is replaced by its list of keys.
+/// The scenario keys a sweep may set in `[base]` and vary in `[axes]`: a view of the strict
+/// scenario schema (`Scenario.workloadKeys`, `Scenario.platformKeys`), the keys `memvirt run
+/// --config` reads.
 public enum ScenarioKeys {
     /// Section -> keys, in the order a scenario file is written.
     public static let sections: [(String, [String])] = [
-        ("workload", ["pattern", "footprint", "accesses", "write_ratio", "seed", "threads", "compute_per_access"]),
-        ("platform", ["paging", "page_size", "host_page_size", "costs", "host_limit", "swap_device"]),
+        ("workload", Scenario.workloadKeys),
+        ("platform", Scenario.platformKeys),
     ]
     /// Every key as `section.key`.
     public static var dotted: [String] { sections.flatMap { s, keys in keys.map { "\(s).\($0)" } } }
@@ -110,60 +110,80 @@ public struct SweepFile: Sendable {
 
     public static let topLevelKeys = ["base", "axes", "exclude"]
 
-    /// Reads and checks `path`.
+    /// Reads and checks `path`. A directory, an unreadable file, a NUL byte or bytes that are
+    /// not UTF-8 are errors naming the file (and the line, where there is one).
     public static func load(path: String) throws -> SweepFile {
-        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+        var isDir: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
+            throw InputError("\(path): is a directory, not a sweep file")
+        }
+        guard let data = FileManager.default.contents(atPath: path) else {
             throw InputError("cannot read sweep file '\(path)'")
         }
-        return try SweepFile(text: text, path: path)
+        return try SweepFile(data: data, path: path)
     }
 
+    /// Checks that `data` is UTF-8 text without NUL bytes (the error names the line of the
+    /// first bad byte), then parses it.
+    public init(data: Data, path: String) throws {
+        let bytes = [UInt8](data)
+        if let nul = bytes.firstIndex(of: 0) {
+            throw InputError("\(path):\(Self.line(ofOffset: nul, in: bytes)): NUL byte at offset \(nul): a sweep file is UTF-8 text")
+        }
+        if let bad = Self.firstInvalidUTF8(bytes) {
+            let hex = String(bytes[bad], radix: 16, uppercase: true)
+            throw InputError("\(path):\(Self.line(ofOffset: bad, in: bytes)): invalid UTF-8 at offset \(bad) (byte 0x\(hex)): a sweep file is UTF-8 text")
+        }
+        try self.init(text: String(decoding: bytes, as: UTF8.self), path: path)
+    }
+
+    /// Parses `text` with MemVirt's strict TOML parser (every malformed input is an error
+    /// naming `path` and the line, never a crash) and checks it against the scenario schema.
     public init(text: String, path: String) throws {
         self.path = path
-        let lines = KeyLines(text: text)
-        let root: TOMLTable
+        let utf8 = Array(text.utf8)
+        if let nul = utf8.firstIndex(of: 0) {
+            throw InputError("\(path):\(Self.line(ofOffset: nul, in: utf8)): NUL byte at offset \(nul): a sweep file is UTF-8 text")
+        }
+        let root: TOMLTableNode
         do {
-            root = try TOMLTable(string: text)
-        } catch let e as TOMLParseError {
-            throw InputError("\(path):\(e.source.begin.line):\(e.source.begin.column): \(e.description)")
+            root = try TOMLParser.parse(text, file: path)
         } catch {
-            throw InputError("\(path): \(error)")
+            throw InputError("\(error)")
         }
-        func at(_ dotted: String, _ occurrence: Int = 0) -> String {
-            if let l = lines.line(of: dotted, occurrence: occurrence) { return "\(path):\(l)" }
-            return path
-        }
-        /// In the `n`-th [[exclude]] table.
-        func atExclude(_ dotted: String, _ n: Int) -> String {
-            let inTable = "exclude#\(n)" + dotted.dropFirst("exclude".count)
-            if let l = lines.line(of: inTable) { return "\(path):\(l)" }
-            return at("exclude", n)
-        }
+        /// `path:line`, as every message starts.
+        func at(_ line: Int) -> String { line > 0 ? "\(path):\(line)" : path }
+
         for key in root.keys where !Self.topLevelKeys.contains(key) {
-            throw InputError("\(at(key)): unknown key '\(key)' (allowed: \(Self.topLevelKeys.joined(separator: ", ")))")
+            throw InputError("\(at(root[key]!.line)): unknown key '\(key)' (allowed: \(Self.topLevelKeys.joined(separator: ", ")))")
         }
         // [base]
         var base: [String: ScenarioValue] = [:]
         if let b = root["base"] {
-            guard let bt = b.table else { throw InputError("\(at("base")): 'base' must be a table of scenario sections") }
-            for (k, v) in try Self.scenarioEntries(bt, prefix: "base", at: at) {
-                base[k] = try Self.scalar(v, "base.\(k)", at: at)
+            guard case .table(let bt) = b.node else {
+                throw InputError("\(at(b.line)): 'base' must be a table of scenario sections, not \(b.node.typeName)")
+            }
+            for (k, v) in try Self.scenarioEntries(bt, prefix: "base", path: path) {
+                base[k] = try Self.scalar(v, "base.\(k)", path: path)
             }
         }
         // [axes]
         var axes: [SweepAxis] = []
         if let a = root["axes"] {
-            guard let at_ = a.table else { throw InputError("\(at("axes")): 'axes' must be a table of scenario keys") }
-            for (k, v) in try Self.scenarioEntries(at_, prefix: "axes", at: at) {
-                guard let arr = v.array else {
-                    throw InputError("\(at("axes.\(k)")): axis '\(k)' must be a list of values, e.g. \(k) = [\(v.debugDescription), ...]")
+            guard case .table(let axesTable) = a.node else {
+                throw InputError("\(at(a.line)): 'axes' must be a table of scenario keys, not \(a.node.typeName)")
+            }
+            for (k, v) in try Self.scenarioEntries(axesTable, prefix: "axes", path: path) {
+                guard case .array(let elems) = v.node else {
+                    let example = (try? Self.scalar(v, k, path: path).toml) ?? "VALUE"
+                    throw InputError("\(at(v.line)): axis '\(k)' must be a list of values, e.g. \(k) = [\(example), ...]")
                 }
-                guard !arr.isEmpty else { throw InputError("\(at("axes.\(k)")): axis '\(k)' has no values") }
+                guard !elems.isEmpty else { throw InputError("\(at(v.line)): axis '\(k)' has no values") }
                 var values: [ScenarioValue] = []
-                for e in arr {
-                    let sv = try Self.scalar(e, "axes.\(k)", at: at)
+                for e in elems {
+                    let sv = try Self.scalar(e, "axes.\(k)", path: path)
                     guard !values.contains(sv) else {
-                        throw InputError("\(at("axes.\(k)")): axis '\(k)' lists \(sv.toml) twice")
+                        throw InputError("\(at(e.line)): axis '\(k)' lists \(sv.toml) twice")
                     }
                     values.append(sv)
                 }
@@ -174,28 +194,30 @@ public struct SweepFile: Sendable {
         // [[exclude]]
         var excludes: [[String: [ScenarioValue]]] = []
         if let e = root["exclude"] {
-            guard let arr = e.array else {
-                throw InputError("\(at("exclude")): 'exclude' must be an array of tables: write [[exclude]]")
+            guard case .array(let elems) = e.node else {
+                throw InputError("\(at(e.line)): 'exclude' must be an array of tables: write [[exclude]]")
             }
-            for (n, item) in arr.enumerated() {
-                guard let t = item.table else { throw InputError("\(atExclude("exclude", n)): each [[exclude]] must be a table") }
-                var ex: [String: [ScenarioValue]] = [:]
-                for (k, v) in try Self.scenarioEntries(t, prefix: "exclude", at: { d, _ in atExclude(d, n) }) {
-                    guard let axis = axes.first(where: { $0.key == k }) else {
-                        throw InputError("\(atExclude("exclude.\(k)", n)): [[exclude]] key '\(k)' is not an axis (axes: \(axes.map(\.key).joined(separator: ", ")))")
-                    }
-                    var vals: [ScenarioValue] = []
-                    if let list = v.array {
-                        for x in list { vals.append(try Self.scalar(x, "exclude.\(k)", at: { d, _ in atExclude(d, n) })) }
-                    } else {
-                        vals.append(try Self.scalar(v, "exclude.\(k)", at: { d, _ in atExclude(d, n) }))
-                    }
-                    for x in vals where !axis.values.contains(x) {
-                        throw InputError("\(atExclude("exclude.\(k)", n)): [[exclude]] \(k) = \(x.toml) is not one of the axis' values (\(axis.values.map(\.toml).joined(separator: ", ")))")
-                    }
-                    ex[k] = vals
+            for item in elems {
+                guard case .table(let t) = item.node else {
+                    throw InputError("\(at(item.line)): each [[exclude]] must be a table, not \(item.node.typeName)")
                 }
-                guard !ex.isEmpty else { throw InputError("\(atExclude("exclude", n)): an empty [[exclude]] would exclude every point") }
+                var ex: [String: [ScenarioValue]] = [:]
+                for (k, v) in try Self.scenarioEntries(t, prefix: "exclude", path: path) {
+                    guard let axis = axes.first(where: { $0.key == k }) else {
+                        throw InputError("\(at(v.line)): [[exclude]] key '\(k)' is not an axis (axes: \(axes.map(\.key).joined(separator: ", ")))")
+                    }
+                    var vals: [(ScenarioValue, Int)] = []
+                    if case .array(let list) = v.node {
+                        for x in list { vals.append((try Self.scalar(x, "exclude.\(k)", path: path), x.line)) }
+                    } else {
+                        vals.append((try Self.scalar(v, "exclude.\(k)", path: path), v.line))
+                    }
+                    for (x, line) in vals where !axis.values.contains(x) {
+                        throw InputError("\(at(line)): [[exclude]] \(k) = \(x.toml) is not one of the axis' values (\(axis.values.map(\.toml).joined(separator: ", ")))")
+                    }
+                    ex[k] = vals.map(\.0)
+                }
+                guard !ex.isEmpty else { throw InputError("\(at(item.line)): an empty [[exclude]] would exclude every point") }
                 excludes.append(ex)
             }
         }
@@ -205,20 +227,23 @@ public struct SweepFile: Sendable {
     }
 
     /// The `section.key` entries of a table written either as `section.key = v` or as
-    /// `[prefix.section]` sub-tables; unknown sections and keys are errors naming the allowed ones.
-    private static func scenarioEntries(_ t: TOMLTable, prefix: String, at: (String, Int) -> String) throws -> [(String, TOMLValueConvertible)] {
-        var out: [(String, TOMLValueConvertible)] = []
+    /// `[prefix.section]` sub-tables, in the order written; unknown sections and keys are
+    /// errors naming the line and the allowed ones.
+    private static func scenarioEntries(_ t: TOMLTableNode, prefix: String, path: String) throws -> [(String, TOMLItem)] {
+        var out: [(String, TOMLItem)] = []
         let sectionNames = ScenarioKeys.sections.map(\.0)
-        for (section, value) in t {
+        for section in t.keys {
+            let item = t[section]!
             guard let keys = ScenarioKeys.allowed(section) else {
-                throw InputError("\(at("\(prefix).\(section)", 0)): unknown scenario section '\(section)' in [\(prefix)] (allowed: \(sectionNames.joined(separator: ", ")); keys are written section.key, e.g. workload.footprint)")
+                throw InputError("\(path):\(item.line): unknown scenario section '\(section)' in [\(prefix)] (allowed: \(sectionNames.joined(separator: ", ")); keys are written section.key, e.g. workload.footprint)")
             }
-            guard let st = value.table else {
-                throw InputError("\(at("\(prefix).\(section)", 0)): '\(section)' in [\(prefix)] must be written \(section).KEY (allowed keys: \(keys.joined(separator: ", ")))")
+            guard case .table(let st) = item.node else {
+                throw InputError("\(path):\(item.line): '\(section)' in [\(prefix)] must be written \(section).KEY (allowed keys: \(keys.joined(separator: ", ")))")
             }
-            for (k, v) in st {
+            for k in st.keys {
+                let v = st[k]!
                 guard keys.contains(k) else {
-                    throw InputError("\(at("\(prefix).\(section).\(k)", 0)): unknown key '\(section).\(k)' in [\(prefix)] (allowed: \(keys.map { "\(section).\($0)" }.joined(separator: ", ")))")
+                    throw InputError("\(path):\(v.line): unknown key '\(section).\(k)' in [\(prefix)] (allowed: \(keys.map { "\(section).\($0)" }.joined(separator: ", ")))")
                 }
                 out.append(("\(section).\(k)", v))
             }
@@ -226,75 +251,34 @@ public struct SweepFile: Sendable {
         return out
     }
 
-    private static func scalar(_ v: TOMLValueConvertible, _ dotted: String, at: (String, Int) -> String) throws -> ScenarioValue {
-        switch v.type {
-        case .string: return .string(v.string!)
-        case .int: return .int(v.int!)
-        case .double: return .double(v.double!)
-        case .bool: return .bool(v.bool!)
-        default:
-            throw InputError("\(at(dotted, 0)): \(dotted) must be a string, number or boolean, not a \(v.type)")
+    private static func scalar(_ v: TOMLItem, _ dotted: String, path: String) throws -> ScenarioValue {
+        switch v.node {
+        case .string(let s): return .string(s)
+        case .int(let i): return .int(Int(i))
+        case .float(let d): return .double(d)
+        case .bool(let b): return .bool(b)
+        case .array, .table:
+            throw InputError("\(path):\(v.line): \(dotted) must be a string, number or boolean, not \(v.node.typeName)")
         }
     }
 
-    private static func scalar(_ v: TOMLValueConvertible, _ dotted: String, at: (String) -> String) throws -> ScenarioValue {
-        try scalar(v, dotted, at: { d, _ in at(d) })
+    /// 1 + the newlines before `offset`.
+    static func line(ofOffset offset: Int, in bytes: [UInt8]) -> Int {
+        bytes[..<offset].reduce(1) { $0 + ($1 == 0x0A ? 1 : 0) }
     }
-    private static func scenarioEntries(_ t: TOMLTable, prefix: String, at: (String) -> String) throws -> [(String, TOMLValueConvertible)] {
-        try scenarioEntries(t, prefix: prefix, at: { d, _ in at(d) })
-    }
-}
 
-/// Where each key is written in a TOML text, so errors can name the line: `a.b.c` for a key
-/// `c` under `[a.b]` or a dotted key `b.c = ` under `[a]`; array-of-tables headers count
-/// occurrences. Only for messages: the parsing is TOMLKit's.
-struct KeyLines {
-    private var lines: [String: [Int]] = [:]
-
-    init(text: String) {
-        var header = ""
-        var lineNo = 0
-        var arrayCounts: [String: Int] = [:]
-        for raw in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            lineNo += 1
-            let line = raw.trimmingCharacters(in: .whitespaces)
-            if line.hasPrefix("#") || line.isEmpty { continue }
-            if line.hasPrefix("[") {
-                let inner = line.drop { $0 == "[" }.prefix { $0 != "]" }
-                header = Self.normalize(String(inner))
-                lines[header, default: []].append(lineNo)
-                if line.hasPrefix("[[") {
-                    // The n-th table of an array of tables is also `name#n`.
-                    let n = arrayCounts[header, default: 0]
-                    arrayCounts[header] = n + 1
-                    header += "#\(n)"
-                    lines[header, default: []].append(lineNo)
-                }
-                continue
-            }
-            guard let eq = line.firstIndex(of: "=") else { continue }
-            let key = Self.normalize(String(line[..<eq]))
-            let full = header.isEmpty ? key : header + "." + key
-            lines[full, default: []].append(lineNo)
-            // Also record the prefixes of a dotted key (`workload` of `workload.footprint`).
-            var parts = full.split(separator: ".").map(String.init)
-            while parts.count > 1 {
-                parts.removeLast()
-                let p = parts.joined(separator: ".")
-                if lines[p]?.contains(lineNo) != true { lines[p, default: []].append(lineNo) }
+    /// The offset of the first byte that does not start a valid UTF-8 sequence (overlong forms,
+    /// surrogates and truncated sequences included), or nil when all of `bytes` is UTF-8.
+    static func firstInvalidUTF8(_ bytes: [UInt8]) -> Int? {
+        var parser = Unicode.UTF8.ForwardParser()
+        var it = bytes.makeIterator()
+        var offset = 0
+        while true {
+            switch parser.parseScalar(from: &it) {
+            case .valid(let scalar): offset += scalar.count
+            case .emptyInput: return nil
+            case .error: return offset
             }
         }
-    }
-
-    private static func normalize(_ key: String) -> String {
-        key.split(separator: ".").map { $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "\"'")) }
-            .joined(separator: ".")
-    }
-
-    /// The line of the `occurrence`-th (0-based) time `dotted` is written; the first when
-    /// there are fewer.
-    func line(of dotted: String, occurrence: Int = 0) -> Int? {
-        guard let l = lines[dotted], !l.isEmpty else { return nil }
-        return occurrence < l.count ? l[occurrence] : l[0]
     }
 }
