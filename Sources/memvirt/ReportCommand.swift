@@ -19,15 +19,15 @@ struct ReportCommand: ParsableCommand {
             is still reported; the exit status is then 1.
             """)
 
-    @Argument(help: "report.json files or folders holding one.")
+    @Argument(help: "report.json files, folders holding one, or a sweep's result folder (memvirt sweep --out DIR).")
     var paths: [String]
 
     @Option(name: .long, help: "Folder for report.html and <reproduction>/<table>.csv.")
     var out: String = "reports/merged"
 
     func run() throws {
-        // Sweep results (a folder of one JSON per point) plug in here as a directory reader.
-        let loader = ReportLoader(directoryReaders: [], derive: ReproductionFigures.derive)
+        // Sweep results (a folder of one JSON per point, `memvirt sweep`) are read by the sweep's merge.
+        let loader = ReportLoader(directoryReaders: [SweepMerge.reportReader], derive: ReproductionFigures.derive)
         let r = loader.load(paths)
         for w in r.warnings { printError("report: warning: \(w)") }
         for e in r.errors { printError("report: error: \(e)") }
@@ -45,7 +45,17 @@ struct ReportCommand: ParsableCommand {
         for s in r.skipped where !skipped.contains(s) { skipped.append(s) }
         let inputs = paths.count - r.errors.filter { e in paths.contains { e.hasPrefix($0 + ":") } }.count
         let footer = "Rebuilt by `memvirt report` from \(inputs) input(s): \(paths.joined(separator: ", "))."
-        let files = try ReportFiles.write(merged, skipped: skipped, to: out, footer: footer)
+        var files = try ReportFiles.write(merged, skipped: skipped, to: out, footer: footer)
+        // A sweep's one CSV: a row per point, a column per axis and per counter.
+        for s in merged where s.name.hasPrefix("sweep-") {
+            for dir in s.sources {
+                guard let m = try? SweepMerge(directory: dir) else { continue }
+                let path = "\(out)/\(s.id)/points.csv"
+                try FileManager.default.createDirectory(atPath: "\(out)/\(s.id)", withIntermediateDirectories: true)
+                try m.csv.write(toFile: path, atomically: true, encoding: .utf8)
+                files.append(path)
+            }
+        }
         printError("report: \(out)/report.html and \(files.count - 1) CSV files (\(merged.count) reproductions from \(r.sections.count) runs)")
         if !r.errors.isEmpty { throw ExitCode(1) }
     }
