@@ -8,7 +8,7 @@ struct KVMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvm", abstract: "Real VMs on /dev/kvm.",
         subcommands: [KVMRunCommand.self, KVMProbeCommand.self, KVMListenCommand.self, KVMMigrateCommand.self,
-                      KVMSnapshotCommand.self, KVMRestoreCommand.self, KVMImageCommand.self])
+                      KVMSnapshotCommand.self, KVMRestoreCommand.self, KVMImageCommand.self, KVMCalibrateCommand.self])
 }
 
 /// `memvirt kvm run`: a workload in a real VM.
