@@ -83,7 +83,12 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         add("CostModel.shadowPTEWrite", "pt_write", minus: exit + [("cpl0_instruction", 1)],
             "KVM's handling of a write to a shadowed table beyond the exit and emulating the instruction (kvm_mmu_pte_write).")
     }
-    // Host memory.
+    // Host memory. A KSM copy-on-write break is charged pageCopy beside the hypervisor's fault
+    // (exit + handler, i.e. a first touch without the host's demand-zero).
+    if m("ksm_cow_break") != nil {
+        add("HostCosts.pageCopy", "ksm_cow_break", minus: [("first_touch", 1), ("host_first_touch", -1)],
+            "The host's copy-on-write break beyond the KVM fault it sits in (a first touch less the host's demand-zero).")
+    }
     add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
     add("HostCosts.userfaultfdZeroPage", "uffd_zero_read", minus: [("first_touch_read", 1)],
         "What userfaultfd adds to a first read: the fault message, the handler's wake-up and UFFDIO_ZEROPAGE, the retry.")

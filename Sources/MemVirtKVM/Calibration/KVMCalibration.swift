@@ -17,11 +17,16 @@ public struct KVMCalibrationOptions: Sendable {
     /// Run the vCPU and userfaultfd threads at SCHED_FIFO priority 1 (where permitted), so
     /// other processes' load does not sit inside each exit's timing.
     public var realtime = true
+    /// Guest-timed events (touches, exits, guest #PF, page-table writes, userfaultfd) are
+    /// cheap to sample: they take this many times `samplesPerBenchmark` (full: 4), which keeps
+    /// the small differences derived from them (a handler = a fault minus an exit) steady.
+    public var eventSampleFactor: Int
 
     public init(quick: Bool = false) {
         self.quick = quick
         samplesPerBenchmark = quick ? 30 : 240
         rounds = quick ? 2 : 8
+        eventSampleFactor = quick ? 1 : 4
     }
 }
 
@@ -112,8 +117,9 @@ public struct CalibrationReport: Sendable {
 /// counters it moves; then the model's cost parameters derived from them.
 public enum KVMCalibration {
     public static func run(_ options: KVMCalibrationOptions = KVMCalibrationOptions()) throws(KVMError) -> CalibrationReport {
-        guard options.samplesPerBenchmark >= 1, options.rounds >= 1, options.rounds <= options.samplesPerBenchmark else {
-            throw KVMError.invalid("calibration: samples per benchmark \(options.samplesPerBenchmark) and rounds \(options.rounds) must be >= 1, rounds <= samples")
+        guard options.samplesPerBenchmark >= 1, options.rounds >= 1, options.rounds <= options.samplesPerBenchmark,
+              options.eventSampleFactor >= 1, options.eventSampleFactor <= 16 else {
+            throw KVMError.invalid("calibration: samples per benchmark \(options.samplesPerBenchmark) and rounds \(options.rounds) must be >= 1, rounds <= samples; event sample factor \(options.eventSampleFactor) in 1...16")
         }
         return try onDedicatedThread(name: "memvirt-calibrate") { () throws(KVMError) in try Session(options).run() }
     }
@@ -228,10 +234,11 @@ final class Session {
         // Data: pages [0, touchPages) first-touched by writes, then the same count touched by
         // reads, then a 2 MiB region whose PDE the page-table benchmark writes (page 0 of it
         // re-linked after each write, page 1 not present for the guest #PF).
-        let touchPages = chunk * rounds + warm
+        let f = o.eventSampleFactor
+        let touchPages = chunk * rounds * f + warm
         let touchBytes = (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
         var ca = GuestConfig(dataSize: touchBytes + (2 << 20))
-        ca.listCapacity = max(chunk, 64) * 4
+        ca.listCapacity = max(chunk * f, 64) * 4
         let a = try GuestVM(kvm: kvm, config: ca)
         let base = a.layout.dataVirtual.rawValue
         let readBase = base + UInt64(touchPages) * 4096
@@ -251,7 +258,7 @@ final class Session {
 
         // VM B: userfaultfd-served first touches (zero page for reads, copy for writes).
         var cb = GuestConfig(dataSize: (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
-        cb.listCapacity = max(chunk, 64) * 4
+        cb.listCapacity = max(chunk * f, 64) * 4
         let b = try GuestVM(kvm: kvm, config: cb)
         let server = try UffdServer(region: b.data, zeroPages: 0..<touchPages, realtime: realtime)
         try server.start()
@@ -298,6 +305,10 @@ final class Session {
         bench("bitmap_per_dirty_page", path: nil, "(KVM_GET_DIRTY_LOG with \(dirtyPages) dirty pages - with none) / \(dirtyPages), 1 GiB slot")
         bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - of none) / \(dirtyPages)")
         bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry")
+        let ksmMissing = KSM.unavailableReason()
+        if ksmMissing == nil {
+            bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break)")
+        }
 
         // Warm-up: code, stack, mailbox and output pages mapped; shadow tables built.
         var next = 0  // next fresh page of the touch regions
@@ -450,15 +461,16 @@ final class Session {
         var left = n
         while left > 0 {
             let k = min(chunk, left)
-            try touchRound(k, record: true)
-            try guestRound(k, record: true)
+            try touchRound(k * f, record: true)
+            try guestRound(k * f, record: true)
             try cpl0Round(k, record: true)
-            try uffdRound(k, record: true)
+            try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
             left -= k
         }
         server.stop()
         if let e = server.error { throw e }
+        if ksmMissing == nil { try ksmBatch(n * f + warm, warm: warm) }
 
         let measurements = order.compactMap { acc[$0]!.result() }
         var report = CalibrationReport(
@@ -466,7 +478,39 @@ final class Session {
             date: isoDateNow(), seconds: Double(monotonicNanoseconds() - t0) / 1e9,
             measurements: measurements, costs: [], omitted: [], realtime: realtime)
         derive(&report, nested: nested, pvm: pvm)
+        if let why = ksmMissing { report.omitted.append(("HostCosts.pageCopy", why)) }
         return report
+    }
+
+    /// KSM copy-on-write breaks: the guest maps `count` pages, the VMM makes them identical,
+    /// ksmd merges them (KSM.withSession restores the host's settings), then the guest writes
+    /// each: the first `warm` are warm-up, the rest samples. One batch (merging takes scans).
+    func ksmBatch(_ count: Int, warm: Int) throws(KVMError) {
+        var ce = GuestConfig(dataSize: (UInt64(count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+        ce.mergeable = true
+        ce.listCapacity = count
+        let e = try GuestVM(kvm: kvm, config: ce)
+        let se = try StatProbe(e)
+        let eBase = e.layout.dataVirtual.rawValue
+        _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count, base: eBase)
+        for i in 0..<count {
+            try e.data.store(UInt64(0x4d65_6d56_6972_7420), at: e.data.guestPhysical.advanced(by: UInt64(i) * 4096))
+        }
+        let perNano = try e.tscTicksPerNano()
+        try KSM.withSession { (session) throws(KVMError) in
+            let before = KSM.processStat()?.mergingPages ?? 0
+            let merged = session.waitUntil(timeoutSeconds: 20) {
+                (KSM.processStat()?.mergingPages ?? 0) >= before + UInt64(count) - UInt64(count / 256 + 2)
+            }
+            guard merged else {
+                throw KVMError.invalid("ksmd merged \((KSM.processStat()?.mergingPages ?? 0) - before) of \(count) identical pages in 20 s")
+            }
+            _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: warm, base: eBase)
+            let s0 = try se.read()
+            let ticks = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count - warm, base: eBase + UInt64(warm) * 4096)
+            let dlt = try se.delta(since: s0)
+            acc["ksm_cow_break"]!.add(ticks.map { Double($0) / perNano }, counters: dlt)
+        }
     }
 }
 
