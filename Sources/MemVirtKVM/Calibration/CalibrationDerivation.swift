@@ -19,15 +19,23 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             omitted.append((parameter, "\(name): \(p) moved \(formatFixed(x.counter(p), digits: 2)) per event, not once: not the intended path"))
             return
         }
+        /// The standard error of a median, from the p10-p90 width as if normal:
+        /// 1.253 sigma / sqrt(n), sigma = (p90 - p10) / 2.563.
+        func se(_ c: CalibratedCost) -> Double { 1.253 * (c.p90Nanos - c.p10Nanos) / 2.563 / Double(max(1, c.samples)).squareRoot() }
+        var variance = se(x.summary) * se(x.summary)
         var sub = 0.0
         var parts: [String] = []
         for (n, w) in minus {
-            guard let v = med(n) else { omitted.append((parameter, "benchmark \(n) (subtracted) produced no samples")); return }
+            guard let v = med(n), let mc = m(n)?.summary else { omitted.append((parameter, "benchmark \(n) (subtracted) produced no samples")); return }
             sub += w * v
+            variance += w * w * se(mc) * se(mc)
             parts.append((w == 1 ? "" : "\(formatFixed(w, digits: 0)) x ") + "\(n) \(formatFixed(v / 1e3, digits: 3)) us")
         }
         let c = x.summary
-        let value = c.medianNanos - sub
+        var value = c.medianNanos - sub
+        // A difference smaller than twice the standard error of the medians it comes from is
+        // not resolved: charged 0 (below), so runs agree on it.
+        let resolution = minus.isEmpty ? 0 : 2 * variance.squareRoot()
         // A difference below zero but inside the measurement's own spread (half its p10-p90
         // width) says the part is below this host's resolution: it is charged 0 and the method
         // says so. Farther below zero, the decomposition does not hold: left out.
@@ -38,8 +46,9 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         }
         var method = "\(name): \(x.summary.method)"
         if !parts.isEmpty { method += "; minus medians of " + parts.joined(separator: " + ") }
-        if value <= 0 {
-            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is within half the p10-p90 spread (\(formatFixed(halfSpread / 1e3, digits: 3)) us): below this host's resolution, charged 0"
+        if value < resolution {
+            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below twice the standard error of the medians (\(formatFixed(resolution / 1e3, digits: 3)) us) or within half the p10-p90 spread: below this host's resolution, charged 0"
+            value = 0
         }
         if let p = x.pathCounter { method += "; \(p) \(formatFixed(x.counter(p), digits: 2)) per event" }
         method += ". " + how
