@@ -52,7 +52,7 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         }
         if let p = x.pathCounter { method += "; \(p) \(formatFixed(x.counter(p), digits: 2)) per event" }
         method += ". " + how
-        costs.append(CalibratedCost(parameter: parameter, medianNanos: max(0, value), p10Nanos: max(0, c.p10Nanos - sub),
+        costs.append(CalibratedCost(parameter: parameter, medianNanos: max(0, value), p10Nanos: min(max(0, c.p10Nanos - sub), max(0, value)),
                                     p90Nanos: max(0, c.p90Nanos - sub), samples: c.samples, method: method))
     }
 
