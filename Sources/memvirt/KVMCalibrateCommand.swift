@@ -25,16 +25,16 @@ struct KVMCalibrateCommand: ParsableCommand {
             if json { print(JSONValue.object([("error", .string(message))]).rendered(pretty: true)) } else { printError("memvirt kvm calibrate: \(message)") }
             throw ExitCode.failure
         }
+        if out != nil || base != nil {
+            // INTEGRATION POINT (single call site): with machine profiles merged, run the
+            // calibration below, load `base` (default: the built-in profile for
+            // report.platform / report.pagingMode), call
+            // `applying(calibration: report.costs, date: report.date, host: ...)` and write its
+            // TOML to `out` (and print the measurements). Until then: refused before running.
+            try fail("--out/--base: profiles not available in this build (run without them to print the measurements)")
+        }
         let report: CalibrationReport
         do { report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick)) } catch { try fail("\(error)") }
-        if out != nil || base != nil {
-            // INTEGRATION POINT (single call site): with machine profiles merged, load `base`
-            // (default: the built-in profile for report.platform/report.pagingMode), call
-            // `applying(calibration: report.costs, date: report.date, host: ...)` and write its
-            // TOML to `out`. Until then the measurements are printed and this is an error.
-            if json { print(report.json.rendered(pretty: true)) } else { print(report.text) }
-            try fail("--out/--base: profiles not available in this build (measurements printed above)")
-        }
         print(json ? report.json.rendered(pretty: true) : report.text)
     }
 }
