@@ -163,6 +163,43 @@ GI void fill_pages(volatile struct memvirt_mailbox *mb) {
     mb->writes = pages;
 }
 
+GI uint64_t tsc_fenced(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("lfence; rdtsc; lfence" : "=a"(lo), "=d"(hi) : : "memory");
+    return ((uint64_t)hi << 32) | lo;
+}
+
+// `kvm calibrate`: one timed event per sample, ticks into mb->list (see memvirt_calibrate_op).
+GI void calibrate(volatile struct memvirt_mailbox *mb) {
+    const uint64_t op = mb->pattern, base = mb->base, n = mb->count, stride = mb->stride;
+    const uint64_t salt = mb->salt, other = mb->table;
+    volatile uint64_t *out = (volatile uint64_t *)mb->list;
+    for (uint64_t i = 0; i < n; i++) out[i] = 0;  // map the output before timing
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t t0 = tsc_fenced();
+        if (op == MEMVIRT_CAL_TOUCH_WRITE) {
+            *(volatile uint64_t *)(base + i * stride) = i + 1;
+        } else if (op == MEMVIRT_CAL_TOUCH_READ) {
+            (void)*(volatile uint64_t *)(base + i * stride);
+        } else if (op == MEMVIRT_CAL_PIO) {
+            out32(MEMVIRT_PORT_PING, (uint32_t)i);
+        } else if (op == MEMVIRT_CAL_MMIO) {
+            *(volatile uint64_t *)base = i;
+        } else if (op == MEMVIRT_CAL_CPUID) {
+            uint32_t a = 0, b, c = 0, d;
+            __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d) : : "memory");
+        } else if (op == MEMVIRT_CAL_GUEST_PF) {
+            // The handler resumes at 1: with every register as it was (rax never loaded).
+            __asm__ volatile("lea 1f(%%rip), %%rsi\n\tmovq (%0), %%rax\n1:" : : "r"(base) : "rsi", "rax", "memory");
+        } else if (op == MEMVIRT_CAL_PT_WRITE) {
+            *(volatile uint64_t *)base = salt;
+        }
+        uint64_t t1 = tsc_fenced();
+        out[i] = t1 - t0;
+        if (op == MEMVIRT_CAL_PT_WRITE) *(volatile uint64_t *)other = i;
+    }
+}
+
 GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
     for (;;) {
         uint64_t cmd = mb->command, status = MEMVIRT_STATUS_OK;
@@ -207,6 +244,8 @@ GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
             for (uint64_t i = 0; i < len; i++) *(volatile uint64_t *)list[i] = (i + 1) ^ salt;
             out32(MEMVIRT_PORT_MARK, 1);
             mb->writes = len;
+        } else if (cmd == MEMVIRT_CMD_CALIBRATE) {
+            calibrate(mb);
         } else {
             status = MEMVIRT_STATUS_BAD_COMMAND;
         }
@@ -221,6 +260,9 @@ extern const char __stop_memvirt_guest[];
 extern const char memvirt_guest_trap_stubs[];
 extern const char memvirt_guest_cpl0_loop[];
 extern const char memvirt_guest_idle[];
+extern const char memvirt_guest_calib_invlpg_loop[];
+extern const char memvirt_guest_calib_cr3_loop[];
+extern const char memvirt_guest_calib_pf_handler[];
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     const char *s = __start_memvirt_guest;
@@ -230,4 +272,7 @@ void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     out->trap_stubs_offset = (uint64_t)(memvirt_guest_trap_stubs - s);
     out->cpl0_loop_offset = (uint64_t)(memvirt_guest_cpl0_loop - s);
     out->idle_offset = (uint64_t)(memvirt_guest_idle - s);
+    out->calib_invlpg_offset = (uint64_t)(memvirt_guest_calib_invlpg_loop - s);
+    out->calib_cr3_offset = (uint64_t)(memvirt_guest_calib_cr3_loop - s);
+    out->calib_pf_offset = (uint64_t)(memvirt_guest_calib_pf_handler - s);
 }

@@ -40,4 +40,41 @@ memvirt_guest_cpl0_loop:
     outb %al, $0x12
     hlt
 
+    // `kvm calibrate`, entered directly by the VMM at CPL0 like memvirt_guest_cpl0_loop:
+    // %rcx = n >= 1 iterations of (INVLPG (%rdi) | MOV %rdx, %cr3; dec; jnz), then a MARK
+    // exit. Against cpl0_loop's 2 instructions per iteration, the difference is one INVLPG
+    // or one CR3 write each.
+    .balign 16
+    .globl memvirt_guest_calib_invlpg_loop
+    .hidden memvirt_guest_calib_invlpg_loop
+memvirt_guest_calib_invlpg_loop:
+1:  invlpg (%rdi)
+    dec %rcx
+    jnz 1b
+    movb $1, %al
+    outb %al, $0x12
+    hlt
+
+    .balign 16
+    .globl memvirt_guest_calib_cr3_loop
+    .hidden memvirt_guest_calib_cr3_loop
+memvirt_guest_calib_cr3_loop:
+1:  mov %rdx, %cr3
+    dec %rcx
+    jnz 1b
+    movb $1, %al
+    outb %al, $0x12
+    hlt
+
+    // The calibration guest's #PF handler (vector 14): drop the error code, resume at the
+    // address the faulting CPL3 code left in %rsi (MEMVIRT_CAL_GUEST_PF), IRET. Three CPL0
+    // instructions, no register but %rsp touched.
+    .balign 16
+    .globl memvirt_guest_calib_pf_handler
+    .hidden memvirt_guest_calib_pf_handler
+memvirt_guest_calib_pf_handler:
+    add $8, %rsp
+    mov %rsi, (%rsp)
+    iretq
+
     .section .note.GNU-stack,"",@progbits

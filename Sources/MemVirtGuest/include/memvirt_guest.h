@@ -69,6 +69,31 @@ enum memvirt_command {
     MEMVIRT_CMD_FILL_PAGES = 13,
     /// out MARK; word 0 of each of the `list_len` GVAs in `list` := (index + 1) ^ salt; out MARK.
     MEMVIRT_CMD_WRITE_LIST_MARKED = 14,
+    /// `kvm calibrate`: `count` timed events of kind `pattern` (enum memvirt_calibrate_op);
+    /// event i's TSC ticks (lfence; rdtsc around it) go to uint64 `list`[i]. The VMM reads
+    /// them and converts with the guest TSC frequency.
+    MEMVIRT_CMD_CALIBRATE = 15,
+};
+
+/// What MEMVIRT_CMD_CALIBRATE times, one event per sample.
+enum memvirt_calibrate_op {
+    /// Write word 0 of page `base` + i * `stride`.
+    MEMVIRT_CAL_TOUCH_WRITE = 0,
+    /// Read word 0 of page `base` + i * `stride`.
+    MEMVIRT_CAL_TOUCH_READ = 1,
+    /// `out` to MEMVIRT_PORT_PING (an exit to the VMM and back).
+    MEMVIRT_CAL_PIO = 2,
+    /// Write 8 bytes at `base` (a GVA no slot backs: an MMIO exit to the VMM and back).
+    MEMVIRT_CAL_MMIO = 3,
+    /// CPUID leaf 0 (an exit KVM handles in the kernel where CPUID is intercepted).
+    MEMVIRT_CAL_CPUID = 4,
+    /// Read `base` (mapped not-present in the guest's tables): the #PF is delivered to the
+    /// calibration handler (memvirt_guest_calib_pf_handler), which resumes after the read.
+    MEMVIRT_CAL_GUEST_PF = 5,
+    /// Write `salt` to the uint64 at `base` (a guest page-table entry, the same value it
+    /// holds), timed; then, untimed, write word 0 of page `table` (a page mapped through that
+    /// entry), so KVM re-links the shadow entry the emulated write zapped.
+    MEMVIRT_CAL_PT_WRITE = 6,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's
@@ -148,6 +173,9 @@ struct memvirt_guest_image {
     uint64_t trap_stubs_offset; // stub for vector v at trap_stubs_offset + 16 * v (v < 32)
     uint64_t cpl0_loop_offset;  // memvirt_guest_cpl0_loop
     uint64_t idle_offset;       // memvirt_guest_idle
+    uint64_t calib_invlpg_offset; // memvirt_guest_calib_invlpg_loop (CPL0, rcx = n, rdi = GVA)
+    uint64_t calib_cr3_offset;    // memvirt_guest_calib_cr3_loop (CPL0, rcx = n, rdx = CR3 value)
+    uint64_t calib_pf_offset;     // memvirt_guest_calib_pf_handler (#PF gate of the calibration guest)
 };
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out);

@@ -1,0 +1,536 @@
+import CKVM
+import MemVirtCore
+import MemVirtGuest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `memvirt kvm calibrate` runs.
+public struct KVMCalibrationOptions: Sendable {
+    /// Fewer samples (tests): `samplesPerBenchmark` 30 instead of 240.
+    public var quick = false
+    /// Samples per benchmark after warm-up (full: at least 200).
+    public var samplesPerBenchmark: Int
+    /// Benchmarks run round-robin in this many rounds, each taking its share of samples, so
+    /// background load on the host falls on all of them alike.
+    public var rounds: Int
+    /// Run the vCPU and userfaultfd threads at SCHED_FIFO priority 1 (where permitted), so
+    /// other processes' load does not sit inside each exit's timing.
+    public var realtime = true
+    /// Guest-timed events (touches, exits, guest #PF, page-table writes, userfaultfd) are
+    /// cheap to sample: they take this many times `samplesPerBenchmark` (full: 4), which keeps
+    /// the small differences derived from them (a handler = a fault minus an exit) steady.
+    public var eventSampleFactor: Int
+
+    public init(quick: Bool = false) {
+        self.quick = quick
+        samplesPerBenchmark = quick ? 30 : 240
+        rounds = quick ? 2 : 8
+        eventSampleFactor = quick ? 1 : 4
+    }
+}
+
+/// One micro-benchmark's result: its samples summarized (host nanoseconds per event) and the
+/// KVM counters that moved while its timed events ran, per event, so a reader sees the path
+/// taken was the intended one.
+public struct CalibrationMeasurement: Sendable {
+    /// Short id (`first_touch`, `exit_pio`, ...).
+    public var name: String
+    /// The per-event summary; `parameter` is the measurement's id here (not a model name).
+    public var summary: CalibratedCost
+    /// KVM binary-stat deltas over the timed events, divided by the events, nonzero only.
+    public var countersPerEvent: [(String, Double)]
+    /// The counter that must move once per event on the intended path, and whether it did
+    /// (per-event delta within [0.9, 1.5]); nil where no counter marks the path.
+    public var pathCounter: String?
+    public var pathConfirmed: Bool
+
+    public func counter(_ name: String) -> Double { countersPerEvent.first { $0.0 == name }?.1 ?? 0 }
+}
+
+/// Everything `kvm calibrate` measured: raw measurements and the model parameters derived
+/// from them (the hand-off to machine profiles).
+public struct CalibrationReport: Sendable {
+    public var platform: KVMPlatform
+    public var pagingMode: String
+    public var tscKHz: Double
+    public var quick: Bool
+    public var date: String
+    public var seconds: Double
+    public var measurements: [CalibrationMeasurement]
+    /// Model parameters ("StructName.property") in host nanoseconds: what a profile applies.
+    public var costs: [CalibratedCost]
+    /// Parameters not produced and why (a derived value that came out non-positive, a path
+    /// the counters did not confirm).
+    public var omitted: [(String, String)]
+    /// The measuring threads ran at SCHED_FIFO (see `KVMCalibrationOptions.realtime`).
+    public var realtime: Bool
+
+    public func measurement(_ name: String) -> CalibrationMeasurement? { measurements.first { $0.name == name } }
+    public func cost(_ parameter: String) -> CalibratedCost? { costs.first { $0.parameter == parameter } }
+
+    public var json: JSONValue {
+        func r(_ x: Double) -> JSONValue { .double((x * 10).rounded() / 10) }
+        func cost(_ c: CalibratedCost) -> [(String, JSONValue)] {
+            [("parameter", .string(c.parameter)), ("median_ns", r(c.medianNanos)), ("p10_ns", r(c.p10Nanos)),
+             ("p90_ns", r(c.p90Nanos)), ("samples", .int(Int64(c.samples))), ("method", .string(c.method))]
+        }
+        return .object([
+            ("schema", "memvirt.kvm-calibrate/1"),
+            ("platform", .string(platform.rawValue)), ("paging", .string(pagingMode)),
+            ("tsc_khz", .double(tscKHz)), ("quick", .bool(quick)), ("realtime_scheduling", .bool(realtime)), ("date", .string(date)), ("seconds", r(seconds)),
+            ("costs", .array(costs.map { .object(cost($0)) })),
+            ("measurements", .array(measurements.map { m in
+                .object([("name", .string(m.name))] + Array(cost(m.summary).dropFirst()) + [
+                    ("path_counter", m.pathCounter.map { .string($0) } ?? .null), ("path_confirmed", .bool(m.pathConfirmed)),
+                    ("counters_per_event", .object(m.countersPerEvent.map { ($0.0, .double(($0.1 * 1000).rounded() / 1000)) })),
+                ])
+            })),
+            ("omitted", .array(omitted.map { .object([("parameter", .string($0.0)), ("reason", .string($0.1))]) })),
+        ])
+    }
+
+    public var text: String {
+        func us(_ ns: Double) -> String { formatFixed(ns / 1e3, digits: 3) }
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        func lpad(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
+        var s = "kvm calibrate on \(platform.rawValue) (\(pagingMode) paging), guest TSC \(formatFixed(tscKHz / 1e3, digits: 1)) MHz, \(date), \(formatFixed(seconds, digits: 1)) s\(quick ? " (quick)" : "")\(realtime ? ", SCHED_FIFO" : ", normal scheduling")\n"
+        s += "measurements (us per event; counters per event):\n"
+        s += "  " + pad("benchmark", 22) + lpad("median", 10) + lpad("p10", 10) + lpad("p90", 10) + lpad("n", 6) + "  path\n"
+        for m in measurements {
+            let c = m.summary
+            let path = m.pathCounter.map { "\($0) \(formatFixed(m.counter($0), digits: 2))\(m.pathConfirmed ? "" : " (NOT CONFIRMED)")" } ?? "-"
+            s += "  " + pad(m.name, 22) + lpad(us(c.medianNanos), 10) + lpad(us(c.p10Nanos), 10) + lpad(us(c.p90Nanos), 10) + lpad("\(c.samples)", 6) + "  " + path + "\n"
+        }
+        s += "model parameters (us):\n"
+        for c in costs {
+            s += "  " + pad(c.parameter, 42) + lpad(us(c.medianNanos), 10) + lpad(us(c.p10Nanos), 10) + lpad(us(c.p90Nanos), 10) + lpad("\(c.samples)", 6) + "\n"
+            s += "      " + c.method + "\n"
+        }
+        for (p, why) in omitted { s += "  " + pad(p, 42) + "  not measured: \(why)\n" }
+        return s
+    }
+}
+
+/// `memvirt kvm calibrate`: micro-benchmarks on /dev/kvm, each event timed by the guest's own
+/// TSC (or, for host-side operations, by the VMM's monotonic clock) and confirmed by the KVM
+/// counters it moves; then the model's cost parameters derived from them.
+public enum KVMCalibration {
+    public static func run(_ options: KVMCalibrationOptions = KVMCalibrationOptions()) throws(KVMError) -> CalibrationReport {
+        guard options.samplesPerBenchmark >= 1, options.rounds >= 1, options.rounds <= options.samplesPerBenchmark,
+              options.eventSampleFactor >= 1, options.eventSampleFactor <= 16 else {
+            throw KVMError.invalid("calibration: samples per benchmark \(options.samplesPerBenchmark) and rounds \(options.rounds) must be >= 1, rounds <= samples; event sample factor \(options.eventSampleFactor) in 1...16")
+        }
+        return try onDedicatedThread(name: "memvirt-calibrate") { () throws(KVMError) in try Session(options).run() }
+    }
+
+    /// The first-touch method shared with `kvm probe`: the guest writes one word in each of
+    /// `pages` fresh 4 KiB pages, each write timed by its TSC; per-page nanoseconds.
+    static func firstTouchSamples(_ g: GuestVM, firstPage: Int, pages: Int, write: Bool = true) throws(KVMError) -> [Double] {
+        let perNano = try g.tscTicksPerNano()
+        let ticks = try g.calibrateEvents(op: write ? MEMVIRT_CAL_TOUCH_WRITE : MEMVIRT_CAL_TOUCH_READ, count: pages,
+                                          base: g.layout.dataVirtual.rawValue + UInt64(firstPage) * 4096)
+        return ticks.map { Double($0) / perNano }
+    }
+}
+
+/// Samples and counter deltas of one benchmark as they accumulate over the rounds.
+struct BenchAccumulator {
+    let name: String
+    let method: String
+    let pathCounter: String?
+    var samples: [Double] = []
+    var events: Double = 0
+    var counters: [String: UInt64] = [:]
+
+    mutating func add(_ s: [Double], events e: Int? = nil, counters d: [String: UInt64] = [:]) {
+        samples += s
+        events += Double(e ?? s.count)
+        for (k, v) in d { counters[k, default: 0] &+= v }
+    }
+
+    func result() -> CalibrationMeasurement? {
+        guard let c = CalibratedCost.summarize(parameter: name, nanos: samples, method: method) else { return nil }
+        let per = counters.filter { $0.value != 0 }.map { ($0.key, Double($0.value) / max(1, events)) }.sorted { $0.0 < $1.0 }
+        var ok = true
+        if let p = pathCounter {
+            let v = per.first { $0.0 == p }?.1 ?? 0
+            ok = v >= 0.9 && v <= 1.5
+        }
+        return CalibrationMeasurement(name: name, summary: c, countersPerEvent: per, pathCounter: pathCounter, pathConfirmed: ok)
+    }
+}
+
+/// KVM counters read around timed events: the VM's and vCPU 0's binary stats.
+struct StatProbe {
+    let vm: StatsReader
+    let vcpu: StatsReader
+    /// The stats a calibration reports (the rest are histograms or unrelated).
+    static let names: Set<String> = [
+        "exits", "io_exits", "mmio_exits", "irq_exits", "halt_exits", "pf_taken", "pf_fixed", "pf_guest", "pf_emulate",
+        "pf_spurious", "pf_fast", "pf_mmio_spte_created", "insn_emulation", "insn_emulation_fail", "invlpg", "tlb_flush",
+        "hypercalls", "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_recycled", "mmu_cache_miss", "mmu_unsync",
+        "mmu_shadow_zapped", "remote_tlb_flush", "pages_4k", "request_irq_exits", "signal_exits",
+    ]
+
+    init(_ g: GuestVM) throws(KVMError) {
+        vm = try g.vm.stats()
+        vcpu = try g.vcpus[0].stats()
+    }
+
+    func read() throws(KVMError) -> (StatValues, StatValues) { (try vm.read(), try vcpu.read()) }
+
+    /// Cumulative deltas since `before` (instant stats such as pages_4k: the signed change, as
+    /// a wrapped UInt64 only when it grew; a drop is reported as 0).
+    func delta(since before: (StatValues, StatValues)) throws(KVMError) -> [String: UInt64] {
+        let (a, b) = try read()
+        var out: [String: UInt64] = [:]
+        for (now, then, descs) in [(a, before.0, vm.descriptors), (b, before.1, vcpu.descriptors)] {
+            for d in descs where Self.names.contains(d.name) {
+                let x = now[d.name], y = then[d.name]
+                out[d.name, default: 0] &+= x >= y ? x - y : 0
+            }
+        }
+        return out
+    }
+}
+
+/// One calibration session: the VMs, the benchmarks round-robin, the derivations.
+final class Session {
+    let o: KVMCalibrationOptions
+    let kvm: KVM
+    var acc: [String: BenchAccumulator] = [:]
+    var order: [String] = []
+
+    init(_ o: KVMCalibrationOptions) throws(KVMError) {
+        self.o = o
+        kvm = try KVM()
+    }
+
+    func bench(_ name: String, path: String?, _ method: String) {
+        acc[name] = BenchAccumulator(name: name, method: method, pathCounter: path)
+        order.append(name)
+    }
+
+    /// Runs `body` (which returns samples and the events they cover) with counters read around it.
+    func timed(_ name: String, _ stats: StatProbe, _ body: () throws(KVMError) -> ([Double], Int?)) throws(KVMError) {
+        let before = try stats.read()
+        let (s, e) = try body()
+        let d = try stats.delta(since: before)
+        acc[name]!.add(s, events: e, counters: d)
+    }
+
+    func run() throws(KVMError) -> CalibrationReport {
+        let realtime = o.realtime && enterRealtimeScheduling()
+        let t0 = monotonicNanoseconds()
+        let n = o.samplesPerBenchmark
+        let rounds = o.rounds
+        let chunk = (n + rounds - 1) / rounds
+        let warm = 8
+        let nested = kvm.platform.nestedPaging
+        let pvm = kvm.platform == .pvm
+
+        // VM A: touches, exits, guest #PF, page-table writes, CPL0 loops, MADV_DONTNEED.
+        // Data: pages [0, touchPages) first-touched by writes, then the same count touched by
+        // reads, then a 2 MiB region whose PDE the page-table benchmark writes (page 0 of it
+        // re-linked after each write, page 1 not present for the guest #PF).
+        let f = o.eventSampleFactor
+        let touchPages = chunk * rounds * f + warm
+        let touchBytes = (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
+        var ca = GuestConfig(dataSize: touchBytes + (2 << 20))
+        ca.listCapacity = max(chunk * f, 64) * 4
+        let a = try GuestVM(kvm: kvm, config: ca)
+        let base = a.layout.dataVirtual.rawValue
+        let readBase = base + UInt64(touchPages) * 4096
+        let special = base + touchBytes
+        let pfPage = special + 4096
+        let pdeAddress = try a.pageTableEntryAddress(GuestVirtualAddress(rawValue: special), level: 2)
+        let pdeValue = try a.runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: pdeAddress))
+        try a.installCalibrationPageFaultHandler()
+        try a.markNotPresent(GuestVirtualAddress(rawValue: pfPage))
+        let sa = try StatProbe(a)
+        let perNano = try a.tscTicksPerNano()
+        // A host region for the host's own first touch (demand-zero), the part of a guest
+        // first touch that is the host kernel's, not KVM's.
+        let hostPages = touchPages
+        let host = try Mapping(size: hostPages * 4096, flags: MAP_PRIVATE | MAP_ANONYMOUS, what: "calibration host pages")
+        _ = madvise(host.base, hostPages * 4096, MADV_NOHUGEPAGE)
+
+        // VM B: userfaultfd-served first touches (zero page for reads, copy for writes).
+        var cb = GuestConfig(dataSize: (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+        cb.listCapacity = max(chunk * f, 64) * 4
+        let b = try GuestVM(kvm: kvm, config: cb)
+        let server = try UffdServer(region: b.data, zeroPages: 0..<touchPages, realtime: realtime)
+        try server.start()
+        defer { server.stop() }
+        let sb = try StatProbe(b)
+
+        // VM C: dirty bitmap on a 1 GiB slot (guest 2 MiB pages: KVM still logs 4K).
+        // The bitmap's per-page cost is a few tens of ns: 1,024 dirty pages per harvest keep it
+        // well above the harvest's own jitter.
+        let dirtyPages = o.quick ? 64 : 256
+        let bitmapPages = o.quick ? 64 : 1024
+        var cc = GuestConfig(dataSize: 1 << 30)
+        cc.dataPageSize = .size2M
+        cc.dataSlotFlags = .logDirtyPages
+        cc.listCapacity = bitmapPages
+        let c = try GuestVM(kvm: kvm, config: cc)
+        let sc = try StatProbe(c)
+        let bitmap = try DirtyBitmapLog(vm: c.vm, slot: GuestLayout.dataSlot)
+        // VM D: dirty ring (64 KiB per vCPU: 4,096 entries, batches well below).
+        var cd = GuestConfig(dataSize: 64 << 20)
+        cd.dataSlotFlags = .logDirtyPages
+        cd.dirtyRingBytes = 64 << 10
+        cd.listCapacity = dirtyPages
+        let d = try GuestVM(kvm: kvm, config: cd)
+        let ring = DirtyRingCollector(vm: d)
+        let sd = try StatProbe(d)
+
+        let firstTouchName = nested ? "EPT violation" : "shadow page fault"
+        bench("first_touch", path: "pf_fixed", "guest write to a fresh 4 KiB page (\(firstTouchName) fixed by KVM, host page allocated), timed by the guest TSC")
+        bench("first_touch_read", path: "pf_fixed", "guest read of a fresh 4 KiB page (KVM fault, the host maps its zero page)")
+        bench("host_first_touch", path: nil, "the VMM's own first write to a fresh private anonymous page (host demand-zero fault), monotonic clock")
+        bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
+        bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
+        bench("exit_pio", path: "vmm_io_exits", "guest `out` to a port the VMM answers (exit to user space and back)")
+        bench("exit_mmio", path: "vmm_mmio_exits", "guest write to guest-physical memory no slot backs (MMIO exit to user space and back)")
+        bench("exit_cpuid", path: "exits", "guest CPUID (an exit KVM handles in the kernel)")
+        bench("cpl0_instruction", path: "insn_emulation", "(one KVM_RUN of 2(1+k) CPL0 instructions - one of 2) / 2k, k = 50")
+        bench("invlpg", path: "invlpg", "(KVM_RUN of k x {INVLPG; dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
+        bench("cr3_write", path: nil, "(KVM_RUN of k x {mov to CR3 (same root); dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
+        bench("guest_pf", path: "pf_guest", "guest read of a page its own tables mark not present: #PF delivered to a 3-instruction CPL0 handler and IRET back")
+        bench("pt_write", path: "mmu_pte_write", "guest write (same value) to a PDE of its own page directory while KVM shadows it (emulated write)")
+        bench("uffd_zero_read", path: "pf_fixed", "guest read of a page a userfaultfd handler serves with UFFDIO_ZEROPAGE")
+        bench("uffd_copy_write", path: "pf_fixed", "guest write to a page a userfaultfd handler serves with UFFDIO_COPY")
+        bench("uffd_service", path: nil, "the userfaultfd handler's own time per fault (message read to UFFDIO_COPY/ZEROPAGE done)")
+        bench("wp_fault_after_harvest", path: "pf_fixed", "guest write to a page whose dirty bit was harvested (KVM_GET_DIRTY_LOG re-protected it)")
+        bench("bitmap_empty_1gib", path: nil, "KVM_GET_DIRTY_LOG on a 1 GiB slot with no page dirty")
+        bench("bitmap_per_dirty_page", path: nil, "(KVM_GET_DIRTY_LOG with \(bitmapPages) dirty pages - with none) / \(bitmapPages), 1 GiB slot")
+        bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - of none) / \(dirtyPages)")
+        bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry")
+        let ksmMissing = KSM.unavailableReason()
+        if ksmMissing == nil {
+            bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break)")
+        }
+
+        // Warm-up: code, stack, mailbox and output pages mapped; shadow tables built.
+        var next = 0  // next fresh page of the touch regions
+        func touchRound(_ k: Int, record: Bool) throws(KVMError) {
+            let first = next
+            next += k
+            let fa = try sa.read()
+            let ft = try KVMCalibration.firstTouchSamples(a, firstPage: first, pages: k)
+            let fd = try sa.delta(since: fa)
+            let ra = try sa.read()
+            let rt = try KVMCalibration.firstTouchSamples(a, firstPage: touchPages + first, pages: k, write: false)
+            let rd = try sa.delta(since: ra)
+            // The host's own demand-zero fault, page by page.
+            var hs: [Double] = []
+            for i in first..<(first + k) {
+                let p = (host.base + i * 4096).assumingMemoryBound(to: UInt64.self)
+                let h0 = monotonicNanoseconds()
+                p.pointee = UInt64(i)
+                hs.append(Double(monotonicNanoseconds() - h0))
+            }
+            // MADV_DONTNEED per page, then the guest's re-touch.
+            let da = try sa.read()
+            var ds: [Double] = []
+            for i in first..<(first + k) {
+                let p = a.data.mapping.base + i * 4096
+                let h0 = monotonicNanoseconds()
+                if madvise(p, 4096, MADV_DONTNEED) != 0 { throw KVMError.call("madvise(MADV_DONTNEED, guest page \(i))", lastErrno()) }
+                ds.append(Double(monotonicNanoseconds() - h0))
+            }
+            let dd = try sa.delta(since: da)
+            let za = try sa.read()
+            let zt = try KVMCalibration.firstTouchSamples(a, firstPage: first, pages: k)
+            let zd = try sa.delta(since: za)
+            guard record else { return }
+            acc["first_touch"]!.add(ft, counters: fd)
+            acc["first_touch_read"]!.add(rt, counters: rd)
+            acc["host_first_touch"]!.add(hs)
+            acc["dontneed"]!.add(ds, counters: dd)
+            acc["refault_after_zap"]!.add(zt, counters: zd)
+        }
+
+        func events(_ g: GuestVM, _ st: StatProbe, _ name: String, _ op: memvirt_calibrate_op, _ k: Int, base: UInt64,
+                    stride: UInt64 = 4096, salt: UInt64 = 0, other: UInt64 = 0, record: Bool) throws(KVMError) {
+            let before = try st.read()
+            var seen: [String: UInt64] = [:]
+            let ticks = try g.calibrateEvents(op: op, count: k, base: base, stride: stride, salt: salt, other: other, exits: &seen)
+            var dlt = try st.delta(since: before)
+            dlt.merge(seen) { $0 + $1 }
+            if record { acc[name]!.add(ticks.map { Double($0) / perNano }, counters: dlt) }
+        }
+
+        func cpl0Round(_ k: Int, record: Bool) throws(KVMError) {
+            let loops: UInt64 = 50
+            var ins: [Double] = [], inv: [Double] = [], cr3: [Double] = []
+            var di: [String: UInt64] = [:], dv: [String: UInt64] = [:], dc: [String: UInt64] = [:]
+            func add(_ into: inout [String: UInt64], _ x: [String: UInt64]) { for (kk, v) in x { into[kk, default: 0] &+= v } }
+            for _ in 0..<k {
+                let one = try a.timeCPL0(offset: a.cpl0LoopOffset, rcx: 1)
+                var s0 = try sa.read()
+                let many = try a.timeCPL0(offset: a.cpl0LoopOffset, rcx: 1 + loops)
+                add(&di, try sa.delta(since: s0))
+                ins.append((Double(many) - Double(one)) / Double(2 * loops))
+                let plain = try a.timeCPL0(offset: a.cpl0LoopOffset, rcx: loops)
+                s0 = try sa.read()
+                let iv = try a.timeCPL0(offset: a.calibInvlpgOffset, rcx: loops, rdi: base)
+                add(&dv, try sa.delta(since: s0))
+                inv.append((Double(iv) - Double(plain)) / Double(loops))
+                s0 = try sa.read()
+                let cw = try a.timeCPL0(offset: a.calibCR3Offset, rcx: loops, rdx: a.layout.pageTables)
+                add(&dc, try sa.delta(since: s0))
+                cr3.append((Double(cw) - Double(plain)) / Double(loops))
+            }
+            guard record else { return }
+            acc["cpl0_instruction"]!.add(ins, events: k * Int(2 * loops), counters: di)
+            acc["invlpg"]!.add(inv, events: k * Int(loops), counters: dv)
+            acc["cr3_write"]!.add(cr3, events: k * Int(loops), counters: dc)
+        }
+
+        var nextB = 0
+        func uffdRound(_ k: Int, record: Bool) throws(KVMError) {
+            let first = nextB
+            nextB += k
+            let bb = b.layout.dataVirtual.rawValue
+            server.resetSamples()
+            let za = try sb.read()
+            let zt = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_READ, count: k, base: bb + UInt64(first) * 4096)
+            let zd = try sb.delta(since: za)
+            let ca = try sb.read()
+            let ct = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: k, base: bb + UInt64(touchPages + first) * 4096)
+            let cdl = try sb.delta(since: ca)
+            if let e = server.error { throw e }
+            guard record else { return }
+            acc["uffd_zero_read"]!.add(zt.map { Double($0) / perNano }, counters: zd)
+            acc["uffd_copy_write"]!.add(ct.map { Double($0) / perNano }, counters: cdl)
+            acc["uffd_service"]!.add(server.takeSamples())
+        }
+
+        var dirtyPrimed = false
+        func dirtyRound(_ k: Int, record: Bool) throws(KVMError) {
+            let cBase = c.layout.dataVirtual.rawValue, dBase = d.layout.dataVirtual.rawValue
+            if !dirtyPrimed {
+                // First writes (first touches), then harvests: from here on each write is a
+                // write-protect fault of a mapped page.
+                _ = try c.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: bitmapPages, base: cBase)
+                _ = try bitmap.harvest()
+                _ = try d.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: dirtyPages, base: dBase)
+                _ = try ring.finish()
+                dirtyPrimed = true
+            }
+            for _ in 0..<k {
+                let wa = try sc.read()
+                let wt = try c.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: bitmapPages, base: cBase)
+                let wd = try sc.delta(since: wa)
+                let full = try bitmap.harvest()
+                let empty = try bitmap.harvest()
+                guard full.pages.count == bitmapPages, empty.pages.isEmpty else {
+                    throw KVMError.invalid("dirty bitmap: \(full.pages.count) pages dirty after \(bitmapPages) guest writes, then \(empty.pages.count)")
+                }
+                _ = try d.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: dirtyPages, base: dBase)
+                let rf = try ring.finish()
+                let re = try ring.finish()
+                guard rf.pages.count == dirtyPages, re.entries == 0 else {
+                    throw KVMError.invalid("dirty ring: \(rf.pages.count) pages harvested after \(dirtyPages) guest writes, then \(re.entries)")
+                }
+                guard record else { continue }
+                let slotGiB = Double(c.layout.dataSize) / Double(1 << 30)
+                acc["wp_fault_after_harvest"]!.add(wt.map { Double($0) / perNano }, counters: wd)
+                acc["bitmap_empty_1gib"]!.add([Double(empty.harvestNanos) / slotGiB])
+                acc["bitmap_per_dirty_page"]!.add([(Double(full.harvestNanos) - Double(empty.harvestNanos)) / Double(bitmapPages)])
+                let rn = Double(rf.harvestNanos + rf.resetNanos), en = Double(re.harvestNanos + re.resetNanos)
+                acc["ring_per_entry"]!.add([(rn - en) / Double(dirtyPages)])
+                acc["ring_empty"]!.add([en])
+            }
+        }
+
+        func guestRound(_ k: Int, record: Bool) throws(KVMError) {
+            try events(a, sa, "exit_pio", MEMVIRT_CAL_PIO, k, base: 0, record: record)
+            try events(a, sa, "exit_mmio", MEMVIRT_CAL_MMIO, k, base: GuestLayout.holeVirtual.rawValue, record: record)
+            try events(a, sa, "exit_cpuid", MEMVIRT_CAL_CPUID, k, base: 0, record: record)
+            try events(a, sa, "guest_pf", MEMVIRT_CAL_GUEST_PF, k, base: pfPage, record: record)
+            try events(a, sa, "pt_write", MEMVIRT_CAL_PT_WRITE, k, base: pdeAddress, salt: pdeValue, other: special, record: record)
+        }
+
+        // Warm-up, then the rounds: every benchmark takes its share in each round.
+        try touchRound(warm, record: false)
+        try guestRound(warm, record: false)
+        try cpl0Round(2, record: false)
+        try uffdRound(warm, record: false)
+        try dirtyRound(1, record: false)
+        var left = n
+        while left > 0 {
+            let k = min(chunk, left)
+            try touchRound(k * f, record: true)
+            try guestRound(k * f, record: true)
+            try cpl0Round(k, record: true)
+            try uffdRound(k * f, record: true)
+            try dirtyRound(max(1, k), record: true)
+            left -= k
+        }
+        // KSM: one batch (ksmd must merge first, which takes its scans of every mergeable
+        // page on the host); when it does not merge in time the benchmark is left out.
+        var ksmProblem = ksmMissing
+        if ksmMissing == nil {
+            do { try ksmBatch(n * f + warm, warm: warm) } catch {
+                ksmProblem = "\(error)"
+                acc["ksm_cow_break"]!.samples = []
+            }
+        }
+        server.stop()
+        if let e = server.error { throw e }
+
+        let measurements = order.compactMap { acc[$0]!.result() }
+        var report = CalibrationReport(
+            platform: kvm.platform, pagingMode: kvm.platform.pagingMode, tscKHz: perNano * 1e6, quick: o.quick,
+            date: isoDateNow(), seconds: Double(monotonicNanoseconds() - t0) / 1e9,
+            measurements: measurements, costs: [], omitted: [], realtime: realtime)
+        derive(&report, nested: nested, pvm: pvm)
+        if let why = ksmProblem { report.omitted.append(("HostCosts.pageCopy", "ksm_cow_break: " + why)) }
+        return report
+    }
+
+    /// KSM copy-on-write breaks: the guest maps `count` pages, the VMM makes them identical,
+    /// ksmd merges them (KSM.withSession restores the host's settings), then the guest writes
+    /// each: the first `warm` are warm-up, the rest samples. A few batches per run (merging
+    /// takes ksmd scans).
+    func ksmBatch(_ count: Int, warm: Int) throws(KVMError) {
+        var ce = GuestConfig(dataSize: (UInt64(count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+        ce.mergeable = true
+        ce.listCapacity = count
+        let e = try GuestVM(kvm: kvm, config: ce)
+        let se = try StatProbe(e)
+        let eBase = e.layout.dataVirtual.rawValue
+        _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count, base: eBase)
+        for i in 0..<count {
+            try e.data.store(UInt64(0x4d65_6d56_6972_7420), at: e.data.guestPhysical.advanced(by: UInt64(i) * 4096))
+        }
+        let perNano = try e.tscTicksPerNano()
+        try KSM.withSession { (session) throws(KVMError) in
+            let before = KSM.processStat()?.mergingPages ?? 0
+            let merged = session.waitUntil(timeoutSeconds: 60) {
+                (KSM.processStat()?.mergingPages ?? 0) >= before + UInt64(count) - UInt64(count / 256 + 2)
+            }
+            guard merged else {
+                throw KVMError.invalid("ksmd merged \((KSM.processStat()?.mergingPages ?? 0) &- before) of \(count) identical pages in 60 s")
+            }
+            _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: warm, base: eBase)
+            let s0 = try se.read()
+            let ticks = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count - warm, base: eBase + UInt64(warm) * 4096)
+            let dlt = try se.delta(since: s0)
+            acc["ksm_cow_break"]!.add(ticks.map { Double($0) / perNano }, counters: dlt)
+        }
+    }
+}
+
+/// Today's date and time in UTC, ISO 8601.
+func isoDateNow() -> String {
+    var t = time(nil)
+    var tmv = tm()
+    gmtime_r(&t, &tmv)
+    func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+    return "\(tmv.tm_year + 1900)-\(two(tmv.tm_mon + 1))-\(two(tmv.tm_mday))T\(two(tmv.tm_hour)):\(two(tmv.tm_min)):\(two(tmv.tm_sec))Z"
+}
