@@ -57,7 +57,10 @@ struct ModelSide {
 /// What the KVM engine measured for a case.
 struct KVMSide {
     var counters: [String: UInt64]
+    /// CPU time (user + system) of the process over the measured phase.
     var seconds: Double
+    /// Wall time of the measured phase.
+    var wallSeconds: Double
     var readSum: UInt64
     var dirtyPages: UInt64?
     var userspaceExits: UInt64
@@ -138,9 +141,13 @@ enum ValidationEngines {
            case .object(let u)? = kv.first(where: { $0.0 == "to_userspace" })?.1 {
             for (_, v) in u { if case .uint(let n) = v { userspace += n } }
         }
+        var cpu = 0.0
+        if case .object(let kv)? = r.result.extra.first(where: { $0.0 == "host" })?.1 {
+            for (k, v) in kv where k == "user_seconds" || k == "system_seconds" { if case .double(let x) = v { cpu += x } }
+        }
         var ringBytes: UInt64? = nil
         if o.dirtyLog == .ring, let kvm = try? KVM() { ringBytes = UInt64(max(0, min(kvm.check(.dirtyLogRing), 1 << 20))) }
-        let side = KVMSide(counters: counters, seconds: r.result.wallSeconds, readSum: r.guests.first?.readSum ?? 0,
+        let side = KVMSide(counters: counters, seconds: cpu, wallSeconds: r.result.wallSeconds, readSum: r.guests.first?.readSum ?? 0,
                            dirtyPages: r.dirty.map { UInt64($0.pages.count) }, userspaceExits: userspace)
         return (side, ringBytes)
     }
