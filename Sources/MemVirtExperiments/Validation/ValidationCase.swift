@@ -81,6 +81,9 @@ enum ValidationEngines {
         config.paging = .shadow
         config.costs = machine.costs
         config.tlb = machine.tlb
+        // The KVM engine backs guest RAM with anonymous 4 KiB host pages (MADV_NOHUGEPAGE):
+        // a read before any write maps the host's zero page, copied on the first write.
+        config.shadow.hostZeroPage = true
         let spec = c.spec
         guard spec.threads == 1 else { throw InputError("validate: the model side runs one vCPU (case \(c.name) has \(spec.threads) threads)") }
         let oneG = PageSize.size1G.bytes
@@ -136,6 +139,7 @@ enum ValidationEngines {
         var counters: [String: UInt64] = [:]
         for (k, v) in r.vcpuStats.values { counters[k] = v }
         for (k, v) in r.vmStats.values where counters[k] == nil { counters[k] = v }
+        counters[Counter.hostMinorFaults.name] = r.result.counters[.hostMinorFaults]
         var userspace: UInt64 = 0
         if case .object(let kv)? = r.result.extra.first(where: { $0.0 == "exits_by_reason" })?.1,
            case .object(let u)? = kv.first(where: { $0.0 == "to_userspace" })?.1 {
