@@ -15,11 +15,14 @@ public struct ValidationCase: Sendable {
     public var name: String
     public var spec: WorkloadSpec
     public var kind: Kind
+    /// Guest page size of the workload's mapping (host pages stay 4 KiB in both engines).
+    public var pageSize: PageSize
 
-    public init(name: String, spec: WorkloadSpec, kind: Kind) {
+    public init(name: String, spec: WorkloadSpec, kind: Kind, pageSize: PageSize = .size4K) {
         self.name = name
         self.spec = spec
         self.kind = kind
+        self.pageSize = pageSize
     }
 
     /// The cases of a run: the access patterns over prebuilt tables, then dirty logging
@@ -38,6 +41,7 @@ public struct ValidationCase: Sendable {
             ValidationCase(name: "chase", spec: spec(.chase), kind: .prebuilt),
             ValidationCase(name: "gups", spec: spec(.gups), kind: .prebuilt),
         ]
+        cases.append(ValidationCase(name: "uniform-2m-guest-pages", spec: spec(.uniform), kind: .prebuilt, pageSize: .size2M))
         cases.append(ValidationCase(name: "dirty-log-bitmap", spec: spec(.uniform), kind: .dirtyLog(.bitmap)))
         cases.append(ValidationCase(name: "dirty-log-ring", spec: spec(.uniform), kind: .dirtyLog(.ring)))
         return cases
@@ -90,17 +94,19 @@ enum ValidationEngines {
         let capacity = ((spec.footprint.rawValue + oneG - 1) / oneG) * oneG + 2 * oneG
         return try ModelEngine.withMachine(config: config, capacity: capacity, MachineBody { r in
             guard let m = r as? Machine<ShadowPaging> else { throw InputError("validate: the model machine is not shadow-paged") }
-            let area = VirtualMemoryArea(start: spec.base.rawValue, end: spec.base.rawValue + spec.footprint.rawValue, pageSize: .size4K, writable: true)
+            let ps = c.pageSize
+            guard spec.footprint.rawValue % ps.bytes == 0 else { throw InputError("validate: case \(c.name): footprint is not a multiple of \(ps)") }
+            let area = VirtualMemoryArea(start: spec.base.rawValue, end: spec.base.rawValue + spec.footprint.rawValue, pageSize: ps, writable: true)
             try m.kernel.map(area, in: m.space)
             var dataGfns = Set<UInt64>()
             var va = area.start
             while va < area.end {
-                guard let frame = m.kernel.frames.allocate(.size4K) else { throw InputError("validate: guest memory exhausted building tables") }
-                guard m.kernel.installLeaf(va, frame: frame, size: .size4K, flags: [.present, .writable, .user], space: m.space) else {
+                guard let frame = m.kernel.frames.allocate(ps) else { throw InputError("validate: guest memory exhausted building tables") }
+                guard m.kernel.installLeaf(va, frame: frame, size: ps, flags: [.present, .writable, .user], space: m.space) else {
                     throw InputError("validate: guest memory exhausted building tables")
                 }
-                dataGfns.insert(frame >> 12)
-                va += 4096
+                for i in 0..<ps.frames { dataGfns.insert((frame >> 12) + i) }
+                va += ps.bytes
             }
             if case .dirtyLog(let method) = c.kind {
                 var costs = machine.dirty
@@ -129,6 +135,7 @@ enum ValidationEngines {
     /// The KVM engine's run of `c` (the timed phase: the guest's command, `KVMRunner`'s wall).
     static func runKVM(_ c: ValidationCase) throws -> (KVMSide, ringBytes: UInt64?) {
         var o = KVMRunOptions()
+        o.pageSize = c.pageSize
         switch c.kind {
         case .prebuilt: break
         case .dirtyLog(.bitmap): o.dirtyLog = .bitmap

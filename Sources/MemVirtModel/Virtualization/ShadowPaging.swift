@@ -386,7 +386,7 @@ public final class ShadowPaging: PagingMode {
         // the page inside this fault; the copy's mmu notifier zaps the spte and flushes, and
         // the fault is retried (not fixed).
         var zeroPageRead = false
-        if options.hostZeroPage && g.entry.size == .size4K && hostPageSize == .size4K {
+        if options.hostZeroPage && hostPageSize == .size4K {
             if write, zeroPageMapped.remove(dataGfn) != nil {
                 hostFaults &+= 1
                 cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K))
@@ -451,7 +451,9 @@ public final class ShadowPaging: PagingMode {
         if g.entry.user { spte |= 0x4 }
         // Writable only if the guest allows it, its D bit is set (or this is the write that
         // sets it), and no page of the mapping is a shadowed guest table.
-        if g.entry.writable && (g.entry.dirty || write) && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
+        // A page mapped on the host's zero page is read-only to KVM too (hva_to_pfn: map_writable
+        // false for a read-only get_user_pages).
+        if g.entry.writable && (g.entry.dirty || write) && !zeroPageRead && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
             spte |= Self.mmuWritableBit
             // While logging, W only once the page is dirty this round (a write fault marks it).
             if logDirty == nil || logDirtyPermitsWrite((leafGPA & ~mapSize.offsetMask) >> 12, write: write, cpu: cpu) {
