@@ -14,7 +14,7 @@ struct MemVirt: ParsableCommand {
             shadow and nested MMUs, host memory and migration) and the KVM engine (real VMs on \
             /dev/kvm). Counters carry KVM's stat names where KVM has the event.
             """,
-        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, ReportCommand.self, ProfileCommand.self, SweepCommand.self, KVMCommand.self]
+        subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, ValidateCommand.self, ReportCommand.self, ProfileCommand.self, SweepCommand.self, KVMCommand.self]
     )
 
     /// ArgumentParser's main, except that with `--json` a failure that reaches here (a bad flag,

@@ -3,12 +3,12 @@ import MemVirtKVM
 import MemVirtModel
 import MemVirtReport
 
-/// `validate` (KVM engine): the model against the real thing. Each workload runs as guest code
+/// `validate-values` (KVM engine; `validate` is `Validation`): the model against the real thing. Each workload runs as guest code
 /// on /dev/kvm and in the model (native, shadow, nested): the values read (read_sum) and the
 /// final memory (memory_checksum) must be equal, and the model's shadow-mode hidden faults
 /// (`pf_fixed`) are set beside KVM's own counter for the same run.
 public struct CrossEngineValidation: Experiment {
-    public static let name = "validate"
+    public static let name = "validate-values"
     public static let summary = "Model vs KVM: same reads, same final memory, pf_fixed side by side"
     let accesses: UInt64
     let footprint: ByteCount
@@ -69,5 +69,5 @@ public struct CrossEngineValidation: Experiment {
 
 extension Reproductions {
     /// Reproductions that need both engines (run with the KVM ones).
-    public static let crossEngine: [any Experiment.Type] = [CrossEngineValidation.self]
+    public static let crossEngine: [any Experiment.Type] = [Validation.self, CrossEngineValidation.self]
 }

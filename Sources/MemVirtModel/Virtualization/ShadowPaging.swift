@@ -47,6 +47,15 @@ public final class ShadowPaging: PagingMode {
         /// Maximum shadow pages before recycling; 0 = 2% of guest pages, KVM's default
         /// (KVM_PERMILLE_MMU_PAGES 20), at least 64 (KVM_MIN_ALLOC_MMU_PAGES).
         public var maxShadowPages = 0
+        /// Guest RAM is anonymous host memory with 4 KiB pages: a read fault on a page the host
+        /// never touched maps the host's shared zero page (KVM's hva_to_pfn takes a read-only
+        /// get_user_pages for a read fault; do_anonymous_page maps the zero page), and the first
+        /// guest write copies it (wp_page_copy) inside KVM's fault, whose mmu notifier zaps the
+        /// spte and flushes (kvm_mmu_notifier_invalidate_range_start, `tlb_flush`), so the
+        /// fault is retried (FNAME(page_fault): is_page_fault_stale, RET_PF_RETRY: `pf_taken`
+        /// without `pf_fixed`) and taken again. Off by default (the model's other runs back a
+        /// fresh page on any first touch).
+        public var hostZeroPage = false
         public init() {}
     }
 
@@ -76,6 +85,11 @@ public final class ShadowPaging: PagingMode {
 
     // Counted here, folded into the CPU's counters by `settle`.
     var hostFaults: UInt64 = 0
+    /// With `options.hostZeroPage`: gfns mapped (read-only) on the host's zero page.
+    var zeroPageMapped: Set<UInt64> = []
+    /// Set while backing a page for a zero-page read map: no clear is charged (the zero page
+    /// is shared, nothing is cleared until the copy).
+    var backingZeroPageMap = false
     var leafCounts: [Int64] = [0, 0, 0]
     /// Log-dirty state while a migration tracks dirty pages (ShadowDirtyTracking.swift).
     var logDirty: ShadowLogDirty?
@@ -124,7 +138,7 @@ public final class ShadowPaging: PagingMode {
             guard let frame = hostFrames.allocate(size) else { preconditionFailure("host memory exhausted") }
             host.zero(frame, bytes: size.bytes)
             hostFaults &+= 1
-            cpuForGuestWrites?.ledger.charge(.hostFaults, cpuForGuestWrites!.costs.demandZero(size))
+            if !backingZeroPageMap { cpuForGuestWrites?.ledger.charge(.hostFaults, cpuForGuestWrites!.costs.demandZero(size)) }
             let first = (gpa & ~size.offsetMask) >> 12
             for i in 0..<size.frames { p2m.write64((first + i) << 3, frame + (i << 12)) }
             page = p2m.read64(gfn << 3)
@@ -368,6 +382,29 @@ public final class ShadowPaging: PagingMode {
             let hpa = hostAddress(leafGPA)
             return .emulated(TLBEntry(base: hpa & ~0xfff, size: .size4K, writable: true, user: true, dirty: true, noExecute: false), refs: refs)
         }
+        // The host's zero page (options.hostZeroPage): a write to a page mapped on it copies
+        // the page inside this fault; the copy's mmu notifier zaps the spte and flushes, and
+        // the fault is retried (not fixed).
+        var zeroPageRead = false
+        if options.hostZeroPage && hostPageSize == .size4K {
+            if write, zeroPageMapped.remove(dataGfn) != nil {
+                hostFaults &+= 1
+                cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K))
+                for a in rmap[dataGfn] ?? [] {
+                    let e = host.read64(a)
+                    if e & 1 != 0 {
+                        dropLeaf(a, entry: e, level: 1)
+                        host.write64(a, 0)
+                    }
+                }
+                flushTLBs(cpu)
+                return .retry(refs: refs)
+            }
+            if !write && backedPage(dataGfn) == nil {
+                zeroPageMapped.insert(dataGfn)
+                zeroPageRead = true
+            }
+        }
         // Build the shadow path (FNAME(fetch)).
         let guestLeafLevel = g.entry.size.leafLevel
         // Huge mappings are split to 4 KiB while logging (dirty pages are tracked per 4 KiB).
@@ -403,7 +440,9 @@ public final class ShadowPaging: PagingMode {
             level -= 1
         }
         // The leaf: data frame from the p2m, permissions from the guest walk.
+        backingZeroPageMap = zeroPageRead
         let hostBase = hostAddress(leafGPA & ~mapSize.offsetMask) & ~mapSize.offsetMask
+        backingZeroPageMap = false
         for i in 0..<mapSize.frames { gfnOfHost[(hostBase >> 12) + i] = ((leafGPA & ~mapSize.offsetMask) >> 12) + i }
         let idx = GuestVirtualAddress(va).tableIndex(level: level)
         let ea = pages[sp].table + UInt64(idx) * 8
@@ -412,7 +451,9 @@ public final class ShadowPaging: PagingMode {
         if g.entry.user { spte |= 0x4 }
         // Writable only if the guest allows it, its D bit is set (or this is the write that
         // sets it), and no page of the mapping is a shadowed guest table.
-        if g.entry.writable && (g.entry.dirty || write) && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
+        // A page mapped on the host's zero page is read-only to KVM too (hva_to_pfn: map_writable
+        // false for a read-only get_user_pages).
+        if g.entry.writable && (g.entry.dirty || write) && !zeroPageRead && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
             spte |= Self.mmuWritableBit
             // While logging, W only once the page is dirty this round (a write fault marks it).
             if logDirty == nil || logDirtyPermitsWrite((leafGPA & ~mapSize.offsetMask) >> 12, write: write, cpu: cpu) {

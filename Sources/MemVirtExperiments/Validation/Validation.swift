@@ -1,0 +1,172 @@
+import MemVirtCore
+import MemVirtKVM
+import MemVirtModel
+import MemVirtReport
+
+/// `memvirt validate`: the model's counters and predicted time beside real KVM's, case by case.
+/// Every case runs the same `WorkloadSpec` (same seed, same SplitMix64 stream) on /dev/kvm and
+/// in the model's shadow MMU (this host's kvm_pvm is a shadow-paging KVM); every counter both
+/// engines count is set side by side under KVM's stat name, and the model's cycles for the
+/// measured phase, over the profile's clock, beside the KVM engine's wall time of that phase.
+/// Nothing here is fitted: the model runs with the profile's costs as they are.
+public struct Validation: Experiment {
+    public static let name = "validate"
+    public static let summary = "Model vs KVM, case by case: every shared counter and the predicted time of the measured phase"
+
+    /// A deterministic counter must be within this fraction of KVM's.
+    public static let counterTolerance = 0.02
+    /// The predicted time must be within this fraction of the measured one.
+    public static let timeTolerance = 0.20
+
+    /// KVM stats set side by side, in this order, where KVM reports the stat and the model
+    /// counts it (`dirty_pages`: pages harvested from the data slot, both engines).
+    public static let stats = [
+        "pf_fixed", "pf_guest", "pf_emulate", "pf_taken", "pf_fast", "pf_spurious", "mmu_pte_write", "mmu_unsync",
+        "mmu_shadow_zapped", "mmu_flooded", "mmu_recycled", "mmu_cache_miss", "mmu_pde_zapped", "invlpg", "tlb_flush",
+        "exits", "io_exits", "insn_emulation", "pages_4k", "pages_2m", "host_minor_faults", "dirty_pages",
+    ]
+    /// The stats that a single-vCPU run of a fixed stream makes the same every time (the
+    /// verdict's counters). The others are shown, not judged: exits (timer interrupts:
+    /// irq_exits), tlb_flush (also requested by host events: reclaim, compaction, KSM),
+    /// mmu_cache_miss and pages_4k (the guest runtime's own code, stack and mailbox pages,
+    /// which the model does not run), host_minor_faults (the whole process's).
+    public static let deterministic: Set<String> = ["pf_fixed", "pf_taken", "pf_guest", "pf_emulate", "mmu_pte_write", "invlpg", "dirty_pages"]
+
+    public var cases: [ValidationCase]
+
+    public init(quick: Bool) { cases = ValidationCase.all(quick: quick) }
+    public init(cases: [ValidationCase]) { self.cases = cases }
+
+    /// One counter of one case.
+    public struct Row: Sendable {
+        public var stat: String
+        public var model: UInt64
+        public var kvm: UInt64
+        public var deterministic: Bool
+        /// model / kvm; 1 when both are 0; nil when only KVM's is 0.
+        public var ratio: Double? { kvm > 0 ? Double(model) / Double(kvm) : model == 0 ? 1 : nil }
+        public var withinTolerance: Bool {
+            kvm == 0 ? model == 0 : abs(Double(model) - Double(kvm)) <= Validation.counterTolerance * Double(kvm)
+        }
+    }
+
+    /// One case, both engines.
+    public struct CaseResult: Sendable {
+        public var name: String
+        public var rows: [Row]
+        public var predictedSeconds: Double
+        /// The KVM engine's CPU time (user + system of the process) over the measured phase:
+        /// the time the vCPU thread ran, without the time it waited for a core on a shared host.
+        public var measuredSeconds: Double
+        /// Wall time of the same phase.
+        public var measuredWallSeconds: Double
+        public var readSumEqual: Bool
+        public var note: String
+        public var modelBreakdown: [(String, Double)]
+        public var timeError: Double { measuredSeconds > 0 ? (predictedSeconds - measuredSeconds) / measuredSeconds : .infinity }
+        public var timeWithinTolerance: Bool { abs(timeError) <= Validation.timeTolerance }
+        public var countersWithinTolerance: Bool { rows.allSatisfy { !$0.deterministic || $0.withinTolerance } }
+        public var withinTolerance: Bool { readSumEqual && timeWithinTolerance && countersWithinTolerance }
+    }
+
+    /// Runs every case on both engines.
+    public func runCases(machine: ReproductionMachine, progress: @Sendable (String) -> Void) throws -> [CaseResult] {
+        guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
+        var out: [CaseResult] = []
+        for c in cases {
+            progress("\(Self.name): \(c.name) on /dev/kvm")
+            let (kvm, ringBytes) = try ValidationEngines.runKVM(c)
+            progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
+            let model = try ValidationEngines.runModel(c, machine: machine, ringBytes: ringBytes)
+            out.append(Self.compare(c, model: model, kvm: kvm))
+        }
+        return out
+    }
+
+    static func compare(_ c: ValidationCase, model: ModelSide, kvm: KVMSide) -> CaseResult {
+        var rows: [Row] = []
+        for s in stats {
+            if s == "dirty_pages" {
+                if let m = model.dirtyPages, let k = kvm.dirtyPages { rows.append(Row(stat: s, model: m, kvm: k, deterministic: true)) }
+                continue
+            }
+            guard let counter = Counter.byName[s], let k = kvm.counters[s] else { continue }
+            let applicable = model.counters.reported.contains { $0.0 == counter }
+            guard applicable else { continue }
+            rows.append(Row(stat: s, model: model.counters[counter], kvm: k, deterministic: deterministic.contains(s)))
+        }
+        return CaseResult(name: c.name, rows: rows, predictedSeconds: model.seconds, measuredSeconds: kvm.seconds, measuredWallSeconds: kvm.wallSeconds,
+                          readSumEqual: model.readSum == kvm.readSum, note: note(c), modelBreakdown: model.breakdown)
+    }
+
+    /// What is known to differ in a case, and why.
+    static func note(_ c: ValidationCase) -> String {
+        switch c.kind {
+        case .prebuilt:
+            "Guest tables built before the run, A/D clear: a read maps a read-only spte and a later write faults again (FNAME(protect_clean_gpte)); no SPTE prefetch, as KVM prefetches only accessed gptes (FNAME(prefetch_invalid_gpte)). A page read before it is written is mapped on the host's zero page and copied on the write, whose mmu notifier zaps the spte and retries the fault (pf_taken and tlb_flush one more than pf_fixed per such page; ShadowPaging.Options.hostZeroPage). KVM's pf_fixed, pages_4k and mmu_cache_miss also count the guest runtime's own first touches (code, stack, mailbox: a few pages and 4 shadow tables), which the model does not run."
+        case .dirtyLog(let m):
+            "Dirty logging on the data slot from the start, one harvest (\(m.rawValue)) after the run; dirty_pages counts data-slot pages in both engines."
+        }
+    }
+
+    public func run(progress: @Sendable (String) -> Void) throws -> ExperimentReport {
+        let machine = Reproductions.thisHost
+        let results = try runCases(machine: machine, progress: progress)
+        return Self.report(results, profile: nil)
+    }
+
+    /// Mean |time_error| over the cases.
+    public static func meanAbsTimeError(_ rs: [CaseResult]) -> Double {
+        rs.isEmpty ? 0 : rs.map { abs($0.timeError) }.reduce(0, +) / Double(rs.count)
+    }
+
+    /// `profile`: the profile's summary for the JSON (nil: the caller adds it, as `reproduce` does).
+    public static func report(_ results: [CaseResult], profile: JSONValue?) -> ExperimentReport {
+        var tables: [TextTable] = []
+        var summary = TextTable(title: "cases", header: ["case", "predicted s", "measured CPU s", "wall s", "time error", "counters", "read_sum", "verdict"])
+        var casesJSON: [JSONValue] = []
+        for r in results {
+            summary.add([r.name, formatFixed(r.predictedSeconds, digits: 4), formatFixed(r.measuredSeconds, digits: 4),
+                         formatFixed(r.measuredWallSeconds, digits: 4),
+                         formatSignedPercent(r.timeError), r.countersWithinTolerance ? "within 2%" : "DIFFER",
+                         r.readSumEqual ? "equal" : "DIFFERENT", r.withinTolerance ? "ok" : "MISS"])
+            var t = TextTable(title: r.name, header: ["stat", "model", "kvm", "model/kvm", "judged", "verdict"])
+            var counters: [(String, JSONValue)] = []
+            for row in r.rows {
+                t.add([row.stat, formatGrouped(row.model), formatGrouped(row.kvm), row.ratio.map { formatFixed($0, digits: 3) } ?? "-",
+                       row.deterministic ? "yes" : "no", row.deterministic ? (row.withinTolerance ? "ok" : "MISS") : "-"])
+                counters.append((row.stat, .object([
+                    ("model", .uint(row.model)), ("kvm", .uint(row.kvm)), ("ratio", row.ratio.map { .double($0) } ?? .null),
+                    ("deterministic", .bool(row.deterministic)), ("within_tolerance", .bool(row.withinTolerance)),
+                ])))
+            }
+            tables.append(t)
+            casesJSON.append(.object([
+                ("name", .string(r.name)), ("counters", .object(counters)),
+                ("predicted_seconds", .double(r.predictedSeconds)), ("measured_seconds", .double(r.measuredSeconds)), ("measured_wall_seconds", .double(r.measuredWallSeconds)),
+                ("time_error", .double(r.timeError)), ("time_within_tolerance", .bool(r.timeWithinTolerance)),
+                ("counters_within_tolerance", .bool(r.countersWithinTolerance)), ("read_sum_equal", .bool(r.readSumEqual)),
+                ("within_tolerance", .bool(r.withinTolerance)), ("note", .string(r.note)),
+                ("model_cycles", .object(r.modelBreakdown.map { ($0.0, .double($0.1)) })),
+            ]))
+        }
+        let mean = meanAbsTimeError(results)
+        let all = results.allSatisfy(\.withinTolerance)
+        return ExperimentReport(
+            name: name, title: Self.summary, tables: [summary] + tables,
+            notes: [
+                "Tolerances: deterministic counters (\(deterministic.sorted().joined(separator: ", "))) within \(Int(counterTolerance * 100))% of KVM's; predicted time within \(Int(timeTolerance * 100))% of measured. mean_abs_time_error \(formatFixed(mean * 100, digits: 1))%; all within tolerance: \(all).",
+                "Model: shadow paging with the profile's costs, nothing fitted; predicted time = the ledger's cycles for the run over the profile's clock. KVM: the process's CPU time (user + system, getrusage) over KVMRunner's measured phase (the guest command, first entry to the last exit); its wall time is shown beside it, and exceeds it when the host's cores are shared.",
+            ] + results.map { "\($0.name): \($0.note)" },
+            json: .object([
+                ("schema", "memvirt.validate/1"), ("name", .string(name))] + (profile.map { [("profile", $0)] } ?? []) + [
+                ("counter_tolerance", .double(counterTolerance)), ("time_tolerance", .double(timeTolerance)),
+                ("cases", .array(casesJSON)), ("mean_abs_time_error", .double(mean)), ("all_within_tolerance", .bool(all)),
+            ]))
+    }
+
+    static func formatSignedPercent(_ x: Double) -> String {
+        guard x.isFinite else { return "-" }
+        return (x >= 0 ? "+" : "") + formatFixed(x * 100, digits: 1) + "%"
+    }
+}

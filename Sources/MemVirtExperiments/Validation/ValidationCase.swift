@@ -1,0 +1,165 @@
+import MemVirtCore
+import MemVirtKVM
+import MemVirtModel
+
+/// One case of `memvirt validate`: a workload and the way both engines run it.
+public struct ValidationCase: Sendable {
+    public enum Kind: Sendable, Hashable {
+        /// Page tables built before the run (the KVM guest runtime's layout): KVM's shadow MMU
+        /// and the model's build shadow entries on first touch.
+        case prebuilt
+        /// Dirty logging on the data slot from the start, one harvest after the run.
+        case dirtyLog(HarvestMethod)
+    }
+
+    public var name: String
+    public var spec: WorkloadSpec
+    public var kind: Kind
+    /// Guest page size of the workload's mapping (host pages stay 4 KiB in both engines).
+    public var pageSize: PageSize
+
+    public init(name: String, spec: WorkloadSpec, kind: Kind, pageSize: PageSize = .size4K) {
+        self.name = name
+        self.spec = spec
+        self.kind = kind
+        self.pageSize = pageSize
+    }
+
+    /// The cases of a run: the access patterns over prebuilt tables, then dirty logging
+    /// harvested by bitmap and by ring. `quick`: 4 MiB, 100,000 accesses; else 64 MiB, 2 M.
+    public static func all(quick: Bool) -> [ValidationCase] {
+        let footprint: ByteCount = quick ? .mib(4) : .mib(64)
+        let accesses: UInt64 = quick ? 100_000 : 2_000_000
+        func spec(_ p: WorkloadSpec.Pattern) -> WorkloadSpec {
+            WorkloadSpec(pattern: p, footprint: footprint, accesses: accesses, writeRatio: 0.3, seed: 11)
+        }
+        var cases: [ValidationCase] = [
+            ValidationCase(name: "sequential", spec: spec(.sequential), kind: .prebuilt),
+            ValidationCase(name: "strided-24k", spec: spec(.strided(stride: 24_576)), kind: .prebuilt),
+            ValidationCase(name: "uniform", spec: spec(.uniform), kind: .prebuilt),
+            ValidationCase(name: "zipf-0.99", spec: spec(.zipf(theta: 0.99)), kind: .prebuilt),
+            ValidationCase(name: "chase", spec: spec(.chase), kind: .prebuilt),
+            ValidationCase(name: "gups", spec: spec(.gups), kind: .prebuilt),
+        ]
+        cases.append(ValidationCase(name: "uniform-2m-guest-pages", spec: spec(.uniform), kind: .prebuilt, pageSize: .size2M))
+        cases.append(ValidationCase(name: "dirty-log-bitmap", spec: spec(.uniform), kind: .dirtyLog(.bitmap)))
+        cases.append(ValidationCase(name: "dirty-log-ring", spec: spec(.uniform), kind: .dirtyLog(.ring)))
+        return cases
+    }
+}
+
+/// What the model predicts for a case.
+struct ModelSide {
+    var counters: CounterSet
+    var cycles: Double
+    var seconds: Double
+    var readSum: UInt64
+    var dirtyPages: UInt64?
+    var breakdown: [(String, Double)]
+}
+
+/// What the KVM engine measured for a case.
+struct KVMSide {
+    var counters: [String: UInt64]
+    /// CPU time (user + system) of the process over the measured phase.
+    var seconds: Double
+    /// Wall time of the measured phase.
+    var wallSeconds: Double
+    var readSum: UInt64
+    var dirtyPages: UInt64?
+    var userspaceExits: UInt64
+}
+
+enum ValidationEngines {
+    /// KVM's ring: `KVM_DIRTY_RING_RSVD_ENTRIES` (64) entries are kept free, so the ring is
+    /// "soft full" that many entries before its end (virt/kvm/dirty_ring.c,
+    /// kvm_dirty_ring_get_rsvd_entries).
+    static let ringReservedEntries = 64
+
+    /// The model's run of `c`: shadow paging (kvm_pvm's mode) with the guest's page tables
+    /// built before the run exactly as the KVM guest runtime builds them (every data page mapped
+    /// P|W|U to its own frame, A and D clear, data frames never touched), counters and the
+    /// ledger zeroed after the build, then the same access stream.
+    static func runModel(_ c: ValidationCase, machine: ReproductionMachine, ringBytes: UInt64?) throws -> ModelSide {
+        var config = ModelConfig()
+        config.paging = .shadow
+        config.costs = machine.costs
+        config.tlb = machine.tlb
+        // The KVM engine backs guest RAM with anonymous 4 KiB host pages (MADV_NOHUGEPAGE):
+        // a read before any write maps the host's zero page, copied on the first write.
+        config.shadow.hostZeroPage = true
+        let spec = c.spec
+        guard spec.threads == 1 else { throw InputError("validate: the model side runs one vCPU (case \(c.name) has \(spec.threads) threads)") }
+        let oneG = PageSize.size1G.bytes
+        let capacity = ((spec.footprint.rawValue + oneG - 1) / oneG) * oneG + 2 * oneG
+        return try ModelEngine.withMachine(config: config, capacity: capacity, MachineBody { r in
+            guard let m = r as? Machine<ShadowPaging> else { throw InputError("validate: the model machine is not shadow-paged") }
+            let ps = c.pageSize
+            guard spec.footprint.rawValue % ps.bytes == 0 else { throw InputError("validate: case \(c.name): footprint is not a multiple of \(ps)") }
+            let area = VirtualMemoryArea(start: spec.base.rawValue, end: spec.base.rawValue + spec.footprint.rawValue, pageSize: ps, writable: true)
+            try m.kernel.map(area, in: m.space)
+            var dataGfns = Set<UInt64>()
+            var va = area.start
+            while va < area.end {
+                guard let frame = m.kernel.frames.allocate(ps) else { throw InputError("validate: guest memory exhausted building tables") }
+                guard m.kernel.installLeaf(va, frame: frame, size: ps, flags: [.present, .writable, .user], space: m.space) else {
+                    throw InputError("validate: guest memory exhausted building tables")
+                }
+                for i in 0..<ps.frames { dataGfns.insert((frame >> 12) + i) }
+                va += ps.bytes
+            }
+            if case .dirtyLog(let method) = c.kind {
+                var costs = machine.dirty
+                if method == .ring, let bytes = ringBytes {
+                    // The same ring as the KVM run (16-byte kvm_dirty_gfn entries).
+                    costs.ringSoftFull = Int(bytes / 16) - ringReservedEntries
+                }
+                m.mode.startLogging(cpu: m.cpu, method: method, groupSize: 1, costs: costs)
+            }
+            m.mode.settle(cpu: m.cpu)
+            m.resetStatistics()
+            if case .gups = spec.pattern { m.readModifyWrite = true }
+            var source = GeneratedAccesses(try AccessGenerator(spec: spec, thread: 0), count: spec.accesses)
+            try m.run(&source)
+            var dirty: UInt64? = nil
+            if case .dirtyLog = c.kind {
+                dirty = UInt64(m.mode.harvest(cpu: m.cpu).filter { dataGfns.contains($0) }.count)
+            }
+            let counters = m.finish()
+            let cycles = m.cpu.ledger.total
+            return ModelSide(counters: counters, cycles: cycles, seconds: cycles / (config.costs.clockGHz * 1e9), readSum: m.checksum,
+                             dirtyPages: dirty, breakdown: m.cpu.ledger.breakdown)
+        })
+    }
+
+    /// The KVM engine's run of `c` (the timed phase: the guest's command, `KVMRunner`'s wall).
+    static func runKVM(_ c: ValidationCase) throws -> (KVMSide, ringBytes: UInt64?) {
+        var o = KVMRunOptions()
+        o.pageSize = c.pageSize
+        switch c.kind {
+        case .prebuilt: break
+        case .dirtyLog(.bitmap): o.dirtyLog = .bitmap
+        case .dirtyLog(.ring): o.dirtyLog = .ring
+        }
+        let r: KVMRunReport
+        do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
+        var counters: [String: UInt64] = [:]
+        for (k, v) in r.vcpuStats.values { counters[k] = v }
+        for (k, v) in r.vmStats.values where counters[k] == nil { counters[k] = v }
+        counters[Counter.hostMinorFaults.name] = r.result.counters[.hostMinorFaults]
+        var userspace: UInt64 = 0
+        if case .object(let kv)? = r.result.extra.first(where: { $0.0 == "exits_by_reason" })?.1,
+           case .object(let u)? = kv.first(where: { $0.0 == "to_userspace" })?.1 {
+            for (_, v) in u { if case .uint(let n) = v { userspace += n } }
+        }
+        var cpu = 0.0
+        if case .object(let kv)? = r.result.extra.first(where: { $0.0 == "host" })?.1 {
+            for (k, v) in kv where k == "user_seconds" || k == "system_seconds" { if case .double(let x) = v { cpu += x } }
+        }
+        var ringBytes: UInt64? = nil
+        if o.dirtyLog == .ring, let kvm = try? KVM() { ringBytes = UInt64(max(0, min(kvm.check(.dirtyLogRing), 1 << 20))) }
+        let side = KVMSide(counters: counters, seconds: cpu, wallSeconds: r.result.wallSeconds, readSum: r.guests.first?.readSum ?? 0,
+                           dirtyPages: r.dirty.map { UInt64($0.pages.count) }, userspaceExits: userspace)
+        return (side, ringBytes)
+    }
+}

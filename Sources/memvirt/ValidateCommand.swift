@@ -1,0 +1,44 @@
+import ArgumentParser
+import Foundation
+import MemVirtConfig
+import MemVirtCore
+import MemVirtExperiments
+import MemVirtKVM
+
+/// `memvirt validate`: the model's counters and predicted time beside real KVM's, case by case
+/// (the `Validation` experiment; `reproduce validate --engine kvm` prints the same report).
+struct ValidateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "validate",
+        abstract: "Run each validation case on /dev/kvm and in the model: every shared counter and the predicted time beside KVM's.",
+        discussion: """
+            Deterministic counters (pf_fixed, pf_guest, pf_emulate, mmu_pte_write, invlpg, dirty pages) must be within 2% \
+            of KVM's, the predicted time of the measured phase within 20%. Needs a usable /dev/kvm.
+            """)
+
+    @Flag(name: .long, help: "Smaller cases (4 MiB, 100,000 accesses; under a minute).")
+    var quick = false
+
+    @Option(name: .long, help: "Machine profile (name or file) whose costs and clock the model uses (default pvm-shadow; see `memvirt profile list`).")
+    var profile: String = "pvm-shadow"
+
+    @Flag(name: .long, help: "Print one JSON object on stdout.")
+    var json = false
+
+    @Flag(name: .long, help: "No progress on stderr.")
+    var quiet = false
+
+    func run() throws {
+        try reportingErrors(json: json) {
+            if let why = KVM.unavailableReason { throw CLIError("validate needs a usable /dev/kvm: \(why)") }
+            let machine = try MachineProfile.load(profile)
+            let showProgress = !quiet
+            let progress: @Sendable (String) -> Void = { msg in
+                if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
+            }
+            let results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, progress: progress)
+            let report = Validation.report(results, profile: machine.summaryJSON)
+            print(json ? report.json.rendered() : report.text)
+        }
+    }
+}
