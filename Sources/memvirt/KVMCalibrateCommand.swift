@@ -1,7 +1,7 @@
 import ArgumentParser
 import MemVirtCore
 import MemVirtKVM
-import MemVirtConfig
+import MemVirtExperiments
 import Foundation
 
 /// `memvirt kvm calibrate`: the model's costs measured on this host's /dev/kvm.
@@ -22,33 +22,22 @@ struct KVMCalibrateCommand: ParsableCommand {
     @Option(name: .long, help: "The profile (name or TOML file) whose other parameters --out inherits.")
     var base: String?
 
-    /// The built-in profile whose unmeasured parameters a calibration inherits: the one that
-    /// describes this kind of host.
-    static func defaultBase(_ platform: KVMPlatform) -> String {
-        switch platform {
-        case .pvm: "pvm-shadow"
-        case .svm: "zen4"
-        default: "vmx-ept"
-        }
-    }
-
     func run() throws {
         func fail(_ message: String) throws -> Never {
             if json { print(JSONValue.object([("error", .string(message))]).rendered(pretty: true)) } else { printError("memvirt kvm calibrate: \(message)") }
             throw ExitCode.failure
         }
-        // The base profile is loaded before the minutes of measuring, so a bad name fails at once.
-        let baseProfile: MachineProfile?
-        do { baseProfile = out == nil && base == nil ? nil : try MachineProfile.load(base ?? Self.defaultBase(KVMPlatform.detect())) } catch { try fail("\(error)") }
         let report: CalibrationReport
-        do { report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick)) } catch { try fail("\(error)") }
-        if let baseProfile, let out {
+        if let out {
             do {
-                let host = ProcessInfo.processInfo.hostName
-                let calibrated = try baseProfile.applying(calibration: report.costs, date: String(report.date.prefix(10)), host: host)
-                try calibrated.write(to: out)
-                printError("memvirt kvm calibrate: wrote \(out) (\(report.costs.count) parameters measured, the rest inherited from \(baseProfile.name))")
+                let (profile, r) = try HostCalibration.calibrate(quick: quick, base: base)
+                try profile.write(to: out)
+                printError("memvirt kvm calibrate: wrote \(out) (\(r.costs.count) parameters measured, the rest inherited from \(base ?? HostCalibration.defaultBase()))")
+                report = r
             } catch { try fail("\(error)") }
+        } else {
+            if base != nil { try fail("--base names the profile that --out inherits from: give --out FILE too") }
+            do { report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick)) } catch { try fail("\(error)") }
         }
         print(json ? report.json.rendered(pretty: true) : report.text)
     }

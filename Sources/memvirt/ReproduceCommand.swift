@@ -38,7 +38,7 @@ struct ReproduceCommand: ParsableCommand {
     @Flag(name: .long, help: "No progress on stderr.")
     var quiet = false
 
-    @Option(name: .long, help: "Machine profile (name or file) for the model rows that describe this host (default pvm-shadow; see `memvirt profile list`).")
+    @Option(name: .long, help: "Machine profile (name or file) for the model rows that describe this host (default: this host calibrated now where /dev/kvm is usable, else pvm-shadow; see `memvirt profile list`).")
     var profile: String?
 
     @Flag(name: .customLong("vs-qemu"), help: "With `migration --engine kvm`: the same multiboot guest under MemVirt and qemu-system-x86_64, side by side.")
@@ -54,10 +54,14 @@ struct ReproduceCommand: ParsableCommand {
         }
     }
 
-    /// The profile of the model rows that describe this host: `--profile`, else the built-in
-    /// default (nil). A calibration taken here would plug in at this point.
+    /// The profile of the model rows that describe this host: `--profile`; else, where /dev/kvm
+    /// is usable, this host calibrated now (`kvm calibrate --quick`); else the built-in default
+    /// (nil).
     func thisHostProfile() throws -> MachineProfile? {
-        try profile.map { try MachineProfile.load($0) }
+        if let profile { return try MachineProfile.load(profile) }
+        guard KVM.unavailableReason == nil else { return nil }
+        if !quiet { printError("reproduce: calibrating this host (kvm calibrate --quick) for the model rows that describe it") }
+        return try HostCalibration.calibrate(quick: true).profile
     }
 
     func runAll(profile machine: MachineProfile?) throws {
@@ -140,7 +144,11 @@ struct ReproduceCommand: ParsableCommand {
         if name == nil && out != "-" {
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
             try saved.rendered(pretty: true).write(toFile: out + "/report.json", atomically: true, encoding: .utf8)
-            let files = try ReportFiles.write(reports.map(\.section), skipped: skipped, to: out)
+            let profileLine = machine.map { "Model rows that describe this host use profile \($0.name) (\($0.origin.rawValue), \($0.date)): \(out)/profile.toml." }
+                ?? "Model rows that describe this host use the built-in profile \(Reproductions.thisHost.name) (no usable /dev/kvm to calibrate on)."
+            let files = try ReportFiles.write(reports.map(\.section), skipped: skipped, to: out, footer: profileLine)
+            // The profile the model's "this host" rows used, beside the report that names it.
+            if let machine { try machine.write(to: out + "/profile.toml") }
             printError("report: \(out)/report.html, \(out)/report.json and \(files.count - 1) CSV files in \(out)/<reproduction>/")
         }
     }

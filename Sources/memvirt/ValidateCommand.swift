@@ -19,8 +19,8 @@ struct ValidateCommand: ParsableCommand {
     @Flag(name: .long, help: "Smaller cases (4 MiB, 100,000 accesses; under a minute).")
     var quick = false
 
-    @Option(name: .long, help: "Machine profile (name or file) whose costs and clock the model uses (default pvm-shadow; see `memvirt profile list`).")
-    var profile: String = "pvm-shadow"
+    @Option(name: .long, help: "Machine profile (name or file) whose costs and clock the model uses (default: this host calibrated now by `kvm calibrate`, quick with --quick; see `memvirt profile list`).")
+    var profile: String?
 
     @Flag(name: .long, help: "Print one JSON object on stdout.")
     var json = false
@@ -31,8 +31,15 @@ struct ValidateCommand: ParsableCommand {
     func run() throws {
         try reportingErrors(json: json) {
             if let why = KVM.unavailableReason { throw CLIError("validate needs a usable /dev/kvm: \(why)") }
-            let machine = try MachineProfile.load(profile)
             let showProgress = !quiet
+            let machine: MachineProfile
+            if let profile {
+                machine = try MachineProfile.load(profile)
+            } else {
+                // The model's costs measured on this host in this run, never fitted to the cases.
+                if showProgress { printError("  calibrating this host (kvm calibrate\(quick ? " --quick" : ""))") }
+                machine = try HostCalibration.calibrate(quick: quick).profile
+            }
             let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
             }

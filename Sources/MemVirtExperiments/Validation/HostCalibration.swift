@@ -1,0 +1,30 @@
+import Foundation
+import MemVirtConfig
+import MemVirtCore
+import MemVirtKVM
+
+/// This host's machine profile, measured: `kvm calibrate`'s micro-benchmarks applied to the
+/// built-in profile that describes this kind of host. Used by `kvm calibrate --out`, and by
+/// `reproduce` and `validate` when no `--profile` is given, so the model rows that describe
+/// this host use costs measured on it in the same run.
+public enum HostCalibration {
+    /// The built-in profile whose unmeasured parameters a calibration inherits.
+    public static func defaultBase(_ platform: KVMPlatform = .detect()) -> String {
+        switch platform {
+        case .pvm: "pvm-shadow"
+        case .svm: "zen4"
+        default: "vmx-ept"
+        }
+    }
+
+    /// Runs the calibration (`quick`: 30 samples per benchmark) and applies it to `base`
+    /// (default: `defaultBase()`). Throws where /dev/kvm is unusable or the base is unknown.
+    public static func calibrate(quick: Bool, base: String? = nil) throws -> (profile: MachineProfile, report: CalibrationReport) {
+        // The base is loaded first, so a bad name fails before the measuring.
+        let baseProfile = try MachineProfile.load(base ?? defaultBase())
+        let report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick))
+        let profile = try baseProfile.applying(calibration: report.costs, date: String(report.date.prefix(10)),
+                                               host: ProcessInfo.processInfo.hostName)
+        return (profile, report)
+    }
+}
