@@ -22,8 +22,9 @@ struct KVMImageCommand: ParsableCommand {
 
     func run() throws {
         let bytes = Multiboot.runtimeImage()
-        guard FileManager.default.createFile(atPath: out, contents: Data(bytes)) else {
-            printError("memvirt kvm image: cannot write '\(out)'")
+        // Every write checked (issue 17: `--out /dev/full` exited 0).
+        do { try Output.writeFile(out, bytes) } catch {
+            printError("memvirt kvm image: \(error.message)")
             throw ExitCode.failure
         }
         printError("memvirt kvm image: wrote \(out) (\(bytes.count) bytes, multiboot ELF32, loads at 0x100000)")

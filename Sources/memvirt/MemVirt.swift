@@ -15,6 +15,19 @@ struct MemVirt: ParsableCommand {
             """,
         subcommands: [RunCommand.self, BenchCommand.self, ReproduceCommand.self, KVMCommand.self]
     )
+
+    /// ArgumentParser's entry point, after registering the exit check: output `print`ed but
+    /// not written (a full disk, a closed pipe) makes the process fail (issue 17 defect 9).
+    static func main() {
+        atexit {
+            if !Output.flushAll() {
+                let message = "memvirt: cannot write the output: \(String(cString: strerror(errno)))\n"
+                _ = message.withCString { write(2, $0, strlen($0)) }
+                _exit(1)
+            }
+        }
+        main(nil)
+    }
 }
 
 /// Prints `message` to stderr.

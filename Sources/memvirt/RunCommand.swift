@@ -44,6 +44,9 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .customLong("no-walk-caches"), help: "Run without paging-structure caches.")
     var noWalkCaches = false
 
+    @Option(name: .customLong("memory-limit"), help: "Most host memory the model may use, e.g. 8GiB (default: what the host has available); a run that needs more is refused up front.")
+    var memoryLimit: String?
+
     @Flag(name: .long, help: "Print one JSON object on stdout.")
     var json = false
 
@@ -93,6 +96,9 @@ struct RunCommand: ParsableCommand {
         }
         if noTLB { config.tlb = .none }
         if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }
+        if let m = memoryLimit {
+            do { config.memoryLimit = try ByteCount(parsing: m) } catch { throw CLIError("--memory-limit: \(error.message)") }
+        }
         let progress = ProgressReporter(enabled: !quiet && !json || !quiet && isatty(2) != 0)
         let result: RunResult
         do {
@@ -106,11 +112,10 @@ struct RunCommand: ParsableCommand {
             throw ExitCode(3)
         }
         progress.finish()
-        if json {
-            print(result.json.rendered(pretty: false))
-        } else {
-            print(TextReport.run(result))
-        }
+        // Output that cannot be written is a failure (issue 17: `run --json > /dev/full` exited 0).
+        do {
+            try Output.standardOutput((json ? result.json.rendered(pretty: false) : TextReport.run(result)) + "\n")
+        } catch { throw CLIError(error.message) }
     }
 }
 

@@ -22,8 +22,14 @@ import MemVirtCore
 import Glibc
 #endif
 
+/// Writes to standard error (Swift 6 refuses the C `stderr` global).
+func sayError(_ text: String) {
+    var t = text
+    t.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+}
+
 @inline(never) func fail(_ what: String) -> Never {
-    fputs("fuzz-migration: \(what)\n", stderr)
+    sayError("fuzz-migration: \(what)\n")
     abort()
 }
 
@@ -97,8 +103,7 @@ func decode(_ type: MigrationMessage, _ payload: UnsafeRawBufferPointer, _ annou
     }
 }
 
-var sockets: (Int32, Int32) = (-1, -1)
-nonisolated(unsafe) var channel: MigrationChannel? = nil
+nonisolated(unsafe) var sockets: (Int32, Int32) = (-1, -1)
 
 func setUp() {
     var sv: [Int32] = [0, 0]

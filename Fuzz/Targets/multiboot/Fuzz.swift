@@ -13,6 +13,12 @@ import MemVirtKVM
 import Glibc
 #endif
 
+/// Writes to standard error (Swift 6 refuses the C `stderr` global).
+func sayError(_ text: String) {
+    var t = text
+    t.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+}
+
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzMultiboot(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))
@@ -20,7 +26,7 @@ public func fuzzMultiboot(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         _ = try Multiboot.parse(bytes, name: "fuzz")
     } catch {
         if !error.description.hasPrefix("fuzz") && !error.description.contains("fuzz") {
-            fputs("fuzz-multiboot: an error that does not name the image: \(error)\n", stderr)
+            sayError("fuzz-multiboot: an error that does not name the image: \(error)\n")
             abort()
         }
     }
@@ -31,7 +37,7 @@ public func fuzzMultiboot(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
 public func fuzzInitialize(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>) -> CInt {
     guard let dir = getenv("MEMVIRT_FUZZ_SEEDS").map({ String(cString: $0) }) else { return 0 }
     let image = Multiboot.runtimeImage()
-    guard let f = fopen("\(dir)/memvirt-image", "wb") else { fputs("cannot write \(dir)\n", stderr); exit(1) }
+    guard let f = fopen("\(dir)/memvirt-image", "wb") else { sayError("cannot write \(dir)\n"); exit(1) }
     _ = image.withUnsafeBytes { fwrite($0.baseAddress, 1, $0.count, f) }
     fclose(f)
     print("fuzz-multiboot: wrote 1 seed (\(image.count) bytes) to \(dir)")

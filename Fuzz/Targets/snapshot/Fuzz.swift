@@ -1,7 +1,7 @@
 // Fuzz target: the snapshot reader (MemVirtKVM/Snapshot/Snapshot.swift), with no VM. The input
 // is a snapshot file's header and meta (and optionally the start of its memory); the harness
-// recomputes the header and meta checksums (so inputs get past them), writes the file to a
-// memfd, extends it with zeros to the size its header claims (up to 256 MiB, sparse: seeds
+// recomputes the header and meta checksums (so inputs get past them), writes the file to
+// tmpfs, extends it with zeros to the size its header claims (up to 256 MiB, sparse: seeds
 // stay small), and opens it with the real `Snapshot.File`: header, meta (HELLO, vCPU states,
 // page hashes) and the memory mapping. Then it checks the guest page size as restore does and
 // loads the first pages through `checkedPage` (their hashes).
@@ -19,13 +19,40 @@ import MemVirtCore
 import Glibc
 #endif
 
+/// Writes to standard error (Swift 6 refuses the C `stderr` global).
+func sayError(_ text: String) {
+    var t = text
+    t.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+}
+
 @inline(never) func fail(_ what: String) -> Never {
-    fputs("fuzz-snapshot: \(what)\n", stderr)
+    sayError("fuzz-snapshot: \(what)\n")
     abort()
 }
 
 func u64(_ b: [UInt8], _ o: Int) -> UInt64 { b.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt64.self) } }
 func put64(_ b: inout [UInt8], _ o: Int, _ v: UInt64) { withUnsafeBytes(of: v) { for k in 0..<8 { b[o + k] = $0[k] } } }
+
+/// A file on tmpfs, unlinked at once (the harness reaches it as /proc/self/fd/N), rewritten
+/// for every input: Glibc's Swift module does not expose memfd_create.
+nonisolated(unsafe) var scratchFD: Int32 = -1
+func scratchFile(_ bytes: UnsafeRawBufferPointer, extendTo size: UInt64 = 0) -> Int32 {
+    if scratchFD < 0 {
+        let path = "/dev/shm/memvirt-fuzz-\(getpid())"
+        scratchFD = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard scratchFD >= 0 else { fail("cannot create \(path): errno \(errno)") }
+        unlink(path)
+    }
+    guard ftruncate(scratchFD, 0) == 0 else { fail("ftruncate: errno \(errno)") }
+    var off = 0
+    while off < bytes.count {
+        let w = pwrite(scratchFD, bytes.baseAddress! + off, bytes.count - off, off_t(off))
+        guard w > 0 else { fail("write to the scratch file: errno \(errno)") }
+        off += w
+    }
+    if size > UInt64(bytes.count) { guard ftruncate(scratchFD, off_t(size)) == 0 else { fail("ftruncate: errno \(errno)") } }
+    return scratchFD
+}
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzSnapshot(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
@@ -41,18 +68,8 @@ public func fuzzSnapshot(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         if keep & 1 == 0 { put64(&b, 48, b.withUnsafeBytes { ckvm_checksum($0.baseAddress, 48) }) }
         claimed = u64(b, 40)
     }
-    let fd = memfd_create("fuzz-snapshot", UInt32(MFD_CLOEXEC))
-    guard fd >= 0 else { fail("memfd_create: errno \(errno)") }
-    defer { close(fd) }
-    b.withUnsafeBytes { p in
-        var off = 0
-        while off < p.count {
-            let w = write(fd, p.baseAddress! + off, p.count - off)
-            guard w > 0 else { fail("write to memfd: errno \(errno)") }
-            off += w
-        }
-    }
-    if claimed > UInt64(b.count), claimed <= 256 << 20 { guard ftruncate(fd, off_t(claimed)) == 0 else { fail("ftruncate: errno \(errno)") } }
+    let extend = claimed > UInt64(b.count) && claimed <= 256 << 20 ? claimed : 0
+    let fd = b.withUnsafeBytes { scratchFile($0, extendTo: extend) }
     do throws(KVMError) {
         let f = try Snapshot.File(path: "/proc/self/fd/\(fd)")
         guard PageSize.allCases.contains(where: { $0.bytes == f.hello.pageSize }) else { return 0 }

@@ -8,8 +8,14 @@ import MemVirtCore
 import Glibc
 #endif
 
+/// Writes to standard error (Swift 6 refuses the C `stderr` global).
+func sayError(_ text: String) {
+    var t = text
+    t.withUTF8 { b in _ = write(2, b.baseAddress, b.count) }
+}
+
 @inline(never) func fail(_ what: String) -> Never {
-    fputs("fuzz-units: property violated: \(what)\n", stderr)
+    sayError("fuzz-units: property violated: \(what)\n")
     abort()
 }
 
