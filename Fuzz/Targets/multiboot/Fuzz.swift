@@ -1,8 +1,7 @@
 // Fuzz target: the multiboot loader's parsing (MemVirtKVM/Guest/Multiboot.swift,
-// `Multiboot.parse`), with no VM: the header search and checksum, required flags, the a.out
-// kludge address fields and ELF32 program headers. Besides "no crash": every segment the
-// parser accepts lies inside the image and loads at or above 1 MiB... as far as the parsed
-// image exposes it; here the property is that parse either returns or throws a message.
+// `MultibootImage.parse`), with no VM: the header search and checksum, required flags, the
+// a.out kludge address fields and ELF32 program headers. Besides "no crash": a refusal names
+// the image, and every accepted segment's file bytes fit in its memory size.
 //
 // Seeds: `MEMVIRT_FUZZ_SEEDS=DIR fuzz-multiboot` writes memvirt's own image
 // (`Multiboot.runtimeImage()`, what `memvirt kvm image` writes) into DIR and exits.
@@ -23,7 +22,12 @@ func sayError(_ text: String) {
 public func fuzzMultiboot(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))
     do throws(KVMError) {
-        _ = try Multiboot.parse(bytes, name: "fuzz")
+        let image = try MultibootImage.parse(bytes, name: "fuzz")
+        // What the loader copies: each segment's file bytes fit its memory size.
+        for seg in image.segments where UInt64(seg.bytes.count) > seg.memorySize {
+            sayError("fuzz-multiboot: a segment of \(seg.bytes.count) file bytes in \(seg.memorySize) bytes of memory\n")
+            abort()
+        }
     } catch {
         if !error.description.hasPrefix("fuzz") && !error.description.contains("fuzz") {
             sayError("fuzz-multiboot: an error that does not name the image: \(error)\n")
