@@ -77,3 +77,21 @@ let package = Package(
         .testTarget(name: "MemVirtReportTests", dependencies: ["MemVirtCore", "MemVirtReport", "MemVirtExperiments"]),
     ]
 )
+
+// Fuzz targets (Fuzz/README.md, scripts/fuzz): declared only when MEMVIRT_FUZZ is set, so an
+// ordinary `swift build` never sees them (they have no `main`: libFuzzer's, linked by
+// `--sanitize fuzzer`, drives them). scripts/fuzz builds them in .build-fuzz.
+if Context.environment["MEMVIRT_FUZZ"] != nil {
+    let fuzzTargets: [(String, [Target.Dependency])] = [
+        ("fuzz-units", ["MemVirtCore"]),
+        ("fuzz-lackey", ["MemVirtCore", "MemVirtModel"]),
+        ("fuzz-migration", ["MemVirtCore", "MemVirtKVM", "CKVM"]),
+        ("fuzz-snapshot", ["MemVirtCore", "MemVirtKVM", "CKVM"]),
+        ("fuzz-multiboot", ["MemVirtCore", "MemVirtKVM"]),
+    ]
+    for (name, deps) in fuzzTargets {
+        let dir = String(name.dropFirst("fuzz-".count))
+        package.targets.append(.executableTarget(name: name, dependencies: deps, path: "Fuzz/Targets/\(dir)"))
+        package.products.append(.executable(name: name, targets: [name]))
+    }
+}

@@ -99,15 +99,17 @@ extension CounterSet {
 extension WorkloadSpec {
     public var json: JSONValue {
         var kv: [(String, JSONValue)] = [("pattern", .string(pattern.name))]
+        var isTrace = false
         switch pattern {
         case .strided(let s): kv.append(("stride", .uint(s)))
         case .zipf(let t): kv.append(("theta", .double(t)))
-        case .lackey(let p): kv.append(("trace", .string(p)))
+        case .lackey(let p): kv.append(("trace", .string(p))); isTrace = true
         default: break
         }
         kv += [
             ("footprint_bytes", .uint(footprint.rawValue)), ("accesses", .uint(accesses)),
-            ("write_ratio", .double(writeRatio)), ("seed", .uint(seed)), ("threads", .int(Int64(threads))),
+            // A trace has no seed (issue 17 defect 9: the default was reported as the trace's).
+            ("write_ratio", .double(writeRatio)), ("seed", isTrace ? .null : .uint(seed)), ("threads", .int(Int64(threads))),
             ("compute_per_access", .uint(computePerAccess)), ("base", .string(base.description)),
         ]
         return .object(kv)

@@ -50,16 +50,43 @@ public struct ByteCount: RawRepresentable, Hashable, Comparable, Sendable, Custo
             rawValue = bytes
             return
         }
+        // "whole.fraction": exact integer arithmetic too, so every description parses back
+        // ("10673149362141900.25KiB" is beyond a Double's 53 bits; found by the fuzz target).
+        if let exact = try Self.exactDecimal(number, unit: unit, text: text) {
+            rawValue = exact
+            return
+        }
         let bytes = value * Double(unit)
-        guard bytes < 1.8e19, bytes == bytes.rounded() else {
+        guard bytes < 18_446_744_073_709_551_616.0, bytes == bytes.rounded() else {
             throw InputError("'\(text)' is not a whole number of bytes below 2^64")
         }
         rawValue = UInt64(bytes)
     }
 
+    /// `whole.fraction` (ASCII digits, at most 19 after the point) times `unit`, exactly; nil
+    /// for any other spelling (an exponent), which the Double path parses.
+    static func exactDecimal(_ number: String, unit: UInt64, text: String) throws(InputError) -> UInt64? {
+        let parts = number.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 2, parts[1].count <= 19, !(parts[0].isEmpty && parts[1].isEmpty),
+              parts.allSatisfy({ $0.utf8.allSatisfy { $0 >= 0x30 && $0 <= 0x39 } }) else { return nil }
+        let notWhole = InputError("'\(text)' is not a whole number of bytes below 2^64")
+        guard let whole = parts[0].isEmpty ? 0 : UInt64(parts[0]) else { throw notWhole }
+        var fraction: UInt64 = 0, scale: UInt64 = 1
+        for d in parts[1].utf8 { fraction = fraction * 10 + UInt64(d - 0x30); scale *= 10 }  // < 10^19 < 2^64
+        let product = fraction.multipliedFullWidth(by: unit)
+        guard product.high < scale else { throw notWhole }
+        let (part, remainder) = scale.dividingFullWidth(product)
+        guard remainder == 0 else { throw notWhole }
+        let (w, o1) = whole.multipliedReportingOverflow(by: unit)
+        let (bytes, o2) = w.addingReportingOverflow(part)
+        guard !o1, !o2 else { throw notWhole }
+        return bytes
+    }
+
     /// "64MiB", "1.50GiB", "1025KiB", "4096B": the largest binary unit that shows the value
-    /// exactly with at most two decimals (so it parses back to the same value); a value no
-    /// unit shows exactly is rounded to two decimals of the largest unit that fits ("1.18MiB").
+    /// exactly with at most two decimals; a value no unit shows exactly is written in bytes
+    /// ("4095B", "1234567B"), never rounded: a rounded "4.00KiB" for 4095 bytes would claim a
+    /// size the run did not have. So every description parses back to the same value.
     public var description: String {
         let units: [(UInt64, String)] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
         for (size, name) in units where rawValue >= size {
@@ -69,9 +96,6 @@ public struct ByteCount: RawRepresentable, Hashable, Comparable, Sendable, Custo
                 let hundredths = r * 100 / size
                 return "\(rawValue / size)." + (hundredths < 10 ? "0" : "") + "\(hundredths)" + name
             }
-        }
-        for (size, name) in units where rawValue >= size {
-            return formatFixed(Double(rawValue) / Double(size), digits: 2) + name
         }
         return "\(rawValue)B"
     }
@@ -105,7 +129,7 @@ public func parseCount(_ text: String) throws(InputError) -> UInt64 {
         return n
     }
     let scale = Double(unit)
-    guard !number.isEmpty, let v = Double(number), v >= 0, v * scale < 1.8e19, (v * scale) == (v * scale).rounded() else {
+    guard !number.isEmpty, let v = Double(number), v >= 0, v * scale < 18_446_744_073_709_551_616.0, (v * scale) == (v * scale).rounded() else {
         throw InputError("'\(text)' is not a whole, non-negative count (examples: 2000000, 2M, 500K)")
     }
     return UInt64(v * scale)
@@ -140,7 +164,7 @@ public struct Duration64: RawRepresentable, Hashable, Comparable, Sendable, Cust
         case "h": unit = 3600e9
         default: throw InputError("'\(text)': unknown time unit '\(unitText)' (use ns, us, ms, s, min, h)")
         }
-        guard v * unit < 1.8e19 else { throw InputError("'\(text)' is too long a duration") }
+        guard v * unit < 18_446_744_073_709_551_616.0 else { throw InputError("'\(text)' is too long a duration") }
         rawValue = UInt64((v * unit).rounded())
     }
 

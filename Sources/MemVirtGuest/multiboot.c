@@ -34,8 +34,16 @@
                     if (sizeof(s) > 73) say(W8(s, 72)); if (sizeof(s) > 81) say(W8(s, 80)); \
                     if (sizeof(s) > 89) say(W8(s, 88)); } while (0)
 
+#ifdef MEMVIRT_MB_HOST
+// Built for the host by the command-line fuzz target (Fuzz/Targets/cmdline), which supplies
+// the ports; never defined in the guest build.
+void memvirt_mb_host_out(uint16_t port, uint32_t v);
+GI void outb(uint16_t port, uint8_t v) { memvirt_mb_host_out(port, v); }
+GI void outl(uint16_t port, uint32_t v) { memvirt_mb_host_out(port, v); }
+#else
 GI void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
 GI void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
+#endif
 GI void say(uint64_t w) { while (w) { outb(MEMVIRT_MB_PORT_CONSOLE, (uint8_t)w); w >>= 8; } }
 GI void say_u(uint64_t v) {
     char d[20];

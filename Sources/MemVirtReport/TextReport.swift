@@ -35,11 +35,22 @@ public struct TextTable: Sendable {
     }
 }
 
+/// Cycles as a grouped whole number ("1,234,567"); a count a UInt64 cannot hold (a huge
+/// `--compute-per-access` makes the ledger exceed 2^64: issue 17 defect 4, it trapped) is
+/// written as a Double ("1.8e+22"), never converted.
+func groupedCycles(_ v: Double) -> String {
+    let r = v.rounded()
+    guard r >= 0, r < 18_446_744_073_709_551_616.0 else { return r.isFinite ? "\(r)" : formatFixed(r, digits: 0) }
+    return formatGrouped(UInt64(r))
+}
+
 /// Human-readable renderings of results.
 public enum TextReport {
     public static func run(_ r: RunResult) -> String {
         var out = "memvirt run: \(r.engine) engine, \(r.paging) paging, \(r.pageSize) pages, workload \(r.workload.pattern)"
-        out += ", footprint \(r.workload.footprint), seed \(r.workload.seed)\n\n"
+        out += ", footprint \(r.workload.footprint)"
+        if case .lackey = r.workload.pattern {} else { out += ", seed \(r.workload.seed)" }  // a trace has none
+        out += "\n\n"
         var t = TextTable(header: ["counter", "value", "meaning"])
         for (c, v) in r.counters.reported { t.add([c.name, formatGrouped(v), c.meaning]) }
         out += t.rendered
@@ -47,9 +58,9 @@ public enum TextReport {
             out += "\n"
             var b = TextTable(header: ["cycles", "value", "share"])
             for (name, v) in r.cycleBreakdown {
-                b.add([name, formatGrouped(UInt64(v.rounded())), formatFixed(100 * v / max(cycles, 1), digits: 1) + "%"])
+                b.add([name, groupedCycles(v), formatFixed(100 * v / max(cycles, 1), digits: 1) + "%"])
             }
-            b.add(["total", formatGrouped(UInt64(cycles.rounded())), "100.0%"])
+            b.add(["total", groupedCycles(cycles), "100.0%"])
             out += b.rendered
             let accesses = r.counters[.accesses]
             if accesses > 0 {

@@ -22,22 +22,9 @@ struct KVMImageCommand: ParsableCommand {
 
     func run() throws {
         let bytes = Multiboot.runtimeImage()
-        // Every write checked (FileManager.createFile reports success on /dev/full).
-        let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            printError("memvirt kvm image: cannot write '\(out)': \(String(cString: strerror(errno)))")
-            throw ExitCode.failure
-        }
-        var off = 0
-        var failure: Int32? = nil
-        while off < bytes.count {
-            let w = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + off, $0.count - off) }
-            if w < 0 { if errno == EINTR { continue }; failure = errno; break }
-            off += w
-        }
-        if close(fd) != 0 && failure == nil { failure = errno }
-        if let e = failure {
-            printError("memvirt kvm image: cannot write '\(out)': \(String(cString: strerror(e)))")
+        // Every write checked (issue 17: `--out /dev/full` exited 0).
+        do { try Output.writeFile(out, bytes) } catch {
+            printError("memvirt kvm image: \(error.message)")
             throw ExitCode.failure
         }
         printError("memvirt kvm image: wrote \(out) (\(bytes.count) bytes, multiboot ELF32, loads at 0x100000)")

@@ -20,7 +20,16 @@ struct MemVirt: ParsableCommand {
     /// ArgumentParser's main, except that with `--json` a failure that reaches here (a bad flag,
     /// a value a command refused) prints `{"error": ...}` on stdout instead of text on stderr.
     /// `ExitCode`s pass through: the command has reported already.
+    /// Output `print`ed but not written (a full disk, a closed pipe) makes the process fail
+    /// (issue 17 defect 9): checked at exit.
     static func main() {
+        atexit {
+            if !Output.flushAll() {
+                let message = "memvirt: cannot write the output: \(String(cString: strerror(errno)))\n"
+                _ = message.withCString { write(2, $0, strlen($0)) }
+                _exit(1)
+            }
+        }
         let json = CommandLine.arguments.dropFirst().contains("--json")
         do {
             var command = try parseAsRoot()

@@ -48,6 +48,9 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .customLong("no-walk-caches"), help: "Run without paging-structure caches.")
     var noWalkCaches = false
 
+    @Option(name: .customLong("memory-limit"), help: "Most host memory the model may use, e.g. 8GiB (default: what the host has available); a run that needs more is refused up front.")
+    var memoryLimit: String?
+
     @Flag(name: .long, help: "Print one JSON object on stdout (on failure: {\"error\": ...}).")
     var json = false
 
@@ -137,6 +140,9 @@ struct RunCommand: ParsableCommand {
         }
         if noTLB { config.tlb = .none }
         if noWalkCaches { config.tlb = config.tlb.withoutWalkCaches }
+        if let m = memoryLimit {
+            do { config.memoryLimit = try ByteCount(parsing: m) } catch { throw CLIError("--memory-limit: \(error.message)") }
+        }
         let progress = ProgressReporter(enabled: !quiet && !json || !quiet && isatty(2) != 0)
         var result: RunResult
         do {
@@ -155,12 +161,10 @@ struct RunCommand: ParsableCommand {
         }
         progress.finish()
         result.extra.append(("profile", machine.summaryJSON))
-        if json {
-            print(result.json.rendered(pretty: false))
-        } else {
-            print(TextReport.run(result))
-            print("profile: \(machine.name) (\(machine.origin.rawValue), \(machine.date))")
-        }
+        // Output that cannot be written is a failure (issue 17: `run --json > /dev/full` exited 0).
+        let text = json ? result.json.rendered(pretty: false)
+            : TextReport.run(result) + "\nprofile: \(machine.name) (\(machine.origin.rawValue), \(machine.date))"
+        do { try Output.standardOutput(text + "\n") } catch { throw CLIError(error.message) }
     }
 }
 

@@ -92,6 +92,54 @@ struct UnitsTests {
         #expect(ByteCount.kib(1025).description == "1025KiB")
     }
 
+    /// Issue 17 defect 9: `--footprint 4095` was reported as "4.00KiB" (rounded to a size the
+    /// run did not have). A value no binary unit shows exactly is printed in bytes.
+    @Test(
+        "a byte count no unit shows exactly is printed in bytes, not rounded",
+        arguments: [
+            (4095, "4095B"), (4097, "4097B"), (1_234_567, "1234567B"), (1025, "1025B"),
+            ((1 << 30) + 1, "1073741825B"), (2_700_000_000, "2636718.75KiB"),  // exact: 2636718.75 x 1024
+        ] as [(UInt64, String)]
+    )
+    func inexactByteCountsInBytes(bytes: UInt64, text: String) throws {
+        #expect(ByteCount(bytes).description == text)
+        #expect(try ByteCount(parsing: text).rawValue == bytes)
+    }
+
+    /// Found by the fuzz target: a value between 1.8e19 and 2^64 printed with decimals
+    /// ("17325157235822.25MiB") was refused when parsed back (the bound was 1.8e19, not 2^64).
+    @Test("byte counts, counts and durations up to 2^64 - 1 parse; 2^64 is refused")
+    func boundIsTwoToThe64() throws {
+        #expect(try ByteCount(parsing: "17325157235822.25MiB").rawValue == 18_166_744_073_709_551_616)
+        #expect(try ByteCount(parsing: ByteCount(18_166_744_073_709_551_616).description).rawValue == 18_166_744_073_709_551_616)
+        #expect(try ByteCount(parsing: "16777215.75TiB").rawValue == 18_446_743_798_831_644_672)  // 2^64 - 2^38
+        #expect(throws: InputError.self) { try ByteCount(parsing: "16777216TiB") }  // 2^64
+        #expect(try ByteCount(parsing: "10673149362141900.25KiB").rawValue == 10_929_304_946_833_305_856)  // > 2^53
+        #expect(try ByteCount(parsing: ".5KiB").rawValue == 512)
+        #expect(throws: InputError.self) { try ByteCount(parsing: "0.0000000000000000001TiB") }  // 0.11 bytes
+        #expect(try parseCount("18.4T") == 18_400_000_000_000)
+        #expect(try parseCount("18.4e18") == 18_400_000_000_000_000_000)  // was refused: above 1.8e19
+        #expect(throws: InputError.self) { try parseCount("18446744073709551616") }
+        #expect(try Duration64(parsing: "18000000000s").rawValue == 18_000_000_000_000_000_000)
+        #expect(throws: InputError.self) { try Duration64(parsing: "18446744074s") }
+    }
+
+    /// The fuzz target's property (Fuzz/Targets/units): every description parses back to the
+    /// same value, for any byte count (it failed for "10673149362141900.25KiB": decimals went
+    /// through a Double).
+    @Test("parse(description) == value for any byte count")
+    func byteCountRoundTripAnyValue() throws {
+        var rng = ReferenceSplitMix64(seed: 0x4095)
+        var failures: [String] = []
+        for i in 0..<50_000 {
+            let raw = i < 5000 ? UInt64(i) : rng.next() >> rng.bounded(64)
+            let value = ByteCount(raw)
+            let back = try? ByteCount(parsing: value.description)
+            if back != value && failures.count < 5 { failures.append("\(raw) -> '\(value.description)'") }
+        }
+        #expect(failures.isEmpty, "\(failures)")
+    }
+
     @Test(
         "integers above 2^53 parse exactly"
     )

@@ -35,6 +35,10 @@ public struct ModelConfig: Sendable {
     public var fileBacked = false
     /// Shadow MMU options (unsync, flood threshold, shadow-page limit).
     public var shadow = ShadowPaging.Options()
+    /// The most host memory the model itself may use (`--memory-limit`); nil: what the host
+    /// has available (MemAvailable, and the cgroup's limit). A run that would need more is
+    /// refused before anything is allocated (`ModelEngine.checkMemory`).
+    public var memoryLimit: ByteCount?
     public init() {}
 }
 
@@ -76,8 +80,73 @@ extension MachineRunner {
 /// A trace replayed as an access source.
 public struct TraceAccesses: AccessSource {
     let reader: LackeyTraceReader
-    public init(_ reader: LackeyTraceReader) { self.reader = reader }
-    public mutating func nextAccess() throws(InputError) -> Access? { try reader.next() }
+    let budget: TraceBudget?
+    var untilCheck = TraceBudget.interval
+    public init(_ reader: LackeyTraceReader) { self.reader = reader; budget = nil }
+    init(_ reader: LackeyTraceReader, budget: TraceBudget) { self.reader = reader; self.budget = budget }
+    public mutating func nextAccess() throws(InputError) -> Access? {
+        if budget != nil {
+            untilCheck -= 1
+            if untilCheck == 0 {
+                untilCheck = TraceBudget.interval
+                try budget!.check(reader)
+            }
+        }
+        return try reader.next()
+    }
+}
+
+/// The model memory a trace replay may grow to (see `ModelEngine.memoryNeed`).
+struct TraceBudget {
+    static let interval = 1 << 16
+    let upFront: UInt64
+    let perPage: UInt64
+    let limit: UInt64
+    let limitSource: String
+    let touchedPages: () -> UInt64
+    func check(_ reader: LackeyTraceReader) throws(InputError) {
+        let pages = touchedPages()
+        let (grown, o1) = pages.multipliedReportingOverflow(by: perPage)
+        let (total, o2) = grown.addingReportingOverflow(upFront)
+        guard o1 || o2 || total > limit else { return }
+        throw InputError("\(reader.path): refused at line \(reader.lineNumber): the trace has touched \(formatGrouped(pages)) distinct pages, "
+            + "which the model holds in \(ByteCount(total)) (\(ByteCount(perPage)) per page + \(ByteCount(upFront)) up front); "
+            + "\(limitSource) is \(ByteCount(limit))")
+    }
+}
+
+/// What a model run will hold in host memory, worked out from the run's shape before anything
+/// is allocated (`ModelEngine.memoryNeed`). Every item is an upper bound of what its structure
+/// takes; `total` is their sum.
+public struct ModelMemoryNeed: Sendable {
+    /// (what, bytes), in the order they are allocated.
+    public var items: [(String, UInt64)] = []
+    /// Bytes allocated before the first access whatever the run touches.
+    public var upFront: UInt64 = 0
+    /// Bytes per distinct guest page touched (its data and the model's state for it).
+    public var perTouchedPage: UInt64 = 0
+    /// Distinct guest pages the run can touch (nil: a trace, known only as it is read).
+    public var touchedPages: UInt64?
+    public var total: UInt64 {
+        items.reduce(UInt64(0)) { a, b in let (s, o) = a.addingReportingOverflow(b.1); return o ? .max : s }
+    }
+    public var description: String {
+        items.map { "\($0.0) \(ByteCount($0.1))" }.joined(separator: ", ")
+    }
+}
+
+/// Host memory the model uses per distinct 4 KiB guest page touched, besides the page's data
+/// (4 KiB: frames are zeroed, so resident, when first mapped). Measured (docs/model-memory.md):
+/// max RSS of `memvirt run --workload strided:4096` (one access per page) at 128 MiB and 1 GiB
+/// footprints, and `--workload uniform` at 64 and 256 MiB with every page touched; the RSS
+/// difference over the page difference, minus 4,096: native 9-40 bytes, shadow 137-170,
+/// nested 17 (its records per frame are up front, counted apart). Rounded up generously: the
+/// check is an upper bound, not an estimate.
+public enum ModelMemoryCosts {
+    public static let overheadPerPage: [PagingKind: UInt64] = [.native: 256, .shadow: 512, .nested: 256]
+    /// Fixed cost of a model run: the binary, the Swift runtime, TLB and cache arrays, buffers
+    /// (measured: 38 MB of the 128 MiB strided run's 165 MiB RSS is not its pages).
+    public static let baseline: UInt64 = 64 << 20
 }
 
 /// The model engine's entry point: builds the machine for `config`, runs `spec`, reports.
@@ -105,6 +174,104 @@ public enum ModelEngine {
             let mode = try shadowPaging(config, capacity: capacity)
             return try body.run(try machine(mode, cpu, config, capacity))
         }
+    }
+
+    /// What running `spec` under `config` will hold in host memory, from the shapes alone:
+    /// structures allocated up front (nested paging's host-frame and guest-page records, the
+    /// chase cycles, the zipf tables) and, per distinct guest page the run can touch (at most
+    /// min(footprint pages, accesses x threads), all with `prefault`), its data (the guest page
+    /// size: a fresh frame is zeroed; 2 MiB and 1 GiB frames are zeroed by discarding, which
+    /// leaves only the touched 4 KiB parts resident) and the model's state for it.
+    public static func memoryNeed(spec: WorkloadSpec, config: ModelConfig) -> ModelMemoryNeed {
+        var need = ModelMemoryNeed()
+        func add(_ what: String, _ bytes: UInt64) { if bytes > 0 { need.items.append((what, bytes)) } }
+        func mul(_ a: UInt64, _ b: UInt64) -> UInt64 { let (p, o) = a.multipliedReportingOverflow(by: b); return o ? .max : p }
+        add("baseline", ModelMemoryCosts.baseline)
+        let capacity = guestCapacity(spec, pageSize: config.pageSize)
+        if config.paging == .nested {
+            // HostMemory: one FrameInfo per host frame (guest RAM + 2 GiB for tables, whole GiB),
+            // one Page per guest frame; both arrays are filled at creation.
+            let hostBytes = ((capacity + (2 << 30)) + PageSize.size1G.offsetMask) & ~PageSize.size1G.offsetMask
+            add("nested paging's host frame records", mul(hostBytes / 4096, UInt64(MemoryLayout<HostMemory.FrameInfo>.stride)))
+            add("nested paging's guest page records", mul(capacity / 4096, UInt64(MemoryLayout<HostMemory.Page>.stride)))
+        }
+        let threads = UInt64(spec.threads)
+        switch spec.pattern {
+        case .chase:
+            // Per thread a successor table of UInt32 per 64-byte slot; one more while the
+            // current thread's permutation is built.
+            add("chase cycles (4 bytes per 64-byte slot per thread)", mul(spec.footprint.rawValue / 64 * 4, threads + 1))
+        case .zipf:
+            add("zipf tables (8 bytes per page per thread)", mul(spec.footprint.rawValue / 4096 * 8, threads))
+        default: break
+        }
+        need.upFront = need.total
+        let pageBytes = config.pageSize.bytes
+        let overhead = ModelMemoryCosts.overheadPerPage[config.paging] ?? 1024
+        if case .lackey = spec.pattern {
+            need.perTouchedPage = 4096 + overhead
+            return need
+        }
+        let accesses = mul(spec.accesses, threads)
+        let footprintPages = (spec.footprint.rawValue + pageBytes - 1) / pageBytes
+        let pages = config.prefault ? footprintPages : min(footprintPages, accesses)
+        need.touchedPages = pages
+        // Data per touched page: the page itself for 4 KiB pages; for larger ones, the touched
+        // 4 KiB parts (each access touches one; at most the page) backed by 2 MiB huge pages
+        // where the host's THP gives them.
+        let dataPerPage: UInt64
+        if pageBytes == 4096 { dataPerPage = 4096 } else {
+            let touchesPerPage = config.prefault ? 1 : max(1, accesses / max(pages, 1))
+            dataPerPage = min(pageBytes, mul(touchesPerPage, 2 << 20))
+        }
+        need.perTouchedPage = dataPerPage + overhead
+        add("\(formatGrouped(pages)) touched \(config.pageSize) pages x \(ByteCount(need.perTouchedPage))", mul(pages, need.perTouchedPage))
+        return need
+    }
+
+    /// The host memory the model may use: `config.memoryLimit` if given, else what the host
+    /// has available (MemAvailable; less if this process's cgroup allows less). With its source.
+    public static func memoryBudget(_ config: ModelConfig) -> (UInt64, String) {
+        if let l = config.memoryLimit { return (l.rawValue, "--memory-limit") }
+        return hostAvailableMemory()
+    }
+
+    /// MemAvailable from /proc/meminfo, lowered to the cgroup v2 limit minus usage when this
+    /// process's cgroup has one; (UInt64.max, ...) when neither can be read.
+    public static func hostAvailableMemory() -> (UInt64, String) {
+        var best: (UInt64, String) = (.max, "the host's memory (unknown: /proc/meminfo unreadable)")
+        if let meminfo = readSmallFile("/proc/meminfo") {
+            for line in meminfo.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
+                let fields = line.split(separator: " ")
+                if fields.count >= 2, let kib = UInt64(fields[1]) { best = (kib * 1024, "the host's available memory (MemAvailable)") }
+            }
+        }
+        // The cgroup: v2 ("0::/path": memory.max, memory.current) or v1 ("N:memory:/path":
+        // memory.limit_in_bytes, memory.usage_in_bytes); "max" or a huge v1 value is no limit.
+        for line in (readSmallFile("/proc/self/cgroup") ?? "").split(separator: "\n") {
+            let f = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard f.count == 3 else { continue }
+            let files: (String, String, String)
+            if f[1].isEmpty { files = ("/sys/fs/cgroup" + f[2], "memory.max", "memory.current") }
+            else if f[1].split(separator: ",").contains("memory") { files = ("/sys/fs/cgroup/memory" + f[2], "memory.limit_in_bytes", "memory.usage_in_bytes") }
+            else { continue }
+            guard let limitText = readSmallFile(files.0 + "/" + files.1), let limit = UInt64(limitText.trimmingCharacters()),
+                  let usedText = readSmallFile(files.0 + "/" + files.2), let used = UInt64(usedText.trimmingCharacters()) else { continue }
+            let free = limit > used ? limit - used : 0
+            if free < best.0 { best = (free, "this cgroup's \(files.1) minus \(files.2)") }
+        }
+        return best
+    }
+
+    /// Refuses a run whose `memoryNeed` exceeds `memoryBudget`, with the numbers (issue 17
+    /// defect 8: runs used to grow until the host ran out).
+    public static func checkMemory(spec: WorkloadSpec, config: ModelConfig) throws(InputError) {
+        let need = memoryNeed(spec: spec, config: config)
+        let (budget, source) = memoryBudget(config)
+        guard need.total > budget else { return }
+        throw InputError("the model run needs up to \(ByteCount(need.total)) of host memory (\(need.description)), "
+            + "more than \(source): \(ByteCount(budget)); use a smaller footprint or fewer accesses"
+            + (config.memoryLimit == nil ? "" : ", or raise --memory-limit"))
     }
 
     /// Nested paging for `config` (with a host memory limit and swap when one is set).
@@ -148,6 +315,7 @@ public enum ModelEngine {
         spec: WorkloadSpec, config: ModelConfig, progress: ((UInt64, UInt64) -> Void)? = nil
     ) throws -> RunResult {
         try spec.validate()
+        try checkMemory(spec: spec, config: config)
         let capacity = guestCapacity(spec, pageSize: config.pageSize)
         switch config.paging {
         case .native:
@@ -177,17 +345,36 @@ public enum ModelEngine {
         let space = try kernel.createAddressSpace()
         mode.switchAddressSpace(to: space, cpu: cpu)
         let machine = Machine(mode: mode, cpu: cpu, kernel: kernel, space: space, computePerAccess: spec.computePerAccess)
-        var total = spec.accesses * UInt64(spec.threads)
+        // --accesses is per thread: the product must be a count (issue 17 defect 4: it trapped).
+        let product = spec.accesses.multipliedReportingOverflow(by: UInt64(spec.threads))
+        var total = product.partialValue
+        if product.overflow {
+            throw InputError("accesses \(formatGrouped(spec.accesses)) per thread x \(spec.threads) threads is more than 2^64 - 1 accesses in all")
+        }
+        var traceReader: LackeyTraceReader? = nil
         if case .lackey(let path) = spec.pattern {
             // A traced process: its whole user half (and the kernel half, for the vsyscall page)
             // is one demand-zero area of 4 KiB pages.
             let userTop: UInt64 = 1 << UInt64(config.pagingConfig.virtualAddressBits - 1)
             try kernel.map(VirtualMemoryArea(start: 4096, end: userTop, pageSize: .size4K, writable: true, executable: true), in: space)
             try kernel.map(VirtualMemoryArea(start: 0 &- userTop, end: 0 &- 4096, pageSize: .size4K, writable: true, executable: true), in: space)
-            var source = TraceAccesses(try LackeyTraceReader(path: path))
+            let reader = try LackeyTraceReader(path: path)
+            traceReader = reader
+            // A trace's distinct pages are known only as it is read: the budget is checked as
+            // it goes (every 2^16 accesses), against the same limit as the up-front check.
+            let need = memoryNeed(spec: spec, config: config)
+            let (budget, budgetSource) = memoryBudget(config)
+            var source = TraceAccesses(reader, budget: TraceBudget(
+                upFront: need.upFront, perPage: need.perTouchedPage, limit: budget, limitSource: budgetSource,
+                touchedPages: { machine.demandZero }))
             total = 0
             loopClock = WallClock()
             try machine.run(&source, progress: progress.map { p in { n in p(n, 0) } })
+            // An empty, header-only or CR-only file is not a trace of a program: say so rather
+            // than report a run of 0 accesses.
+            guard reader.linesRead > 0 else {
+                throw InputError("\(path): no accesses in \(reader.lineNumber) line\(reader.lineNumber == 1 ? "" : "s"): not a lackey trace (valgrind --tool=lackey --trace-mem=yes; see scripts/make-lackey-trace)")
+            }
         } else {
             let area = VirtualMemoryArea(
                 start: spec.base.rawValue, end: spec.base.rawValue + roundUp(spec.footprint.rawValue, config.pageSize),
@@ -213,8 +400,18 @@ public enum ModelEngine {
             memoryChecksum = .string("0x" + String(machine.memoryChecksum(base: spec.base.rawValue, bytes: spec.footprint.rawValue), radix: 16))
         }
         let counters = machine.finish()
+        // A trace's run reports the trace's own figures, not the flags' defaults: its accesses,
+        // its footprint (distinct 4 KiB pages touched: each is one demand fault of the traced
+        // area), its write ratio; a trace has no seed and one thread.
+        var workload = spec
+        if traceReader != nil {
+            workload.accesses = counters[.accesses]
+            workload.footprint = ByteCount(counters[.guestPageFaults] * 4096)
+            workload.writeRatio = counters[.accesses] == 0 ? 0 : Double(counters[.writes]) / Double(counters[.accesses])
+            workload.threads = 1
+        }
         return RunResult(
-            engine: "model", paging: mode.name, pageSize: config.pageSize, workload: spec, counters: counters,
+            engine: "model", paging: mode.name, pageSize: config.pageSize, workload: workload, counters: counters,
             cycles: cpu.ledger.total, cycleBreakdown: cpu.ledger.breakdown, wallSeconds: clock.seconds,
             extra: [
                 ("checksum", .string("0x" + String(machine.checksum, radix: 16))),
@@ -284,5 +481,28 @@ public struct WallClock: Sendable {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}
+
+/// The text of a small file (procfs, sysfs), nil when it cannot be read.
+func readSmallFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while out.count < 1 << 20 {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, 4096) }
+        if n <= 0 { break }
+        out += buf[0..<n]
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+extension String {
+    func trimmingCharacters() -> String {
+        var s = Substring(self)
+        while let c = s.last, c == "\n" || c == " " { s = s.dropLast() }
+        return String(s)
     }
 }

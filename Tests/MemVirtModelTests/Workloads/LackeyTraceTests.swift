@@ -374,9 +374,10 @@ private func spawn(_ program: String, _ args: [String]) throws -> Int32 {
     return status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
 }
 
-/// The package root, from this file's path (Tests/MemVirtModelTests/LackeyTraceTests.swift).
+/// The package root, from this file's path (Tests/MemVirtModelTests/Workloads/LackeyTraceTests.swift:
+/// four components; it was three before the tests moved into folders).
 private func packageRoot(file: String = #filePath) -> String {
     var parts = file.split(separator: "/", omittingEmptySubsequences: false)
-    parts.removeLast(3)
+    parts.removeLast(4)
     return parts.joined(separator: "/")
 }
