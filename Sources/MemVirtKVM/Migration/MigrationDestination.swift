@@ -9,11 +9,31 @@ extension LiveMigration {
     /// Listens on `address:port` (loopback unless told otherwise; port 0: any), calls `ready`
     /// with the bound port, accepts one migration, runs the guest to the end of its workload
     /// and returns the destination's report (it also sends its summary to the source).
-    public static func listen(address: String = "127.0.0.1", port: UInt16, ready: (UInt16) -> Void) throws(KVMError) -> MigrationReport {
-        let (listener, bound) = try MigrationChannel.listen(address: address, port: port)
-        ready(bound)
-        let ch = try MigrationChannel.accept(listener)
+    ///
+    /// One connection only: the listening socket is closed once it is accepted, so a second
+    /// source is refused at once instead of waiting in the backlog; a peer that goes silent is
+    /// dropped after `link.timeoutNanos`. A non-loopback address needs a key unless
+    /// `insecure` (anyone who reaches the port could otherwise forge or replay a guest).
+    public static func listen(address: String = "127.0.0.1", port: UInt16, link: MigrationLink = MigrationLink(), insecure: Bool = false,
+                              ready: (UInt16) -> Void) throws(KVMError) -> MigrationReport {
+        if link.key == nil && !insecure && !isLoopback(address) {
+            throw KVMError.invalid("--bind \(address) is not a loopback address: give --key-file (every message authenticated) or --insecure (anyone who reaches the port can forge or replay a guest)")
+        }
+        let ch: MigrationChannel
+        do {
+            let (listener, bound) = try MigrationChannel.listen(address: address, port: port)
+            ready(bound)
+            ch = try MigrationChannel.accept(listener, timeoutNanos: link.timeoutNanos)
+        }  // the listener is closed here
+        try ch.authenticate(key: link.key, source: false)
         return try receive(ch)
+    }
+
+    /// 127.0.0.0/8, ::1 and localhost.
+    static func isLoopback(_ address: String) -> Bool {
+        if address == "localhost" || address == "::1" || address == "0:0:0:0:0:0:0:1" { return true }
+        let parts = address.split(separator: ".", omittingEmptySubsequences: false)
+        return parts.count == 4 && parts[0] == "127" && parts.allSatisfy { UInt8($0) != nil }
     }
 
     /// The destination's half of the protocol on an accepted connection: HELLO builds the VM,
@@ -24,8 +44,13 @@ extension LiveMigration {
         guard t0 == .hello else { throw KVMError.invalid("migration stream: expected HELLO first, got \(t0)") }
         let d = try DestinationSide(hello: try MigrationHello.decode(p0), channel: ch)
         defer { d.release() }
-        try d.receiveStream()
-        return try d.finish()
+        do {
+            try d.receiveStream()
+            return try d.finish()
+        } catch {
+            d.abandon()
+            throw error
+        }
     }
 }
 
@@ -56,6 +81,11 @@ final class DestinationSide {
     var pfBefore: UInt64 = 0
     var parkedAtSwitch = 0
     let stats: [StatsReader]
+    /// Which pages have arrived (a DISCARD takes a page back out): the guest resumes only
+    /// with every page it cannot ask for, and END means every page.
+    var received: [Bool]
+    var receivedCount = 0
+    var heartbeat: Heartbeat? = nil
 
     /// The guest configuration HELLO announces, checked against what this side builds.
     static func config(for hello: MigrationHello) throws(KVMError) -> GuestConfig {
@@ -64,6 +94,10 @@ final class DestinationSide {
         }
         guard hello.vcpus >= 1, hello.vcpus <= UInt32(GuestLayout.maxVCPUs), hello.dataSize <= 1 << 40 else {
             throw KVMError.invalid("migration stream mismatched: \(hello.vcpus) vCPUs, \(hello.dataSize) bytes")
+        }
+        // Checked before any sum: the runtime lives below the 3 GiB hole, the tables in it.
+        guard hello.runtimeSize <= GuestLayout.holePhysical.rawValue, hello.tableBytesPerVCPU <= GuestLayout.holePhysical.rawValue else {
+            throw KVMError.invalid("migration stream mismatched: a runtime area of \(hello.runtimeSize) bytes with \(hello.tableBytesPerVCPU) bytes of tables per vCPU (at most \(GuestLayout.holePhysical.rawValue))")
         }
         var c = GuestConfig(dataSize: hello.dataSize)
         c.vcpus = Int(hello.vcpus)
@@ -97,6 +131,7 @@ final class DestinationSide {
         dataPages = Int(g.data.size / 4096)
         runtimePages = Int(g.runtime.size / 4096)
         hashes = [UInt64](repeating: 0, count: dataPages + runtimePages)
+        received = [Bool](repeating: false, count: dataPages + runtimePages)
         written = [Bool](repeating: false, count: dataPages)
         stats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
         faults = mode == .precopy ? nil : try PostcopyFaults(region: g.data, channel: channel)
@@ -106,8 +141,26 @@ final class DestinationSide {
 
     /// Stops the fault thread and frees the zero page (once, at the end of `receive`).
     func release() {
+        heartbeat?.stop()
         faults?.stop()
         zero.deallocate()
+    }
+
+    /// A failure after the guest may have resumed: stop saying ALIVE and kick the vCPUs
+    /// (not joined: one may wait in a userfaultfd fault for a page that will never come).
+    func abandon() {
+        heartbeat?.stop()
+        heartbeat = nil
+        if let k = runner {
+            if let kernel = k.kernel { kernel.requestStop() } else { k.kicker.stop() }
+        }
+    }
+
+    /// The first page not here among `range` (nil: all are).
+    func firstMissing(_ range: Range<Int>) -> Int? { range.first { !received[$0] } }
+
+    func markReceived(_ idx: Int, _ yes: Bool) {
+        if received[idx] != yes { receivedCount += yes ? 1 : -1; received[idx] = yes }
     }
 
     /// Where vCPU i's workload keeps its mailbox (a guest thread's under the guest kernel);
@@ -128,6 +181,10 @@ final class DestinationSide {
             case .state: try applyState(payload)
             case .sync: try ch.send(.synced)
             case .end:
+                guard gotState else { throw KVMError.invalid("migration stream: END before STATE") }
+                if let p = firstMissing(0..<(dataPages + runtimePages)) {
+                    throw KVMError.invalid("migration stream incomplete: END with \(receivedCount) of \(dataPages + runtimePages) pages (page \(p) never arrived)")
+                }
                 gotEnd = true
                 if mode != .precopy { report.destinationHash = hashes.reduce(0, &+) }
             default:
@@ -159,6 +216,7 @@ final class DestinationSide {
             let src: UnsafeRawPointer = hasData ? payload.baseAddress! + at : UnsafeRawPointer(zero)
             if hasData { at += 4096 }
             hashes[idx] = hasData ? ckvm_page_hash(src, UInt64(idx)) : ckvm_page_hash_zero(UInt64(idx))
+            markReceived(idx, true)
             if idx >= dataPages {
                 memcpy(g.runtime.mapping.base + (idx - dataPages) * 4096, src, 4096)
             } else if let f = faults {
@@ -178,12 +236,11 @@ final class DestinationSide {
     func applyDiscard(_ payload: UnsafeRawBufferPointer) throws(KVMError) {
         guard let f = faults else { throw KVMError.invalid("migration stream: DISCARD in a pre-copy stream") }
         var r = ByteReader(payload, what: "DISCARD")
-        let n = Int(try r.get(UInt64.self))
-        guard n <= dataPages else { throw KVMError.invalid("migration stream corrupt: DISCARD of \(n) pages") }
+        let n = try r.getCount(limit: min(dataPages, r.remaining / 8), "page count")
         for _ in 0..<n {
-            let p = Int(try r.get(UInt64.self))
-            guard p < dataPages else { throw KVMError.invalid("migration stream corrupt: DISCARD page \(p)") }
+            let p = try r.getCount(limit: dataPages - 1, "page index")
             try f.discard(page: p)
+            markReceived(p, false)
         }
     }
 
@@ -193,8 +250,14 @@ final class DestinationSide {
         gotState = true
         var r = ByteReader(payload, what: "STATE")
         let stopReal = try r.get(UInt64.self)
-        let n = Int(try r.get(UInt64.self))
+        let n = try r.getCount(limit: GuestLayout.maxVCPUs, "vCPU count")
         guard n == g.vcpus.count else { throw KVMError.invalid("migration stream mismatched: \(n) vCPU states for \(g.vcpus.count) vCPUs") }
+        // The guest resumes now: the runtime must be whole (it cannot fault pages in), and in
+        // pre-copy every data page too (nothing asks for a missing one).
+        let needed = mode == .precopy ? 0..<(dataPages + runtimePages) : dataPages..<(dataPages + runtimePages)
+        if let p = firstMissing(needed) {
+            throw KVMError.invalid("migration stream incomplete: STATE with \(receivedCount) of \(dataPages + runtimePages) pages (page \(p) never arrived); the guest is not resumed")
+        }
         var done: [Bool] = []
         var states: [VCPUState] = []
         for _ in 0..<n {
@@ -215,7 +278,7 @@ final class DestinationSide {
         var k = VCPUThreads(g: g, kicker: VCPUKicker(vm: g), kernel: kernel)
         k.done = done
         if mode == .precopy { report.destinationHash = hashes.reduce(0, &+) }
-        faults?.start()
+        try faults?.start()
         for (i, s) in states.enumerated() {
             try g.vcpus[i].restoreState(s)
             if let tsc = s.msrs.first(where: { $0.0 == 0x10 })?.1 {
@@ -244,12 +307,24 @@ final class DestinationSide {
         try k.start()
         runner = k
         try ch.send(.resumed)
+        heartbeat = try Heartbeat(channel: ch, everyNanos: MigrationLink.heartbeat(timeoutNanos: ch.timeoutNanos))
     }
 
     /// After END: the guest runs to the end of its workload; the report, and RESULT to the source.
     func finish() throws(KVMError) -> MigrationReport {
         guard var k = runner else { throw KVMError.invalid("migration stream ended without the vCPU state") }
+        // The source's hash of the memory it had: a guest that differs is not the source's.
+        let (type, payload) = try ch.receive()
+        guard type == .verify else { throw KVMError.invalid("migration stream: expected VERIFY after END, got \(type)") }
+        var vr = ByteReader(payload, what: "VERIFY")
+        let sourceHash = try vr.get(UInt64.self)
+        report.sourceHash = sourceHash
+        guard sourceHash == report.destinationHash else {
+            throw KVMError.invalid("migration failed: memory hashes differ (source 0x\(String(sourceHash, radix: 16)), destination 0x\(String(report.destinationHash ?? 0, radix: 16))): the guest here is not the source's; stopped")
+        }
         try k.join()
+        heartbeat?.stop()
+        heartbeat = nil
         let runEnd = monotonicNanoseconds()
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }
@@ -272,6 +347,10 @@ final class DestinationSide {
         report.totalNanos = monotonicNanoseconds() - start
         report.console = g.multiboot?.console
         try ch.send(.result, resultPayload())
+        // The source's word that it has the RESULT and the hashes agree: without it the
+        // outcome is unknown there, and this side does not claim success either.
+        let (last, _) = try ch.receive()
+        guard last == .done else { throw KVMError.invalid("migration stream: expected DONE from the source after RESULT, got \(last)") }
         report.bytesSent = ch.bytesSent
         return report
     }

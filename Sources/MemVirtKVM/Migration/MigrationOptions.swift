@@ -45,5 +45,11 @@ public struct MigrationOptions: Sendable {
     /// request arrived (a network round trip longer than loopback's ~30 us). Pushing is not
     /// delayed: if the push in page order reaches the page first, it arrives sooner.
     public var requestRoundTripNanos: UInt64 = 0
+    /// Timeouts and the pre-shared key of the connection.
+    public var link = MigrationLink()
+    /// A migration that fails before the switch (the guest goes on here) is tried again this
+    /// many times, `retryDelayNanos` apart, while the guest still runs (`--retries`).
+    public var retries = 0
+    public var retryDelayNanos: UInt64 = 1_000_000_000
     public init() {}
 }

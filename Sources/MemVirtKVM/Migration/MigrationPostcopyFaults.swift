@@ -62,9 +62,11 @@ final class PostcopyFaults: @unchecked Sendable {
         ckvm_store_release_u32(present + p, 0)
     }
 
-    func start() {
+    /// Starts the fault thread; a thread that cannot start fails the migration (a guest
+    /// faulting with nobody to ask for its page would wait forever).
+    func start() throws(KVMError) {
         guard thread == nil else { return }
-        thread = try? DedicatedThread.start(name: "memvirt-postcopy-faults") { [self] in loop() }
+        thread = try DedicatedThread.start(name: "memvirt-postcopy-faults") { [self] in loop() }
     }
 
     func stop() {

@@ -10,6 +10,7 @@ extension SourceSide {
     mutating func postcopyPush(_ ch: MigrationChannel, missing: [Int]) throws(KVMError) {
         let requests = RequestQueue()
         let rtt = options.requestRoundTripNanos
+        let dp = dataPages
         let reader = try DedicatedThread.start(name: "memvirt-migrate-requests") {
             while true {
                 do {
@@ -18,9 +19,14 @@ extension SourceSide {
                     case .request:
                         var r = ByteReader(payload, what: "REQUEST")
                         var pages: [Int] = []
-                        while r.remaining >= 8 { pages.append(Int(try r.get(UInt64.self))) }
+                        // Indices beyond the guest are dropped before conversion (never a trap).
+                        while r.remaining >= 8 {
+                            let p = try r.get(UInt64.self)
+                            if p < UInt64(dp) { pages.append(Int(p)) }
+                        }
                         requests.push(pages, due: monotonicNanoseconds() + rtt)
                     case .resumed: requests.markResumed()
+                    case .alive: continue
                     case .result:
                         requests.finish(result: Array(payload))
                         return
@@ -37,35 +43,44 @@ extension SourceSide {
                 }
             }
         }
-        var toSend = [Bool](repeating: false, count: dataPages)
-        for p in missing { toSend[p] = true }
-        var cursor = 0
-        var left = missing.count
-        while left > 0 {
-            if let e = requests.failure { reader.join(); throw e }
-            if requests.resumed { destinationOwnsGuest = true }
-            var asked = requests.drain(dueBy: monotonicNanoseconds())
-            if !asked.isEmpty {
-                asked.removeAll { $0 < 0 || $0 >= dataPages || !toSend[$0] }
-                for p in asked { toSend[p] = false; left -= 1; report.pagesRequested += 1; try sendPage(ch, p) }
+        // Any failure here ends the connection so the reader thread returns, and is joined.
+        do throws(KVMError) {
+            var toSend = [Bool](repeating: false, count: dataPages)
+            for p in missing { toSend[p] = true }
+            var cursor = 0
+            var left = missing.count
+            while left > 0 {
+                if let e = requests.failure { throw e }
+                if requests.resumed { destinationOwnsGuest = true }
+                var asked = requests.drain(dueBy: monotonicNanoseconds())
+                if !asked.isEmpty {
+                    asked.removeAll { $0 < 0 || $0 >= dataPages || !toSend[$0] }
+                    for p in asked { toSend[p] = false; left -= 1; report.pagesRequested += 1; try sendPage(ch, p) }
+                    try flush(ch)
+                    continue
+                }
+                if cursor >= dataPages {
+                    // Defensive: the push covers every page still to send, so `left` is 0 by the
+                    // time the cursor is at the end; never spin without sleeping.
+                    usleepNanos(20_000)
+                    continue
+                }
+                var k = 0
+                while cursor < dataPages && k < 64 {
+                    if toSend[cursor] { toSend[cursor] = false; left -= 1; report.pagesPushed += 1; try sendPage(ch, cursor); k += 1 }
+                    cursor += 1
+                }
                 try flush(ch)
-                continue
             }
-            if cursor >= dataPages {
-                // Defensive: the push covers every page still to send, so `left` is 0 by the
-                // time the cursor is at the end; never spin without sleeping.
-                usleepNanos(20_000)
-                continue
-            }
-            var k = 0
-            while cursor < dataPages && k < 64 {
-                if toSend[cursor] { toSend[cursor] = false; left -= 1; report.pagesPushed += 1; try sendPage(ch, cursor); k += 1 }
-                cursor += 1
-            }
-            try flush(ch)
+            try ch.send(.end)
+            completedAt = monotonicNanoseconds()
+            try sendVerify(ch)
+        } catch {
+            ch.shutdownBoth()
+            reader.join()
+            if requests.resumed { destinationOwnsGuest = true }
+            throw error
         }
-        try ch.send(.end)
-        completedAt = monotonicNanoseconds()
         reader.join()
         if let e = requests.failure { throw e }
         destinationOwnsGuest = true

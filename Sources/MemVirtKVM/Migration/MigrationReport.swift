@@ -9,6 +9,11 @@ import Glibc
 public struct MigrationReport: Sendable {
     public var side: String
     public var mode: MigrationOptions.Mode
+    /// The destination took the guest over (resumed it). With `error` set after that, the
+    /// guest is lost: `migrated` is false and neither side has it whole.
+    public var switchedOver = false
+    /// Attempts that failed before the switch (`MigrationOptions.retries`), their errors.
+    public var failedAttempts: [String] = []
     public var migrated = false
     public var error: String? = nil
     public var rounds = 0
@@ -60,7 +65,8 @@ public struct MigrationReport: Sendable {
         func hex(_ h: UInt64?) -> JSONValue { h.map { .string("0x" + String($0, radix: 16)) } ?? .null }
         var kv: [(String, JSONValue)] = [
             ("schema", "memvirt.migration/1"), ("side", .string(side)), ("mode", .string(mode.rawValue)),
-            ("migrated", .bool(migrated)), ("error", error.map { .string($0) } ?? .null),
+            ("migrated", .bool(migrated)), ("switched_over", .bool(switchedOver)), ("error", error.map { .string($0) } ?? .null),
+            ("failed_attempts", .array(failedAttempts.map { .string($0) })),
             ("rounds", .int(Int64(rounds))), ("bytes_sent", .uint(bytesSent)), ("bytes_received", .uint(bytesReceived)),
             ("pages_sent", .uint(pagesSent)), ("zero_pages", .uint(zeroPages)),
             ("pages_requested", .uint(pagesRequested)), ("pages_pushed", .uint(pagesPushed)),

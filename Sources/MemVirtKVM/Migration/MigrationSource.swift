@@ -95,39 +95,53 @@ public enum LiveMigration {
         try runner.start()
         let t0 = monotonicNanoseconds()
         while monotonicNanoseconds() - t0 < o.afterNanos && !runner.allDoneFast { usleepNanos(2_000_000) }
-        let start = monotonicNanoseconds()
-        var source = SourceSide(g: g, options: o, kicker: kicker, runner: runner, report: report, stats: stats)
-        do {
-            let ch = try MigrationChannel.connect(host: host, port: port)
-            if let bw = o.bandwidth { ch.bandwidth = bw }
-            try source.run(ch)
-            report = source.report
-            report.migrated = true
-            report.sessionNanos = monotonicNanoseconds() - start
-            report.totalNanos = (source.completedAt ?? monotonicNanoseconds()) - start
-            return report
-        } catch {
-            report = source.report
-            runner = source.runner
-            if source.destinationOwnsGuest {
+        var failedAttempts: [String] = []
+        while true {
+            let start = monotonicNanoseconds()
+            var source = SourceSide(g: g, options: o, kicker: kicker, runner: runner, report: report, stats: stats)
+            source.report.failedAttempts = failedAttempts
+            do {
+                let ch = try MigrationChannel.connect(host: host, port: port, timeoutNanos: o.link.timeoutNanos)
+                if let bw = o.bandwidth { ch.bandwidth = bw }
+                try ch.authenticate(key: o.link.key, source: true)
+                try source.run(ch)
+                report = source.report
                 report.migrated = true
-                report.error = "after the switch: \(error)"
+                report.sessionNanos = monotonicNanoseconds() - start
+                report.totalNanos = (source.completedAt ?? monotonicNanoseconds()) - start
+                return report
+            } catch {
+                report = source.report
+                runner = source.runner
+                if source.destinationOwnsGuest {
+                    // The destination resumed the guest and this side stopped it for good: the
+                    // migration failed and the guest is lost (or, with differing hashes, wrong).
+                    report.migrated = false
+                    report.switchedOver = true
+                    report.error = "after the switch (the destination had resumed the guest; it is lost): \(error)"
+                    report.totalNanos = monotonicNanoseconds() - start
+                    return report
+                }
+                // The destination never took over: the guest goes on here.
+                report.migrated = false
+                report.error = "\(error)"
+                if runner.stopped {
+                    kicker.resume()
+                    try runner.start()
+                }
+                if failedAttempts.count < o.retries && !runner.allDoneFast {
+                    failedAttempts.append("\(error)")
+                    usleepNanos(o.retryDelayNanos)
+                    report = MigrationReport(side: "source", mode: o.mode)
+                    continue
+                }
+                try runner.join()
+                report.guest = kernel == nil ? try finalGuest(g, threads: threads) : try KernelMigration.finalGuest(g)
+                report.guestKernel = try runner.kernelReport()
+                report.sourceHash = memoryHash(g)
                 report.totalNanos = monotonicNanoseconds() - start
                 return report
             }
-            // The destination never took over: the guest goes on here.
-            report.migrated = false
-            report.error = "\(error)"
-            if runner.stopped {
-                kicker.resume()
-                try runner.start()
-            }
-            try runner.join()
-            report.guest = kernel == nil ? try finalGuest(g, threads: threads) : try KernelMigration.finalGuest(g)
-            report.guestKernel = try runner.kernelReport()
-            report.sourceHash = memoryHash(g)
-            report.totalNanos = monotonicNanoseconds() - start
-            return report
         }
     }
 
@@ -339,19 +353,42 @@ struct SourceSide {
             phase("resumed")
         } else {
             try postcopyPush(ch, missing: missing)
-            report.sourceHash = LiveMigration.memoryHash(g)
+            try checkHashes()
+            try ch.send(.done)
             return
         }
-        report.sourceHash = LiveMigration.memoryHash(g)
+        try sendVerify(ch)
         report.bytesSent = ch.bytesSent
         // The destination's summary, after its guest finished.
         while true {
             let (type, payload) = try ch.receive()
             if type == .result { try readResult(payload); break }
-            if type == .request || type == .resumed { continue }
+            if type == .request || type == .resumed || type == .alive { continue }
             throw KVMError.invalid("migration stream: unexpected \(type) from the destination")
         }
         report.bytesReceived = ch.bytesReceived
+        try checkHashes()
+        try ch.send(.done)
+    }
+
+    /// The source's memory hash (its guest is stopped for good), sent as VERIFY: the
+    /// destination refuses a guest whose memory hashes differently.
+    mutating func sendVerify(_ ch: MigrationChannel) throws(KVMError) {
+        let h = LiveMigration.memoryHash(g)
+        report.sourceHash = h
+        var w = ByteWriter()
+        w.put(h)
+        try ch.send(.verify, w.bytes)
+    }
+
+    /// A migration whose memory hashes differ failed, whatever else went well.
+    func checkHashes() throws(KVMError) {
+        guard let s = report.sourceHash, let d = report.destinationHash else {
+            throw KVMError.invalid("migration incomplete: no memory hash from \(report.sourceHash == nil ? "this side" : "the destination")")
+        }
+        guard s == d else {
+            throw KVMError.invalid("migration failed: memory hashes differ (source 0x\(String(s, radix: 16)), destination 0x\(String(d, radix: 16))): the destination's guest is not this guest")
+        }
     }
 
     var pendingDirty: [Int] = []
@@ -371,8 +408,7 @@ struct SourceSide {
         report.vmmDowntimeNanos = vmmDown
         report.destinationRunNanos = try r.get(UInt64.self)
         report.destinationPfFixed = try r.get(UInt64.self)
-        let n = Int(try r.get(UInt64.self))
-        guard n <= 64 else { throw KVMError.invalid("migration stream corrupt: RESULT with \(n) guests") }
+        let n = try r.getCount(limit: 64, "guest count")
         report.guest = []
         for _ in 0..<n {
             var gr = GuestReport(accesses: try r.get(), reads: try r.get(), writes: try r.get(), readSum: try r.get(), memoryChecksum: nil)
