@@ -250,6 +250,12 @@ final class DestinationSide {
         gotState = true
         var r = ByteReader(payload, what: "STATE")
         let stopReal = try r.get(UInt64.self)
+        // The source's stop time (CLOCK_REALTIME): the elapsed time scales the TSC below, so
+        // a time from outside is bounded first (a day of skew or delay at most).
+        let nowReal = LiveMigration.realtimeNanos()
+        guard stopReal <= nowReal + 86_400_000_000_000, nowReal < stopReal || nowReal - stopReal <= 86_400_000_000_000 else {
+            throw KVMError.invalid("migration stream corrupt: STATE stop time \(stopReal) ns is more than a day from this host's clock (\(nowReal) ns)")
+        }
         let n = try r.getCount(limit: GuestLayout.maxVCPUs, "vCPU count")
         guard n == g.vcpus.count else { throw KVMError.invalid("migration stream mismatched: \(n) vCPU states for \(g.vcpus.count) vCPUs") }
         // The guest resumes now: the runtime must be whole (it cannot fault pages in), and in

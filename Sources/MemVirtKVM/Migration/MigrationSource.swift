@@ -107,6 +107,7 @@ public enum LiveMigration {
                 try source.run(ch)
                 report = source.report
                 report.migrated = true
+                report.switchedOver = true
                 report.sessionNanos = monotonicNanoseconds() - start
                 report.totalNanos = (source.completedAt ?? monotonicNanoseconds()) - start
                 return report
@@ -341,6 +342,9 @@ struct SourceSide {
             report.guestKernel?.parkedAtSwitch = states.map(\.parked).reduce(0, +)
         }
         try ch.send(.state, w.bytes)
+        // The switch: from here the destination may run the guest, so this side never resumes
+        // it (two running copies); a failure from now on loses it and fails both sides.
+        destinationOwnsGuest = true
         phase("state")
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }

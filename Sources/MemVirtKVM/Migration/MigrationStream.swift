@@ -129,6 +129,8 @@ public final class MigrationChannel: @unchecked Sendable {
     var sessionKey: SymmetricKey?
     var sendLabel: UInt8 = 0
     var receiveLabel: UInt8 = 0
+    /// In the key handshake: the peer's NONCE is expected (and unauthenticated).
+    var handshaking = false
 
     init(fd: FileDescriptor, timeoutNanos: UInt64 = MigrationLink().timeoutNanos) {
         self.fd = fd
@@ -156,6 +158,8 @@ public final class MigrationChannel: @unchecked Sendable {
         for i in mine.indices { mine[i] = rng.next() }
         try send(.nonce, mine)
         let theirs: [UInt8]
+        handshaking = true
+        defer { handshaking = false }
         do throws(KVMError) {
             let (type, payload) = try receive()
             guard type == .nonce, payload.count == MigrationStreamFormat.nonceSize else {
@@ -399,7 +403,7 @@ public final class MigrationChannel: @unchecked Sendable {
                 throw KVMError.invalid("migration stream refused: message \(seq) (\(type), \(n) bytes) fails authentication (a wrong --key-file, a replayed session or a changed message)")
             }
             trailer = MigrationStreamFormat.macSize
-        } else if type == .nonce {
+        } else if type == .nonce && !handshaking {
             throw KVMError.invalid("migration stream refused: the peer authenticates its messages (NONCE) and this side has no key: give both sides the same --key-file")
         }
         receiveSequence += 1

@@ -64,7 +64,7 @@ final class CraftedStream {
         var b = s.encoded()
         alter(&b)
         var w = ByteWriter()
-        w.put(UInt64(0))  // stop time
+        w.put(LiveMigration.realtimeNanos())  // stop time
         w.put(UInt64(1))  // vCPUs
         w.put(UInt8(0))  // not done
         return w.bytes + b
@@ -131,6 +131,19 @@ struct MigrationHardeningTests {
         try c.ch.send(.discard, b)
         let e = c.refusal()
         #expect(e.contains("DISCARD") && e.contains(field == "count" ? "page count 18446744073709551615" : "page index 18446744073709551615"), "\(e)")
+    }
+
+    @Test("STATE with a stop time decades off (the TSC scaling would overflow) is refused")
+    func stateStopTime() throws {
+        let c = try CraftedStream()
+        let (h, pages) = try CraftedStream.hello()
+        try c.ch.send(.hello, h.encoded())
+        try c.sendZeroPages(pages)
+        var b = CraftedStream.state(VCPUState())
+        b.store(UInt64(0), at: 0)
+        try c.ch.send(.state, b)
+        let e = c.refusal()
+        #expect(e.contains("stop time 0 ns"), "\(e)")
     }
 
     @Test("STATE with a vCPU count of 2^64-1 is refused")
