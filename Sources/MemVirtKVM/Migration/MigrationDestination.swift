@@ -180,6 +180,7 @@ final class DestinationSide {
             case .discard: try applyDiscard(payload)
             case .state: try applyState(payload)
             case .sync: try ch.send(.synced)
+            case .alive: continue
             case .end:
                 guard gotState else { throw KVMError.invalid("migration stream: END before STATE") }
                 if let p = firstMissing(0..<(dataPages + runtimePages)) {
@@ -320,7 +321,8 @@ final class DestinationSide {
     func finish() throws(KVMError) -> MigrationReport {
         guard var k = runner else { throw KVMError.invalid("migration stream ended without the vCPU state") }
         // The source's hash of the memory it had: a guest that differs is not the source's.
-        let (type, payload) = try ch.receive()
+        var (type, payload) = try ch.receive()
+        while type == .alive { (type, payload) = try ch.receive() }
         guard type == .verify else { throw KVMError.invalid("migration stream: expected VERIFY after END, got \(type)") }
         var vr = ByteReader(payload, what: "VERIFY")
         let sourceHash = try vr.get(UInt64.self)
@@ -329,8 +331,6 @@ final class DestinationSide {
             throw KVMError.invalid("migration failed: memory hashes differ (source 0x\(String(sourceHash, radix: 16)), destination 0x\(String(report.destinationHash ?? 0, radix: 16))): the guest here is not the source's; stopped")
         }
         try k.join()
-        heartbeat?.stop()
-        heartbeat = nil
         let runEnd = monotonicNanoseconds()
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }
@@ -352,10 +352,15 @@ final class DestinationSide {
         report.bytesReceived = ch.bytesReceived
         report.totalNanos = monotonicNanoseconds() - start
         report.console = g.multiboot?.console
+        // ALIVE went on through the final checksum (the guest computes it, seconds for a
+        // large guest on a loaded host); RESULT is next.
+        heartbeat?.stop()
+        heartbeat = nil
         try ch.send(.result, resultPayload())
         // The source's word that it has the RESULT and the hashes agree: without it the
         // outcome is unknown there, and this side does not claim success either.
-        let (last, _) = try ch.receive()
+        var (last, _) = try ch.receive()
+        while last == .alive { (last, _) = try ch.receive() }
         guard last == .done else { throw KVMError.invalid("migration stream: expected DONE from the source after RESULT, got \(last)") }
         report.bytesSent = ch.bytesSent
         return report

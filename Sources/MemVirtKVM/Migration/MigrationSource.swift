@@ -378,7 +378,11 @@ struct SourceSide {
     /// The source's memory hash (its guest is stopped for good), sent as VERIFY: the
     /// destination refuses a guest whose memory hashes differently.
     mutating func sendVerify(_ ch: MigrationChannel) throws(KVMError) {
+        // Hashing a large guest can take longer than the peer's timeout on a loaded host:
+        // say ALIVE meanwhile.
+        let alive = try Heartbeat(channel: ch, everyNanos: MigrationLink.heartbeat(timeoutNanos: ch.timeoutNanos))
         let h = LiveMigration.memoryHash(g)
+        alive.stop()
         report.sourceHash = h
         var w = ByteWriter()
         w.put(h)
