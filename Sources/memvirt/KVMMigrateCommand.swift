@@ -11,8 +11,13 @@ struct KVMListenCommand: ParsableCommand {
     @Option(name: .long, help: "TCP port to listen on (0: any; the bound port is printed on stderr).")
     var port: UInt16
 
-    @Option(name: .long, help: "Address to bind (default loopback only).")
+    @Option(name: .long, help: "Address to bind (default loopback only; another address needs --key-file or --insecure).")
     var bind: String = "127.0.0.1"
+
+    @OptionGroup var link: MigrationLinkOptions
+
+    @Flag(name: .long, help: "Allow --bind of a non-loopback address without --key-file (anyone who reaches the port can forge or replay a guest).")
+    var insecure = false
 
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
@@ -20,12 +25,34 @@ struct KVMListenCommand: ParsableCommand {
     func run() throws {
         let r: MigrationReport
         do {
-            r = try LiveMigration.listen(address: bind, port: port) { p in printError("memvirt kvm listen: listening on \(bind):\(p)") }
+            let l = try link.link()
+            r = try LiveMigration.listen(address: bind, port: port, link: l, insecure: insecure) { p in printError("memvirt kvm listen: listening on \(bind):\(p)") }
         } catch {
             printError("memvirt kvm listen: \(error)")
+            if json { print(JSONValue.object([("side", "destination"), ("migrated", .bool(false)), ("error", .string("\(error)"))]).rendered(pretty: true)) }
             throw ExitCode.failure
         }
         print(json ? r.json.rendered(pretty: true) : r.json.rendered())
+        if !r.migrated || r.error != nil { throw ExitCode.failure }
+    }
+}
+
+/// `--timeout` and `--key-file`, the same on both sides of a migration.
+struct MigrationLinkOptions: ParsableArguments {
+    @Option(name: .long, help: "Fail when the peer sends or takes nothing this long, or a connect takes longer, e.g. 30s, 500ms.")
+    var timeout: String = "30s"
+
+    @Option(name: .customLong("key-file"), help: "Pre-shared key (16 to 4096 bytes): every message is authenticated with HMAC-SHA256 and a per-session nonce. Give both sides the same file.")
+    var keyFile: String?
+
+    func link() throws -> MigrationLink {
+        var l = MigrationLink()
+        l.timeoutNanos = try KVMMigrateCommand.duration(timeout, "--timeout")
+        guard l.timeoutNanos >= 1_000_000, l.timeoutNanos <= MigrationLink.maxTimeoutNanos else {
+            throw ValidationError("--timeout '\(timeout)': use 1ms to 86400s")
+        }
+        if let k = keyFile { l.key = try MigrationLink.readKey(path: k) }
+        return l
     }
 }
 
@@ -37,6 +64,8 @@ struct KVMMigrateCommand: ParsableCommand {
     @OptionGroup var workload: WorkloadOptions
 
     @OptionGroup var kernel: KernelOptions
+
+    @OptionGroup var link: MigrationLinkOptions
 
     @Option(name: .long, help: "HOST:PORT of the listener.")
     var to: String
@@ -64,6 +93,12 @@ struct KVMMigrateCommand: ParsableCommand {
 
     @Option(name: .customLong("request-round-trip"), help: "Post-copy: serve each page the destination asks for this long after its request (a link longer than loopback), e.g. 2ms.")
     var requestRoundTrip: String?
+
+    @Option(name: .long, help: "Try again this many times (0...10) when a migration fails before the switch (the guest goes on here meanwhile).")
+    var retries: Int = 0
+
+    @Option(name: .customLong("retry-delay"), help: "Wait this long before trying again, e.g. 1s.")
+    var retryDelay: String = "1s"
 
     @Flag(name: .customLong("guest-kernel"), help: "Run the guest under the guest kernel: per vCPU the workload thread and a counting thread sharing it by the guest timer; the schedulers migrate with the vCPUs.")
     var guestKernel = false
@@ -100,6 +135,10 @@ struct KVMMigrateCommand: ParsableCommand {
         if asyncPF && !guestKernel { throw ValidationError("--async-pf needs --guest-kernel (a guest kernel parks and wakes the threads)") }
         if guestKernel && kernel.kernel != nil { throw ValidationError("--guest-kernel runs MemVirt's own runtime: not with --kernel") }
         if let r = requestRoundTrip { o.requestRoundTripNanos = try Self.duration(r, "--request-round-trip") }
+        o.link = try link.link()
+        guard (0...10).contains(retries) else { throw ValidationError("--retries \(retries): use 0...10") }
+        o.retries = retries
+        o.retryDelayNanos = try Self.duration(retryDelay, "--retry-delay")
         o.guestKernel = guestKernel
         o.asyncPF = asyncPF
         if let b = bandwidth {
@@ -115,9 +154,12 @@ struct KVMMigrateCommand: ParsableCommand {
             }
         } catch {
             printError("memvirt kvm migrate: \(error)")
+            if json { print(JSONValue.object([("side", "source"), ("migrated", .bool(false)), ("error", .string("\(error)"))]).rendered(pretty: true)) }
             throw ExitCode.failure
         }
         print(json ? r.json.rendered(pretty: true) : r.json.rendered())
-        if !r.migrated { throw ExitCode.failure }
+        // Not migrated (the guest finished here), lost after the switch, or hashes that
+        // differ: each is a failure.
+        if !r.migrated || r.error != nil { throw ExitCode.failure }
     }
 }

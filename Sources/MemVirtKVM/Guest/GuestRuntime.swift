@@ -129,12 +129,20 @@ public final class GuestVM: @unchecked Sendable {
               c.dataVirtual.rawValue >= 1 << 39 || c.dataVirtual.rawValue >= 0x40_0000_0000 else {
             throw KVMError.invalid("data base \(c.dataVirtual): must be 1GiB-aligned, canonical and at or above 256GiB")
         }
-        guard c.dataVirtual.rawValue &+ c.dataSize <= 0x8000_0000_0000 else {
+        // Sizes may come from a migration stream or a snapshot: each is bounded before it is
+        // rounded, summed or multiplied (an overflow would trap the process).
+        guard c.dataSize <= 0x8000_0000_0000, c.dataVirtual.rawValue <= 0x8000_0000_0000 - c.dataSize else {
             throw KVMError.invalid("data base \(c.dataVirtual) + \(ByteCount(c.dataSize)) leaves the lower canonical half")
         }
         var img = memvirt_guest_image()
         memvirt_guest_image_get(&img)
         image = img
+        guard c.tableBytesPerVCPU <= GuestLayout.holePhysical.rawValue else {
+            throw KVMError.invalid("lookup tables of \(c.tableBytesPerVCPU) bytes per vCPU: at most \(ByteCount(GuestLayout.holePhysical.rawValue)) (they live in the runtime area, below the 3GiB hole)")
+        }
+        guard c.listCapacity >= 0, c.listCapacity <= Int(GuestLayout.holePhysical.rawValue / 8) else {
+            throw KVMError.invalid("address list of \(c.listCapacity) entries: at most \(GuestLayout.holePhysical.rawValue / 8)")
+        }
         func up(_ v: UInt64, _ a: UInt64) -> UInt64 { (v + a - 1) / a * a }
         let imageSize = up(img.size, 4096)
         let f = c.dataSize

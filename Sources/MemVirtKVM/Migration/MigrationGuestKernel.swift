@@ -94,7 +94,9 @@ enum KernelMigration {
             guard k <= 64 else { throw KVMError.invalid("migration stream corrupt: \(k) guest threads on one vCPU") }
             var st = VCPUSchedulerState(ids: [], regs: [], threads: [], runQueue: [], current: nil)
             for _ in 0..<k {
-                st.ids.append(Int(try r.get(UInt64.self)))
+                let id = try r.get(UInt64.self)
+                guard id < 64 else { throw KVMError.invalid("migration stream corrupt: guest thread id \(id) (at most 64 threads)") }
+                st.ids.append(Int(id))
                 st.regs.append(try r.get(kvm_regs.self))
                 let kind = try r.get(UInt8.self), token = try r.get(UInt32.self)
                 switch kind {

@@ -5,15 +5,15 @@ extension LiveMigration {
     /// free port on its own thread, the source here (the reproductions' way; two processes
     /// are `memvirt kvm listen` and `memvirt kvm migrate`).
     public static func loopback(_ spec: WorkloadSpec, options: MigrationOptions) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
-        try loopback { (port) throws(KVMError) in try migrate(spec, to: "127.0.0.1", port: port, options: options) }
+        try loopback(link: options.link) { (port) throws(KVMError) in try migrate(spec, to: "127.0.0.1", port: port, options: options) }
     }
 
     /// The same for any source: `source` migrates to 127.0.0.1 at the port it is given.
-    public static func loopback(source: (UInt16) throws(KVMError) -> MigrationReport) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
+    public static func loopback(link: MigrationLink = MigrationLink(), source: (UInt16) throws(KVMError) -> MigrationReport) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
         let box = ResultBox<MigrationReport>()
         let bound = Handoff<Result<UInt16, KVMError>>()
         let t = try DedicatedThread.start(name: "memvirt-destination") {
-            do { box.value = .success(try LiveMigration.listen(port: 0) { p in bound.put(.success(p)) }) } catch let e as KVMError {
+            do { box.value = .success(try LiveMigration.listen(port: 0, link: link) { p in bound.put(.success(p)) }) } catch let e as KVMError {
                 box.value = .failure(e)
                 bound.put(.failure(e))  // ignored once the port was handed over
             } catch {}

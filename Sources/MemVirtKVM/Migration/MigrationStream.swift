@@ -1,10 +1,12 @@
 import CKVM
+import Crypto
+import Foundation  // DataProtocol, ContiguousBytes for swift-crypto's HMAC
 import MemVirtCore
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// The migration stream, version 2 (see MigrationStreamFormat.version). Every message is a 32-byte header and a payload:
+/// The migration stream, version 3 (see MigrationStreamFormat.version). Every message is a 32-byte header and a payload:
 ///
 ///     u32 magic "MVMG" | u16 version | u16 type | u64 payload length | u64 checksum | u64 sequence
 ///
@@ -13,6 +15,12 @@ import Glibc
 /// truncated stream (EOF inside a message), a bad magic, another version, an unknown type,
 /// an oversized payload, a checksum or sequence mismatch: each is refused with a message that
 /// says which, and where.
+///
+/// With a pre-shared key (`MigrationLink.key`, `--key-file`) each side first sends a NONCE
+/// (32 random bytes, unauthenticated); every later message is followed by a 32-byte
+/// HMAC-SHA256 of (direction, header, payload) under the session key
+/// HMAC(key, "memvirt-migration/3" | source nonce | destination nonce). A replayed session
+/// (the other side's nonce differs), a wrong key or a changed byte fails the first MAC.
 public enum MigrationMessage: UInt16, Sendable {
     /// Source -> destination: the VM's configuration (both sides must build the same layout).
     case hello = 1
@@ -36,12 +44,66 @@ public enum MigrationMessage: UInt16, Sendable {
     case sync = 9
     /// Destination -> source: everything before SYNC is applied.
     case synced = 10
+    /// Source -> destination (version 3): the source's memory hash, once it is computed after
+    /// the switch; the destination refuses a guest whose memory hashes differently.
+    case verify = 11
+    /// Destination -> source (version 3): the guest still runs here (sent at least once a
+    /// second while it does, so an idle timeout means a dead peer, not a long workload).
+    case alive = 12
+    /// Either way, first, on a keyed stream: 32 random bytes of this side's session nonce.
+    case nonce = 13
+    /// Source -> destination, last (version 3): RESULT arrived and the hashes agree. A
+    /// destination that never hears it reports failure too: both sides agree on the outcome.
+    case done = 14
+}
+
+/// How a migration connection is guarded: timeouts and the optional pre-shared key.
+public struct MigrationLink: Sendable {
+    /// A read or write that makes no progress for this long, or a connect that takes longer,
+    /// fails the migration (`--timeout`). 30 s: far above loopback's and a LAN's stalls
+    /// (a 1 MiB batch at 100 Mbit/s takes 84 ms), far below "forever".
+    public var timeoutNanos: UInt64 = 30_000_000_000
+    /// Pre-shared key (`--key-file`): every message is authenticated (HMAC-SHA256).
+    public var key: [UInt8]? = nil
+    public init() {}
+
+    /// The longest timeout accepted: a day.
+    public static let maxTimeoutNanos: UInt64 = 86_400_000_000_000
+    /// How often the destination says ALIVE while its guest runs: at least once a second and
+    /// three times per timeout (a source with a shorter --timeout still hears it).
+    static func heartbeat(timeoutNanos: UInt64) -> UInt64 { min(1_000_000_000, max(1_000_000, timeoutNanos / 3)) }
+
+    /// Reads a key file: 16 to 4096 bytes, used as they are (a trailing newline included).
+    public static func readKey(path: String) throws(KVMError) -> [UInt8] {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        if fd < 0 { throw KVMError.call("open(--key-file \(path))", lastErrno()) }
+        defer { close(fd) }
+        var st = stat()
+        if fstat(fd, &st) != 0 { throw KVMError.call("fstat(--key-file \(path))", lastErrno()) }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw KVMError.invalid("--key-file \(path): not a regular file") }
+        var key = [UInt8](repeating: 0, count: 4097)
+        var got = 0
+        while got < key.count {
+            let n = key.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, $0.count - got) }
+            if n < 0 { if errno == EINTR { continue }; throw KVMError.call("read(--key-file \(path))", lastErrno()) }
+            if n == 0 { break }
+            got += n
+        }
+        guard got >= 16, got <= 4096 else {
+            throw KVMError.invalid("--key-file \(path): \(got) bytes; use 16 to 4096 bytes (e.g. head -c 32 /dev/urandom > \(path))")
+        }
+        return Array(key[..<got])
+    }
 }
 
 public enum MigrationStreamFormat {
     public static let magic: UInt32 = 0x474d_564d  // "MVMG" little-endian
-    /// 2: SYNC / SYNCED before the stop (1 had none).
-    public static let version: UInt16 = 2
+    /// 2: SYNC / SYNCED before the stop (1 had none). 3: VERIFY, ALIVE, NONCE and, with a
+    /// key, a MAC after each message; a stream must carry every page before it resumes.
+    public static let version: UInt16 = 3
+    /// The MAC after each message of a keyed stream (HMAC-SHA256).
+    public static let macSize = 32
+    public static let nonceSize = 32
     public static let headerSize = 32
     /// The largest payload either side accepts (a batch of pages with its table).
     public static let maxPayload = 64 << 20
@@ -61,14 +123,70 @@ public final class MigrationChannel: @unchecked Sendable {
     var sendStart: UInt64 = 0
     var receiveBuffer: UnsafeMutableRawPointer
     var receiveCapacity: Int
+    /// Idle timeout of reads and writes (SO_RCVTIMEO / SO_SNDTIMEO).
+    public let timeoutNanos: UInt64
+    /// Keyed streams: the session key, and which side this is ("S" source, "D" destination).
+    var sessionKey: SymmetricKey?
+    var sendLabel: UInt8 = 0
+    var receiveLabel: UInt8 = 0
+    /// In the key handshake: the peer's NONCE is expected (and unauthenticated).
+    var handshaking = false
 
-    init(fd: FileDescriptor) {
+    init(fd: FileDescriptor, timeoutNanos: UInt64 = MigrationLink().timeoutNanos) {
         self.fd = fd
+        self.timeoutNanos = timeoutNanos
         pthread_mutex_init(&sendLock, nil)
         receiveCapacity = 1 << 20
         receiveBuffer = .allocate(byteCount: receiveCapacity, alignment: 4096)
         var one: Int32 = 1
         setsockopt(fd.raw, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(4))
+        var tv = timeval(tv_sec: Int(timeoutNanos / 1_000_000_000), tv_usec: Int(timeoutNanos % 1_000_000_000 / 1000))
+        setsockopt(fd.raw, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd.raw, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    static func seconds(_ n: UInt64) -> String {
+        n % 1_000_000_000 == 0 ? "\(n / 1_000_000_000) s" : "\(Double(n / 1_000_000) / 1000) s"
+    }
+
+    /// Keyed streams: exchanges nonces and derives the session key. `source`: this side
+    /// connected (its nonce goes first in the derivation). Unkeyed streams: nothing.
+    public func authenticate(key: [UInt8]?, source: Bool) throws(KVMError) {
+        guard let key else { return }
+        var mine = [UInt8](repeating: 0, count: MigrationStreamFormat.nonceSize)
+        var rng = SystemRandomNumberGenerator()
+        for i in mine.indices { mine[i] = rng.next() }
+        try send(.nonce, mine)
+        let theirs: [UInt8]
+        handshaking = true
+        defer { handshaking = false }
+        do throws(KVMError) {
+            let (type, payload) = try receive()
+            guard type == .nonce, payload.count == MigrationStreamFormat.nonceSize else {
+                throw KVMError.invalid("migration stream refused: this side has a --key-file, the peer sent \(type) instead of its NONCE (an unauthenticated stream: give both sides the same --key-file)")
+            }
+            theirs = Array(payload)
+        } catch {
+            if case .invalid(let m) = error, m.hasPrefix("migration stream truncated") {
+                throw KVMError.invalid("\(m) (during the key handshake: does the peer have the same --key-file?)")
+            }
+            throw error
+        }
+        var h = HMAC<SHA256>(key: SymmetricKey(data: key))
+        h.update(data: Array("memvirt-migration/3".utf8))
+        h.update(data: source ? mine : theirs)
+        h.update(data: source ? theirs : mine)
+        sessionKey = SymmetricKey(data: Array(h.finalize()))
+        sendLabel = source ? 0x53 : 0x44
+        receiveLabel = source ? 0x44 : 0x53
+    }
+
+    func mac(label: UInt8, header: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer, key: SymmetricKey) -> [UInt8] {
+        var h = HMAC<SHA256>(key: key)
+        h.update(data: [label])
+        h.update(data: header)
+        if payload.count > 0 { h.update(data: payload) }
+        return Array(h.finalize())
     }
     deinit {
         receiveBuffer.deallocate()
@@ -76,7 +194,7 @@ public final class MigrationChannel: @unchecked Sendable {
     }
 
     /// Connects to `host:port` (a name or address; IPv4 or IPv6).
-    public static func connect(host: String, port: UInt16) throws(KVMError) -> MigrationChannel {
+    public static func connect(host: String, port: UInt16, timeoutNanos: UInt64 = MigrationLink().timeoutNanos) throws(KVMError) -> MigrationChannel {
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         var res: UnsafeMutablePointer<addrinfo>? = nil
@@ -90,11 +208,43 @@ public final class MigrationChannel: @unchecked Sendable {
         while let a = p {
             let s = socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
             if s >= 0 {
-                if Glibc.connect(s, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0 { return MigrationChannel(fd: FileDescriptor(s)) }
-                last = lastErrno()
+                // Non-blocking connect, waited for at most the timeout (a blackholed address
+                // would otherwise hold the source for the kernel's ~2 minutes of SYN retries).
+                let flags = fcntl(s, F_GETFL)
+                _ = fcntl(s, F_SETFL, flags | O_NONBLOCK)
+                var ok = Glibc.connect(s, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0
+                if !ok && errno == EINPROGRESS {
+                    var pfd = pollfd(fd: s, events: Int16(POLLOUT), revents: 0)
+                    let deadline = monotonicNanoseconds() + timeoutNanos
+                    var n: Int32 = 0
+                    repeat {
+                        let now = monotonicNanoseconds()
+                        let left = deadline > now ? deadline - now : 0
+                        n = poll(&pfd, 1, Int32(min(left / 1_000_000 + 1, UInt64(Int32.max))))
+                    } while n < 0 && errno == EINTR
+                    if n == 0 {
+                        last = Errno(rawValue: ETIMEDOUT)
+                    } else if n > 0 {
+                        var err: Int32 = 0
+                        var len = socklen_t(4)
+                        getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len)
+                        if err == 0 { ok = true } else { last = Errno(rawValue: err) }
+                    } else {
+                        last = lastErrno()
+                    }
+                } else if !ok {
+                    last = lastErrno()
+                }
+                if ok {
+                    _ = fcntl(s, F_SETFL, flags)
+                    return MigrationChannel(fd: FileDescriptor(s), timeoutNanos: timeoutNanos)
+                }
                 close(s)
             }
             p = a.pointee.ai_next
+        }
+        if last.rawValue == ETIMEDOUT {
+            throw KVMError.invalid("connect(\(host):\(port)) timed out after \(seconds(timeoutNanos)) (--timeout)")
         }
         throw KVMError.call("connect(\(host):\(port))", last)
     }
@@ -130,10 +280,11 @@ public final class MigrationChannel: @unchecked Sendable {
     }
 
     /// Accepts one connection on a listening socket.
-    static func accept(_ listener: FileDescriptor) throws(KVMError) -> MigrationChannel {
+    static func accept(_ listener: FileDescriptor, timeoutNanos: UInt64 = MigrationLink().timeoutNanos) throws(KVMError) -> MigrationChannel {
         while true {
             let s = Glibc.accept(listener.raw, nil, nil)
-            if s >= 0 { return MigrationChannel(fd: FileDescriptor(s)) }
+            if s >= 0 {
+                _ = fcntl(s, F_SETFD, FD_CLOEXEC); return MigrationChannel(fd: FileDescriptor(s), timeoutNanos: timeoutNanos) }
             if errno == EINTR { continue }
             throw KVMError.call("accept", lastErrno())
         }
@@ -148,6 +299,9 @@ public final class MigrationChannel: @unchecked Sendable {
             let w = Glibc.send(fd.raw, p + off, n - off, Int32(MSG_NOSIGNAL))
             if w < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    throw KVMError.invalid("migration stream send timed out: the peer took nothing for \(Self.seconds(timeoutNanos)) (--timeout), \(off) of \(n) bytes written")
+                }
                 throw KVMError.call("migration stream send", lastErrno())
             }
             off += w
@@ -168,7 +322,16 @@ public final class MigrationChannel: @unchecked Sendable {
         sendSequence += 1
         try withUnsafeBytes(of: &h) { (b) throws(KVMError) in try writeAll(b.baseAddress!, MigrationStreamFormat.headerSize) }
         if payload.count > 0 { try writeAll(payload.baseAddress!, payload.count) }
-        bytesSent += UInt64(MigrationStreamFormat.headerSize + payload.count)
+        var trailer = 0
+        if let key = sessionKey {
+            let tag = withUnsafeBytes(of: &h) { mac(label: sendLabel, header: $0, payload: payload, key: key) }
+            let t = UnsafeMutableRawPointer.allocate(byteCount: tag.count, alignment: 8)
+            defer { t.deallocate() }
+            for (i, x) in tag.enumerated() { t.storeBytes(of: x, toByteOffset: i, as: UInt8.self) }
+            try writeAll(t, tag.count)
+            trailer = tag.count
+        }
+        bytesSent += UInt64(MigrationStreamFormat.headerSize + payload.count + trailer)
         if let bw = bandwidth, bw > 0 {
             if sendStart == 0 { sendStart = monotonicNanoseconds() }
             let due = sendStart + UInt64(Double(bytesSent) / Double(bw) * 1e9)
@@ -191,6 +354,9 @@ public final class MigrationChannel: @unchecked Sendable {
             }
             if r < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    throw KVMError.invalid("migration stream timed out: the peer sent nothing for \(Self.seconds(timeoutNanos)) (--timeout), \(off) bytes into \(what) (\(n) bytes expected)")
+                }
                 throw KVMError.call("migration stream receive (\(what))", lastErrno())
             }
             off += r
@@ -224,8 +390,24 @@ public final class MigrationChannel: @unchecked Sendable {
         guard sum == h.4 else {
             throw KVMError.invalid("migration stream corrupt: checksum mismatch in message \(seq) (\(type), \(n) bytes): got 0x\(String(sum, radix: 16)), header says 0x\(String(h.4, radix: 16))")
         }
+        var trailer = 0
+        if let key = sessionKey {
+            let tagBuffer = UnsafeMutableRawPointer.allocate(byteCount: MigrationStreamFormat.macSize, alignment: 8)
+            defer { tagBuffer.deallocate() }
+            try readAll(tagBuffer, MigrationStreamFormat.macSize, what: "the MAC of message \(seq) (\(type))")
+            let tag = (0..<MigrationStreamFormat.macSize).map { tagBuffer.load(fromByteOffset: $0, as: UInt8.self) }
+            let want = withUnsafeBytes(of: &h) { mac(label: receiveLabel, header: $0, payload: UnsafeRawBufferPointer(start: receiveBuffer, count: n), key: key) }
+            var diff: UInt8 = 0
+            for i in 0..<MigrationStreamFormat.macSize { diff |= tag[i] ^ want[i] }
+            guard diff == 0 else {
+                throw KVMError.invalid("migration stream refused: message \(seq) (\(type), \(n) bytes) fails authentication (a wrong --key-file, a replayed session or a changed message)")
+            }
+            trailer = MigrationStreamFormat.macSize
+        } else if type == .nonce && !handshaking {
+            throw KVMError.invalid("migration stream refused: the peer authenticates its messages (NONCE) and this side has no key: give both sides the same --key-file")
+        }
         receiveSequence += 1
-        bytesReceived += UInt64(MigrationStreamFormat.headerSize + n)
+        bytesReceived += UInt64(MigrationStreamFormat.headerSize + n + trailer)
         return (type, UnsafeRawBufferPointer(start: receiveBuffer, count: n))
     }
 }
@@ -242,21 +424,41 @@ public struct ByteWriter {
 public struct ByteReader {
     let buffer: UnsafeRawBufferPointer
     public var offset = 0
-    let what: String
+    public let what: String
     public init(_ b: UnsafeRawBufferPointer, what: String) { buffer = b; self.what = what }
     public mutating func get<T: BitwiseCopyable>(_ t: T.Type = T.self) throws(KVMError) -> T {
         let n = MemoryLayout<T>.size
-        guard offset + n <= buffer.count else { throw KVMError.invalid("migration stream corrupt: \(what) ends at byte \(buffer.count), \(n) more expected at \(offset)") }
+        guard n <= buffer.count - offset else { throw KVMError.invalid("migration stream corrupt: \(what) ends at byte \(buffer.count), \(n) more expected at \(offset)") }
         let v = buffer.loadUnaligned(fromByteOffset: offset, as: T.self)
         offset += n
         return v
     }
-    public mutating func getBytes() throws(KVMError) -> [UInt8] {
-        let n = Int(try get(UInt64.self))
-        guard n >= 0, offset + n <= buffer.count else { throw KVMError.invalid("migration stream corrupt: \(what): \(n) bytes claimed at \(offset) of \(buffer.count)") }
+    /// A length-prefixed byte field (u64 length, then the bytes); at most `limit` bytes and
+    /// never more than the message holds (the length is checked before it is converted).
+    public mutating func getBytes(limit: Int = Int.max, field: String = "byte field") throws(KVMError) -> [UInt8] {
+        let at = offset
+        let claimed = try get(UInt64.self)
+        guard claimed <= UInt64(remaining) else {
+            throw KVMError.invalid("migration stream corrupt: \(what): \(field) of \(claimed) bytes claimed at byte \(at), \(remaining) left in the message")
+        }
+        guard claimed <= UInt64(limit) else {
+            throw KVMError.invalid("migration stream corrupt: \(what): \(field) of \(claimed) bytes at byte \(at), at most \(limit) allowed")
+        }
+        let n = Int(claimed)
         let a = Array(buffer[offset..<(offset + n)])
         offset += n
         return a
+    }
+
+    /// A u64 count, checked against `limit` before it is converted (a count from outside
+    /// must never trap `Int(_:)` or overflow a sum).
+    public mutating func getCount(limit: Int, _ field: String) throws(KVMError) -> Int {
+        let at = offset
+        let v = try get(UInt64.self)
+        guard v <= UInt64(max(0, limit)) else {
+            throw KVMError.invalid("migration stream corrupt: \(what): \(field) \(v) at byte \(at), at most \(limit) allowed")
+        }
+        return Int(v)
     }
     public var remaining: Int { buffer.count - offset }
 }
@@ -276,18 +478,32 @@ extension VCPUState {
         return w.bytes
     }
 
+    /// KVM_SET_XSAVE's struct kvm_xsave: 4,096 bytes (KVM_GET_XSAVE2 may return more).
+    public static let minXSAVEBytes = 4096
+    /// The largest XSAVE area taken (KVM_CAP_XSAVE2 reports ~11 KiB with AMX; 64 KiB leaves room).
+    public static let maxXSAVEBytes = 64 << 10
+    /// Saved MSRs: `VirtualCPU.savedMSRCandidates` has 21; 4096 is the stream's bound.
+    public static let maxMSRs = 4096
+
     public static func decode(_ r: inout ByteReader) throws(KVMError) -> VCPUState {
         var s = VCPUState()
         s.regs = try r.get(); s.sregs = try r.get(); s.fpu = try r.get()
-        s.xsave = try r.getBytes()
+        s.xsave = try r.getBytes(limit: maxXSAVEBytes, field: "XSAVE area")
+        // KVM_SET_XSAVE reads 4,096 bytes (KVM_SET_XSAVE2 as many as KVM_CAP_XSAVE2 says):
+        // a shorter area would be read past its end. Empty: no XSAVE (KVM_SET_FPU instead).
+        guard s.xsave.isEmpty || s.xsave.count >= minXSAVEBytes else {
+            throw KVMError.invalid("migration stream corrupt: \(r.what): an XSAVE area of \(s.xsave.count) bytes (KVM_SET_XSAVE reads \(minXSAVEBytes))")
+        }
         let hasX: UInt8 = try r.get()
         let x: kvm_xcrs = try r.get()
         s.xcrs = hasX != 0 ? x : nil
-        let n = Int(try r.get(UInt64.self))
-        guard n <= 4096 else { throw KVMError.invalid("migration stream corrupt: \(n) MSRs") }
+        let n = try r.getCount(limit: maxMSRs, "MSR count")
         for _ in 0..<n { s.msrs.append((try r.get(UInt32.self), try r.get(UInt64.self))) }
         let hasL: UInt8 = try r.get()
-        let l = try r.getBytes()
+        let l = try r.getBytes(limit: MemoryLayout<kvm_lapic_state>.size, field: "LAPIC state")
+        guard hasL == 0 || l.count == MemoryLayout<kvm_lapic_state>.size else {
+            throw KVMError.invalid("migration stream corrupt: \(r.what): a LAPIC state of \(l.count) bytes (KVM_SET_LAPIC reads \(MemoryLayout<kvm_lapic_state>.size))")
+        }
         s.lapic = hasL != 0 ? l : nil
         s.events = try r.get(); s.mpState = try r.get(); s.debugRegs = try r.get()
         let k: UInt32 = try r.get()

@@ -224,6 +224,12 @@ public final class VirtualCPU: @unchecked Sendable {
         try setSregs(s.sregs)
         try setRegs(s.regs)
         if !s.xsave.isEmpty {
+            // KVM_SET_XSAVE copies the vCPU's whole XSAVE size from our buffer (4,096 bytes, or
+            // KVM_CAP_XSAVE2's size with dynamic features): a shorter state would be read past.
+            let need = max(4096, kvm.check(.xsave2))
+            guard s.xsave.count >= need else {
+                throw KVMError.invalid("vCPU state: an XSAVE area of \(s.xsave.count) bytes, KVM_SET_XSAVE reads \(need) here")
+            }
             let r = s.xsave.withUnsafeBytes { b in ckvm_set_xsave(fd.raw, b.baseAddress!.assumingMemoryBound(to: kvm_xsave.self)) }
             _ = try checked(r, "KVM_SET_XSAVE")
         } else {
