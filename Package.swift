@@ -91,6 +91,7 @@ if Context.environment["MEMVIRT_FUZZ"] != nil {
         ("fuzz-migration", ["MemVirtCore", "MemVirtKVM", "CKVM"]),
         ("fuzz-snapshot", ["MemVirtCore", "MemVirtKVM", "CKVM"]),
         ("fuzz-multiboot", ["MemVirtCore", "MemVirtKVM"]),
+        ("fuzz-scenario", ["MemVirtCore", "MemVirtConfig"]),
     ]
     for (name, deps) in fuzzTargets {
         let dir = String(name.dropFirst("fuzz-".count))

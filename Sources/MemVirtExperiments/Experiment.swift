@@ -79,7 +79,45 @@ public protocol Experiment: Sendable {
 
 /// Every reproduction that exists, in the order `memvirt reproduce` runs them.
 public enum Reproductions {
-    public static let all: [any Experiment.Type] = [TLBReach.self, TwoDimensionalWalk.self, ShadowVersusNested.self, FaultCost.self] + hostMemory + migration
+    /// What a reproduction runs on.
+    public enum Engine: String, Sendable {
+        /// The simulator alone: runs anywhere.
+        case model
+        /// Real VMs on /dev/kvm (`reproduce NAME --engine kvm`).
+        case kvm
+        /// Both engines side by side (needs /dev/kvm; runs with the KVM ones).
+        case both
+    }
+
+    /// Every reproduction, in the order `memvirt reproduce` runs them: the one registry, with
+    /// the engine each needs and the seed area (its folder in Sources/MemVirtExperiments).
+    public static let registry: [(type: any Experiment.Type, engine: Engine, area: String)] = [
+        (TLBReach.self, .model, "Translation"),
+        (TwoDimensionalWalk.self, .model, "Translation"),
+        (ShadowVersusNested.self, .model, "Translation"),
+        (FaultCost.self, .model, "Translation"),
+        (AsyncPageFaults.self, .model, "HostMemory"),
+        (AsyncPageFaultSweep.self, .model, "HostMemory"),
+        (KSMReproduction.self, .model, "HostMemory"),
+        (LogDirty.self, .model, "Migration"),
+        (PageGroups.self, .model, "Migration"),
+        (MigrationReproduction.self, .model, "Migration"),
+        (KVMAsyncPageFaults.self, .kvm, "HostMemory"),
+        (KVMAsyncPageFaultsSweep.self, .kvm, "HostMemory"),
+        (KVMKSM.self, .kvm, "HostMemory"),
+        (KVMMigration.self, .kvm, "Migration"),
+        (Validation.self, .both, "Validation"),
+        (CrossEngineValidation.self, .both, "Validation"),
+    ]
+
+    static func on(_ engine: Engine) -> [any Experiment.Type] { registry.filter { $0.engine == engine }.map(\.type) }
+
+    /// The model reproductions.
+    public static let all: [any Experiment.Type] = on(.model)
+    /// The KVM engine's reproductions.
+    public static let kvm: [any Experiment.Type] = on(.kvm)
+    /// The reproductions that need both engines.
+    public static let crossEngine: [any Experiment.Type] = on(.both)
 
     public static var names: [String] { all.map { $0.name } }
 

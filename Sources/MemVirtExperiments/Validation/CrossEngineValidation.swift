@@ -66,8 +66,3 @@ public struct CrossEngineValidation: Experiment {
             json: .object([("schema", "memvirt.reproduce/1"), ("name", .string(Self.name)), ("all_equal", .bool(allEqual)), ("rows", .array(rows))]))
     }
 }
-
-extension Reproductions {
-    /// Reproductions that need both engines (run with the KVM ones).
-    public static let crossEngine: [any Experiment.Type] = [Validation.self, CrossEngineValidation.self]
-}
