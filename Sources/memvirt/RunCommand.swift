@@ -29,7 +29,7 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("swap-device"), help: "Swap device model with --host-limit: hdd, sata-ssd or nvme (default).")
     var swapDevice: String?
 
-    @Option(name: .long, help: "Cost preset: bare-metal, vmx-ept (default) or pvm-shadow (this host's kvm_pvm).")
+    @Option(name: .long, help: "Cost preset: bare-metal, vmx-ept (default) or pvm-shadow (constants measured on one kvm_pvm machine in 2026-12, not this one).")
     var costs: String?
 
     @Option(name: .customLong("shadow-max-pages"), help: "Shadow MMU: shadow pages before recycling (default: 2% of guest pages).")

@@ -2,7 +2,7 @@ import MemVirtCore
 
 /// The migration network link.
 public struct MigrationLink: Sendable, Hashable {
-    /// Bytes per second: 128 MiB/s, QEMU's default `max-bandwidth` (REFERENCES.md).
+    /// Bytes per second: 128 MiB/s, QEMU's default `max-bandwidth` (docs/references.md, Live migration).
     public var bandwidth: Double = 128 * 1_048_576
     /// One-way latency, seconds: 0.25 ms (a LAN round trip of ~0.5 ms; estimate).
     public var latency: Double = 0.000_25
@@ -32,12 +32,12 @@ public struct MigrationConfig: Sendable {
     public var kind: MigrationKind = .preCopy
     public var harvest: HarvestMethod = .bitmap
     public var link = MigrationLink()
-    /// QEMU's default downtime limit, 300 ms (REFERENCES.md).
+    /// QEMU's default downtime limit, 300 ms (docs/references.md, Live migration).
     public var downtimeLimit: Double = 0.300
     /// Iterations after the bulk round before giving up on convergence (then a forced stop).
     public var maxRounds = 30
     /// QEMU auto-converge: throttle 20%, then +10% per step, up to 99%, stepped when dirtying
-    /// exceeds half the bytes transferred in a period twice (REFERENCES.md; migration/ram.c).
+    /// exceeds half the bytes transferred in a period twice (docs/references.md, Live migration; migration/ram.c).
     public var autoConverge = false
     public var throttleInitial = 0.20
     public var throttleIncrement = 0.10
@@ -47,7 +47,7 @@ public struct MigrationConfig: Sendable {
     /// Post-copy: missing pages sent right after a faulted one (pre-paging, Hines & Gopalan 2009).
     public var prepageNeighbours = 15
     /// Post-copy: destination fault handling besides the round trip (userfaultfd + UFFDIO_COPY
-    /// handler): 10 us (REFERENCES.md: the handler itself 10-12 us on this host).
+    /// handler): 10 us (docs/references.md, Measured on our hosts: the handler itself 10-12 us).
     public var postcopyFaultHandler: Double = 0.000_010
     /// Pause, device state and resume at switch-over: 5 ms (estimate; a few hundred KiB of
     /// device state at 128 MiB/s is ~2-3 ms).

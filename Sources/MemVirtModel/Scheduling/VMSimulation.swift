@@ -350,6 +350,7 @@ public final class VMSimulation {
                     nested.deferIO = false
                     let r = kernel.handlePageFault(va, code: code, space: space)
                     nested.deferIO = true
+                    if let f = nested.takeHostFailure() { throw f }
                     switch r {
                     case .demandZero(let size, let tablePages):
                         cpu.counters.add(.guestDemandZeroFaults, 1)
@@ -367,6 +368,8 @@ public final class VMSimulation {
                     }
                 case .mmio:
                     throw GuestError(message: "MMIO access at \(GuestVirtualAddress(va))")
+                case .hostFailure(let error):
+                    throw error
                 default:
                     throw GuestError(message: "access at \(GuestVirtualAddress(va)) emulated by the hypervisor: not expected under nested paging")
                 }

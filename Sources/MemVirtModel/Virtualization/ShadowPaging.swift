@@ -36,6 +36,9 @@ public final class ShadowPaging: PagingMode {
         var live = true
         var isRoot = false
         var lastUse: UInt64 = 0
+        /// Neighbours in the use list (toward the most and the least recently used; -1 at ends).
+        var newer = -1
+        var older = -1
     }
 
     public struct Options: Sendable {
@@ -64,11 +67,21 @@ public final class ShadowPaging: PagingMode {
     var index: [UInt64: Int] = [:]
     /// gfn -> shadow pages shadowing that guest table (write-protected while any is sync).
     var byGfn: [UInt64: [Int]] = [:]
-    /// gfn -> host addresses of leaf shadow entries mapping it (KVM's rmap).
+    /// (first gfn, level) -> host addresses of leaf shadow entries mapping from it (KVM's rmap,
+    /// one per level as KVM's `arch.rmap[level]`); keys from `rmapKey`.
     var rmap: [UInt64: [UInt64]] = [:]
+    /// The rmap key of a leaf at `level` (1 = 4 KiB) whose mapping starts at `gfn`: the gfn
+    /// itself for 4 KiB leaves, so `rmap[gfn]` lists a 4 KiB page's sptes.
+    @inline(__always) func rmapKey(_ gfn: UInt64, level: Int) -> UInt64 { level == 1 ? gfn : gfn | UInt64(level) << 56 }
     var unsyncCount = 0
     var liveCount = 0
     var useClock: UInt64 = 0
+    /// Live shadow pages by last use, as an intrusive list (KVM's active_mmu_pages): the most
+    /// recently used at `newest`, the recycling victim found from `oldest` in O(1) (roots skipped).
+    var newest = -1
+    var oldest = -1
+    /// Shadow pages looked at by `recycle` (for the test that it does not scan them all).
+    var recycleSteps: UInt64 = 0
     public private(set) var maxShadowPages: Int
     var currentRoot = -1
     unowned(unsafe) var cpuForGuestWrites: ModelCPU?
@@ -149,8 +162,7 @@ public final class ShadowPaging: PagingMode {
             // An unsync page is brought up to date before it is linked anywhere new, but stays
             // unsync until the guest flushes its TLB (kvm_mmu_find_shadow_page).
             if pages[i].unsync { sync(i, cpu: cpu, keepUnsync: true) }
-            useClock &+= 1
-            pages[i].lastUse = useClock
+            touch(i)
             pages[i].writeFlooding = 0
             return i
         }
@@ -164,6 +176,7 @@ public final class ShadowPaging: PagingMode {
         let sp = ShadowPage(table: table, gfn: gfn, level: level, direct: direct, lastUse: useClock)
         let i: Int
         if let f = freeSlots.popLast() { pages[f] = sp; i = f } else { pages.append(sp); i = pages.count - 1 }
+        linkNewest(i)
         index[key(gfn, level, direct: direct)] = i
         byTable[table] = i
         liveCount += 1
@@ -175,15 +188,20 @@ public final class ShadowPaging: PagingMode {
         return i
     }
 
-    /// Clears W in every leaf shadow entry mapping `gfn` (rmap walk).
+    /// Clears W in every leaf shadow entry mapping `gfn` (rmap walk): its 4 KiB sptes and the
+    /// 2 MiB and 1 GiB sptes whose mapping contains it (kvm_mmu_slot_gfn_write_protect walks
+    /// the rmap of every level).
     func writeProtect(gfn: UInt64, cpu: ModelCPU) {
-        guard let sptes = rmap[gfn] else { return }
         var flushed = false
-        for a in sptes {
-            let e = host.read64(a)
-            if e & 1 != 0 && e & (2 | Self.mmuWritableBit) != 0 {
-                host.write64(a, e & ~(2 | Self.mmuWritableBit))
-                if e & 2 != 0 { flushed = true }
+        for level in 1...3 {
+            let first = gfn & ~(PageSize(leafLevel: level)!.frames - 1)
+            guard let sptes = rmap[rmapKey(first, level: level)] else { continue }
+            for a in sptes {
+                let e = host.read64(a)
+                if e & 1 != 0 && e & (2 | Self.mmuWritableBit) != 0 {
+                    host.write64(a, e & ~(2 | Self.mmuWritableBit))
+                    if e & 2 != 0 { flushed = true }
+                }
             }
         }
         if flushed { flushTLBs(cpu) }
@@ -231,6 +249,7 @@ public final class ShadowPaging: PagingMode {
         cachedRoots.removeAll { $0 == i }
         byTable[sp.table] = nil
         hostFrames.free(sp.table, .size4K)
+        unlink(i)
         freeSlots.append(i)
         liveCount -= 1
         if currentRoot == i { currentRoot = -1 }
@@ -243,20 +262,47 @@ public final class ShadowPaging: PagingMode {
 
     func dropLeaf(_ address: UInt64, entry: UInt64, level: Int) {
         let gfn = gfnOfHost[(entry & PageTableEntry.addressMask) >> 12] ?? 0
-        rmap[gfn]?.removeAll { $0 == address }
+        rmap[rmapKey(gfn, level: level)]?.removeAll { $0 == address }
         leafCounts[level - 1] -= 1
     }
 
     /// Host frame -> gfn, for rmap maintenance.
     var gfnOfHost: [UInt64: UInt64] = [:]
 
-    /// Recycles the least recently used non-root shadow page (kvm_mmu_zap_oldest_mmu_pages).
+    /// Marks page `i` used now: it moves to the newest end of the use list.
+    @inline(__always) func touch(_ i: Int) {
+        useClock &+= 1
+        pages[i].lastUse = useClock
+        if newest != i {
+            unlink(i)
+            linkNewest(i)
+        }
+    }
+
+    func linkNewest(_ i: Int) {
+        pages[i].older = newest
+        pages[i].newer = -1
+        if newest >= 0 { pages[newest].newer = i }
+        newest = i
+        if oldest < 0 { oldest = i }
+    }
+
+    func unlink(_ i: Int) {
+        let n = pages[i].newer, o = pages[i].older
+        if n >= 0 { pages[n].older = o } else { newest = o }
+        if o >= 0 { pages[o].newer = n } else { oldest = n }
+        pages[i].newer = -1
+        pages[i].older = -1
+    }
+
+    /// Recycles the least recently used non-root shadow page (kvm_mmu_zap_oldest_mmu_pages),
+    /// taken from the old end of the use list: only roots (a handful) are stepped over.
     func recycle(cpu: ModelCPU) {
-        var victim = -1
-        var oldest = UInt64.max
-        for (i, sp) in pages.enumerated() where sp.live && !sp.isRoot && sp.lastUse < oldest {
-            victim = i
-            oldest = sp.lastUse
+        var victim = oldest
+        recycleSteps &+= 1
+        while victim >= 0 && pages[victim].isRoot {
+            victim = pages[victim].newer
+            recycleSteps &+= 1
         }
         if victim >= 0 {
             cpu.counters.add(.mmuRecycled, 1)
@@ -386,8 +432,7 @@ public final class ShadowPaging: PagingMode {
             if e & 1 != 0, let c = childIndex(of: e), pages[c].live, pages[c].gfn == childGfn, pages[c].direct == direct {
                 // Already linked (FNAME(fetch) only looks a child up when the entry is absent).
                 child = c
-                useClock &+= 1
-                pages[c].lastUse = useClock
+                touch(c)
                 pages[c].writeFlooding = 0
             } else {
                 child = shadowPage(gfn: childGfn, level: level - 1, direct: direct, cpu: cpu)
@@ -424,7 +469,7 @@ public final class ShadowPaging: PagingMode {
         if mapSize != .size4K { spte |= 0x80 }
         if old & 1 != 0 { dropLeaf(ea, entry: old, level: level) }
         host.write64(ea, spte)
-        rmap[(leafGPA & ~mapSize.offsetMask) >> 12, default: []].append(ea)
+        rmap[rmapKey((leafGPA & ~mapSize.offsetMask) >> 12, level: level), default: []].append(ea)
         leafCounts[level - 1] += 1
         if old & 1 != 0 {
             // A permission upgrade of a present entry: the TLB may hold the old one.
