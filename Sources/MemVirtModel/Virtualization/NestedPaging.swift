@@ -346,7 +346,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
 
     /// A host failure met where the hardware cannot report one (the guest kernel's own
     /// accesses): the access went to `scratchFrame`, and the run stops at the next miss.
-    public private(set) var hostFailure: InputError?
+    public internal(set) var hostFailure: InputError?
     /// Where an access the host could not back goes until the run stops (never guest data).
     let scratchFrame: UInt64
 
@@ -430,98 +430,6 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
         bind(cpu)
         if cur.flushPending { serviceFlush(cur) }
     }
-
-    // MARK: HostMappingOwner
-
-    @discardableResult
-    public func zap(gfn: UInt64) -> Bool {
-        guard let ea = leafAddress(gfn: gfn) else { return false }
-        let e = EPTEntry(rawValue: host.read64(ea))
-        guard e.isPresent else { return false }
-        host.write64(ea, 0)
-        leafPages[0] -= 1
-        flushAllVCPUs()
-        return accessedDirty ? e.rawValue & EPTEntry.Flags.dirty.rawValue != 0 : e.isWritable
-    }
-
-    public func accessedAndClear(gfn: UInt64) -> Bool {
-        guard let ea = leafAddress(gfn: gfn) else { return false }
-        let raw = host.read64(ea)
-        guard EPTEntry(rawValue: raw).isPresent else { return false }
-        guard accessedDirty else { return true }
-        let a = EPTEntry.Flags.accessed.rawValue
-        if raw & a == 0 { return false }
-        host.write64(ea, raw & ~a)
-        return true
-    }
-
-    /// Installs the EPT entry for `gpa` if the host has the page ready (KVM's
-    /// kvm_arch_async_page_ready prefault after an async page fault's I/O). True if mapped.
-    @discardableResult
-    public func prefault(_ gpa: UInt64) -> Bool {
-        guard hostMemory.isReady(owner: ownerIndex, gfn: gpa >> 12, now: now) else { return false }
-        if let hpa = walkEPTSilently(gpa), hpa != 0 { return true }
-        let saved = deferIO
-        deferIO = true
-        defer { deferIO = saved }
-        cpu.ledger.charge(.hypervisorFaults, cpu.costs.eptViolationHandler)
-        guard case .map(let frame, let writable, let kind, _) = hostMemory.fault(owner: ownerIndex, gfn: gpa >> 12, write: false, now: now) else { return false }
-        if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
-        cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
-        _ = installEPT((gpa >> 12) << 12, size: .size4K, leaf: hostLeaf(gfn: gpa >> 12, frame: frame, writable: writable, write: false))
-        return true
-    }
-
-    /// Host-physical address of `gpa` for the guest kernel's own accesses (backing it first;
-    /// a kernel-mode access never goes async). Sets EPT A, and D for a write, as the hardware
-    /// does for the access.
-    func hostAddress(_ gpa: UInt64, write: Bool) -> UInt64 {
-        while true {
-            if let ea = leafAddress(gfn: gpa >> 12) {
-                let raw = host.read64(ea)
-                let e = EPTEntry(rawValue: raw)
-                if e.isPresent && (!write || e.isWritable) {
-                    if accessedDirty {
-                        var u = raw | EPTEntry.Flags.accessed.rawValue
-                        if write { u |= EPTEntry.Flags.dirty.rawValue }
-                        if u != raw {
-                            host.write64(ea, u)
-                            if pmlLogging && write && raw & EPTEntry.Flags.dirty.rawValue == 0 { logDirty?.logPML(gfn: gpa >> 12) }
-                        }
-                    }
-                    return e.pageBase(.size4K) | (gpa & 4095)
-                }
-            } else if let hpa = walkEPTSilently(gpa) {
-                return hpa  // a large host page
-            }
-            let saved = deferIO
-            deferIO = false
-            defer { deferIO = saved }
-            do { try handleViolation(gpa, write: write) } catch {
-                if hostFailure == nil { hostFailure = error }
-                return scratchFrame | (gpa & 4095)
-            }
-        }
-    }
-
-    /// A software EPT look-up (the hypervisor's view; no references counted, no A/D).
-    func walkEPTSilently(_ gpa: UInt64) -> UInt64? {
-        var table = eptRoot
-        var level = eptLevels
-        while true {
-            let e = EPTEntry(rawValue: host.read64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8))
-            if !e.isPresent { return nil }
-            if level == 1 || (level <= 3 && e.isLargePage) {
-                let size = PageSize(leafLevel: level)!
-                return e.pageBase(size) | (gpa & size.offsetMask)
-            }
-            table = e.address
-            level -= 1
-        }
-    }
-
-    /// Host-physical address of `gpa` if mapped now (no fault, no A/D): for inspection.
-    public func mappedHostAddress(_ gpa: GuestPhysicalAddress) -> UInt64? { walkEPTSilently(gpa.rawValue) }
 
     // MARK: PagingMode
 
