@@ -376,7 +376,8 @@ private func spawn(_ program: String, _ args: [String]) throws -> Int32 {
 
 /// The package root, from this file's path (Tests/MemVirtModelTests/LackeyTraceTests.swift).
 private func packageRoot(file: String = #filePath) -> String {
+    // Tests/MemVirtModelTests/Workloads/LackeyTraceTests.swift: four components below the root.
     var parts = file.split(separator: "/", omittingEmptySubsequences: false)
-    parts.removeLast(3)
+    parts.removeLast(4)
     return parts.joined(separator: "/")
 }
