@@ -360,16 +360,9 @@ public final class GuestKernel: @unchecked Sendable {
 
     /// The leaf entry mapping `va` and its size, by a software walk (no A/D updates).
     public func lookupLeaf(_ va: UInt64, space: AddressSpace) -> (entryAddress: UInt64, entry: PageTableEntry, size: PageSize)? {
-        var table = space.root
-        var level = paging.levels
-        while true {
-            let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
-            let e = PageTableEntry(rawValue: memory.read64(entryAddress))
-            if !e.isPresent { return nil }
-            if level == 1 || (level <= 3 && e.isLargePage) { return (entryAddress, e, PageSize(leafLevel: level)!) }
-            table = e.address
-            level -= 1
-        }
+        let s = TableWalk.descend(.paging, root: space.root, levels: paging.levels, address: va) { memory.read64($0) }
+        guard let s, s.isLeaf else { return nil }
+        return (s.entryAddress, PageTableEntry(rawValue: s.raw), s.size)
     }
 }
 

@@ -514,23 +514,16 @@ public final class LiveMigration {
             guard remaining > 0 else { return 0 }
             var blocked = 0.0
             let va = a.address.rawValue
-            var table = space.root & ~0xfff
-            var level = levels
-            while true {
-                let tg = table >> 12
-                blocked += demand(tg)
-                guard let hp = self.tracker.sourcePage(tg) else { return blocked }
-                let e = mem.read64(hp + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8)
-                if e & 1 == 0 { return blocked }
-                if level == 1 || (level <= 3 && e & 0x80 != 0) {
-                    let size = PageSize(leafLevel: level)!
-                    let gpa = (e & PageTableEntry.addressMask & ~size.offsetMask) | (va & size.offsetMask)
-                    blocked += demand(gpa >> 12)
-                    return blocked
-                }
-                table = e & PageTableEntry.addressMask
-                level -= 1
+            // Each guest table on the way is demanded first, then the page itself.
+            let s = TableWalk.descend(.paging, root: space.root & ~0xfff, levels: levels, address: va) { ea in
+                blocked += demand(ea >> 12)
+                guard let hp = self.tracker.sourcePage(ea >> 12) else { return nil }
+                return mem.read64(hp | (ea & 0xfff))
             }
+            guard let s, s.isLeaf else { return blocked }
+            let gpa = (s.raw & PageTableEntry.addressMask & ~s.size.offsetMask) | (va & s.size.offsetMask)
+            blocked += demand(gpa >> 12)
+            return blocked
         }
         while remaining > 0 {
             demandPages = 0
@@ -565,16 +558,8 @@ public final class LiveMigration {
             }
             return self.received.contains(gpa >> 12) ? self.destination.read64(gpa) : 0
         }
-        var table = guest.machine.space.root & ~0xfff
-        var level = levels
-        while true {
-            guard let e = read(table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8), e & 1 != 0 else { return nil }
-            if level == 1 || (level <= 3 && e & 0x80 != 0) {
-                let size = PageSize(leafLevel: level)!
-                return read((e & PageTableEntry.addressMask & ~size.offsetMask) | (va & size.offsetMask & ~7))
-            }
-            table = e & PageTableEntry.addressMask
-            level -= 1
-        }
+        let s = TableWalk.descend(.paging, root: guest.machine.space.root & ~0xfff, levels: levels, address: va, read: read)
+        guard let s, s.isLeaf else { return nil }
+        return read((s.raw & PageTableEntry.addressMask & ~s.size.offsetMask) | (va & s.size.offsetMask & ~7))
     }
 }

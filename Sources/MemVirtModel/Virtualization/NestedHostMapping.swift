@@ -79,18 +79,9 @@ extension NestedPaging {
 
     /// A software EPT look-up (the hypervisor's view; no references counted, no A/D).
     func walkEPTSilently(_ gpa: UInt64) -> UInt64? {
-        var table = eptRoot
-        var level = eptLevels
-        while true {
-            let e = EPTEntry(rawValue: host.read64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8))
-            if !e.isPresent { return nil }
-            if level == 1 || (level <= 3 && e.isLargePage) {
-                let size = PageSize(leafLevel: level)!
-                return e.pageBase(size) | (gpa & size.offsetMask)
-            }
-            table = e.address
-            level -= 1
-        }
+        let s = TableWalk.descend(.ept, root: eptRoot, levels: eptLevels, address: gpa) { host.read64($0) }
+        guard let s, s.isLeaf else { return nil }
+        return EPTEntry(rawValue: s.raw).pageBase(s.size) | (gpa & s.size.offsetMask)
     }
 
     /// Host-physical address of `gpa` if mapped now (no fault, no A/D): for inspection.

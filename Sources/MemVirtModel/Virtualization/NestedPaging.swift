@@ -390,16 +390,9 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
 
     /// The EPT leaf entry address for a 4 KiB `gfn`, if its tables exist.
     func leafAddress(gfn: UInt64) -> UInt64? {
-        var table = eptRoot
-        var level = eptLevels
-        let gpa = gfn << 12
-        while level > 1 {
-            let e = EPTEntry(rawValue: host.read64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8))
-            if !e.isPresent || e.isLargePage { return nil }
-            table = e.address
-            level -= 1
-        }
-        return table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: 1)) * 8
+        let s = TableWalk.descend(.ept, root: eptRoot, levels: eptLevels, address: gfn << 12) { host.read64($0) }
+        guard let s, s.level == 1 else { return nil }
+        return s.entryAddress
     }
 
     /// INVEPT (single context) on every vCPU: combined and guest-physical mappings dropped.

@@ -278,21 +278,15 @@ extension ShadowPaging {
         cpu.ledger.charge(.shadowSync, cpu.costs.invlpgHandler)
         // Sync the leaf shadow page covering va, if unsync; zap its entry for va.
         if currentRoot >= 0 {
-            var sp = currentRoot
-            var level = cpu.paging.levels
-            while level > 1 {
-                let e = host.read64(pages[sp].table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8)
-                guard e & 1 != 0, e & 0x80 == 0, let c = childIndex(of: e) else { break }
-                sp = c
-                level -= 1
+            // The shadow page holding the last entry on va's path (its table is that entry's page).
+            let s = TableWalk.descend(.paging, root: pages[currentRoot].table, levels: cpu.paging.levels, address: va) { host.read64($0) }
+            if let s, let sp = byTable[s.entryAddress & ~0xfff] {
+                if s.isLeaf {
+                    dropLeaf(s.entryAddress, entry: s.raw, level: s.level)
+                    host.write64(s.entryAddress, 0)
+                }
+                if pages[sp].unsync { sync(sp, cpu: cpu) }
             }
-            let ea = pages[sp].table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
-            let e = host.read64(ea)
-            if e & 1 != 0 && (level == 1 || e & 0x80 != 0) {
-                dropLeaf(ea, entry: e, level: level)
-                host.write64(ea, 0)
-            }
-            if pages[sp].unsync { sync(sp, cpu: cpu) }
         }
         cpu.tlb.invalidatePage(va, pcid: space.pcid)
         cpu.walkCaches.flush(pcid: space.pcid)
