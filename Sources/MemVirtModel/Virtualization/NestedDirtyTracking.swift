@@ -139,13 +139,18 @@ public final class NestedDirtyTracker: DirtyTracker {
         v.ringFill += 1
         if v.ringFill >= max(1, costs.ringSoftFull) {
             v.ringFill = 0
-            let c = v.cpu
-            c.counters.add(.exits, 1)
-            c.ledger.charge(.vmExits, c.costs.vmExitRoundTrip)
-            c.ledger.charge(.hypervisorFaults, costs.ringFullHandler)
-            trackingStats.logFullExits &+= 1
-            trackingStats.logFullCycles += c.costs.vmExitRoundTrip + costs.ringFullHandler
+            logFullExit(v.cpu, handler: costs.ringFullHandler)
         }
+    }
+
+    /// A vCPU exits because its log (PML buffer or dirty ring) is full: the exit and `handler`
+    /// charged to it now.
+    func logFullExit(_ c: ModelCPU, handler: Double) {
+        c.counters.add(.exits, 1)
+        c.ledger.charge(.vmExits, c.costs.vmExitRoundTrip)
+        c.ledger.charge(.hypervisorFaults, handler)
+        trackingStats.logFullExits &+= 1
+        trackingStats.logFullCycles += c.costs.vmExitRoundTrip + handler
     }
 
     /// The ept-wp fast path for a write to the write-protected leaf at `ea` (gfn `gfn`): W back
@@ -181,12 +186,7 @@ public final class NestedDirtyTracker: DirtyTracker {
         let v = nested.cur
         v.pml.append(gfn)
         guard v.pml.count >= max(1, costs.pmlEntries) else { return }
-        let c = v.cpu
-        c.counters.add(.exits, 1)
-        c.ledger.charge(.vmExits, c.costs.vmExitRoundTrip)
-        c.ledger.charge(.hypervisorFaults, costs.pmlDrain)
-        trackingStats.logFullExits &+= 1
-        trackingStats.logFullCycles += c.costs.vmExitRoundTrip + costs.pmlDrain
+        logFullExit(v.cpu, handler: costs.pmlDrain)
         drainPML(v)
     }
 
