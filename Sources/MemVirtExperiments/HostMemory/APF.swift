@@ -9,7 +9,7 @@ public struct AsyncPageFaults: Experiment {
     public static let name = "apf"
     public static let summary = "Async page faults: 4 faulting + 4 working threads, 2 GiB guest in 512 MiB, with and without APF"
 
-    /// The seed's per-worker counters (REFERENCES.md).
+    /// The seed's per-worker counters (docs/references.md, Seeds).
     static let seedWith: [Double] = [63_972_141_051, 65_149_033_299, 66_301_967_246, 63_423_000_989]
     static let seedWithout: [Double] = [30_619_912_622, 33_951_339_266, 31_577_780_093, 33_603_607_972]
 

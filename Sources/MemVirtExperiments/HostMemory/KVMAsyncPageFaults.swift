@@ -71,8 +71,9 @@ public struct KVMAsyncPageFaults: Experiment {
     /// The model engine's VMSimulation scaled to a KVM case: as many vCPUs, faulting and
     /// working threads, the same guest memory and resident limit, a store with the same
     /// fixed service time and no queueing (the pager serves every fault after the delay,
-    /// overlapping), read-only faulting threads, this host's profile (pvm-shadow unless `reproduce --profile`),
-    /// with its page-ready delay. The guest scheduler is the model's CFS (the KVM case round-robins
+    /// overlapping), read-only faulting threads, this host's profile (`reproduce --profile`, else this host
+    /// calibrated, else pvm-shadow) with that profile's page-ready delay (not measured by this run:
+    /// calibration does not measure async PF; pvm-shadow's 150 us is from earlier kvm_pvm runs). The guest scheduler is the model's CFS (the KVM case round-robins
     /// its two threads on the LAPIC timer): the two agree when the faulting thread blocks.
     static func modelConfig(_ c: AsyncPFCase) -> VMSimulationConfig {
         var m = VMSimulationConfig()
@@ -90,8 +91,8 @@ public struct KVMAsyncPageFaults: Experiment {
         // page per store delay); queue depth 64 = KVM's async PFs per vCPU (ASYNC_PF_PER_VCPU).
         m.device = SwapDeviceModel(name: "pager-store", readLatency: Double(c.storeDelayNanos), writeLatency: 5_000,
                                    bandwidth: 10, queueDepth: 64)
-        // This host's profile (`reproduce --profile`; pvm-shadow by default, whose page-ready
-        // delay is the 100-190 us measured on kvm_pvm).
+        // This host's profile: `reproduce --profile`, else this host calibrated, else pvm-shadow
+        // (whose page-ready delay, 150 us, comes from earlier kvm_pvm measurements: docs/references.md).
         m.costs = Reproductions.thisHost.costs
         m.guestCosts = Reproductions.thisHost.scheduling
         m.scheduler = .forCPUs(c.vcpus)
@@ -184,7 +185,7 @@ public struct KVMAsyncPageFaults: Experiment {
                 "Seed: 4 vCPUs, 2 GiB guest in 512 MiB, 60 s: with APF 258,846,142,585 increments, without 129,752,639,953: x1.995; guest profile with APF 97.93% in the working thread.",
                 "Here: \(on0.config.vcpus) vCPU(s), resident limit \(ByteCount(on0.config.residentLimit)) (full from the start: steady state), guest memory \(ByteCount(on0.config.residentLimit * on0.config.memoryMultiple)), time slice \(formatFixed(Double(on0.config.timeSliceNanos) / 1e6, digits: 1)) ms, halt polling off.",
                 "APF costs two guest events per fault (a #PF and a 'page ready' interrupt through CPL0 stubs, emulated on kvm_pvm): it pays when page-ins are slow.",
-                "Model engine: VMSimulation of the same case (\(model.config.vcpus) vCPUs, \(model.config.guestMemory) in \(model.config.hostLimit.map { "\($0)" } ?? "no limit"), a store of \(formatFixed(model.config.device.readLatency / 1e6, digits: 2)) ms, \(model.config.costs.name) costs, CFS guest scheduler), \(formatFixed(model.config.duration / 1e9, digits: 0)) simulated seconds: x\(formatFixed(model.ratio, digits: 3)).",
+                "Model engine: VMSimulation of the same case (\(model.config.vcpus) vCPUs, \(model.config.guestMemory) in \(model.config.hostLimit.map { "\($0)" } ?? "no limit"), a store of \(formatFixed(model.config.device.readLatency / 1e6, digits: 2)) ms, \(model.config.costs.name) costs, the profile's page-ready delay of \(formatFixed(model.config.guestCosts.pageReadyDelay / 1e3, digits: 0)) us (not measured by this run), CFS guest scheduler), \(formatFixed(model.config.duration / 1e9, digits: 0)) simulated seconds: x\(formatFixed(model.ratio, digits: 3)).",
             ],
             json: .object(json))
     }

@@ -70,7 +70,7 @@ public struct KVMMigration: Experiment {
         let bandwidth: UInt64 = 32 << 20
         // An assumed 2 ms round trip for a page request (a link between sites; loopback's is
         // ~0.03 ms, so short that APF's own cost, two emulated guest events of ~0.1 ms each
-        // here, would eat its gain: REFERENCES.md).
+        // here, would eat its gain: docs/references.md, Measured on our hosts).
         let rtt: UInt64 = 2_000_000
         var a = TextTable(title: "post-copy under the guest kernel: \(apfMemory) guest, 32 MiB/s link, 2 ms per page request; a workload thread and a counting thread on the vCPU",
                           header: ["async PF", "pages requested", "page not present", "page ready", "counting thread's share of the vCPU", "counting/s", "destination run ms", "hashes"])

@@ -91,7 +91,12 @@ public struct LogDirty: Experiment {
             "Xen style: re-shadowing (drop + rebuild faults) costs \(formatFixed(ms(xen.reshadow), digits: 2)) ms per round against \(formatFixed(ms(xen.fixup), digits: 2)) ms of fixup faults: \(formatFixed(xen.fixup > 0 ? xen.reshadow / xen.fixup : 0, digits: 1))x (xen-devel 2009: the shadows blown away at every clean dominate).",
             "Against KVM-style shadow (rmap re-protect, fast-path fixups): Xen's total \(formatFixed(ms(xen.total), digits: 2)) ms/round vs KVM's \(formatFixed(ms(kvm.total), digits: 2)) ms/round (\(formatFixed(kvm.total > 0 ? xen.total / kvm.total : 0, digits: 1))x).",
             "Lowest tracking cost: \(lowest.key) at \(formatFixed(ms(lowest.value.total), digits: 3)) ms/round.",
-            "Nested costs of EPT write-protect faults and PML-full exits are counted from the EPT D flags at each harvest and charged then (same totals). Bitmap harvest: 9 us per GiB + 45 cycles per dirty page; ring: 59 cycles per entry (REFERENCES.md, this host's KVM dirty log).",
+            "Nested tracking happens where the hardware does it, on the guest's clock: ept-wp write-protects "
+                + "the EPT leaves at enable and after each harvest, and each first write of a round is an EPT "
+                + "violation fixed on KVM's fast path then; ept-pml logs each EPT D-flag 0->1 in a 512-entry log "
+                + "per vCPU and exits when it is full; a dirty ring exits when it reaches its soft limit. Bitmap "
+                + "harvest: 9 us per GiB + 45 cycles per dirty page; ring: 59 cycles per entry (docs/references.md, "
+                + "Measured on our hosts).",
         ]
         if lowest.key.hasPrefix("ept-pml") { notes.append("As expected, nested paging with PML has the lowest tracking cost.") }
         return ExperimentReport(

@@ -20,7 +20,7 @@ public struct QEMUComparison: Experiment {
 
     public init(quick: Bool) {
         self.quick = quick
-        // 512 MiB: the guest of the QEMU reference figures on this host (REFERENCES.md brief:
+        // 512 MiB: the guest of the QEMU reference figures on our hosts (docs/references.md, Measured on our hosts:
         // idle 6 ms / 222 ms, writer 5-37 ms / 1.2-2.8 s / 200-355 MB).
         memory = quick ? 128 << 20 : 512 << 20
         footprint = quick ? 64 << 20 : 256 << 20
@@ -72,7 +72,7 @@ public struct QEMUComparison: Experiment {
         var t = TextTable(title: "Live migration, \(ByteCount(memory)) guest, over loopback", header: ["guest", "VMM", "downtime ms (VMM)", "guest-seen gap ms", "total ms", "MB sent", "rounds", "result"])
         var rows: [JSONValue] = []
         var cmp: [(String, Double?, Double?, Double?, Double?, Double?, Double?, Double?, Double?)] = []
-        var phases: [String: String] = [:]
+        var phases: [String: [(String, UInt64)]] = [:]
         for (name, spec, rate, postcopy) in guests {
             let line = try Multiboot.commandLine(spec, rate: rate, tscKHz: khz, gapMicros: 1000)
             let o = try Self.oracle(spec)
@@ -106,7 +106,7 @@ public struct QEMUComparison: Experiment {
                                  ("guest_seen_gap_ms", qGap.map { .double($0) } ?? .null), ("total_ms", q.totalMillis.map { .double($0) } ?? .null),
                                  ("bytes_sent", q.ramTransferred.map { .uint($0) } ?? .null), ("rounds", q.dirtySyncCount.map { .uint($0) } ?? .null),
                                  ("equals_oracle", .bool(qOK)), ("qemu", qj)]))
-            phases[name] = s.phases.map { "\($0.0) \(formatFixed(Double($0.1) / 1e6, digits: 1))" }.joined(separator: ", ")
+            phases[name] = s.phases
             cmp.append((name, mDown, q.downtimeMillis, mGap, qGap, mTotal, q.totalMillis, Double(s.bytesSent), q.ramTransferred.map { Double($0) }))
         }
 
@@ -119,10 +119,8 @@ public struct QEMUComparison: Experiment {
         for (name, md, qd, mg, qg, mt, qt, mb, qb) in cmp {
             func f(_ v: Double, _ d: Int = 1) -> String { formatFixed(v, digits: d) }
             if let md, let qd {
-                if md > qd && name.hasSuffix("post-copy") {
-                    notes.append("\(name): MemVirt does NOT beat QEMU on downtime (\(f(md)) ms vs \(f(qd)) ms). Its source phases (ms): \(phases[name] ?? "-"); the rest is the destination's: it receives the 4 MiB low slot and the vCPU state on the one stream, restores the vCPU (~3 ms measured in pre-copy: sregs, MSRs, xsave, TSC), starts its userfaultfd thread and vCPU thread; QEMU's destination has its vCPU threads ready and its post-copy switch sends only device state before the destination runs.")
-                } else if md > qd {
-                    notes.append("\(name): MemVirt does NOT beat QEMU on downtime (\(f(md)) ms vs \(f(qd)) ms). Its source phases (ms): \(phases[name] ?? "-"). 'resumed' (END sent until the destination says RESUMED) dominates. Measured (release build, 512 MiB writer): the destination's own STATE handling (vCPU restore, TSC, mailbox, thread start) takes ~3 ms; the other ~10 ms is backlog: the destination applies PAGES (hash and place every page, one thread) more slowly than the source sends round 0, so at the stop it is still behind and the final pages and state wait in the stream. QEMU's destination keeps up and its stop-and-copy is only the last dirty pages and device state. A handshake before the stop (stop the guest only when the destination has drained the stream) would remove the backlog part; the stop-and-copy also always carries the 4 MiB low slot (its resident pages).")
+                if md > qd {
+                    notes.append("\(name): MemVirt does NOT beat QEMU on downtime (\(f(md)) ms vs \(f(qd)) ms). " + Self.downtimeBreakdown(phases[name] ?? []))
                 } else {
                     notes.append("\(name): MemVirt's downtime \(f(md)) ms vs QEMU's \(f(qd)) ms (MemVirt lower: no bandwidth cap, a 30 ms target instead of QEMU's 300 ms limit, so it stops after fewer dirty pages are left).")
                 }
@@ -139,5 +137,31 @@ public struct QEMUComparison: Experiment {
             name: Self.name, title: Self.summary, tables: [boot, t], notes: notes,
             json: .object([("schema", "memvirt.reproduce/1"), ("name", .string(Self.name)), ("memory_bytes", .uint(memory)), ("footprint_bytes", .uint(footprint)),
                            ("tsc_khz", .uint(khz)), ("qemu_version", .string(qemuVersion)), ("boot", .array(bootRows)), ("rows", .array(rows))]))
+    }
+    /// What the source's measured phases say about a downtime: the phases from the stop on
+    /// (the downtime as the source sees it) with their share, the largest named, and the wait
+    /// for the destination before the stop (SYNC/SYNCED). Derived from the run, never canned.
+    static func downtimeBreakdown(_ phases: [(String, UInt64)]) -> String {
+        let what: [String: String] = [
+            "stop": "kicking the vCPUs out of KVM_RUN",
+            "final_harvest": "the last dirty-log harvest and sending its pages",
+            "final_send": "sending the runtime slot",
+            "state": "saving and sending the vCPU state",
+            "resumed": "the destination applying the rest of the stream, restoring the vCPUs and resuming (END to RESUMED)",
+        ]
+        guard let stop = phases.firstIndex(where: { $0.0 == "stop" }) else {
+            return "The source recorded no stop phase: " + phases.map { "\($0.0) \(formatFixed(Double($0.1) / 1e6, digits: 1)) ms" }.joined(separator: ", ") + "."
+        }
+        let after = Array(phases[stop...])
+        let total = after.reduce(0.0) { $0 + Double($1.1) / 1e6 }
+        var out = "Source phases from the stop (ms): " + after.map { "\($0.0) \(formatFixed(Double($0.1) / 1e6, digits: 1))" }.joined(separator: ", ")
+            + " (\(formatFixed(total, digits: 1)) ms in all)."
+        if let top = after.max(by: { $0.1 < $1.1 }), total > 0 {
+            out += " The largest is '\(top.0)' (\(what[top.0] ?? top.0)), \(formatFixed(100 * Double(top.1) / 1e6 / total, digits: 0)) % of it."
+        }
+        if let sync = phases.first(where: { $0.0 == "sync" }) {
+            out += " Before the stop the source waited \(formatFixed(Double(sync.1) / 1e6, digits: 1)) ms (guest running) for the destination to apply everything sent (SYNC/SYNCED), so no page backlog is left in the downtime."
+        }
+        return out
     }
 }

@@ -137,6 +137,12 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     public func switchAddressSpace(to space: AddressSpace) {
         self.space = space
         mode.switchAddressSpace(to: space, cpu: cpu)
+        if space.flushOnFirstLoad {
+            // A reused PCID: the CR3 load is made without the no-flush bit.
+            space.flushOnFirstLoad = false
+            cpu.tlb.flush(pcid: space.pcid)
+            cpu.walkCaches.flush(pcid: space.pcid)
+        }
         if let o = onSyncPoint { o(nil) }
     }
 
@@ -216,6 +222,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
         while true {
             attempts += 1
             if attempts > 64 { throw GuestError(message: "access to \(GuestVirtualAddress(va)) did not resolve after 64 faults") }
+            if let f = mode.takeHostFailure() { throw f }
             let outcome = spaceRef._withUnsafeGuaranteedRef { s in mode.resolveMiss(va, kind: kind, space: s, cpu: cpu) }
             switch outcome {
             case .translated(let e, let global, let refs, let cacheHit):
@@ -259,6 +266,8 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
             case .emulated(let e, let refs):
                 faultedWalkRefs &+= UInt64(refs)
                 return e
+            case .hostFailure(let error):
+                throw error
             case .mmio(let refs):
                 // Emulated by the hypervisor: nothing is cached, the next access exits again.
                 faultedWalkRefs &+= UInt64(refs)

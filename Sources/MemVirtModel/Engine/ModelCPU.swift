@@ -108,6 +108,9 @@ public enum MissOutcome: Sendable {
     case mmio(refs: Int)
     /// The hypervisor emulated the access itself at this translation (not cached in the TLB).
     case emulated(TLBEntry, refs: Int)
+    /// The host could not back the access (its memory, or swap, is exhausted): the run stops
+    /// with this error.
+    case hostFailure(InputError)
 }
 
 /// How guest memory is virtualized: native paging, shadow paging or nested paging.
@@ -131,6 +134,9 @@ public protocol PagingMode: AnyObject {
     func settle(cpu: ModelCPU)
     /// The guest freed an address space's tables.
     func addressSpaceDestroyed(_ space: AddressSpace, cpu: ModelCPU)
+    /// A host failure met during the guest kernel's own accesses (which cannot fail), taken
+    /// once: the run stops with it.
+    func takeHostFailure() -> InputError?
 }
 
 extension PagingMode {
@@ -152,6 +158,7 @@ extension PagingMode {
     }
     public func settle(cpu: ModelCPU) {}
     public func addressSpaceDestroyed(_ space: AddressSpace, cpu: ModelCPU) {}
+    public func takeHostFailure() -> InputError? { nil }
 }
 
 /// Native paging: the guest is the machine; the hardware walks the guest's own tables.

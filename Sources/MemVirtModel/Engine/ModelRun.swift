@@ -468,6 +468,10 @@ extension Machine {
     public func resetStatistics() {
         accesses = 0; writes = 0; fetches = 0; l1Hits = 0; l2Hits = 0; misses = 0; walks = 0; walkRefs = 0
         faultedWalkRefs = 0; cowFaults = 0; majorFaults = 0; walkCacheHits = 0; walkRetries = 0; guestFaults = 0; demandZero = 0; chargedAccesses = 0; chargedL2Hits = 0; maxWalkRefs = 0
+        // What the mode counted on its own so far (EPT violations, nested references, shadow
+        // faults) is folded in now and dropped with the rest, not carried into the measured run.
+        mode.settle(cpu: cpu)
+        (mode as? NestedPaging)?.maxWalkRefs = 0
         cpu.resetStatistics()
     }
 }

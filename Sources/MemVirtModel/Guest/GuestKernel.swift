@@ -52,6 +52,8 @@ public final class AddressSpace: @unchecked Sendable {
     /// Guest-physical addresses of this space's page-table pages (root included).
     public internal(set) var tablePages: [UInt64] = []
     @usableFromInline var lastArea: Int = 0
+    /// The PCID may tag a dead space's TLB entries: the first CR3 load of this space flushes it.
+    public internal(set) var flushOnFirstLoad = false
 
     init(pcid: UInt16, root: UInt64) {
         self.pcid = pcid
@@ -92,6 +94,13 @@ public final class GuestKernel: @unchecked Sendable {
     public var frames: FrameAllocator
     public private(set) var spaces: [AddressSpace] = []
     private var nextPCID: UInt16 = 1
+    /// The PCIDs have wrapped past 4095: every PCID handed out from now on may be a reused one.
+    private var pcidsWrapped = false
+
+    private func advancePCID(_ p: UInt16) -> UInt16 {
+        if p == 4095 { pcidsWrapped = true; return 1 }
+        return p + 1
+    }
     /// Page-table pages allocated over the run.
     public private(set) var tablePagesAllocated: UInt64 = 0
     /// Frames mapped by more than one page-table entry (fork's copy-on-write), by address.
@@ -118,9 +127,24 @@ public final class GuestKernel: @unchecked Sendable {
         guard let root = frames.allocate(.size4K) else { throw InputError("guest memory exhausted creating an address space") }
         memory.zero(root, bytes: 4096)
         tablePagesAllocated += 1
-        let s = AddressSpace(pcid: nextPCID, root: root)
-        nextPCID = nextPCID == 4095 ? 1 : nextPCID + 1
+        // PCIDs 1...4095 round robin, skipping those of live spaces. Once they have wrapped, a
+        // PCID may still tag a dead space's TLB entries: its first CR3 load flushes them, as
+        // Linux loads a reused ASID without the no-flush bit (arch/x86/mm/tlb.c, need_flush).
+        var pcid = nextPCID
+        var tried = 0
+        while spaces.contains(where: { $0.pcid == pcid }) {
+            tried += 1
+            guard tried < 4095 else {
+                frames.free(root, .size4K)
+                throw InputError("more than 4,095 live address spaces: PCIDs 1-4095 are all in use")
+            }
+            pcid = advancePCID(pcid)
+        }
+        let reused = pcidsWrapped
+        nextPCID = advancePCID(pcid)
+        let s = AddressSpace(pcid: pcid, root: root)
         spaces.append(s)
+        s.flushOnFirstLoad = reused
         return s
     }
 
@@ -336,16 +360,9 @@ public final class GuestKernel: @unchecked Sendable {
 
     /// The leaf entry mapping `va` and its size, by a software walk (no A/D updates).
     public func lookupLeaf(_ va: UInt64, space: AddressSpace) -> (entryAddress: UInt64, entry: PageTableEntry, size: PageSize)? {
-        var table = space.root
-        var level = paging.levels
-        while true {
-            let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
-            let e = PageTableEntry(rawValue: memory.read64(entryAddress))
-            if !e.isPresent { return nil }
-            if level == 1 || (level <= 3 && e.isLargePage) { return (entryAddress, e, PageSize(leafLevel: level)!) }
-            table = e.address
-            level -= 1
-        }
+        let s = TableWalk.descend(.paging, root: space.root, levels: paging.levels, address: va) { memory.read64($0) }
+        guard let s, s.isLeaf else { return nil }
+        return (s.entryAddress, PageTableEntry(rawValue: s.raw), s.size)
     }
 }
 

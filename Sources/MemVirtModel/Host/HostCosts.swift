@@ -119,9 +119,9 @@ public struct GuestSchedulingCosts: Sendable, Hashable {
     public var apfReadyHandler: Double = 2_000
     /// Time from the end of the swap-in I/O until "page ready" is injected: KVM's async worker
     /// wakes (workqueue), finishes get_user_pages, kvm_arch_async_page_ready prefaults the
-    /// EPT entry and kicks the vCPU: ~20 us on bare-metal VMX. (On this host's kvm_pvm the
-    /// measured delay is 100-190 us, docs/references.md on async page faults, because CPL0 guest
-    /// code is emulated.)
+    /// EPT entry and kicks the vCPU: ~20 us on bare-metal VMX. (On our kvm_pvm hosts the
+    /// measured delay is 100-190 us, docs/references.md, Measured on our hosts, because CPL0
+    /// guest code is emulated there.)
     public var pageReadyDelay: Double = 20_000
     /// A vCPU that halts with nothing to run (HLT exit) and is woken by an interrupt:
     /// ~2 x vmExitRoundTrip of hypervisor time (charged on wake-up).

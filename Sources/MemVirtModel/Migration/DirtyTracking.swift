@@ -27,7 +27,7 @@ public enum DirtyTrackingMode: String, CaseIterable, Sendable {
     }
 }
 
-/// How userspace collects the dirty set (REFERENCES.md, KVM api.rst).
+/// How userspace collects the dirty set (docs/references.md, KVM API).
 public enum HarvestMethod: String, CaseIterable, Sendable {
     /// KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG: one bit per page of the slot, copied and
     /// scanned whatever is dirty: cost grows with memory size.
@@ -43,23 +43,23 @@ public enum HarvestMethod: String, CaseIterable, Sendable {
 public struct DirtyTrackingCosts: Sendable, Hashable {
     /// KVM's fast page-fault path for a write-protected, MMU-writable spte (fast_page_fault:
     /// lockless cmpxchg of W, mark_page_dirty), besides the exit: ~600 cycles. Estimate: the
-    /// path takes no mmu_lock and does no guest walk; REFERENCES.md measures ~25 us for a
-    /// re-dirtied page on this host's kvm_pvm, where the world switch and CPL0 emulation dominate.
+    /// path takes no mmu_lock and does no guest walk. On our kvm_pvm hosts a re-dirtied page costs
+    /// ~25 us (docs/references.md, Measured on our hosts), where the world switch and CPL0 emulation dominate.
     public var writeProtectFault: Double = 600
     /// Bitmap harvest, fixed part per GiB of guest memory: KVM_GET_DIRTY_LOG takes 5-13 us on an
-    /// empty 1 GiB slot here (REFERENCES.md): 9 us ≈ 27,000 cycles at 3 GHz.
+    /// empty 1 GiB slot on our hosts (docs/references.md, Measured on our hosts): 9 us ≈ 27,000 cycles at 3 GHz.
     public var bitmapPerGiB: Double = 27_000
     /// Bitmap harvest per dirty page (copy, scan, re-protect): 1.9 ms for all 262,144 pages of
-    /// 1 GiB dirty (REFERENCES.md) ≈ 7.2 ns ≈ 22 cycles, plus KVM_CLEAR_DIRTY_LOG's re-protect
+    /// 1 GiB dirty (docs/references.md, Measured on our hosts) ≈ 7.2 ns ≈ 22 cycles, plus KVM_CLEAR_DIRTY_LOG's re-protect
     /// (~2 ms all dirty ≈ 23 cycles): 45 cycles.
     public var bitmapPerDirtyPage: Double = 45
     /// Ring harvest per entry: 451 us harvest + 529 us KVM_RESET_DIRTY_RINGS for 50,000 pages
-    /// (REFERENCES.md) ≈ 19.6 ns ≈ 59 cycles.
+    /// (docs/references.md, Measured on our hosts) ≈ 19.6 ns ≈ 59 cycles.
     public var ringPerEntry: Double = 59
     /// Ring harvest fixed part (ioctl, ring heads): ~1 us ≈ 3,000 cycles (estimate).
     public var ringFixed: Double = 3_000
     /// Ring entries per vCPU before a soft-full exit: 4,096 (QEMU's usual dirty-ring-size) less
-    /// KVM's 64-entry reserve (REFERENCES.md: a 64 KiB ring exits every 4,032 entries).
+    /// KVM's 64-entry reserve (docs/references.md, Measured on our hosts: a 64 KiB ring exits every 4,032 entries).
     public var ringSoftFull: Int = 4_032
     /// Userspace handling of a ring-full exit (harvest the ring, re-enter): ~5,000 cycles
     /// (estimate, beside the exit; KVM_EXIT_DIRTY_RING_FULL returns to QEMU).

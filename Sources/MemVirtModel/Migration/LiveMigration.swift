@@ -2,7 +2,7 @@ import MemVirtCore
 
 /// The migration network link.
 public struct MigrationLink: Sendable, Hashable {
-    /// Bytes per second: 128 MiB/s, QEMU's default `max-bandwidth` (REFERENCES.md).
+    /// Bytes per second: 128 MiB/s, QEMU's default `max-bandwidth` (docs/references.md, Live migration).
     public var bandwidth: Double = 128 * 1_048_576
     /// One-way latency, seconds: 0.25 ms (a LAN round trip of ~0.5 ms; estimate).
     public var latency: Double = 0.000_25
@@ -32,12 +32,12 @@ public struct MigrationConfig: Sendable {
     public var kind: MigrationKind = .preCopy
     public var harvest: HarvestMethod = .bitmap
     public var link = MigrationLink()
-    /// QEMU's default downtime limit, 300 ms (REFERENCES.md).
+    /// QEMU's default downtime limit, 300 ms (docs/references.md, Live migration).
     public var downtimeLimit: Double = 0.300
     /// Iterations after the bulk round before giving up on convergence (then a forced stop).
     public var maxRounds = 30
     /// QEMU auto-converge: throttle 20%, then +10% per step, up to 99%, stepped when dirtying
-    /// exceeds half the bytes transferred in a period twice (REFERENCES.md; migration/ram.c).
+    /// exceeds half the bytes transferred in a period twice (docs/references.md, Live migration; migration/ram.c).
     public var autoConverge = false
     public var throttleInitial = 0.20
     public var throttleIncrement = 0.10
@@ -47,7 +47,7 @@ public struct MigrationConfig: Sendable {
     /// Post-copy: missing pages sent right after a faulted one (pre-paging, Hines & Gopalan 2009).
     public var prepageNeighbours = 15
     /// Post-copy: destination fault handling besides the round trip (userfaultfd + UFFDIO_COPY
-    /// handler): 10 us (REFERENCES.md: the handler itself 10-12 us on this host).
+    /// handler): 10 us (docs/references.md, Measured on our hosts: the handler itself 10-12 us).
     public var postcopyFaultHandler: Double = 0.000_010
     /// Pause, device state and resume at switch-over: 5 ms (estimate; a few hundred KiB of
     /// device state at 128 MiB/s is ~2-3 ms).
@@ -514,23 +514,16 @@ public final class LiveMigration {
             guard remaining > 0 else { return 0 }
             var blocked = 0.0
             let va = a.address.rawValue
-            var table = space.root & ~0xfff
-            var level = levels
-            while true {
-                let tg = table >> 12
-                blocked += demand(tg)
-                guard let hp = self.tracker.sourcePage(tg) else { return blocked }
-                let e = mem.read64(hp + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8)
-                if e & 1 == 0 { return blocked }
-                if level == 1 || (level <= 3 && e & 0x80 != 0) {
-                    let size = PageSize(leafLevel: level)!
-                    let gpa = (e & PageTableEntry.addressMask & ~size.offsetMask) | (va & size.offsetMask)
-                    blocked += demand(gpa >> 12)
-                    return blocked
-                }
-                table = e & PageTableEntry.addressMask
-                level -= 1
+            // Each guest table on the way is demanded first, then the page itself.
+            let s = TableWalk.descend(.paging, root: space.root & ~0xfff, levels: levels, address: va) { ea in
+                blocked += demand(ea >> 12)
+                guard let hp = self.tracker.sourcePage(ea >> 12) else { return nil }
+                return mem.read64(hp | (ea & 0xfff))
             }
+            guard let s, s.isLeaf else { return blocked }
+            let gpa = (s.raw & PageTableEntry.addressMask & ~s.size.offsetMask) | (va & s.size.offsetMask)
+            blocked += demand(gpa >> 12)
+            return blocked
         }
         while remaining > 0 {
             demandPages = 0
@@ -565,16 +558,8 @@ public final class LiveMigration {
             }
             return self.received.contains(gpa >> 12) ? self.destination.read64(gpa) : 0
         }
-        var table = guest.machine.space.root & ~0xfff
-        var level = levels
-        while true {
-            guard let e = read(table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8), e & 1 != 0 else { return nil }
-            if level == 1 || (level <= 3 && e & 0x80 != 0) {
-                let size = PageSize(leafLevel: level)!
-                return read((e & PageTableEntry.addressMask & ~size.offsetMask) | (va & size.offsetMask & ~7))
-            }
-            table = e & PageTableEntry.addressMask
-            level -= 1
-        }
+        let s = TableWalk.descend(.paging, root: guest.machine.space.root & ~0xfff, levels: levels, address: va, read: read)
+        guard let s, s.isLeaf else { return nil }
+        return read((s.raw & PageTableEntry.addressMask & ~s.size.offsetMask) | (va & s.size.offsetMask & ~7))
     }
 }

@@ -91,6 +91,8 @@ public final class SetAssociativeCache: @unchecked Sendable {
     }
 
     @inline(__always) public func payload(_ slot: Int) -> UInt64 { payloads[slot] }
+    /// Whether the entry in `slot` is global (matches every PCID).
+    @inline(__always) public func isGlobal(_ slot: Int) -> Bool { metas[slot] & Self.globalBit != 0 }
     @inline(__always) public func setPayload(_ slot: Int, _ value: UInt64) { payloads[slot] = value }
 
     /// Inserts (or refreshes) `tag`; returns true when a valid entry was evicted.

@@ -167,7 +167,7 @@ public final class TLBHierarchy: @unchecked Sendable {
                 let s = a.cache.lookup(tag: Self.tag(va, size, shared: a.shared), pcid: pcid)
                 if s >= 0 {
                     let e = TLBEntry(payload: a.cache.payload(s), size: size)
-                    fillL1(va, pcid: pcid, entry: e, global: false, fetch: fetch)
+                    fillL1(va, pcid: pcid, entry: e, global: a.cache.isGlobal(s), fetch: fetch)
                     return (e, .l2)
                 }
             }

@@ -50,6 +50,10 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
         }
         /// A TLB flush request not yet serviced (KVM_REQ_TLB_FLUSH, handled at the next entry).
         var flushPending = false
+        /// Log-dirty: this vCPU's PML log (gfns, at most `DirtyTrackingCosts.pmlEntries`) and
+        /// the entries pushed on its dirty ring since the ring was last collected.
+        var pml: [UInt64] = []
+        var ringFill = 0
         func flushGuestPhysical() {
             nestedTLB.flushAll(); eptPDE.flushAll(); eptPDPTE.flushAll(); eptPML4E.flushAll()
         }
@@ -58,6 +62,16 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
     var cur: VCPUState
     var cpu: ModelCPU { cur.cpu }
     let guestView: NestedGuestMemory
+    /// Log-dirty (see `NestedDirtyTracker`): the tracker called back by the violation handler
+    /// and the walker, and whether the walker logs D-flag 0->1 transitions (PML).
+    weak var logDirty: NestedDirtyTracker?
+    var pmlLogging = false
+    /// A software bit of EPT leaves (bits 62:52 are ignored by the CPU, SDM 29.3.2): the leaf
+    /// lost W for log-dirty only and the host lets the guest write the page, so a write to it
+    /// is a write-protect fault for KVM's fast path, not a host fault (KVM's MMU-writable bit,
+    /// bit 58 of its EPT sptes).
+    public static let logDirtyWriteProtected: UInt64 = 1 << 58
+
     /// Guest-physical ranges that are MMIO: EPT entries there are misconfigured on purpose.
     public private(set) var mmioRanges: [Range<UInt64>] = []
     let guestFrameCount: Int
@@ -87,7 +101,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
     var leafPages: [Int64] = [0, 0, 0]
     var settledStats = HostOwnerStats()
     /// The largest number of references one completed 2D walk made.
-    public private(set) var maxWalkRefs = 0
+    public internal(set) var maxWalkRefs = 0
 
     /// Entries of the nested TLB and the EPT paging-structure caches when the CPU has TLBs.
     /// AMD's NTLB and Intel's caching of guest-physical translations are not documented in
@@ -108,9 +122,12 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
             guard accessedDirty else { throw InputError("host reclaim needs EPT accessed/dirty flags") }
         }
         self.hostMemory = hm
-        guard let root = hm.allocateTableFrame() else { throw InputError("host memory exhausted") }
+        guard let root = hm.allocateTableFrame(), let scratch = hm.allocateTableFrame() else {
+            throw InputError("host memory exhausted: \(ByteCount(hm.memory.capacity)) cannot hold the EPT root")
+        }
         hm.memory.zero(root, bytes: 4096)
         eptRoot = root
+        scratchFrame = scratch
         let on = cpu.tlb.config.pdeCache > 0
         eptCachesOn = on
         cur = VCPUState(cpu: cpu, on: on)
@@ -207,6 +224,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
                 if updated != raw {
                     host.write64(ea, updated)
                     c.cpu.adWrites &+= 1
+                    if pmlLogging && leaf && write && raw & EPTEntry.Flags.dirty.rawValue == 0 { logDirty?.logPML(gfn: gpa >> 12) }
                 }
             }
             if !leaf {
@@ -238,6 +256,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
     /// `deferIO` is set: the I/O is then in `pendingIO`.
     @discardableResult
     func handleViolation(_ gpa: UInt64, write: Bool) throws(InputError) -> Bool {
+        if write && writeProtectFault(gpa) { return true }
         violations &+= 1
         cpu.counters.add(.exits, 1)
         cpu.counters.add(.pfTaken, 1)
@@ -247,14 +266,14 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
         if hostPageSize != .size4K || mmio {
             // Untracked host pages (large host pages, MMIO placeholders): allocate and map.
             let size = hostPageSize
-            guard let frame = hostMemory.allocateUntracked(size) else { throw InputError("host memory exhausted backing \(GuestPhysicalAddress(gpa))") }
+            guard let frame = hostMemory.allocateUntracked(size) else { throw exhausted("backing \(GuestPhysicalAddress(gpa))") }
             host.zero(frame, bytes: size.bytes)
             untrackedFaults &+= 1
             cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(size))
             var flags: EPTEntry.Flags = mmio ? [.write] : .readWriteExecute
             if size != .size4K { flags.insert(.pageSize) }
             guard installEPT(gpa & ~size.offsetMask, size: size, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)) else {
-                throw InputError("host memory exhausted building EPT tables")
+                throw exhausted("building EPT tables for \(GuestPhysicalAddress(gpa))")
             }
             cpu.counters.add(.pfFixed, 1)
             return true
@@ -268,9 +287,8 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
                 if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
                 cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
                 if readyAt > t { hostWait(until: readyAt, from: t) }
-                let flags: EPTEntry.Flags = writable ? .readWriteExecute : [.read, .execute]
-                guard installEPT(gfn << 12, size: .size4K, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)) else {
-                    throw InputError("host memory exhausted building EPT tables")
+                guard installEPT(gfn << 12, size: .size4K, leaf: hostLeaf(gfn: gfn, frame: frame, writable: writable, write: write)) else {
+                    throw exhausted("building EPT tables for \(GuestPhysicalAddress(gpa))")
                 }
                 cpu.counters.add(.pfFixed, 1)
                 return true
@@ -284,9 +302,58 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
                 hostMemory.completeReadNow(owner: ownerIndex, gfn: gfn)
                 if !clockDriven { t = max(t, readyAt) }
             case .outOfMemory:
-                throw InputError("host memory and swap exhausted backing \(GuestPhysicalAddress(gpa))")
+                throw exhausted("(and swap) backing \(GuestPhysicalAddress(gpa))")
             }
         }
+    }
+
+    /// A write to a leaf write-protected for log-dirty (`logDirtyWriteProtected`): an EPT
+    /// violation fixed on KVM's fast path now. False if `gpa`'s leaf is not such a leaf (a
+    /// missing page, a read-only KSM page: host faults).
+    func writeProtectFault(_ gpa: UInt64) -> Bool {
+        guard let ea = leafAddress(gfn: gpa >> 12) else { return false }
+        let raw = host.read64(ea)
+        guard EPTEntry(rawValue: raw).isPresent, raw & Self.logDirtyWriteProtected != 0, raw & EPTEntry.Flags.write.rawValue == 0 else { return false }
+        violations &+= 1
+        if let t = logDirty {
+            t.writeProtectFault(gfn: gpa >> 12)
+        } else {
+            host.write64(ea, (raw | EPTEntry.Flags.write.rawValue) & ~Self.logDirtyWriteProtected)
+            cpu.counters.add(.exits, 1)
+            cpu.counters.add(.pfTaken, 1)
+            cpu.counters.add(.pfFast, 1)
+            cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+            cpu.ledger.charge(.hypervisorFaults, cpu.costs.eptViolationHandler)
+        }
+        return true
+    }
+
+    /// The EPT leaf for a 4 KiB host frame the host fault path gives `gfn` (write-protected or
+    /// logged by the tracker while logging).
+    func hostLeaf(gfn: UInt64, frame: UInt64, writable: Bool, write: Bool) -> EPTEntry {
+        let flags: EPTEntry.Flags = writable ? .readWriteExecute : [.read, .execute]
+        let leaf = EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)
+        guard let t = logDirty, t.logging else { return leaf }
+        return EPTEntry(rawValue: t.mapped(gfn: gfn, leaf: leaf.rawValue, write: write))
+    }
+
+    /// The run error for host memory that cannot back the guest, naming the limit.
+    func exhausted(_ what: String) -> InputError {
+        let capacity = ByteCount(hostMemory.memory.capacity)
+        let limit = hostMemory.limitFrames.map { "a limit of \(ByteCount($0 << 12))" } ?? "no limit"
+        return InputError("host memory exhausted \(what): the VM's host memory has \(capacity) of frames and \(limit)")
+    }
+
+    /// A host failure met where the hardware cannot report one (the guest kernel's own
+    /// accesses): the access went to `scratchFrame`, and the run stops at the next miss.
+    public internal(set) var hostFailure: InputError?
+    /// Where an access the host could not back goes until the run stops (never guest data).
+    let scratchFrame: UInt64
+
+    public func takeHostFailure() -> InputError? {
+        let f = hostFailure
+        hostFailure = nil
+        return f
     }
 
     /// The vCPU waits in the host until `until`: recorded for a scheduler, or charged as cycles.
@@ -323,16 +390,9 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
 
     /// The EPT leaf entry address for a 4 KiB `gfn`, if its tables exist.
     func leafAddress(gfn: UInt64) -> UInt64? {
-        var table = eptRoot
-        var level = eptLevels
-        let gpa = gfn << 12
-        while level > 1 {
-            let e = EPTEntry(rawValue: host.read64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8))
-            if !e.isPresent || e.isLargePage { return nil }
-            table = e.address
-            level -= 1
-        }
-        return table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: 1)) * 8
+        let s = TableWalk.descend(.ept, root: eptRoot, levels: eptLevels, address: gfn << 12) { host.read64($0) }
+        guard let s, s.level == 1 else { return nil }
+        return s.entryAddress
     }
 
     /// INVEPT (single context) on every vCPU: combined and guest-physical mappings dropped.
@@ -364,93 +424,6 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
         if cur.flushPending { serviceFlush(cur) }
     }
 
-    // MARK: HostMappingOwner
-
-    @discardableResult
-    public func zap(gfn: UInt64) -> Bool {
-        guard let ea = leafAddress(gfn: gfn) else { return false }
-        let e = EPTEntry(rawValue: host.read64(ea))
-        guard e.isPresent else { return false }
-        host.write64(ea, 0)
-        leafPages[0] -= 1
-        flushAllVCPUs()
-        return accessedDirty ? e.rawValue & EPTEntry.Flags.dirty.rawValue != 0 : e.isWritable
-    }
-
-    public func accessedAndClear(gfn: UInt64) -> Bool {
-        guard let ea = leafAddress(gfn: gfn) else { return false }
-        let raw = host.read64(ea)
-        guard EPTEntry(rawValue: raw).isPresent else { return false }
-        guard accessedDirty else { return true }
-        let a = EPTEntry.Flags.accessed.rawValue
-        if raw & a == 0 { return false }
-        host.write64(ea, raw & ~a)
-        return true
-    }
-
-    /// Installs the EPT entry for `gpa` if the host has the page ready (KVM's
-    /// kvm_arch_async_page_ready prefault after an async page fault's I/O). True if mapped.
-    @discardableResult
-    public func prefault(_ gpa: UInt64) -> Bool {
-        guard hostMemory.isReady(owner: ownerIndex, gfn: gpa >> 12, now: now) else { return false }
-        if let hpa = walkEPTSilently(gpa), hpa != 0 { return true }
-        let saved = deferIO
-        deferIO = true
-        defer { deferIO = saved }
-        cpu.ledger.charge(.hypervisorFaults, cpu.costs.eptViolationHandler)
-        guard case .map(let frame, let writable, let kind, _) = hostMemory.fault(owner: ownerIndex, gfn: gpa >> 12, write: false, now: now) else { return false }
-        if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
-        cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
-        let flags: EPTEntry.Flags = writable ? .readWriteExecute : [.read, .execute]
-        _ = installEPT((gpa >> 12) << 12, size: .size4K, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack))
-        return true
-    }
-
-    /// Host-physical address of `gpa` for the guest kernel's own accesses (backing it first;
-    /// a kernel-mode access never goes async). Sets EPT A, and D for a write, as the hardware
-    /// does for the access.
-    func hostAddress(_ gpa: UInt64, write: Bool) -> UInt64 {
-        while true {
-            if let ea = leafAddress(gfn: gpa >> 12) {
-                let raw = host.read64(ea)
-                let e = EPTEntry(rawValue: raw)
-                if e.isPresent && (!write || e.isWritable) {
-                    if accessedDirty {
-                        var u = raw | EPTEntry.Flags.accessed.rawValue
-                        if write { u |= EPTEntry.Flags.dirty.rawValue }
-                        if u != raw { host.write64(ea, u) }
-                    }
-                    return e.pageBase(.size4K) | (gpa & 4095)
-                }
-            } else if let hpa = walkEPTSilently(gpa) {
-                return hpa  // a large host page
-            }
-            let saved = deferIO
-            deferIO = false
-            defer { deferIO = saved }
-            do { try handleViolation(gpa, write: write) } catch { preconditionFailure("\(error)") }
-        }
-    }
-
-    /// A software EPT look-up (the hypervisor's view; no references counted, no A/D).
-    func walkEPTSilently(_ gpa: UInt64) -> UInt64? {
-        var table = eptRoot
-        var level = eptLevels
-        while true {
-            let e = EPTEntry(rawValue: host.read64(table + UInt64(GuestPhysicalAddress(gpa).tableIndex(level: level)) * 8))
-            if !e.isPresent { return nil }
-            if level == 1 || (level <= 3 && e.isLargePage) {
-                let size = PageSize(leafLevel: level)!
-                return e.pageBase(size) | (gpa & size.offsetMask)
-            }
-            table = e.address
-            level -= 1
-        }
-    }
-
-    /// Host-physical address of `gpa` if mapped now (no fault, no A/D): for inspection.
-    public func mappedHostAddress(_ gpa: GuestPhysicalAddress) -> UInt64? { walkEPTSilently(gpa.rawValue) }
-
     // MARK: PagingMode
 
     public func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome {
@@ -466,7 +439,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
         switch r.kind {
         case .stopped:
             if mem.misconfigured { return mmioExit(refs: refs) }
-            do { try handleViolation(mem.stoppedAt, write: false) } catch { return .guestFault(PageFaultErrorCode(rawValue: 0), refs: refs) }
+            do { try handleViolation(mem.stoppedAt, write: false) } catch { return .hostFailure(error) }
             return .retry(refs: refs)
         case .fault(let code):
             return .guestFault(code, refs: refs)
@@ -477,7 +450,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
             refs += Int(nestedRefs - refsBefore)
             switch outcome {
             case .violation:
-                do { try handleViolation(gpa, write: kind == .write) } catch { return .guestFault(PageFaultErrorCode(rawValue: 0), refs: refs) }
+                do { try handleViolation(gpa, write: kind == .write) } catch { return .hostFailure(error) }
                 return .retry(refs: refs)
             case .misconfiguration:
                 return mmioExit(refs: refs)

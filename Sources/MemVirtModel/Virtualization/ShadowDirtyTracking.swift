@@ -139,19 +139,10 @@ extension ShadowPaging: DirtyTracker {
     /// the page (its group) dirty and restore W, no guest walk. False if not that case.
     func logDirtyFastPath(_ va: UInt64, space: AddressSpace, cpu: ModelCPU, _ ld: ShadowLogDirty) -> Bool {
         guard currentRoot >= 0 else { return false }
-        var table = pages[currentRoot].table
-        var level = cpu.paging.levels
-        var ea: UInt64 = 0
-        var e: UInt64 = 0
-        while true {
-            ea = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
-            e = host.read64(ea)
-            if e & 1 == 0 { return false }
-            if level == 1 || e & 0x80 != 0 { break }
-            table = e & PageTableEntry.addressMask
-            level -= 1
-        }
-        guard level == 1, e & 2 == 0, e & Self.mmuWritableBit != 0,
+        let s = TableWalk.descend(.paging, root: pages[currentRoot].table, levels: cpu.paging.levels, address: va) { host.read64($0) }
+        guard let s, s.isLeaf else { return false }
+        let ea = s.entryAddress, e = s.raw
+        guard s.level == 1, e & 2 == 0, e & Self.mmuWritableBit != 0,
               let gfn = gfnOfHost[(e & PageTableEntry.addressMask) >> 12], !isWriteProtected(gfn) else { return false }
         ld.cpu = cpu
         let before = cpu.ledger.total

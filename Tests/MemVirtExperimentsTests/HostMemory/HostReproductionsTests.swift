@@ -16,8 +16,6 @@ struct HostReproductionsTests {
         #expect(ratio >= 1.8)
         #expect(on > 0.95)
         #expect(off < 0.6)
-        #expect(Reproductions.named("apf") != nil)
-        #expect(Reproductions.named("apf-sweep") != nil)
     }
 
     @Test("ksm --quick: pages merge across guests, within the bound, and writes break shares")

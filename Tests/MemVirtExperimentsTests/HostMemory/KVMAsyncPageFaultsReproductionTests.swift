@@ -29,9 +29,19 @@ struct KVMAsyncPageFaultsReproductionTests {
         let np = try #require(number(r.json, "apf_not_present")), ready = try #require(number(r.json, "apf_ready"))
         #expect(np > 10)
         #expect(ready >= np && ready <= np + 2 * Double(e.base.vcpus))
-        #expect((number(r.json, "apf_work_ratio") ?? 0) > 0)
         let model = try #require(number(r.json, "model_ratio"))
         #expect(model > 1.5 && model < 2.5)
+        // The measured ratio against the model's prediction for the same case, within a factor
+        // of two either way, on a host whose vCPU threads waited for a CPU at most 5% of the
+        // time (the report's own threshold). A loaded host lowers the ratio below 1 (measured
+        // x0.62 at 74% host wait): there the band would test the load, not APF.
+        let ratio = try #require(number(r.json, "apf_work_ratio"))
+        let hostWait = try #require(number(r.json, "host_runqueue_wait_share_max"))
+        if hostWait <= 0.05 {
+            #expect(ratio > model / 2 && ratio < model * 2, "measured x\(ratio) against the model's x\(model)")
+        } else {
+            #expect(ratio > 0, "host busy (\(hostWait) host wait): ratio x\(ratio) not compared with the model")
+        }
         for k in ["work_share_without_apf", "work_share_with_apf"] {
             let s = try #require(number(r.json, k))
             #expect(s > 0 && s < 1.3, "\(k) \(s)")

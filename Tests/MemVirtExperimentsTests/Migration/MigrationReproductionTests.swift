@@ -35,7 +35,6 @@ struct MigrationReproductionTests {
         }
         let pml = min(totals["ept-pml/bitmap"]!, totals["ept-pml/ring"]!)
         for (k, v) in totals where !k.hasPrefix("ept-pml") { #expect(pml < v, "\(k): \(v) ms vs PML \(pml) ms") }
-        #expect(Reproductions.named("log-dirty") != nil)
     }
 
     @Test("page-groups --quick: sequential writer's faults fall about n-fold while bytes rise; JSON shape")
@@ -73,5 +72,35 @@ struct MigrationReproductionTests {
         let converged = heavy.map { row -> Bool in if case .bool(let b)? = row["converged"] { b } else { false } }
         let ac = heavy.map { row -> Bool in if case .bool(let b)? = row["auto_converge"] { b } else { false } }
         #expect(converged == ac)
+    }
+}
+
+@Suite("The reproduction registry")
+struct ReproductionRegistryTests {
+    @Test("Every name is unique and names the reproduction it returns")
+    func namesResolve() {
+        #expect(Set(Reproductions.names).count == Reproductions.names.count)
+        for name in Reproductions.names { #expect(Reproductions.named(name)?.name == name) }
+        #expect(Reproductions.named("no-such-reproduction") == nil)
+    }
+}
+
+@Suite("QEMU comparison notes come from the measured phases")
+struct QEMUComparisonNotesTests {
+    @Test("The downtime note sums the phases from the stop, names the largest and the SYNC wait")
+    func downtimeBreakdown() {
+        let ms: UInt64 = 1_000_000
+        let phases: [(String, UInt64)] = [("round0", 900 * ms), ("rounds", 300 * ms), ("sync", 40 * ms), ("stop", 1 * ms),
+                                          ("final_harvest", 2 * ms), ("final_send", 3 * ms), ("state", 4 * ms), ("resumed", 10 * ms)]
+        let note = QEMUComparison.downtimeBreakdown(phases)
+        #expect(note.contains("(20.0 ms in all)"), "\(note)")
+        #expect(note.contains("The largest is 'resumed'"), "\(note)")
+        #expect(note.contains("50 %"), "\(note)")
+        #expect(note.contains("waited 40.0 ms"), "\(note)")
+        #expect(!note.contains("backlog is to blame") && !note.contains("~10 ms"))
+        var other = phases
+        other[7].1 = 1 * ms
+        other[6].1 = 30 * ms
+        #expect(QEMUComparison.downtimeBreakdown(other).contains("The largest is 'state'"))
     }
 }

@@ -51,7 +51,7 @@ struct KVMSnapshotTests {
         let small = WorkloadSpec(pattern: .sequential, footprint: .mib(4), accesses: 200_000, writeRatio: 1, seed: 1)
         let s = try Snapshot.save(small, afterNanos: 1_000_000_000, to: path)
         let fd = open(path, O_RDWR)
-        #expect(fd >= 0)
+        try #require(fd >= 0, "cannot open the snapshot just saved at \(path)")
         var st = stat()
         fstat(fd, &st)
         func poke(_ off: Int) { var b: UInt8 = 0; pread(fd, &b, 1, off_t(off)); b ^= 0x5a; pwrite(fd, &b, 1, off_t(off)) }

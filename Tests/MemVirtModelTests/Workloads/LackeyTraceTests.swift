@@ -377,6 +377,7 @@ private func spawn(_ program: String, _ args: [String]) throws -> Int32 {
 /// The package root, from this file's path (Tests/MemVirtModelTests/Workloads/LackeyTraceTests.swift:
 /// four components; it was three before the tests moved into folders).
 private func packageRoot(file: String = #filePath) -> String {
+    // Tests/MemVirtModelTests/Workloads/LackeyTraceTests.swift: four components below the root.
     var parts = file.split(separator: "/", omittingEmptySubsequences: false)
     parts.removeLast(4)
     return parts.joined(separator: "/")
