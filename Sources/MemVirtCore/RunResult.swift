@@ -15,8 +15,10 @@ public struct RunResult: Sendable {
     /// Simulated cycles by category, in the order the ledger declares them.
     public var cycleBreakdown: [(String, Double)]
     public var wallSeconds: Double
-    /// Engine-specific extra fields, appended after the shared ones.
+    /// Engine-specific extra fields, appended after the shared ones (for JSON and text).
     public var extra: [(String, JSONValue)]
+    /// What callers read back from a run, as typed values (the same figures are in `extra`).
+    public var facts = RunFacts()
 
     public init(
         engine: String, paging: String, pageSize: PageSize, workload: WorkloadSpec, counters: CounterSet,
@@ -42,5 +44,23 @@ public struct RunResult: Sendable {
         kv.append(("cycle_breakdown", .object(cycleBreakdown.map { ($0.0, .double($0.1)) })))
         kv.append(("wall_seconds", .double(wallSeconds)))
         return .object(kv + extra)
+    }
+}
+
+/// Figures of a run that other code reads back: typed, so nobody looks them up by string.
+public struct RunFacts: Sendable, Hashable {
+    /// Sum of the values the workload read (the SplitMix64 oracle's `read_sum`).
+    public var readSum: UInt64?
+    /// FNV-1a of the workload's memory at the end (when asked for).
+    public var memoryChecksum: UInt64?
+    /// The longest page walk counted, in memory references.
+    public var maxWalkRefs: Int?
+    /// Wall time of the access loop alone (without set-up and pre-faulting), seconds.
+    public var loopSeconds: Double?
+    public init(readSum: UInt64? = nil, memoryChecksum: UInt64? = nil, maxWalkRefs: Int? = nil, loopSeconds: Double? = nil) {
+        self.readSum = readSum
+        self.memoryChecksum = memoryChecksum
+        self.maxWalkRefs = maxWalkRefs
+        self.loopSeconds = loopSeconds
     }
 }

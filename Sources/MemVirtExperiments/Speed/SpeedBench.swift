@@ -82,9 +82,7 @@ public struct SpeedBench: Sendable {
     func timed(_ name: String, _ spec: WorkloadSpec, _ c: ModelConfig) throws -> Row {
         let r = try ModelEngine.run(spec: spec, config: c)
         // The run's wall time includes set-up and pre-faulting; time the access loop itself.
-        return Row(name: name, accesses: r.counters[.accesses], seconds: r.extra.first { $0.0 == "loop_seconds" }.flatMap {
-            if case .double(let d) = $0.1 { return d } else { return nil }
-        } ?? r.wallSeconds)
+        return Row(name: name, accesses: r.counters[.accesses], seconds: r.facts.loopSeconds ?? r.wallSeconds)
     }
 
     /// The same SplitMix64 addresses over a real buffer: what the hardware does natively.

@@ -30,7 +30,7 @@ public struct TwoDimensionalWalk: Experiment {
             c.pagingConfig.levels = g
             c.hostLevels = h
             let r = try ModelEngine.run(spec: WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: accesses / 4, seed: 1), config: c)
-            let maxRefs = r.extra.first { $0.0 == "max_walk_refs" }.flatMap { if case .int(let v) = $0.1 { return Int(v) } else { return nil } } ?? -1
+            let maxRefs = r.facts.maxWalkRefs ?? -1
             let avg = Double(r.counters[.walkMemoryRefs]) / Double(max(r.counters[.tlbMisses], 1))
             worst.add(["\(g)", "\(h)", "\(maxRefs)", formatFixed(avg, digits: 2), "\((g + 1) * (h + 1) - 1)"])
             walks.append(.object([

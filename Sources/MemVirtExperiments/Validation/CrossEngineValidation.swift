@@ -39,8 +39,8 @@ public struct CrossEngineValidation: Experiment {
                 config.paging = kind
                 config.memoryChecksum = true
                 let r = try ModelEngine.run(spec: spec, config: config)
-                readsEqual = readsEqual && r.extra.first { $0.0 == "read_sum" }?.1 == .uint(guest.readSum)
-                memoryEqual = memoryEqual && r.extra.first { $0.0 == "memory_checksum" }?.1 == .string("0x" + String(kvmMemory, radix: 16))
+                readsEqual = readsEqual && r.facts.readSum == guest.readSum
+                memoryEqual = memoryEqual && r.facts.memoryChecksum == kvmMemory
                 if kind == .shadow {
                     shadowFixed = r.counters[.pfFixed]
                     shadowWall = r.wallSeconds

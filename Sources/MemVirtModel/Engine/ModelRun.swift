@@ -395,10 +395,12 @@ public enum ModelEngine {
             }
         }
         let loopSeconds = loopClock.seconds
-        var memoryChecksum: JSONValue = .null
+        var memorySum: UInt64?
         if case .lackey = spec.pattern {} else if config.memoryChecksum {
-            memoryChecksum = .string("0x" + String(machine.memoryChecksum(base: spec.base.rawValue, bytes: spec.footprint.rawValue), radix: 16))
+            memorySum = machine.memoryChecksum(base: spec.base.rawValue, bytes: spec.footprint.rawValue)
         }
+        let memoryChecksum: JSONValue = memorySum.map { .string("0x" + String($0, radix: 16)) } ?? .null
+        let maxWalkRefs = (mode as? NestedPaging)?.maxWalkRefs ?? Int(machine.maxWalkRefs)
         let counters = machine.finish()
         // A trace's run reports the trace's own figures, not the flags' defaults: its accesses,
         // its footprint (distinct 4 KiB pages touched: each is one demand fault of the traced
@@ -410,7 +412,7 @@ public enum ModelEngine {
             workload.writeRatio = counters[.accesses] == 0 ? 0 : Double(counters[.writes]) / Double(counters[.accesses])
             workload.threads = 1
         }
-        return RunResult(
+        var result = RunResult(
             engine: "model", paging: mode.name, pageSize: config.pageSize, workload: workload, counters: counters,
             cycles: cpu.ledger.total, cycleBreakdown: cpu.ledger.breakdown, wallSeconds: clock.seconds,
             extra: [
@@ -418,7 +420,7 @@ public enum ModelEngine {
                 ("read_sum", .uint(machine.checksum)),
                 ("memory_checksum", memoryChecksum),
                 ("cost_model", .string(config.costs.name)),
-                ("max_walk_refs", .int(Int64((mode as? NestedPaging)?.maxWalkRefs ?? Int(machine.maxWalkRefs)))),
+                ("max_walk_refs", .int(Int64(maxWalkRefs))),
                 ("loop_seconds", .double(loopSeconds)),
                 ("simulated_seconds", .double(cpu.ledger.total / (config.costs.clockGHz * 1e9))),
                 ("walk_refs_by_where_hit", .object([
@@ -426,6 +428,8 @@ public enum ModelEngine {
                     ("llc", .uint(cpu.walkRefsSettled.llc)), ("dram", .uint(cpu.walkRefsSettled.dram)),
                 ])),
             ])
+        result.facts = RunFacts(readSum: machine.checksum, memoryChecksum: memorySum, maxWalkRefs: maxWalkRefs, loopSeconds: loopSeconds)
+        return result
     }
 
     /// Touches every page of `area` once (writes), then resets counters and the ledger.
