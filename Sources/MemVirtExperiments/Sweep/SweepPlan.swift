@@ -122,11 +122,7 @@ public struct SweepPlan: Sendable {
 
     /// 12 hex digits of FNV-1a 64 over the scenario text's UTF-8 bytes.
     public static func pointID(scenario: String) -> String {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in scenario.utf8 {
-            h ^= UInt64(b)
-            h = h &* 0x0000_0100_0000_01B3
-        }
+        let h = FNV1a.hash(bytes: scenario.utf8)
         let hex = String(h, radix: 16)
         return String((String(repeating: "0", count: 16 - hex.count) + hex).prefix(12))
     }

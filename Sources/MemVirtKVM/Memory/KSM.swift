@@ -479,8 +479,8 @@ public struct KSMOracle: Sendable, Equatable {
 
     static func contentHash(_ p: UnsafeRawPointer) -> UInt64 {
         let w = p.assumingMemoryBound(to: UInt64.self)
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
-        for k in 0..<512 { h = (h ^ w[k]) &* 0x0000_0100_0000_01B3 &+ UInt64(k) }
+        var h: UInt64 = FNV1a.offsetBasis
+        for k in 0..<512 { h = (h ^ w[k]) &* FNV1a.prime &+ UInt64(k) }
         return h
     }
 

@@ -406,7 +406,7 @@ public final class HostMemory: @unchecked Sendable {
     /// A hash of the page's content wherever it is (frame, swap slot, KSM page); nil if never backed.
     public func contentHash(owner: Int, gfn: UInt64) -> UInt64? {
         let p = owners[owner].pages[Int(gfn)]
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        var h: UInt64 = FNV1a.offsetBasis
         switch p.state {
         case .absent: return nil
         case .resident, .ksm: memory.hash(UInt64(p.frame) << 12, bytes: 4096, into: &h)

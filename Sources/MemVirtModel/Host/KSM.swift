@@ -56,7 +56,7 @@ extension HostMemory {
     }
 
     func frameHash(_ n: UInt32) -> UInt64 {
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        var h: UInt64 = FNV1a.offsetBasis
         memory.hash(UInt64(n) << 12, bytes: 4096, into: &h)
         return h == 0 ? 1 : h
     }

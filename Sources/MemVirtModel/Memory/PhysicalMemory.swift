@@ -92,7 +92,7 @@ public final class PhysicalMemory: @unchecked Sendable {
         var a = address
         let end = address + bytes
         while a < end {
-            h = (h ^ read64(a)) &* 0x0000_0100_0000_01B3
+            h = FNV1a.step(h, read64(a))
             a += 8
         }
     }

@@ -198,11 +198,11 @@ public protocol DirtyTracker: AnyObject {
 extension DirtyTracker {
     /// A hash of all guest-physical memory, page by page (a page never backed hashes as zeros).
     public func guestMemoryHash() -> UInt64 {
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        var h: UInt64 = FNV1a.offsetBasis
         let zero = GuestMemoryHash.zeroPageHash
         for gfn in 0..<guestFrames {
             if let p = sourcePage(gfn) {
-                var ph: UInt64 = 0xCBF2_9CE4_8422_2325
+                var ph: UInt64 = FNV1a.offsetBasis
                 sourceMemory.hash(p, bytes: 4096, into: &ph)
                 h = GuestMemoryHash.combine(h, ph)
             } else {
@@ -216,8 +216,8 @@ extension DirtyTracker {
 /// The whole-memory hash both sides compute (pages in gfn order).
 public enum GuestMemoryHash {
     public static let zeroPageHash: UInt64 = {
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
-        for _ in 0..<512 { h = (h ^ 0) &* 0x0000_0100_0000_01B3 }
+        var h: UInt64 = FNV1a.offsetBasis
+        for _ in 0..<512 { h = FNV1a.step(h, 0) }
         return h
     }()
     @inline(__always) public static func combine(_ h: UInt64, _ page: UInt64) -> UInt64 {

@@ -394,10 +394,10 @@ public final class LiveMigration {
 
     /// Hash of the destination: received pages as they are, others zero.
     public func destinationHash() -> UInt64 {
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        var h: UInt64 = FNV1a.offsetBasis
         for gfn in 0..<tracker.guestFrames {
             if received.contains(gfn) {
-                var ph: UInt64 = 0xCBF2_9CE4_8422_2325
+                var ph: UInt64 = FNV1a.offsetBasis
                 destination.hash(gfn << 12, bytes: 4096, into: &ph)
                 h = GuestMemoryHash.combine(h, ph)
             } else {
@@ -454,9 +454,9 @@ public final class LiveMigration {
         }
         // The destination at switch-over: pre-copied pages, and the missing ones as the
         // source holds them.
-        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        var h: UInt64 = FNV1a.offsetBasis
         for gfn in 0..<tracker.guestFrames {
-            var ph: UInt64 = 0xCBF2_9CE4_8422_2325
+            var ph: UInt64 = FNV1a.offsetBasis
             if missing.contains(gfn) { store.hash(gfn << 12, bytes: 4096, into: &ph) } else if received.contains(gfn) {
                 destination.hash(gfn << 12, bytes: 4096, into: &ph)
             } else { ph = GuestMemoryHash.zeroPageHash }

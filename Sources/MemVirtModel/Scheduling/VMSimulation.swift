@@ -169,7 +169,7 @@ public final class VMSimulation {
     var seq: UInt64 = 0
     var events: UInt64 = 0
     var active: VCPU?
-    var checksum: UInt64 = 0xCBF2_9CE4_8422_2325
+    var checksum: UInt64 = FNV1a.offsetBasis
     var setupSeconds = 0.0
     var prepared = false
     var maxOutstanding = 0
@@ -268,7 +268,7 @@ public final class VMSimulation {
             v.cpu.resetStatistics()
             v.buckets = v.buckets.map { _ in 0 }
         }
-        checksum = 0xCBF2_9CE4_8422_2325
+        checksum = FNV1a.offsetBasis
         setupSeconds = clock.seconds
     }
 

@@ -93,7 +93,7 @@ extension VMSimulation {
                 read = value
             } else {
                 read = host.memory.read64(pa)
-                checksum = (checksum ^ read) &* 0x0000_0100_0000_01B3
+                checksum = FNV1a.step(checksum, read)
             }
             // A counter is hot in L1D; a random access over a large buffer misses to DRAM (the
             // model has no data cache: CostModel.walkRefDRAM is its DRAM latency).
