@@ -76,7 +76,7 @@ let package = Package(
         .testTarget(name: "MemVirtModelTests", dependencies: ["MemVirtCore", "MemVirtModel"]),
         .testTarget(name: "MemVirtConfigTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtConfig"]),
         .testTarget(name: "MemVirtKVMTests", dependencies: ["MemVirtCore", "MemVirtKVM", "CKVM"]),
-        .testTarget(name: "MemVirtExperimentsTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments"]),
+        .testTarget(name: "MemVirtExperimentsTests", dependencies: ["MemVirtCore", "MemVirtModel", "MemVirtKVM", "MemVirtExperiments", "MemVirtReport"]),
         .testTarget(name: "MemVirtReportTests", dependencies: ["MemVirtCore", "MemVirtReport", "MemVirtExperiments"]),
     ]
 )

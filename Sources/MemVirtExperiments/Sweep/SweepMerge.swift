@@ -47,10 +47,10 @@ public struct SweepMerge: Sendable {
                 throw InputError("\(path): cannot read")
             }
             let v: JSONValue
-            do { v = try JSONValue.parse(text) } catch { throw InputError("\(path): \(error)") }
-            guard v["schema"]?.stringValue == SweepRunner.resultSchema else { continue }
-            guard let id = v["id"]?.stringValue, let index = v["index"]?.doubleValue, let axisPairs = v["axes"]?.objectPairs,
-                  let result = v["result"]?.objectPairs else {
+            do { v = try JSONReader.parse(text) } catch { throw InputError("\(path): \(error)") }
+            guard v["schema"]?.asString == SweepRunner.resultSchema else { continue }
+            guard let id = v["id"]?.asString, let index = v["index"]?.asDouble, let axisPairs = v["axes"]?.asObject,
+                  let result = v["result"]?.asObject else {
                 throw InputError("\(path): a \(SweepRunner.resultSchema) file needs id, index, axes and result")
             }
             var row = Row(id: id, index: Int(index), axes: [:], metrics: [:])
@@ -97,8 +97,8 @@ public struct SweepMerge: Sendable {
         }
         for (k, v) in result where !["schema", "engine", "paging", "page_size", "workload"].contains(k) {
             switch k {
-            case "counters": for (c, x) in v.objectPairs ?? [] { walk(c, x) }
-            case "cycle_breakdown": for (c, x) in v.objectPairs ?? [] { walk("cycles.\(c)", x) }
+            case "counters": for (c, x) in v.asObject ?? [] { walk(c, x) }
+            case "cycle_breakdown": for (c, x) in v.asObject ?? [] { walk("cycles.\(c)", x) }
             default: walk(k, v)
             }
         }
@@ -132,8 +132,8 @@ public struct SweepMerge: Sendable {
     /// The metric the figures and summary tables show: simulated cycles when the runs have
     /// them, else the first numeric column.
     public var headline: String? {
-        if columns.contains("cycles"), rows.contains(where: { $0.metrics["cycles"]?.doubleValue != nil }) { return "cycles" }
-        return columns.first { c in rows.contains { $0.metrics[c]?.doubleValue != nil } }
+        if columns.contains("cycles"), rows.contains(where: { $0.metrics["cycles"]?.asDouble != nil }) { return "cycles" }
+        return columns.first { c in rows.contains { $0.metrics[c]?.asDouble != nil } }
     }
 
     /// Axes with more than one value.
@@ -157,7 +157,7 @@ public struct SweepMerge: Sendable {
             for a in variedAxes {
                 var s = TextTable(title: "\(h) by \(a)", header: [a, "points", "mean \(h)", "min", "max"])
                 for v in axisValues[a] ?? [] {
-                    let ys = rows.filter { $0.axes[a] == v }.compactMap { $0.metrics[h]?.doubleValue }
+                    let ys = rows.filter { $0.axes[a] == v }.compactMap { $0.metrics[h]?.asDouble }
                     guard !ys.isEmpty else { continue }
                     s.add([v.description, String(ys.count), formatGrouped(UInt64(max(0, ys.reduce(0, +) / Double(ys.count)).rounded())),
                            formatGrouped(UInt64(max(0, ys.min()!).rounded())), formatGrouped(UInt64(max(0, ys.max()!).rounded()))])
@@ -180,7 +180,7 @@ public struct SweepMerge: Sendable {
 
     /// Means of `metric` over the rows matching `fixed` (axis -> value).
     func mean(_ metric: String, where fixed: [String: ScenarioValue]) -> Double? {
-        let ys = rows.filter { r in fixed.allSatisfy { r.axes[$0.key] == $0.value } }.compactMap { $0.metrics[metric]?.doubleValue }
+        let ys = rows.filter { r in fixed.allSatisfy { r.axes[$0.key] == $0.value } }.compactMap { $0.metrics[metric]?.asDouble }
         return ys.isEmpty ? nil : ys.reduce(0, +) / Double(ys.count)
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import MemVirtCore
+import MemVirtReport
 
 #if canImport(Glibc)
 import Glibc
@@ -116,8 +117,8 @@ public struct SweepRunner: Sendable {
             failure = why
         } else {
             do {
-                let v = try JSONValue.parse(stdoutText.trimmingCharacters(in: .whitespacesAndNewlines))
-                guard v.objectPairs != nil else { throw InputError("the run printed JSON that is not an object") }
+                let v = try JSONReader.parse(stdoutText.trimmingCharacters(in: .whitespacesAndNewlines))
+                guard v.asObject != nil else { throw InputError("the run printed JSON that is not an object") }
                 let wrapper: JSONValue = .object([
                     ("schema", .string(Self.resultSchema)), ("id", .string(r.point.id)), ("index", .int(Int64(r.point.index))),
                     ("axes", .object(zip(plan.axes, r.point.values).map { ($0.key, $1.json) })),

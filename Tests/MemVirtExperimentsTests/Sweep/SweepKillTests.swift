@@ -1,5 +1,6 @@
 import Foundation
 import MemVirtCore
+import MemVirtReport
 import MemVirtExperiments
 import Testing
 
@@ -59,8 +60,8 @@ struct SweepKillTests {
         // What is there is whole.
         var inodes: [String: UInt64] = [:]
         for name in before {
-            let v = try JSONValue.parse(try String(contentsOfFile: "\(out)/\(name)", encoding: .utf8))
-            #expect(v["result"]?["counters"]?["accesses"]?.doubleValue == 200_000)
+            let v = try JSONReader.parse(try String(contentsOfFile: "\(out)/\(name)", encoding: .utf8))
+            #expect(v["result"]?["counters"]?["accesses"]?.asDouble == 200_000)
             inodes[name] = try FileManager.default.attributesOfItem(atPath: "\(out)/\(name)")[.systemFileNumber] as? UInt64
         }
         // The same command again runs to the end.

@@ -58,13 +58,13 @@ struct SweepRunnerTests {
                 #expect(err.contains("bad seed 13") && err.contains("exit status 3"), "\(err)")
             } else {
                 #expect(o == .ran)
-                let v = try JSONValue.parse(try String(contentsOfFile: runner.resultPath(p), encoding: .utf8))
-                #expect(v["schema"]?.stringValue == SweepRunner.resultSchema)
-                #expect(v["id"]?.stringValue == p.id)
-                #expect(v["scenario"]?.stringValue == p.scenario)
-                #expect(v["result"]?["counters"]?["accesses"]?.doubleValue == Double(seed))
-                #expect(v["result"]?["counters"]?["bytes"]?.doubleValue == Double(p.scenario.utf8.count))
-                #expect(v["axes"]?["platform.paging"]?.stringValue == p.values[0].description)
+                let v = try JSONReader.parse(try String(contentsOfFile: runner.resultPath(p), encoding: .utf8))
+                #expect(v["schema"]?.asString == SweepRunner.resultSchema)
+                #expect(v["id"]?.asString == p.id)
+                #expect(v["scenario"]?.asString == p.scenario)
+                #expect(v["result"]?["counters"]?["accesses"]?.asDouble == Double(seed))
+                #expect(v["result"]?["counters"]?["bytes"]?.asDouble == Double(p.scenario.utf8.count))
+                #expect(v["axes"]?["platform.paging"]?.asString == p.values[0].description)
             }
         }
         #expect(lines(log).count == 6)
