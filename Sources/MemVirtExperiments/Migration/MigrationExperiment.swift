@@ -46,7 +46,7 @@ public struct MigrationReproduction: Experiment {
             c.maxRounds = 30
             // The quick guest (16 MiB) fits QEMU's 300 ms at once: scale the limit with it.
             if quick { c.downtimeLimit = 0.030 }
-            let r = try LiveMigration(guest: guest, config: c).run()
+            let r = try MigrationSimulation(guest: guest, config: c).run()
             let wall = clock.seconds
             if name.hasPrefix("1 GiB") { timed = wall }
             t.add([name, "\(kind)", ac ? "yes" : "no", "\(r.rounds.count)", formatFixed(r.downtimeSeconds * 1e3, digits: 1), formatFixed(r.totalSeconds * 1e3, digits: 0),

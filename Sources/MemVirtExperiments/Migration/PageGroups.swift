@@ -30,7 +30,7 @@ public struct PageGroups: Experiment {
                 var c = MigrationConfig()
                 c.pageGroup = n
                 c.maxRounds = 30
-                let r = try LiveMigration(guest: guest, config: c).run()
+                let r = try MigrationSimulation(guest: guest, config: c).run()
                 let faults = Double(r.trackingTotals.writeFaults)
                 if n == 1 { firstRows[name] = (faults, r.bytes) }
                 let base = firstRows[name]!

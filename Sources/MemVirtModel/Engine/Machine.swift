@@ -57,7 +57,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     public let mode: Mode
     public let cpu: ModelCPU
     let tlb: TLBHierarchy
-    public let kernel: GuestKernel
+    public let kernel: SimulatedGuestKernel
     /// The address space the vCPU runs in (CR3).
     public private(set) var space: AddressSpace {
         didSet {
@@ -102,7 +102,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     public var readModifyWrite = false
     public let computePerAccess: Double
 
-    public init(mode: Mode, cpu: ModelCPU, kernel: GuestKernel, space: AddressSpace, computePerAccess: UInt64 = 0) {
+    public init(mode: Mode, cpu: ModelCPU, kernel: SimulatedGuestKernel, space: AddressSpace, computePerAccess: UInt64 = 0) {
         self.mode = mode
         self.cpu = cpu
         self.kernel = kernel

@@ -53,7 +53,7 @@ public struct MachineBody<R> {
 public protocol MachineRunner: AnyObject {
     var modeName: String { get }
     var cpu: ModelCPU { get }
-    var kernel: GuestKernel { get }
+    var kernel: SimulatedGuestKernel { get }
     var space: AddressSpace { get }
     var checksum: UInt64 { get }
     var observer: ((UInt64, UInt64) -> Void)? { get set }
@@ -288,7 +288,7 @@ public enum ModelEngine {
     }
 
     static func machine<M: PagingMode>(_ mode: M, _ cpu: ModelCPU, _ config: ModelConfig, _ capacity: UInt64) throws -> Machine<M> {
-        let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
+        let kernel = SimulatedGuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
         let space = try kernel.createAddressSpace()
         let m = Machine(mode: mode, cpu: cpu, kernel: kernel, space: space)
         m.switchAddressSpace(to: space)
@@ -341,7 +341,7 @@ public enum ModelEngine {
         var loopClock = WallClock()
         let cpu = given ?? ModelCPU(tlb: config.tlb, paging: config.pagingConfig, costs: config.costs)
         cpu.modelLineCache = config.modelLineCache
-        let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
+        let kernel = SimulatedGuestKernel(memory: mode.guestMemory, capacity: capacity, paging: config.pagingConfig)
         let space = try kernel.createAddressSpace()
         mode.switchAddressSpace(to: space, cpu: cpu)
         let machine = Machine(mode: mode, cpu: cpu, kernel: kernel, space: space, computePerAccess: spec.computePerAccess)

@@ -88,7 +88,7 @@ public enum GuestFaultResolution: Sendable, Equatable {
 /// A guest kernel model: processes with address spaces made of areas, page tables built in
 /// guest-physical memory as x86-64 hardware reads them, and a page-fault handler that maps
 /// fresh zeroed frames on demand (so a workload runs from an empty address space).
-public final class GuestKernel: @unchecked Sendable {
+public final class SimulatedGuestKernel: @unchecked Sendable {
     public let memory: GuestPhysicalMemory
     public let paging: PagingConfig
     public var frames: FrameAllocator

@@ -168,7 +168,7 @@ public final class MigrationGuest {
     }
 
     static func machine<M: PagingMode>(_ mode: M, _ cpu: ModelCPU, _ capacity: UInt64, _ spec: WorkloadSpec) throws -> Machine<M> {
-        let kernel = GuestKernel(memory: mode.guestMemory, capacity: capacity, paging: cpu.paging)
+        let kernel = SimulatedGuestKernel(memory: mode.guestMemory, capacity: capacity, paging: cpu.paging)
         let space = try kernel.createAddressSpace()
         let m = Machine(mode: mode, cpu: cpu, kernel: kernel, space: space, computePerAccess: spec.computePerAccess)
         m.switchAddressSpace(to: space)
@@ -227,7 +227,7 @@ public final class MigrationGuest {
 }
 
 /// Live migration of a `MigrationGuest` to a destination memory over a modeled link.
-public final class LiveMigration {
+public final class MigrationSimulation {
     public let guest: MigrationGuest
     public let config: MigrationConfig
     var tracker: any DirtyTracker { guest.tracker }

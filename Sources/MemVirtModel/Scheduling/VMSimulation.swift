@@ -103,7 +103,7 @@ public final class VMSimulation {
     public let config: VMSimulationConfig
     public let host: HostMemory
     public let nested: NestedPaging
-    public let kernel: GuestKernel
+    public let kernel: SimulatedGuestKernel
     public let space: AddressSpace
     let ghz: Double
 
@@ -189,7 +189,7 @@ public final class VMSimulation {
         for c in cpus { nested.bind(c) }
         nested.bind(cpus[0])
         nested.clockDriven = true
-        kernel = GuestKernel(memory: nested.guestMemory, capacity: capacity, paging: config.paging)
+        kernel = SimulatedGuestKernel(memory: nested.guestMemory, capacity: capacity, paging: config.paging)
         space = try kernel.createAddressSpace()
         vcpus = cpus.enumerated().map { VCPU(index: $0.offset, cpu: $0.element) }
         for v in vcpus {

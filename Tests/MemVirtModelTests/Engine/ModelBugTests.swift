@@ -63,7 +63,7 @@ struct ModelBugTests {
 
     @Test("Live address spaces keep distinct PCIDs across the wrap")
     func pcidsOfLiveSpacesAreDistinct() throws {
-        let kernel = GuestKernel(memory: NativeGuestMemory(try PhysicalMemory(capacity: 1 << 30, name: "t")), capacity: 1 << 30, paging: PagingConfig())
+        let kernel = SimulatedGuestKernel(memory: NativeGuestMemory(try PhysicalMemory(capacity: 1 << 30, name: "t")), capacity: 1 << 30, paging: PagingConfig())
         let keep = try kernel.createAddressSpace()
         for _ in 0..<5000 { kernel.exit(try kernel.createAddressSpace()) }
         let live = try (0..<10).map { _ in try kernel.createAddressSpace() }

@@ -37,7 +37,7 @@ struct MigrationTests {
             let guest = try randomGuest(mode, seed: seed &* 31 &+ UInt64(i))
             var config = smallConfig(kind, harvest: i == 1 ? .ring : .bitmap)
             config.guestRunsAfterSwitch = false
-            let m = try LiveMigration(guest: guest, config: config)
+            let m = try MigrationSimulation(guest: guest, config: config)
             let r = try m.run()
             #expect(r.hashesMatch, "\(mode.rawValue) \(kind): source \(r.sourceHash) destination \(r.destinationHash)")
             if case .preCopy = kind {
@@ -59,7 +59,7 @@ struct MigrationTests {
             guest.onAccess = { a, pa in
                 if a.kind == .write { expected[a.address.rawValue & ~7] = mem.read64(pa) }
             }
-            let m = try LiveMigration(guest: guest, config: smallConfig(kind))
+            let m = try MigrationSimulation(guest: guest, config: smallConfig(kind))
             let r = try m.run()
             #expect(!expected.isEmpty)
             var lost = 0
@@ -73,7 +73,7 @@ struct MigrationTests {
     func hugePages() throws {
         for mode in [DirtyTrackingMode.shadowWriteProtect, .nestedDirtyBits, .nestedPML] {
             let guest = try randomGuest(mode, seed: 7, pages: 2048, hostPageSize: .size2M, pageSize: mode.paging == .shadow ? .size2M : .size4K)
-            let m = try LiveMigration(guest: guest, config: smallConfig(.preCopy))
+            let m = try MigrationSimulation(guest: guest, config: smallConfig(.preCopy))
             let r = try m.run()
             #expect(r.hashesMatch, "\(mode.rawValue)")
             #expect(r.trackingTotals.hugePagesSplit > 0, "\(mode.rawValue): no huge page split")
@@ -86,7 +86,7 @@ struct MigrationTests {
         var fixups: [DirtyTrackingMode: UInt64] = [:]
         for mode in [DirtyTrackingMode.shadowWriteProtect, .shadowDropAll] {
             let guest = try randomGuest(mode, seed: 9, writeRatio: 0.3, pages: 1024)
-            let r = try LiveMigration(guest: guest, config: smallConfig(.preCopy)).run()
+            let r = try MigrationSimulation(guest: guest, config: smallConfig(.preCopy)).run()
             reshadow[mode] = r.trackingTotals.reshadowFaults
             fixups[mode] = r.trackingTotals.writeFaults
             #expect(r.hashesMatch)
@@ -106,7 +106,7 @@ struct MigrationTests {
             var c = smallConfig(.preCopy)
             c.pageGroup = n
             c.maxRounds = 4
-            let r = try LiveMigration(guest: guest, config: c).run()
+            let r = try MigrationSimulation(guest: guest, config: c).run()
             #expect(r.hashesMatch)
             faults[n] = r.trackingTotals.writeFaults
             bytes[n] = r.bytes
@@ -126,7 +126,7 @@ struct MigrationTests {
             var c = smallConfig(.preCopy)
             c.autoConverge = ac
             c.maxRounds = 30
-            let r = try LiveMigration(guest: guest, config: c).run()
+            let r = try MigrationSimulation(guest: guest, config: c).run()
             #expect(r.hashesMatch)
             results[ac] = r
         }

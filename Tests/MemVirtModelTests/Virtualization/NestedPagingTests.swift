@@ -62,7 +62,7 @@ struct NestedPagingTests {
         }
         #expect(nested.nestedTLBHits == 0)
         // Through the machine: a guest page mapped at the MMIO gpa exits as MMIO.
-        let kernel = GuestKernel(memory: nested.guestMemory, capacity: 1 << 30, paging: cpu.paging)
+        let kernel = SimulatedGuestKernel(memory: nested.guestMemory, capacity: 1 << 30, paging: cpu.paging)
         let space = try kernel.createAddressSpace()
         let m = Machine(mode: nested, cpu: cpu, kernel: kernel, space: space)
         m.switchAddressSpace(to: space)
@@ -134,7 +134,7 @@ struct NestedPagingTests {
         // A limit of 4 pages and no room in swap: the guest's page tables alone exhaust it.
         let host = try HostMemory(capacity: 2 << 30, limit: .kib(16), swapDevice: .nvme, swapSlots: 1)
         let nested = try NestedPaging(cpu: cpu, guestCapacity: 1 << 30, hostMemory: host)
-        let kernel = GuestKernel(memory: nested.guestMemory, capacity: 1 << 30, paging: cpu.paging)
+        let kernel = SimulatedGuestKernel(memory: nested.guestMemory, capacity: 1 << 30, paging: cpu.paging)
         let space = try kernel.createAddressSpace()
         let m = Machine(mode: nested, cpu: cpu, kernel: kernel, space: space)
         m.switchAddressSpace(to: space)

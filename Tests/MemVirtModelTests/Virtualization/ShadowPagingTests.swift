@@ -5,7 +5,7 @@ import Testing
 
 /// The reference two-stage translation: the guest's tables (a software walk) then the
 /// hypervisor's guest-physical to host-physical map. Independent of the shadow tables.
-func referenceHost(_ va: UInt64, kernel: GuestKernel, space: AddressSpace, shadow: ShadowPaging) -> (host: UInt64, entry: PageTableEntry)? {
+func referenceHost(_ va: UInt64, kernel: SimulatedGuestKernel, space: AddressSpace, shadow: ShadowPaging) -> (host: UInt64, entry: PageTableEntry)? {
     guard let leaf = kernel.lookupLeaf(va, space: space) else { return nil }
     let gpa = leaf.entry.pageBase(leaf.size) | (va & leaf.size.offsetMask)
     guard let page = shadow.backedPage(gpa >> 12) else { return nil }
