@@ -137,9 +137,9 @@ public struct ConfigTable {
 }
 
 /// TOML text helpers for writing files.
-enum TOMLText {
+public enum TOMLText {
     /// A basic string with the escapes TOML requires.
-    static func quote(_ s: String) -> String {
+    public static func quote(_ s: String) -> String {
         var out = "\""
         for u in s.unicodeScalars {
             switch u {

@@ -27,22 +27,7 @@ public enum ScenarioValue: Sendable, Hashable, CustomStringConvertible {
     public var toml: String {
         switch self {
         case .string(let s):
-            var out = "\""
-            for u in s.unicodeScalars {
-                switch u {
-                case "\"": out += "\\\""
-                case "\\": out += "\\\\"
-                case "\n": out += "\\n"
-                case "\t": out += "\\t"
-                case "\r": out += "\\r"
-                default:
-                    if u.value < 0x20 || u.value == 0x7F {
-                        let h = String(u.value, radix: 16, uppercase: true)
-                        out += "\\u" + String(repeating: "0", count: 4 - h.count) + h
-                    } else { out.unicodeScalars.append(u) }
-                }
-            }
-            return out + "\""
+            return TOMLText.quote(s)
         case .int(let i): return String(i)
         case .double(let d): return d.isFinite ? "\(d)" : (d.isNaN ? "nan" : (d > 0 ? "inf" : "-inf"))
         case .bool(let b): return b ? "true" : "false"
