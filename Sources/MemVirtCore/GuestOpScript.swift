@@ -4,7 +4,9 @@
 ///
 /// Semantics (both realizations follow them exactly; the model's guest kernel is the policy
 /// reference for which PTE writes, INVLPGs and CR3 writes each operation makes):
-/// - Space 0 exists at the start and is current. `fork` creates the next space id (1, 2, ...).
+/// - Space 0 exists at the start and is current. `fork` gives the new space the smallest id
+///   no live space has (1, 2, ...; an exited space's id is reused, so a loop body can name
+///   the child it forks: `loop(n, [fork, switchTo(1), ..., switchTo(0), exit(1)])`).
 /// - A region `r` of a space spans `pages` 4 KiB pages from `regionBase(r)`; regions of one
 ///   space never overlap (each has its own 1 GiB slot, so its own page-directory entry).
 /// - `map` writes no PTE: the first touch of each page is a guest #PF handled by the guest's
@@ -12,7 +14,9 @@
 ///   #PF that copies the page (or takes it over when no other space maps it).
 /// - `touch` makes `count` accesses to word 0 of region pages: `sequential` visits page
 ///   `i mod pages`, `uniform` draws the page with SplitMix64 seeded by the script's seed
-///   (one generator for the whole script, in script order).
+///   (one generator for the whole script, in script order). A write stores
+///   v(n) = (n + 1) * 0x9E3779B97F4A7C15 (mod 2^64), n counting the script's touch accesses
+///   from 0 (reads and writes alike); a read adds the word it sees to `read_sum`.
 public struct GuestOpScript: Sendable, Hashable {
     public enum TouchOrder: String, Sendable, Hashable, CaseIterable {
         case sequential, uniform
