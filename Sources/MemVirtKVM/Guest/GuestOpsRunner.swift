@@ -116,6 +116,25 @@ public struct GuestOpsResult: Sendable {
 
     public func kvm(_ name: String) -> UInt64 { kvm[name] ?? 0 }
 
+    /// The KVM stats a report shows (what the model predicts), in this order.
+    public static let reportedStats = [
+        "pf_guest", "pf_fixed", "pf_taken", "pf_emulate", "pf_spurious", "mmu_pte_write", "mmu_unsync", "mmu_shadow_zapped",
+        "mmu_pde_zapped", "mmu_flooded", "mmu_recycled", "mmu_cache_miss", "invlpg", "tlb_flush", "insn_emulation",
+        "insn_emulation_fail", "exits", "irq_exits", "io_exits", "mmio_exits",
+    ]
+
+    /// A table: the guest's counts, KVM's counters and per guest #PF, the times.
+    public var text: String {
+        func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+        func lpad(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
+        var t = "guest op script (\(guest.opsExecuted) ops\(pcidEnabled ? ", PCID" : "")): \(formatFixed(wallSeconds, digits: 3)) s wall, \(formatFixed(cpuSeconds, digits: 3)) s vCPU thread CPU, pool \(poolFrames) frames\n"
+        t += "guest kernel:\n"
+        for (k, v) in guest.fields { t += "  " + pad(k, 22) + lpad("\(v)", 22) + "\n" }
+        t += "KVM (measured phase):\n"
+        for k in Self.reportedStats { t += "  " + pad(k, 22) + lpad("\(kvm(k))", 22) + "\n" }
+        return t
+    }
+
     public var json: JSONValue {
         .object([
             ("pcid", .bool(pcidEnabled)), ("seed", .uint(script.seed)),
