@@ -15,6 +15,9 @@ public struct GuestOpsOptions: Sendable {
     public var poolFrames: Int? = nil
     /// Refuse the run when it would need more host memory than this.
     public var memoryLimit: UInt64? = nil
+    /// Run the vCPU thread at SCHED_FIFO priority 1 where permitted (as `kvm calibrate`), so
+    /// other processes' load does not sit inside the measured phase's wall time.
+    public var realtime = true
     public init() {}
 }
 
@@ -113,6 +116,8 @@ public struct GuestOpsResult: Sendable {
     /// Frames the VMM took for space 0 (its root and PDPT), before the run.
     public var presetFrames: Int
     public var pcidEnabled: Bool
+    /// The vCPU thread ran at SCHED_FIFO (see `GuestOpsOptions.realtime`).
+    public var realtime: Bool
 
     public func kvm(_ name: String) -> UInt64 { kvm[name] ?? 0 }
 
@@ -127,7 +132,7 @@ public struct GuestOpsResult: Sendable {
     public var text: String {
         func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
         func lpad(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
-        var t = "guest op script (\(guest.opsExecuted) ops\(pcidEnabled ? ", PCID" : "")): \(formatFixed(wallSeconds, digits: 3)) s wall, \(formatFixed(cpuSeconds, digits: 3)) s vCPU thread CPU, pool \(poolFrames) frames\n"
+        var t = "guest op script (\(guest.opsExecuted) ops\(pcidEnabled ? ", PCID" : "")): \(formatFixed(wallSeconds, digits: 3)) s wall, \(formatFixed(cpuSeconds, digits: 3)) s vCPU thread CPU, pool \(poolFrames) frames\(realtime ? ", SCHED_FIFO" : "")\n"
         t += "guest kernel:\n"
         for (k, v) in guest.fields { t += "  " + pad(k, 22) + lpad("\(v)", 22) + "\n" }
         t += "KVM (measured phase):\n"
@@ -137,7 +142,7 @@ public struct GuestOpsResult: Sendable {
 
     public var json: JSONValue {
         .object([
-            ("pcid", .bool(pcidEnabled)), ("seed", .uint(script.seed)),
+            ("pcid", .bool(pcidEnabled)), ("seed", .uint(script.seed)), ("realtime_scheduling", .bool(realtime)),
             ("measured_seconds", .double(wallSeconds)), ("cpu_seconds", .double(cpuSeconds)),
             ("pool_frames", .int(Int64(poolFrames))), ("preset_frames", .int(Int64(presetFrames))),
             ("guest", .object(guest.fields.map { ($0.0, .uint($0.1)) })),
@@ -183,6 +188,7 @@ public enum GuestOpsRunner {
         try HostMemoryBudget(parts: [("frame pool", poolBytes), ("runtime and script", listBytes + (4 << 20))])
             .check("this guest op script", limit: options.memoryLimit)
         return try onDedicatedThread(name: "memvirt-ops") { () throws(KVMError) -> GuestOpsResult in
+            let realtime = options.realtime && enterRealtimeScheduling()
             let kvm = try KVM()
             if script.pcid, try !pcidOffered(kvm) {
                 throw KVMError.invalid("this script uses PCIDs, and this host's KVM does not offer PCID to guests (CPUID.01H:ECX bit 17 is clear in KVM_GET_SUPPORTED_CPUID; kvm_pvm does not): run it with pcid off, or on a host whose KVM offers PCID")
@@ -281,7 +287,7 @@ public enum GuestOpsRunner {
             return GuestOpsResult(
                 script: script, guest: GuestOpsCounts(done), kvm: deltas, vmmExits: outcome.userspaceExits,
                 cpuSeconds: Double(cpu1 - cpu0) / 1e9, wallSeconds: Double(outcome.endNanos - outcome.startNanos) / 1e9,
-                poolFrames: frames, presetFrames: 2, pcidEnabled: script.pcid)
+                poolFrames: frames, presetFrames: 2, pcidEnabled: script.pcid, realtime: realtime)
         }
     }
 
