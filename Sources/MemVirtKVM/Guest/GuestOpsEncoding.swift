@@ -22,6 +22,8 @@ public struct GuestOpsPlan: Sendable {
     public var touches: UInt64
 
     public static let maxExecutedOps = 20_000_000
+    /// Touch accesses a script may make (each is a guest access; a fault costs ~100 us here).
+    public static let maxTouches: UInt64 = 1 << 36
     public static let maxDepth = Int(MEMVIRT_OPS_MAX_DEPTH)
     public static let maxSpaces = Int(MEMVIRT_OPS_MAX_SPACES)
     public static let maxPagesPerRegion = 1 << 18
@@ -125,7 +127,10 @@ public struct GuestOpsPlan: Sendable {
                 case .touch(let r, let count, _, let write):
                     guard let reg = s.regions[r], reg.mapped else { throw InputError("\(here) (touch): region \(r) is not mapped in space \(current)") }
                     if write && !reg.writable { throw InputError("\(here) (touch): a write to read-only region \(r) of space \(current) (the guest would fault: SIGSEGV)") }
-                    touches &+= UInt64(count)
+                    touches += UInt64(count)
+                    guard touches <= GuestOpsPlan.maxTouches else {
+                        throw InputError("\(here) (touch): the script makes more than \(GuestOpsPlan.maxTouches) touches (loops unrolled)")
+                    }
                 case .protect(let r, let writable):
                     guard s.regions[r]?.mapped == true else { throw InputError("\(here) (protect): region \(r) is not mapped in space \(current)") }
                     s.regions[r]!.writable = writable

@@ -279,6 +279,21 @@ struct GuestOpsTests {
         }
     }
 
+    @Test("a pool too small for the script stops the guest kernel with a clear error, not a crash")
+    func poolExhausted() throws {
+        var o = GuestOpsOptions()
+        o.poolFrames = 8
+        o.realtime = false
+        // A 2 MiB pool (512 frames; 8 asked, rounded up) against 1,000 pages.
+        let script = GuestOpScript(ops: [.map(region: 0, pages: 1000, writable: true), .touch(region: 0, count: 1000, order: .sequential, write: true)])
+        do {
+            _ = try GuestOpsRunner.run(script, options: o)
+            Issue.record("a 512-frame pool held 1,000 pages")
+        } catch {
+            #expect("\(error)".contains("frame pool (512 frames) is exhausted"), "\(error)")
+        }
+    }
+
     @Test("bad scripts are refused before any VM, naming the op")
     func badScripts() {
         func message(_ s: GuestOpScript) -> String {
@@ -290,5 +305,8 @@ struct GuestOpsTests {
         #expect(message(GuestOpScript(ops: [.exit(space: 0)])).contains("is current"))
         #expect(message(GuestOpScript(ops: [.loop(count: 2, body: [.fork, .switchTo(space: 1), .exit(space: 1)])])).contains("ops[0].body (iteration 1)[2] (exit)"))
         #expect(message(GuestOpScript(ops: [.switchTo(space: 3)])).contains("space 3 does not exist"))
+        #expect(message(GuestOpScript(ops: [.map(region: 0, pages: 1 << 19, writable: true)])).contains("a region holds 1...262144"))
+        #expect(message(GuestOpScript(ops: [.map(region: 0, pages: 1, writable: true), .touch(region: 0, count: 1 << 37, order: .uniform, write: false)])).contains("more than"))
+        #expect(message(GuestOpScript(ops: [.loop(count: 64, body: [.fork])])).contains("64 spaces are live already"))
     }
 }
