@@ -38,6 +38,8 @@
 #define REGION_BASE 0x0000004000000000ull
 #define REGION_PDPT_INDEX 256
 #define GOLDEN 0x9E3779B97F4A7C15ull
+/// link[] mark of a freed page-table frame (until it is handed out again).
+#define FREED_TABLE 0x80000000u
 
 typedef struct memvirt_ops_state ops_state;
 typedef struct memvirt_ops_space ops_space;
@@ -117,6 +119,12 @@ GI int alloc_frame(ops_state *s, uint64_t *out) {
     }
     s->frames_in_use = s->frames_in_use + 1;
     if (s->frames_in_use > s->peak_frames) s->peak_frames = s->frames_in_use;
+    uint32_t *link = (uint32_t *)s->link;
+    if (link[i] & FREED_TABLE) {
+        // A frame the shadow MMU may still shadow as a page table (an exited space's).
+        s->reused_table_frames = s->reused_table_frames + 1;
+        link[i] = 0;
+    }
     *out = frame_gpa(s, i);
     return 1;
 }
@@ -327,6 +335,7 @@ GI void op_exit(ops_state *s, uint64_t id) {
     for (uint64_t i = sp->tables_head; i;) {
         uint64_t next = link[i - 1];
         free_frame(s, frame_gpa(s, i - 1));
+        link[i - 1] = FREED_TABLE;
         i = next;
     }
     sp->tables_head = sp->tables_tail = 0;

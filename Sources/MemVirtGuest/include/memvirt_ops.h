@@ -134,6 +134,7 @@ struct memvirt_ops_state {
     uint64_t next_pcid;
     uint64_t pcids_wrapped;
     uint64_t rng;
-    uint64_t reserved_out[8];
+    uint64_t reused_table_frames; // frames handed out again whose last use was a page-table page
+    uint64_t reserved_out[7];
     struct memvirt_ops_space spaces[MEMVIRT_OPS_MAX_SPACES];
 };

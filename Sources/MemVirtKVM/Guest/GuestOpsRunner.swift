@@ -53,6 +53,9 @@ public struct GuestOpsCounts: Sendable, Hashable {
     public var writes: UInt64
     public var readSum: UInt64
     public var checksum: UInt64
+    /// Frames handed out again (as data or table) whose last use was a page-table page of an
+    /// exited space: KVM may still shadow them, so filling them traps word by word.
+    public var reusedTableFrames: UInt64
 
     init(_ s: memvirt_ops_state) {
         opsExecuted = s.ops_executed
@@ -81,6 +84,7 @@ public struct GuestOpsCounts: Sendable, Hashable {
         writes = s.writes
         readSum = s.read_sum
         checksum = s.checksum
+        reusedTableFrames = s.reused_table_frames
     }
 
     public var fields: [(String, UInt64)] {
@@ -91,7 +95,7 @@ public struct GuestOpsCounts: Sendable, Hashable {
          ("frames_zeroed", framesZeroed), ("table_pages", tablePages), ("frames_in_use", framesInUse),
          ("peak_frames", peakFrames), ("frames_ever_used", framesEverUsed), ("forks", forks), ("exits", exits),
          ("pages_unmapped", pagesUnmapped), ("touches", touches), ("reads", reads), ("writes", writes),
-         ("read_sum", readSum), ("checksum", checksum)]
+         ("read_sum", readSum), ("checksum", checksum), ("reused_table_frames", reusedTableFrames)]
     }
 
     /// Entry writes of every kind (what a shadow MMU may have to notice).
