@@ -87,10 +87,12 @@ public struct GuestOpsCounts: Sendable, Hashable {
         reusedTableFrames = s.reused_table_frames
     }
 
+    /// By the names of `struct memvirt_ops_state`'s fields (memvirt_ops.h; `frames_ever_used`
+    /// is its `bump`), which the model's GuestOpCounts uses too.
     public var fields: [(String, UInt64)] {
         [("ops_executed", opsExecuted), ("guest_pf", guestPageFaults), ("demand_zero", demandZero),
-         ("cow_faults", copyOnWriteFaults), ("cow_copies", copyOnWriteCopies), ("spurious_faults", spuriousFaults),
-         ("leaf_pte_writes", leafWrites), ("table_entry_writes", tableWrites), ("kernel_entry_writes", kernelWrites),
+         ("cow_faults", copyOnWriteFaults), ("cow_copies", copyOnWriteCopies), ("spurious", spuriousFaults),
+         ("leaf_writes", leafWrites), ("table_writes", tableWrites), ("kernel_writes", kernelWrites),
          ("invlpg", invlpg), ("cr3_loads", cr3Loads), ("cr3_noflush", cr3NoFlush), ("full_flushes", fullFlushes),
          ("frames_zeroed", framesZeroed), ("table_pages", tablePages), ("frames_in_use", framesInUse),
          ("peak_frames", peakFrames), ("frames_ever_used", framesEverUsed), ("forks", forks), ("exits", exits),
