@@ -153,6 +153,7 @@ public struct GuestOpsResult: Sendable {
             ("pool_frames", .int(Int64(poolFrames))), ("preset_frames", .int(Int64(presetFrames))),
             ("guest", .object(guest.fields.map { ($0.0, .uint($0.1)) })),
             ("kvm", .object(kvm.sorted { $0.key < $1.key }.map { ($0.key, .uint($0.value)) })),
+            ("exits", .object(exits.sorted { $0.key < $1.key }.map { ($0.key, .uint($0.value)) })),
             ("vmm_exits", .object(vmmExits.sorted { $0.key < $1.key }.map { ($0.key, .uint($0.value)) })),
         ])
     }
