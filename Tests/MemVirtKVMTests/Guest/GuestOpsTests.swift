@@ -1,3 +1,4 @@
+import Foundation
 import MemVirtCore
 import Testing
 @testable import MemVirtKVM
@@ -308,5 +309,28 @@ struct GuestOpsTests {
         #expect(message(GuestOpScript(ops: [.map(region: 0, pages: 1 << 19, writable: true)])).contains("a region holds 1...262144"))
         #expect(message(GuestOpScript(ops: [.map(region: 0, pages: 1, writable: true), .touch(region: 0, count: 1 << 37, order: .uniform, write: false)])).contains("more than"))
         #expect(message(GuestOpScript(ops: [.loop(count: 64, body: [.fork])])).contains("64 spaces are live already"))
+    }
+}
+
+@Suite("memvirt kvm ops from the command line", .serialized,
+       .enabled(if: KVM.isUsable && memvirtBinary != nil, Comment(rawValue: "\(kvmReason); \(memvirtReason)")))
+struct GuestOpsCLITests {
+    @Test("kvm ops fork-cow-exit --quick --json: the guest's counts and KVM's counters; an unknown name is a JSON error")
+    func json() throws {
+        let r = try memvirt(["kvm", "ops", "fork-cow-exit", "--quick", "--json"])
+        #expect(r.status == 0, "\(r.err)")
+        let j = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        #expect(j["script"] as? String == "fork-cow-exit")
+        let guest = try #require(j["guest"] as? [String: Any])
+        let kvm = try #require(j["kvm"] as? [String: Any])
+        #expect((guest["guest_pf"] as? Int ?? -1) == (kvm["pf_guest"] as? Int ?? -2))
+        #expect((guest["forks"] as? Int) == 20)
+        #expect((kvm["invlpg"] as? Int ?? 0) > 0)
+        #expect(j["exits"] is [String: Any] && j["measured_seconds"] is Double)
+
+        let bad = try memvirt(["kvm", "ops", "no-such-script", "--json"])
+        #expect(bad.status != 0)
+        let e = try #require(try JSONSerialization.jsonObject(with: Data(bad.out.utf8)) as? [String: Any])
+        #expect((e["error"] as? String ?? "").contains("unknown script 'no-such-script'"))
     }
 }
