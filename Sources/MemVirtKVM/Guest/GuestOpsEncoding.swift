@@ -98,13 +98,20 @@ public struct GuestOpsPlan: Sendable {
         var peak = 2
         var touches: UInt64 = 0
 
-        func bound() -> Int {
-            var n = 0
-            for s in spaces.values {
-                n += 2
-                for r in s.regions.values { n += 1 + r.tablePages + (r.mapped ? r.pages : 0) }
-            }
+        /// The frames bound of each live space, and their sum (kept as ops change them).
+        var spaceBound: [Int: Int] = [0: 2]
+        var total = 2
+
+        static func bound(_ s: Space) -> Int {
+            var n = 2
+            for r in s.regions.values { n += 1 + r.tablePages + (r.mapped ? r.pages : 0) }
             return n
+        }
+
+        mutating func setBound(_ id: Int, _ s: Space?) {
+            total -= spaceBound[id] ?? 0
+            spaceBound[id] = s.map { Self.bound($0) }
+            total += spaceBound[id] ?? 0
         }
 
         mutating func run(_ ops: [GuestOpScript.Op], path: String) throws(InputError) {
@@ -144,6 +151,7 @@ public struct GuestOpsPlan: Sendable {
                     var child = Space()
                     for (r, reg) in s.regions where reg.mapped { child.regions[r] = Region(pages: reg.pages, writable: reg.writable, mapped: true, tablePages: (reg.pages + 511) / 512) }
                     spaces[id] = child
+                    setBound(id, child)
                 case .switchTo(let id):
                     guard spaces[id] != nil else { throw InputError("\(here) (switchTo): space \(id) does not exist (live: \(spaces.keys.sorted()))") }
                 case .exit(let id):
@@ -151,13 +159,18 @@ public struct GuestOpsPlan: Sendable {
                     guard id != current else { throw InputError("\(here) (exit): space \(id) is current; switch away first") }
                 case .loop: break
                 }
-                if case .exit(let id) = op {
+                switch op {
+                case .exit(let id):
                     spaces[id] = nil
-                } else {
+                    setBound(id, nil)
+                case .map, .unmap:
+                    spaces[current] = s
+                    setBound(current, s)
+                default:
                     spaces[current] = s
                 }
                 if case .switchTo(let id) = op { current = id }
-                peak = max(peak, bound())
+                peak = max(peak, total)
             }
         }
     }

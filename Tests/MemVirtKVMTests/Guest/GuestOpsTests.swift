@@ -216,6 +216,9 @@ struct GuestOpsTests {
         #expect(r.kvm("pf_guest") == g.guestPageFaults, "\(name): KVM pf_guest \(r.kvm("pf_guest")), guest handled \(g.guestPageFaults)")
         #expect(r.kvm("invlpg") == g.invlpg, "\(name): KVM invlpg \(r.kvm("invlpg")), guest ran \(g.invlpg)")
         #expect(r.wallSeconds > 0 && r.cpuSeconds > 0)
+        // The plan's frame bound (the pool's size) holds what the guest kernel used.
+        let bound = try GuestOpsPlan(script).peakFramesBound
+        #expect(UInt64(bound) >= g.peakFrames, "\(name): bound \(bound) < peak \(g.peakFrames)")
         return r
     }
 
