@@ -127,6 +127,8 @@ public struct Validation: Experiment {
         HostCaseStats.served: "userfaultfd faults served (handle_userfault messages answered by UFFDIO_COPY): the model's resident set differs from the pager's",
         HostCaseStats.evictions: "pages dropped with MADV_DONTNEED to stay under the limit: the FIFO order or the resident count differs",
         HostCaseStats.refaults: "faults on evicted pages (store reads): which pages are resident when touched again differs",
+        HostCaseStats.ksmPagesWritten: "written pages that KSM had merged (ksmd's merge of equal content, stable tree, max_page_sharing)",
+        HostCaseStats.cowBreaks: "copy-on-write breaks (do_wp_page -> wp_page_copy on a KSM page)",
     ]
 
     /// Why `r` misses a tolerance, from what it measured: every judged counter out of

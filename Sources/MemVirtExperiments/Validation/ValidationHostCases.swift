@@ -16,6 +16,11 @@ public enum HostCase: Sendable, Hashable {
     /// content into one shadow-paged guest's two halves, merges them with `ShadowKSM`, and
     /// runs the same two write passes.
     case ksm(pagesPerVM: Int, writePages: Int)
+    /// Async page faults under the pager (`AsyncPFBenchmark`): one vCPU, the guest kernel with
+    /// APF on, a faulting thread (uniform reads over 4x the resident limit, pages served by the
+    /// pager from a store with a service time) and a working thread, for `seconds`; the model's
+    /// `VMSimulation` of the same case (`KVMAsyncPageFaults.modelConfig`).
+    case asyncPF(seconds: Double, residentLimit: UInt64, storeDelayNanos: UInt64)
 }
 
 /// Counters the host cases add beside KVM's stats (the pager's own, named as in its report).
@@ -33,6 +38,10 @@ enum HostCaseStats {
     static let cowBreaks = "cow_breaks"
     /// pf_fixed of the control pass over unmerged pages (none expected: their sptes stay writable).
     static let unmergedPfFixed = "unmerged_pf_fixed"
+    /// Async PF: "page not present" and "page ready" events, the faulting thread's reads.
+    static let apfNotPresent = "apf_not_present"
+    static let apfReady = "apf_ready"
+    static let faultingReads = "faulting_reads"
 }
 
 extension ValidationCase {
@@ -46,13 +55,20 @@ extension ValidationCase {
             // The spec only names the case's size (both VMs' memory); the passes are KSMPair's.
             ValidationCase(name: "ksm-cow-breaks", spec: WorkloadSpec(pattern: .sequential, footprint: .kib(quick ? 8 * 1024 : 32 * 1024), accesses: quick ? 256 : 1024, writeRatio: 1, seed: 3),
                            kind: .host(.ksm(pagesPerVM: quick ? 1024 : 4096, writePages: quick ? 128 : 512))),
+            // The spec names the case's memory (4x the limit); the threads are AsyncPFBenchmark's.
+            ValidationCase(name: "async-pf-pager", spec: WorkloadSpec(pattern: .uniform, footprint: .mib(quick ? 4 : 8), accesses: 1, seed: 1),
+                           kind: .host(.asyncPF(seconds: quick ? 2 : 5, residentLimit: quick ? 1 << 20 : 2 << 20, storeDelayNanos: 1_000_000))),
         ]
     }
 
     /// Counters of this case that are shown and not judged, with the reason.
     var timingDependent: [String: String] {
         switch kind {
-        case .host(.pager): [:]
+        case .host(.pager), .host(.ksm): [:]
+        case .host(.asyncPF):
+            Dictionary(uniqueKeysWithValues: Validation.deterministic.map {
+                ($0, "the case runs for a fixed time: how many faults happen in it depends on the store's service time, when KVM's async worker and the pager thread get a core, and the guest timer")
+            })
         default: [:]
         }
     }
@@ -61,7 +77,7 @@ extension ValidationCase {
     var judgedExtras: Set<String> {
         switch kind {
         case .host(.pager): [HostCaseStats.served, HostCaseStats.evictions, HostCaseStats.refaults]
-        case .host(.ksm): [HostCaseStats.ksmPagesWritten, HostCaseStats.cowBreaks, HostCaseStats.unmergedPfFixed]
+        case .host(.ksm): [HostCaseStats.ksmPagesWritten, HostCaseStats.cowBreaks]
         default: []
         }
     }
@@ -98,6 +114,37 @@ enum ValidationHostCases {
                 kvm.extra[HostCaseStats.cowBreaks] = UInt64(max(0, before - after))
             }
             let model = try runKSMModel(c, options: o, maxPageSharing: r.settingsBefore.maxPageSharing ?? 256, machine: machine)
+            return (model, kvm)
+        case .asyncPF(let seconds, let limit, let delay):
+            var a = AsyncPFCase()
+            a.vcpus = 1
+            a.seconds = seconds
+            a.residentLimit = limit
+            a.memoryMultiple = max(1, c.spec.footprint.rawValue / limit)
+            a.storeDelayNanos = delay
+            a.asyncPF = true
+            let r: AsyncPFResult
+            do { r = try AsyncPFBenchmark.run(a) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
+            guard r.mismatches == 0 else { throw InputError("validate: case \(c.name): the faulting thread read \(r.mismatches) words that differ from the store's") }
+            let kvmReads = r.faultingReads.reduce(0, +)
+            var kvm = KVMSide(counters: r.vcpuStats.values, seconds: r.wallSeconds, wallSeconds: r.wallSeconds, readSum: 0, dirtyPages: nil, userspaceExits: 0)
+            kvm.extra = [HostCaseStats.apfNotPresent: r.notPresent, HostCaseStats.apfReady: r.ready, HostCaseStats.refaults: r.pager.storeReads,
+                         HostCaseStats.faultingReads: kvmReads]
+            var mc = KVMAsyncPageFaults.modelConfig(a)
+            mc.costs = machine.costs
+            mc.guestCosts = machine.scheduling
+            mc.hostCosts = machine.host
+            mc.tlb = machine.tlb
+            mc.duration = seconds * 1e9
+            let m = try VMSimulation(config: mc).run()
+            let modelReads = m.faultAccesses.reduce(0, +)
+            // The prediction: the simulated time the model needs for KVM's count of faulting
+            // reads, at the model's rate (the case itself lasts a fixed time).
+            let predicted = modelReads > 0 ? Double(kvmReads) / Double(modelReads) * m.simulatedSeconds : 0
+            let model = ModelSide(counters: m.counters, cycles: predicted * machine.costs.clockGHz * 1e9, seconds: predicted, readSum: 0, dirtyPages: nil,
+                                  breakdown: VCPUTime.allCases.map { ($0.name, m.time[$0.rawValue] * machine.costs.clockGHz) },
+                                  extra: [(HostCaseStats.apfNotPresent, m.counters[.apfNotPresent]), (HostCaseStats.apfReady, m.counters[.apfReady]),
+                                          (HostCaseStats.refaults, m.swapReads), (HostCaseStats.faultingReads, modelReads)])
             return (model, kvm)
         }
     }
@@ -191,6 +238,8 @@ enum ValidationHostCases {
         switch h {
         case .pager:
             "ShadowResidentPager: the pager's FIFO resident limit over the data frames, eviction zapping the frame's sptes through the rmap and flushing (kvm_unmap_gfn_range), a re-touch as a new userfaultfd fault and pf_fixed, the fault that evicted retried as stale (is_page_fault_stale), UFFDIO_COPY pages (no host zero page), userfaultfdCopy / dontneedPerPage / pageCopy from the profile"
+        case .asyncPF:
+            "VMSimulation (the model's discrete-event guest scheduler with KVM's async PF: kvm_arch_async_page_not_present / kvm_arch_async_page_present, at most 64 outstanding, the profile's page-ready delay and APF handler costs) under nested paging with the host's clock reclaim over the same resident limit and a store of the same service time; not yet the pager's FIFO under shadow paging"
         case .ksm:
             "ShadowKSM: pages of equal content (the guest's own fill function) merged onto read-only KSM pages in groups of at most max_page_sharing, the merge's invalidation zapping their sptes, a write breaking the copy-on-write in the host (wp_page_copy, pageCopy from the profile) and retried as stale, the second fault fixed"
         }
@@ -201,6 +250,8 @@ enum ValidationHostCases {
         switch h {
         case .pager(let resident):
             "Guest data (\(c.spec.footprint)) behind the userfaultfd pager with \(resident) pages (\(ByteCount(UInt64(resident) * 4096))) resident, FIFO, no read-ahead; tables prebuilt as in the other cases (outside the pager). Each eviction's mmu-notifier invalidation runs while the faulting vCPU waits on the pager, so that fault is stale and retried (one more pf_taken and exit than pf_fixed per evicting fault). userfaultfd_served counts zero fills and store reads (the pager's duplicate messages for one fault are only woken, not counted)."
+        case .asyncPF(let seconds, let limit, let delay):
+            "AsyncPFBenchmark: 1 vCPU, the guest kernel with APF on, a faulting thread reading uniformly over \(c.spec.footprint) behind a \(ByteCount(limit)) resident limit (full from the start), the pager's store serving each page after \(formatFixed(Double(delay) / 1e6, digits: 2)) ms, and a working thread, \(formatFixed(seconds, digits: 0)) s. Nothing here is deterministic: the case lasts a fixed time, so every count depends on timing (shown, not judged). Time: the measured phase's wall time beside the simulated time the model needs for KVM's count of faulting reads (the model's rate)."
         case .ksm(let pages, let writes):
             "KSMPair: 2 VMs x \(pages) pages (50% image pages equal in both VMs, 10% duplicates, 10% zero, 30% private), the host's ksmd tuned and run until the oracle's count merged; then VM 0 writes \(writes) private pages (control: unmerged_pf_fixed) and \(writes) merged image pages, the counters and time of that pass. A break: the write exits on the spte the merge zapped, KVM's GUP for write copies the page (wp_page_copy), whose invalidation makes the fault stale (RET_PF_RETRY), and the re-executed write is fixed: pf_taken and exits 2, pf_fixed 1 per page. Measured time: the guest's TSC marks around the pass (wall time, not CPU time). cow_breaks and ksm_pages_written from /proc/kpageflags (missing where unreadable)."
         }
