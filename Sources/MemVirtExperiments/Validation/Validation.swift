@@ -151,10 +151,11 @@ public struct Validation: Experiment {
         if !r.timeWithinTolerance {
             let total = r.modelBreakdown.map(\.1).reduce(0, +)
             let top = r.modelBreakdown.sorted { $0.1 > $1.1 }.prefix(3).map { "\($0.0) \(formatFixed(total > 0 ? $0.1 / total * 100 : 0, digits: 0))%" }
-            var s = "time: predicted \(formatFixed(r.predictedSeconds, digits: 4)) s vs measured \(formatFixed(r.measuredSeconds, digits: 4)) s CPU (\(formatSignedPercent(r.timeError)))"
+            var s = "time: predicted \(formatFixed(r.predictedSeconds, digits: 4)) s vs measured \(formatFixed(r.measuredSeconds, digits: 4)) s (\(formatSignedPercent(r.timeError)))"
             s += "; the model's largest costs: " + top.joined(separator: ", ")
             let perExit = r.rows.first { $0.stat == "exits" }.map { $0.kvm > 0 ? r.measuredSeconds / Double($0.kvm) * 1e6 : 0 }
-            if let p = perExit, p > 0 { s += "; KVM spent \(formatFixed(p, digits: 1)) us of CPU per exit" }
+            if let p = perExit, p > 0 { s += "; KVM's measured time per exit \(formatFixed(p, digits: 1)) us" }
+            if case .host(let h) = c.kind, let more = ValidationHostCases.timeExplanation(h, r) { s += "; " + more }
             if r.measuredWallSeconds > 1.5 * r.measuredSeconds { s += "; wall time \(formatFixed(r.measuredWallSeconds / max(r.measuredSeconds, 1e-9), digits: 1))x the CPU time (a shared host: costs calibrated under other load differ)" }
             parts.append(s)
         }

@@ -245,6 +245,22 @@ enum ValidationHostCases {
         }
     }
 
+    /// What the case's own rows say about a time miss (nil: nothing beyond the general line).
+    static func timeExplanation(_ h: HostCase, _ r: Validation.CaseResult) -> String? {
+        func row(_ s: String) -> Validation.Row? { r.rows.first { $0.stat == s } }
+        switch h {
+        case .pager:
+            guard let served = row(HostCaseStats.served), served.kvm > 0 else { return nil }
+            return "KVM's measured time per userfaultfd fault \(formatFixed(r.measuredSeconds / Double(served.kvm) * 1e6, digits: 1)) us against the model's \(formatFixed(r.predictedSeconds / Double(max(served.model, 1)) * 1e6, digits: 1)) us (the pager thread's pread/pwrite/UFFDIO_COPY and its two context switches per fault are in the process's CPU time; calibration's uffd_copy_write measures one fault on a quiet pager)"
+        case .ksm:
+            guard let breaks = row(HostCaseStats.cowBreaks), breaks.kvm > 0 else { return nil }
+            return "KVM's measured time per copy-on-write break \(formatFixed(r.measuredSeconds / Double(breaks.kvm) * 1e6, digits: 1)) us against the model's \(formatFixed(r.predictedSeconds / Double(max(breaks.model, 1)) * 1e6, digits: 1)) us (two exits, two shadow faults and pageCopy each)"
+        case .asyncPF(_, _, let delay):
+            guard let np = row(HostCaseStats.apfNotPresent), np.kvm > 0, let reads = row(HostCaseStats.faultingReads) else { return nil }
+            return "KVM's faulting thread completed \(formatGrouped(reads.kvm)) reads (\(formatGrouped(np.kvm)) page-not-present, \(formatFixed(r.measuredSeconds / Double(np.kvm) * 1e3, digits: 2)) ms each) against the model's \(formatGrouped(reads.model)) in the same time (\(formatFixed(r.measuredSeconds / Double(max(np.model, 1)) * 1e3, digits: 2)) ms each) with a store of \(formatFixed(Double(delay) / 1e6, digits: 2)) ms: the difference is the time from the page's arrival to the faulting thread running again (KVM's async worker and the pager thread waiting for a host core beside the vCPU thread, the page-ready injection through kvm_pvm's emulated CPL0), which the model charges only as the profile's page-ready delay"
+        }
+    }
+
     /// What is known about a host case, and why.
     static func note(_ h: HostCase, _ c: ValidationCase) -> String {
         switch h {
