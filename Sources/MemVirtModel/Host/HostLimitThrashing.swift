@@ -15,16 +15,18 @@ extension NestedPaging {
     /// a write-protected leaf), with room to spare: `4 x (levels + 1)`, below the CPU's bound of 64.
     static func hostRetryBound(levels: Int) -> Int { 4 * (levels + 1) }
 
-    /// Counts consecutive host-fault retries of one vCPU's access (another vCPU's miss in
-    /// between starts the count again); past the bound, with a limit on host memory, turns
-    /// the retry into a host failure that says why.
+    /// Counts consecutive host-fault retries of one access (the same vCPU and address: another
+    /// access in between, such as another guest thread's after an async page fault, starts the
+    /// count again); past the bound, with a limit on host memory, turns the retry into a host
+    /// failure that says why.
     func hostLimitCheck(_ outcome: MissOutcome, va: UInt64, cpu: ModelCPU) -> MissOutcome {
         let id = ObjectIdentifier(cpu)
         let levels = cpu.paging.levels
         switch outcome {
         case .retry:
-            hostRetriesInRow = hostRetriesCPU == id ? hostRetriesInRow + 1 : 1
-            hostRetriesCPU = id
+            let same = hostRetriesAccess.map { $0.cpu == id && $0.va == va } ?? false
+            hostRetriesInRow = same ? hostRetriesInRow + 1 : 1
+            hostRetriesAccess = (id, va)
             guard hostRetriesInRow > Self.hostRetryBound(levels: levels), let limit = hostMemory.limitFrames else { return outcome }
             hostRetriesInRow = 0
             return .hostFailure(InputError(

@@ -349,7 +349,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
     public internal(set) var hostFailure: InputError?
     /// Host faults retried in a row without the access translating (Host/HostLimitThrashing.swift).
     var hostRetriesInRow = 0
-    var hostRetriesCPU: ObjectIdentifier?
+    var hostRetriesAccess: (cpu: ObjectIdentifier, va: UInt64)?
     /// Where an access the host could not back goes until the run stops (never guest data).
     let scratchFrame: UInt64
 
