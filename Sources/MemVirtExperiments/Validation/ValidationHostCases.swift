@@ -252,6 +252,9 @@ enum ValidationHostCases {
         case .pager:
             guard let served = row(HostCaseStats.served), served.kvm > 0 else { return nil }
             return "KVM's measured time per userfaultfd fault \(formatFixed(r.measuredSeconds / Double(served.kvm) * 1e6, digits: 1)) us against the model's \(formatFixed(r.predictedSeconds / Double(max(served.model, 1)) * 1e6, digits: 1)) us (the pager thread's pread/pwrite/UFFDIO_COPY and its two context switches per fault are in the process's CPU time; calibration's uffd_copy_write measures one fault on a quiet pager)"
+                + (r.measuredWallSeconds > r.measuredSeconds * 1.2
+                   ? "; against the phase's wall time (\(formatFixed(r.measuredWallSeconds, digits: 4)) s) the prediction is \(Validation.formatSignedPercent((r.predictedSeconds - r.measuredWallSeconds) / r.measuredWallSeconds)): the calibrated userfaultfd costs are latencies on the guest's clock, which include the pager thread's wake-up while the vCPU thread sleeps, time the process's CPU time leaves out"
+                   : "")
         case .ksm:
             guard let breaks = row(HostCaseStats.cowBreaks), breaks.kvm > 0 else { return nil }
             return "KVM's measured time per copy-on-write break \(formatFixed(r.measuredSeconds / Double(breaks.kvm) * 1e6, digits: 1)) us against the model's \(formatFixed(r.predictedSeconds / Double(max(breaks.model, 1)) * 1e6, digits: 1)) us (two exits, two shadow faults and pageCopy each)"
