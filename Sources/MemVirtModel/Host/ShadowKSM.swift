@@ -18,6 +18,11 @@ import MemVirtCore
 /// `maxPageSharing` mappings on one (`max_page_sharing`, default 256: a larger group makes
 /// several KSM pages, each needing two mappings); with `useZeroPages` empty pages are not
 /// merged with each other but mapped on the zero page (`ksm_zero_pages`).
+///
+/// Limits (not needed by the validate case, which only writes merged pages): the guest
+/// kernel's own stores (`ShadowGuestMemory`) to a merged frame are not broken first, and the
+/// shadow MMU's host-frame -> gfn map keeps one gfn per KSM page, so read mappings of one KSM
+/// page from several gfns keep their rmap entries until those gfns are remapped.
 public final class ShadowKSM {
     public struct Stats: Sendable, Equatable {
         /// KSM pages made (pages_shared) and mappings of them beyond the first (pages_sharing).
