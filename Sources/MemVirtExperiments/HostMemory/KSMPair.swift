@@ -38,6 +38,8 @@ public struct KSMWritePass: Sendable {
     public var nanoseconds: UInt64
     public var pfFixed: UInt64
     public var minorFaults: UInt64
+    /// The vCPU's KVM stats over the pass (cumulative ones as deltas).
+    public var vcpuStats: [String: UInt64] = [:]
     public var nanosecondsPerPage: Double { pages > 0 ? Double(nanoseconds) / Double(pages) : 0 }
 
     public var json: JSONValue {
@@ -236,6 +238,6 @@ public enum KSMPair {
         guard out.marks.count == 2 else { throw KVMError.invalid("write pass: expected 2 marks, got \(out.marks.count)") }
         return KSMWritePass(pages: pages.count, ksmBefore: ksmBefore, ksmAfter: PageMap.ksmCount(g.data, pages: pages),
                             nanoseconds: out.marks[1] - out.marks[0], pfFixed: s1["pf_fixed"] &- s0["pf_fixed"],
-                            minorFaults: u1.minorFaults &- u0.minorFaults)
+                            minorFaults: u1.minorFaults &- u0.minorFaults, vcpuStats: s1.delta(since: s0, descriptors: stats.descriptors).values)
     }
 }

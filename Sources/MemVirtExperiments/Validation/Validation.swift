@@ -63,6 +63,10 @@ public struct Validation: Experiment {
         public var readSumEqual: Bool
         public var note: String
         public var modelBreakdown: [(String, Double)]
+        /// Why the case misses a tolerance (empty when it does not): each judged counter out of
+        /// tolerance with the mechanism behind it, the time error with the model's largest
+        /// costs, and what the model already reproduces for the case (`Validation.explanation`).
+        public var explanation: String = ""
         public var timeError: Double { measuredSeconds > 0 ? (predictedSeconds - measuredSeconds) / measuredSeconds : .infinity }
         public var timeWithinTolerance: Bool { abs(timeError) <= Validation.timeTolerance }
         public var countersWithinTolerance: Bool { rows.allSatisfy { !$0.deterministic || $0.withinTolerance } }
@@ -74,6 +78,12 @@ public struct Validation: Experiment {
         guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
         var out: [CaseResult] = []
         for c in cases {
+            if case .host(let h) = c.kind {
+                progress("\(Self.name): \(c.name) on /dev/kvm and in the model (shadow, \(machine.name))")
+                let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine)
+                out.append(Self.compare(c, model: model, kvm: kvm))
+                continue
+            }
             progress("\(Self.name): \(c.name) on /dev/kvm")
             let (kvm, ringBytes) = try ValidationEngines.runKVM(c)
             progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
@@ -93,10 +103,73 @@ public struct Validation: Experiment {
             guard let counter = Counter.byName[s], let k = kvm.counters[s] else { continue }
             let applicable = model.counters.reported.contains { $0.0 == counter }
             guard applicable else { continue }
-            rows.append(Row(stat: s, model: model.counters[counter], kvm: k, deterministic: deterministic.contains(s)))
+            rows.append(Row(stat: s, model: model.counters[counter], kvm: k, deterministic: deterministic.contains(s) && c.timingDependent[s] == nil))
         }
-        return CaseResult(name: c.name, rows: rows, predictedSeconds: model.seconds, measuredSeconds: kvm.seconds, measuredWallSeconds: kvm.wallSeconds,
-                          readSumEqual: model.readSum == kvm.readSum, note: note(c), modelBreakdown: model.breakdown)
+        for (s, m) in model.extra {
+            guard let k = kvm.extra[s] else { continue }
+            rows.append(Row(stat: s, model: m, kvm: k, deterministic: c.judgedExtras.contains(s)))
+        }
+        var r = CaseResult(name: c.name, rows: rows, predictedSeconds: model.seconds, measuredSeconds: kvm.seconds, measuredWallSeconds: kvm.wallSeconds,
+                           readSumEqual: model.readSum == kvm.readSum, note: note(c), modelBreakdown: model.breakdown)
+        r.explanation = explanation(c, r)
+        return r
+    }
+
+    /// The mechanism behind each judged counter: what a difference in it points at.
+    static let mechanisms: [String: String] = [
+        "pf_fixed": "shadow faults fixed (FNAME(page_fault) -> FNAME(fetch)): the model maps more or fewer sptes per fault (read-only sptes for clean gptes, prefetch, zero-page copies, re-faults after host invalidations)",
+        "pf_taken": "exits for shadow faults, retried ones included (RET_PF_RETRY when an mmu-notifier invalidation made the fault stale: is_page_fault_stale)",
+        "pf_guest": "#PFs injected into the guest (FNAME(walk_addr) found a non-present or forbidding gpte)",
+        "pf_emulate": "faults emulated on write-protected guest tables (kvm_mmu_page_fault -> x86_emulate_instruction)",
+        "mmu_pte_write": "writes to shadowed guest tables emulated (kvm_mmu_pte_write)",
+        "invlpg": "INVLPGs intercepted (kvm_mmu_invlpg)",
+        "dirty_pages": "pages harvested from the dirty log (mark_page_dirty_in_slot on write faults)",
+        HostCaseStats.served: "userfaultfd faults served (handle_userfault messages answered by UFFDIO_COPY): the model's resident set differs from the pager's",
+        HostCaseStats.evictions: "pages dropped with MADV_DONTNEED to stay under the limit: the FIFO order or the resident count differs",
+        HostCaseStats.refaults: "faults on evicted pages (store reads): which pages are resident when touched again differs",
+        HostCaseStats.ksmPagesWritten: "written pages that KSM had merged (ksmd's merge of equal content, stable tree, max_page_sharing)",
+        HostCaseStats.cowBreaks: "copy-on-write breaks (do_wp_page -> wp_page_copy on a KSM page)",
+    ]
+
+    /// Why `r` misses a tolerance, from what it measured: every judged counter out of
+    /// tolerance (model, KVM, difference, the mechanism behind it), the time error with the
+    /// model's largest costs, and what the model already does for the case. Empty when within.
+    static func explanation(_ c: ValidationCase, _ r: CaseResult) -> String {
+        guard !r.withinTolerance else { return "" }
+        var parts: [String] = []
+        for row in r.rows where row.deterministic && !row.withinTolerance {
+            let d = Int64(bitPattern: row.model &- row.kvm)
+            var s = "\(row.stat) model \(formatGrouped(row.model)) vs KVM \(formatGrouped(row.kvm)) (\(d >= 0 ? "+" : "")\(d)"
+            if let ratio = row.ratio { s += ", x\(formatFixed(ratio, digits: 3))" }
+            s += "): " + (mechanisms[row.stat] ?? "counted by KVM's \(row.stat) stat")
+            if abs(d) <= 8 && row.kvm > 0 {
+                s += "; a difference of \(abs(d)), the size of the guest runtime's own first touches (code, stack, mailbox) that the model does not run"
+            }
+            parts.append(s)
+        }
+        if !r.readSumEqual { parts.append("read_sum differs: the model's data differ from the guest's (content lost or different across an eviction, a merge or a copy)") }
+        if !r.timeWithinTolerance {
+            let total = r.modelBreakdown.map(\.1).reduce(0, +)
+            let top = r.modelBreakdown.sorted { $0.1 > $1.1 }.prefix(3).map { "\($0.0) \(formatFixed(total > 0 ? $0.1 / total * 100 : 0, digits: 0))%" }
+            var s = "time: predicted \(formatFixed(r.predictedSeconds, digits: 4)) s vs measured \(formatFixed(r.measuredSeconds, digits: 4)) s (\(formatSignedPercent(r.timeError)))"
+            s += "; the model's largest costs: " + top.joined(separator: ", ")
+            let perExit = r.rows.first { $0.stat == "exits" }.map { $0.kvm > 0 ? r.measuredSeconds / Double($0.kvm) * 1e6 : 0 }
+            if let p = perExit, p > 0 { s += "; KVM's measured time per exit \(formatFixed(p, digits: 1)) us" }
+            if case .host(let h) = c.kind, let more = ValidationHostCases.timeExplanation(h, r) { s += "; " + more }
+            if r.measuredWallSeconds > 1.5 * r.measuredSeconds { s += "; wall time \(formatFixed(r.measuredWallSeconds / max(r.measuredSeconds, 1e-9), digits: 1))x the CPU time (a shared host: costs calibrated under other load differ)" }
+            parts.append(s)
+        }
+        parts.append("the model does: " + modelled(c))
+        return parts.joined(separator: "; ")
+    }
+
+    /// What the model reproduces for the case (the mechanisms tried).
+    static func modelled(_ c: ValidationCase) -> String {
+        switch c.kind {
+        case .prebuilt, .dirtyLog:
+            "the shadow MMU's faults with read-only sptes for clean gptes, no prefetch of unaccessed gptes, the host zero page and its copy-on-write retry\(c.kind == .prebuilt ? "" : ", dirty logging by write protection")"
+        case .host(let h): ValidationHostCases.modelled(h)
+        }
     }
 
     /// What is known to differ in a case, and why.
@@ -106,6 +179,7 @@ public struct Validation: Experiment {
             "Guest tables built before the run, A/D clear: a read maps a read-only spte and a later write faults again (FNAME(protect_clean_gpte)); no SPTE prefetch, as KVM prefetches only accessed gptes (FNAME(prefetch_invalid_gpte)). A page read before it is written is mapped on the host's zero page and copied on the write, whose mmu notifier zaps the spte and retries the fault (pf_taken and tlb_flush one more than pf_fixed per such page; ShadowPaging.Options.hostZeroPage). KVM's pf_fixed, pages_4k and mmu_cache_miss also count the guest runtime's own first touches (code, stack, mailbox: a few pages and 4 shadow tables), which the model does not run."
         case .dirtyLog(let m):
             "Dirty logging on the data slot from the start, one harvest (\(m.rawValue)) after the run; dirty_pages counts data-slot pages in both engines."
+        case .host(let h): ValidationHostCases.note(h, c)
         }
     }
 
@@ -147,6 +221,7 @@ public struct Validation: Experiment {
                 ("time_error", .double(r.timeError)), ("time_within_tolerance", .bool(r.timeWithinTolerance)),
                 ("counters_within_tolerance", .bool(r.countersWithinTolerance)), ("read_sum_equal", .bool(r.readSumEqual)),
                 ("within_tolerance", .bool(r.withinTolerance)), ("note", .string(r.note)),
+                ("explanation", r.explanation.isEmpty ? .null : .string(r.explanation)),
                 ("model_cycles", .object(r.modelBreakdown.map { ($0.0, .double($0.1)) })),
             ]))
         }
@@ -157,7 +232,8 @@ public struct Validation: Experiment {
             notes: [
                 "Tolerances: deterministic counters (\(deterministic.sorted().joined(separator: ", "))) within \(Int(counterTolerance * 100))% of KVM's; predicted time within \(Int(timeTolerance * 100))% of measured. mean_abs_time_error \(formatFixed(mean * 100, digits: 1))%; all within tolerance: \(all).",
                 "Model: shadow paging with the profile's costs, nothing fitted; predicted time = the ledger's cycles for the run over the profile's clock. KVM: the process's CPU time (user + system, getrusage) over KVMRunner's measured phase (the guest command, first entry to the last exit); its wall time is shown beside it, and exceeds it when the host's cores are shared.",
-            ] + results.map { "\($0.name): \($0.note)" },
+            ] + results.map { "\($0.name): \($0.note)" }
+              + results.filter { !$0.withinTolerance }.map { "MISS \($0.name): \($0.explanation)" },
             json: .object([
                 ("schema", "memvirt.validate/1"), ("name", .string(name))] + (profile.map { [("profile", $0)] } ?? []) + [
                 ("counter_tolerance", .double(counterTolerance)), ("time_tolerance", .double(timeTolerance)),

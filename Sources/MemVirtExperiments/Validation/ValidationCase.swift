@@ -10,6 +10,8 @@ public struct ValidationCase: Sendable {
         case prebuilt
         /// Dirty logging on the data slot from the start, one harvest after the run.
         case dirtyLog(HarvestMethod)
+        /// Host memory: the pager at a resident limit, async PF, KSM (ValidationHostCases.swift).
+        case host(HostCase)
     }
 
     public var name: String
@@ -44,6 +46,7 @@ public struct ValidationCase: Sendable {
         cases.append(ValidationCase(name: "uniform-2m-guest-pages", spec: spec(.uniform), kind: .prebuilt, pageSize: .size2M))
         cases.append(ValidationCase(name: "dirty-log-bitmap", spec: spec(.uniform), kind: .dirtyLog(.bitmap)))
         cases.append(ValidationCase(name: "dirty-log-ring", spec: spec(.uniform), kind: .dirtyLog(.ring)))
+        cases += hostCases(quick: quick)
         return cases
     }
 }
@@ -56,6 +59,8 @@ struct ModelSide {
     var readSum: UInt64
     var dirtyPages: UInt64?
     var breakdown: [(String, Double)]
+    /// The case's own counters beyond `counters` (the pager's, KSM's), by name.
+    var extra: [(String, UInt64)] = []
 }
 
 /// What the KVM engine measured for a case.
@@ -68,6 +73,8 @@ struct KVMSide {
     var readSum: UInt64
     var dirtyPages: UInt64?
     var userspaceExits: UInt64
+    /// The case's own counters beyond KVM's stats (the pager's, KSM's), by name.
+    var extra: [String: UInt64] = [:]
 }
 
 enum ValidationEngines {
@@ -140,9 +147,17 @@ enum ValidationEngines {
         case .prebuilt: break
         case .dirtyLog(.bitmap): o.dirtyLog = .bitmap
         case .dirtyLog(.ring): o.dirtyLog = .ring
+        case .host: throw InputError("validate: case \(c.name) runs through ValidationHostCases")
         }
         let r: KVMRunReport
         do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
+        var ringBytes: UInt64? = nil
+        if o.dirtyLog == .ring, let kvm = try? KVM() { ringBytes = UInt64(max(0, min(kvm.check(.dirtyLogRing), 1 << 20))) }
+        return (kvmSide(r), ringBytes)
+    }
+
+    /// What a `KVMRunner` run measured, as one side of a case.
+    static func kvmSide(_ r: KVMRunReport) -> KVMSide {
         var counters: [String: UInt64] = [:]
         for (k, v) in r.vcpuStats.values { counters[k] = v }
         for (k, v) in r.vmStats.values where counters[k] == nil { counters[k] = v }
@@ -156,10 +171,7 @@ enum ValidationEngines {
         if case .object(let kv)? = r.result.extra.first(where: { $0.0 == "host" })?.1 {
             for (k, v) in kv where k == "user_seconds" || k == "system_seconds" { if case .double(let x) = v { cpu += x } }
         }
-        var ringBytes: UInt64? = nil
-        if o.dirtyLog == .ring, let kvm = try? KVM() { ringBytes = UInt64(max(0, min(kvm.check(.dirtyLogRing), 1 << 20))) }
-        let side = KVMSide(counters: counters, seconds: cpu, wallSeconds: r.result.wallSeconds, readSum: r.guests.first?.readSum ?? 0,
-                           dirtyPages: r.dirty.map { UInt64($0.pages.count) }, userspaceExits: userspace)
-        return (side, ringBytes)
+        return KVMSide(counters: counters, seconds: cpu, wallSeconds: r.result.wallSeconds, readSum: r.guests.first?.readSum ?? 0,
+                       dirtyPages: r.dirty.map { UInt64($0.pages.count) }, userspaceExits: userspace)
     }
 }

@@ -347,6 +347,9 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
     /// A host failure met where the hardware cannot report one (the guest kernel's own
     /// accesses): the access went to `scratchFrame`, and the run stops at the next miss.
     public internal(set) var hostFailure: InputError?
+    /// Host faults retried in a row without the access translating (Host/HostLimitThrashing.swift).
+    var hostRetriesInRow = 0
+    var hostRetriesAccess: (cpu: ObjectIdentifier, va: UInt64)?
     /// Where an access the host could not back goes until the run stops (never guest data).
     let scratchFrame: UInt64
 
@@ -427,6 +430,11 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
     // MARK: PagingMode
 
     public func resolveMiss(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome {
+        let outcome = resolveMissOnce(va, kind: kind, space: space, cpu: cpu)
+        return hostLimitCheck(outcome, va: va, cpu: cpu)
+    }
+
+    func resolveMissOnce(_ va: UInt64, kind: AccessKind, space: AddressSpace, cpu: ModelCPU) -> MissOutcome {
         bind(cpu)
         if cur.flushPending { serviceFlush(cur) }
         cpu.walksStarted &+= 1

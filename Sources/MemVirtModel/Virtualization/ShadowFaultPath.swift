@@ -98,6 +98,12 @@ extension ShadowPaging {
             let hpa = hostAddress(leafGPA)
             return .emulated(TLBEntry(base: hpa & ~0xfff, size: .size4K, writable: true, user: true, dirty: true, noExecute: false), refs: refs)
         }
+        // A frame under a resident limit: served by the pager first; a fault during which the
+        // pager evicted is stale and retried (Host/ShadowResidentPager.swift).
+        if let pager = residentPager, pager.faultIn(dataGfn, mode: self, cpu: cpu) { return .retry(refs: refs) }
+        // A write to a frame KSM merged: the host's copy-on-write break, then a retry (Host/ShadowKSM.swift).
+        let ksmShared = ksmState?.isShared(dataGfn) ?? false
+        if ksmShared && write { ksmState!.breakCOW(dataGfn, mode: self, cpu: cpu); return .retry(refs: refs) }
         // The host's zero page (options.hostZeroPage): a write to a page mapped on it copies
         // the page inside this fault; the copy's mmu notifier zaps the spte and flushes, and
         // the fault is retried (not fixed).
@@ -168,7 +174,7 @@ extension ShadowPaging {
         // sets it), and no page of the mapping is a shadowed guest table.
         // A page mapped on the host's zero page is read-only to KVM too (hva_to_pfn: map_writable
         // false for a read-only get_user_pages).
-        if g.entry.writable && (g.entry.dirty || write) && !zeroPageRead && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
+        if g.entry.writable && (g.entry.dirty || write) && !zeroPageRead && !ksmShared && !mappingHoldsTable(leafGPA & ~mapSize.offsetMask, mapSize) {
             spte |= Self.mmuWritableBit
             // While logging, W only once the page is dirty this round (a write fault marks it).
             if logDirty == nil || logDirtyPermitsWrite((leafGPA & ~mapSize.offsetMask) >> 12, write: write, cpu: cpu) {

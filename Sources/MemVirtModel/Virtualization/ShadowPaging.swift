@@ -104,6 +104,10 @@ public final class ShadowPaging: PagingMode {
     /// is shared, nothing is cleared until the copy).
     var backingZeroPageMap = false
     var leafCounts: [Int64] = [0, 0, 0]
+    /// A resident limit on guest RAM served by a userfaultfd-style pager (Host/ShadowResidentPager.swift).
+    var residentPager: ShadowResidentPager?
+    /// KSM's merged frames, mapped read-only, copied on write (Host/ShadowKSM.swift).
+    var ksmState: ShadowKSM?
     /// Log-dirty state while a migration tracks dirty pages (ShadowDirtyTracking.swift).
     var logDirty: ShadowLogDirty?
     /// The tracking totals of the last logging session, kept after it stops.
@@ -146,6 +150,7 @@ public final class ShadowPaging: PagingMode {
         let gfn = gpa >> 12
         precondition(gpa < guestCapacity, "guest-physical address beyond guest memory")
         var page = p2m.read64(gfn << 3)
+        if page == 0, let pager = residentPager, pager.manages(gfn) { return pager.pageIn(gfn, mode: self) | (gpa & 0xfff) }
         if page == 0 {
             let size = hostPageSize
             guard let frame = hostFrames.allocate(size) else { preconditionFailure("host memory exhausted") }

@@ -42,7 +42,10 @@ struct ValidationTests {
         }
         #expect(names == v.cases.map(\.name))
 
-        for r in results {
+        for (c, r) in zip(v.cases, results) {
+            // The host-memory cases are checked by ValidationHostCasesTests (their counts are
+            // not all deterministic, and not over prebuilt tables alone).
+            if case .host = c.kind { continue }
             // Same stream, same data rules: the values read are equal.
             #expect(r.readSumEqual, "\(r.name): read_sum differs between the engines")
             // Every data page is touched by a 100,000-access stream over 1,024 pages except for

@@ -1,0 +1,307 @@
+import MemVirtCore
+import MemVirtGuest
+import MemVirtKVM
+import MemVirtModel
+
+/// The host-memory cases of `memvirt validate` (issue 11): guest RAM behind a resident limit
+/// served by a userfaultfd pager, async page faults under that pager, KSM copy-on-write breaks.
+public enum HostCase: Sendable, Hashable {
+    /// The KVM engine's userfaultfd pager (MemVirtKVM/Memory/Pager.swift) with at most
+    /// `residentPages` data pages resident, FIFO eviction by MADV_DONTNEED; the model's
+    /// `ShadowResidentPager` with the same limit and order under its shadow MMU.
+    case pager(residentPages: Int)
+    /// KSM copy-on-write breaks: two VMs (`KSMPair`) fill `pagesPerVM` pages each with the
+    /// same content mix, the host's ksmd merges them, then VM 0 writes `writePages` private
+    /// pages and as many merged image pages (the measured pass). The model fills the same
+    /// content into one shadow-paged guest's two halves, merges them with `ShadowKSM`, and
+    /// runs the same two write passes.
+    case ksm(pagesPerVM: Int, writePages: Int)
+    /// Async page faults under the pager (`AsyncPFBenchmark`): one vCPU, the guest kernel with
+    /// APF on, a faulting thread (uniform reads over 4x the resident limit, pages served by the
+    /// pager from a store with a service time) and a working thread, for `seconds`; the model's
+    /// `VMSimulation` of the same case (`KVMAsyncPageFaults.modelConfig`).
+    case asyncPF(seconds: Double, residentLimit: UInt64, storeDelayNanos: UInt64)
+}
+
+/// Counters the host cases add beside KVM's stats (the pager's own, named as in its report).
+enum HostCaseStats {
+    /// userfaultfd faults served (zero fills + store reads; the KVM pager's duplicate
+    /// messages for one fault, which it only wakes, are not counted).
+    static let served = "userfaultfd_served"
+    /// Pages written to the store and dropped with MADV_DONTNEED.
+    static let evictions = "evictions"
+    /// Faults on evicted pages (store reads).
+    static let refaults = "refaults"
+    /// Pages of the written list mapped on a KSM page before the writes (KVM: /proc/kpageflags).
+    static let ksmPagesWritten = "ksm_pages_written"
+    /// Copy-on-write breaks (KVM: KSM pages among the written before the pass minus after).
+    static let cowBreaks = "cow_breaks"
+    /// pf_fixed of the control pass over unmerged pages (none expected: their sptes stay writable).
+    static let unmergedPfFixed = "unmerged_pf_fixed"
+    /// Async PF: "page not present" and "page ready" events, the faulting thread's reads.
+    static let apfNotPresent = "apf_not_present"
+    static let apfReady = "apf_ready"
+    static let faultingReads = "faulting_reads"
+}
+
+extension ValidationCase {
+    /// The host-memory cases. `quick`: 4 MiB behind a 2 MiB limit; else 16 MiB behind 8 MiB.
+    public static func hostCases(quick: Bool) -> [ValidationCase] {
+        let footprint: ByteCount = quick ? .mib(4) : .mib(16)
+        let accesses: UInt64 = quick ? 20_000 : 200_000
+        let pagerSpec = WorkloadSpec(pattern: .uniform, footprint: footprint, accesses: accesses, writeRatio: 0.3, seed: 11)
+        return [
+            ValidationCase(name: "pager-resident-limit", spec: pagerSpec, kind: .host(.pager(residentPages: Int(footprint.rawValue / 4096 / 2)))),
+            // The spec only names the case's size (both VMs' memory); the passes are KSMPair's.
+            ValidationCase(name: "ksm-cow-breaks", spec: WorkloadSpec(pattern: .sequential, footprint: .kib(quick ? 8 * 1024 : 32 * 1024), accesses: quick ? 256 : 1024, writeRatio: 1, seed: 3),
+                           kind: .host(.ksm(pagesPerVM: quick ? 1024 : 4096, writePages: quick ? 128 : 512))),
+            // The spec names the case's memory (4x the limit); the threads are AsyncPFBenchmark's.
+            ValidationCase(name: "async-pf-pager", spec: WorkloadSpec(pattern: .uniform, footprint: .mib(quick ? 4 : 8), accesses: 1, seed: 1),
+                           kind: .host(.asyncPF(seconds: quick ? 2 : 5, residentLimit: quick ? 1 << 20 : 2 << 20, storeDelayNanos: 1_000_000))),
+        ]
+    }
+
+    /// Counters of this case that are shown and not judged, with the reason.
+    var timingDependent: [String: String] {
+        switch kind {
+        case .host(.pager), .host(.ksm): [:]
+        case .host(.asyncPF):
+            Dictionary(uniqueKeysWithValues: Validation.deterministic.map {
+                ($0, "the case runs for a fixed time: how many faults happen in it depends on the store's service time, when KVM's async worker and the pager thread get a core, and the guest timer")
+            })
+        default: [:]
+        }
+    }
+
+    /// The case's own counters (beyond KVM's stats) that are judged.
+    var judgedExtras: Set<String> {
+        switch kind {
+        case .host(.pager): [HostCaseStats.served, HostCaseStats.evictions, HostCaseStats.refaults]
+        case .host(.ksm): [HostCaseStats.ksmPagesWritten, HostCaseStats.cowBreaks]
+        default: []
+        }
+    }
+}
+
+enum ValidationHostCases {
+    /// Runs `c` on both engines.
+    static func run(_ c: ValidationCase, _ h: HostCase, machine: ReproductionMachine) throws -> (ModelSide, KVMSide) {
+        switch h {
+        case .pager(let resident):
+            var o = KVMRunOptions()
+            o.residentLimit = UInt64(resident) * 4096
+            let r: KVMRunReport
+            do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
+            var kvm = ValidationEngines.kvmSide(r)
+            guard let p = r.pager else { throw InputError("validate: case \(c.name): the KVM run reported no pager") }
+            kvm.extra = [HostCaseStats.served: p.zeroFills + p.storeReads, HostCaseStats.evictions: p.evictions, HostCaseStats.refaults: p.storeReads]
+            let model = try runPagerModel(c, residentPages: resident, machine: machine)
+            return (model, kvm)
+        case .ksm(let pages, let writes):
+            var o = KSMPairOptions()
+            o.pagesPerVM = pages
+            o.writePages = writes
+            if let why = KSMPair.unavailableReason() { throw InputError("validate: case \(c.name): \(why)") }
+            let r: KSMPairReport
+            do { r = try KSMPair.run(o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
+            let pass = r.mergedWrites
+            var kvm = KVMSide(counters: pass.vcpuStats, seconds: Double(pass.nanoseconds) / 1e9, wallSeconds: Double(pass.nanoseconds) / 1e9,
+                              readSum: 0, dirtyPages: nil, userspaceExits: 0)
+            kvm.counters[Counter.hostMinorFaults.name] = pass.minorFaults
+            kvm.extra[HostCaseStats.unmergedPfFixed] = r.unmergedWrites.pfFixed
+            if let before = pass.ksmBefore, let after = pass.ksmAfter {
+                kvm.extra[HostCaseStats.ksmPagesWritten] = UInt64(before)
+                kvm.extra[HostCaseStats.cowBreaks] = UInt64(max(0, before - after))
+            }
+            let model = try runKSMModel(c, options: o, maxPageSharing: r.settingsBefore.maxPageSharing ?? 256, machine: machine)
+            return (model, kvm)
+        case .asyncPF(let seconds, let limit, let delay):
+            var a = AsyncPFCase()
+            a.vcpus = 1
+            a.seconds = seconds
+            a.residentLimit = limit
+            a.memoryMultiple = max(1, c.spec.footprint.rawValue / limit)
+            a.storeDelayNanos = delay
+            a.asyncPF = true
+            let r: AsyncPFResult
+            do { r = try AsyncPFBenchmark.run(a) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
+            guard r.mismatches == 0 else { throw InputError("validate: case \(c.name): the faulting thread read \(r.mismatches) words that differ from the store's") }
+            let kvmReads = r.faultingReads.reduce(0, +)
+            var kvm = KVMSide(counters: r.vcpuStats.values, seconds: r.wallSeconds, wallSeconds: r.wallSeconds, readSum: 0, dirtyPages: nil, userspaceExits: 0)
+            kvm.extra = [HostCaseStats.apfNotPresent: r.notPresent, HostCaseStats.apfReady: r.ready, HostCaseStats.refaults: r.pager.storeReads,
+                         HostCaseStats.faultingReads: kvmReads]
+            var mc = KVMAsyncPageFaults.modelConfig(a)
+            mc.costs = machine.costs
+            mc.guestCosts = machine.scheduling
+            mc.hostCosts = machine.host
+            mc.tlb = machine.tlb
+            mc.duration = seconds * 1e9
+            let m = try VMSimulation(config: mc).run()
+            let modelReads = m.faultAccesses.reduce(0, +)
+            // The prediction: the simulated time the model needs for KVM's count of faulting
+            // reads, at the model's rate (the case itself lasts a fixed time).
+            let predicted = modelReads > 0 ? Double(kvmReads) / Double(modelReads) * m.simulatedSeconds : 0
+            let model = ModelSide(counters: m.counters, cycles: predicted * machine.costs.clockGHz * 1e9, seconds: predicted, readSum: 0, dirtyPages: nil,
+                                  breakdown: VCPUTime.allCases.map { ($0.name, m.time[$0.rawValue] * machine.costs.clockGHz) },
+                                  extra: [(HostCaseStats.apfNotPresent, m.counters[.apfNotPresent]), (HostCaseStats.apfReady, m.counters[.apfReady]),
+                                          (HostCaseStats.refaults, m.swapReads), (HostCaseStats.faultingReads, modelReads)])
+            return (model, kvm)
+        }
+    }
+
+    /// The model's KSM case: VM 0's and VM 1's memory as the two halves of one shadow-paged
+    /// guest's data (the host merges across VMs; its pages are the same), prebuilt tables, each
+    /// page written once (its first touch, as FILL_PAGES) and filled with KSMPair's content
+    /// (`memvirt_fill_word`, the guest's own function), one ksmd merge over all of it, then VM
+    /// 0's two write passes (one word per page, as WRITE_LIST_MARKED): private pages, then
+    /// merged image pages, the measured one.
+    static func runKSMModel(_ c: ValidationCase, options o: KSMPairOptions, maxPageSharing: Int, machine: ReproductionMachine) throws -> ModelSide {
+        var config = ModelConfig()
+        config.paging = .shadow
+        config.costs = machine.costs
+        config.tlb = machine.tlb
+        config.shadow.hostZeroPage = true
+        let pages = o.pagesPerVM
+        var vc = c
+        vc.spec = WorkloadSpec(pattern: .sequential, footprint: ByteCount(UInt64(2 * pages) * 4096), accesses: 1, seed: o.seed)
+        let capacity = modelCapacity(vc.spec)
+        let kinds = (0..<pages).map { KSMPair.content(page: $0, vm: 0, options: o).kind }
+        let image = Array((0..<pages).filter { kinds[$0] == 0 }.prefix(o.writePages))
+        let privatePages = Array((0..<pages).filter { kinds[$0] == 3 }.prefix(o.writePages))
+        return try ModelEngine.withMachine(config: config, capacity: capacity, MachineBody { r in
+            guard let m = r as? Machine<ShadowPaging> else { throw InputError("validate: the model machine is not shadow-paged") }
+            let gfns = try buildPrebuiltTables(m, vc)
+            let base = vc.spec.base.rawValue
+            func va(_ vm: Int, _ p: Int) -> GuestVirtualAddress { GuestVirtualAddress(base + UInt64(vm * pages + p) * 4096) }
+            for vm in 0..<2 {
+                for p in 0..<pages {
+                    try m.step(Access(address: va(vm, p), kind: .write))
+                    guard let page = m.mode.hostPage(gfn: gfns[vm * pages + p]) else { throw InputError("validate: case \(c.name): page \(p) of VM \(vm) not backed after its write") }
+                    let id = KSMPair.content(page: p, vm: vm, options: o).id
+                    for k in 0..<UInt64(512) { m.mode.host.write64(page + k * 8, id == 0 ? 0 : memvirt_fill_word(id, k)) }
+                }
+            }
+            let ksm = try ShadowKSM(costs: machine.host, maxPageSharing: maxPageSharing)
+            m.mode.attach(ksm: ksm)
+            ksm.merge(gfns: gfns, mode: m.mode, cpu: m.cpu)
+            m.mode.settle(cpu: m.cpu)
+            m.resetStatistics()
+            for p in privatePages { try m.step(Access(address: va(0, p), kind: .write)) }
+            let unmergedFixed = m.finish()[.pfFixed]
+            let sharedBefore = UInt64(image.filter { ksm.isMerged(gfn: gfns[$0]) }.count)
+            let breaksBefore = ksm.stats.cowBreaks
+            m.mode.settle(cpu: m.cpu)
+            m.resetStatistics()
+            for p in image { try m.step(Access(address: va(0, p), kind: .write)) }
+            let counters = m.finish()
+            let cycles = m.cpu.ledger.total
+            return ModelSide(counters: counters, cycles: cycles, seconds: cycles / (config.costs.clockGHz * 1e9), readSum: 0,
+                             dirtyPages: nil, breakdown: m.cpu.ledger.breakdown,
+                             extra: [(HostCaseStats.ksmPagesWritten, sharedBefore), (HostCaseStats.cowBreaks, ksm.stats.cowBreaks - breaksBefore),
+                                     (HostCaseStats.unmergedPfFixed, unmergedFixed)])
+        })
+    }
+
+    /// The model's pager case: the prebuilt guest tables of the other cases, then every data
+    /// frame put under a `ShadowResidentPager` with the KVM run's limit (the KVM pager
+    /// registers the data region with userfaultfd before the guest touches it). No host zero
+    /// page: a missing page is served by UFFDIO_COPY, read fault or not.
+    static func runPagerModel(_ c: ValidationCase, residentPages: Int, machine: ReproductionMachine) throws -> ModelSide {
+        var config = ModelConfig()
+        config.paging = .shadow
+        config.costs = machine.costs
+        config.tlb = machine.tlb
+        config.shadow.hostZeroPage = false
+        let spec = c.spec
+        let capacity = modelCapacity(spec)
+        return try ModelEngine.withMachine(config: config, capacity: capacity, MachineBody { r in
+            guard let m = r as? Machine<ShadowPaging> else { throw InputError("validate: the model machine is not shadow-paged") }
+            let dataGfns = try buildPrebuiltTables(m, c)
+            let pager = try ShadowResidentPager(guestFrames: Int(capacity >> 12), limitPages: residentPages, costs: machine.host)
+            for g in dataGfns { pager.manage(gfn: g) }
+            m.mode.attach(pager: pager)
+            m.mode.settle(cpu: m.cpu)
+            m.resetStatistics()
+            var source = GeneratedAccesses(try AccessGenerator(spec: spec, thread: 0), count: spec.accesses)
+            try m.run(&source)
+            let counters = m.finish()
+            let cycles = m.cpu.ledger.total
+            let s = pager.stats
+            return ModelSide(counters: counters, cycles: cycles, seconds: cycles / (config.costs.clockGHz * 1e9), readSum: m.checksum,
+                             dirtyPages: nil, breakdown: m.cpu.ledger.breakdown,
+                             extra: [(HostCaseStats.served, s.served), (HostCaseStats.evictions, s.evictions), (HostCaseStats.refaults, s.storeReads)])
+        })
+    }
+
+    /// What the model reproduces for a host case (the mechanisms tried).
+    static func modelled(_ h: HostCase) -> String {
+        switch h {
+        case .pager:
+            "ShadowResidentPager: the pager's FIFO resident limit over the data frames, eviction zapping the frame's sptes through the rmap and flushing (kvm_unmap_gfn_range), a re-touch as a new userfaultfd fault and pf_fixed, the fault that evicted retried as stale (is_page_fault_stale), UFFDIO_COPY pages (no host zero page), userfaultfdCopy / dontneedPerPage / pageCopy from the profile"
+        case .asyncPF:
+            "VMSimulation (the model's discrete-event guest scheduler with KVM's async PF: kvm_arch_async_page_not_present / kvm_arch_async_page_present, at most 64 outstanding, the profile's page-ready delay and APF handler costs) under nested paging with the host's clock reclaim over the same resident limit and a store of the same service time; not yet the pager's FIFO under shadow paging"
+        case .ksm:
+            "ShadowKSM: pages of equal content (the guest's own fill function) merged onto read-only KSM pages in groups of at most max_page_sharing, the merge's invalidation zapping their sptes, a write breaking the copy-on-write in the host (wp_page_copy, pageCopy from the profile) and retried as stale, the second fault fixed"
+        }
+    }
+
+    /// What the case's own rows say about a time miss (nil: nothing beyond the general line).
+    static func timeExplanation(_ h: HostCase, _ r: Validation.CaseResult) -> String? {
+        func row(_ s: String) -> Validation.Row? { r.rows.first { $0.stat == s } }
+        switch h {
+        case .pager:
+            guard let served = row(HostCaseStats.served), served.kvm > 0 else { return nil }
+            return "KVM's measured time per userfaultfd fault \(formatFixed(r.measuredSeconds / Double(served.kvm) * 1e6, digits: 1)) us against the model's \(formatFixed(r.predictedSeconds / Double(max(served.model, 1)) * 1e6, digits: 1)) us (the pager thread's pread/pwrite/UFFDIO_COPY and its two context switches per fault are in the process's CPU time; calibration's uffd_copy_write measures one fault on a quiet pager)"
+                + (r.measuredWallSeconds > r.measuredSeconds * 1.2
+                   ? "; against the phase's wall time (\(formatFixed(r.measuredWallSeconds, digits: 4)) s) the prediction is \(Validation.formatSignedPercent((r.predictedSeconds - r.measuredWallSeconds) / r.measuredWallSeconds)): the calibrated userfaultfd costs are latencies on the guest's clock, which include the pager thread's wake-up while the vCPU thread sleeps, time the process's CPU time leaves out"
+                   : "")
+        case .ksm:
+            guard let breaks = row(HostCaseStats.cowBreaks), breaks.kvm > 0 else { return nil }
+            return "KVM's measured time per copy-on-write break \(formatFixed(r.measuredSeconds / Double(breaks.kvm) * 1e6, digits: 1)) us against the model's \(formatFixed(r.predictedSeconds / Double(max(breaks.model, 1)) * 1e6, digits: 1)) us (two exits, two shadow faults and pageCopy each)"
+        case .asyncPF(_, _, let delay):
+            guard let np = row(HostCaseStats.apfNotPresent), np.kvm > 0, let reads = row(HostCaseStats.faultingReads) else { return nil }
+            return "KVM's faulting thread completed \(formatGrouped(reads.kvm)) reads (\(formatGrouped(np.kvm)) page-not-present, \(formatFixed(r.measuredSeconds / Double(np.kvm) * 1e3, digits: 2)) ms each) against the model's \(formatGrouped(reads.model)) in the same time (\(formatFixed(r.measuredSeconds / Double(max(np.model, 1)) * 1e3, digits: 2)) ms each) with a store of \(formatFixed(Double(delay) / 1e6, digits: 2)) ms: the difference is the time from the page's arrival to the faulting thread running again (KVM's async worker and the pager thread waiting for a host core beside the vCPU thread, the page-ready injection through kvm_pvm's emulated CPL0), which the model charges only as the profile's page-ready delay"
+        }
+    }
+
+    /// What is known about a host case, and why.
+    static func note(_ h: HostCase, _ c: ValidationCase) -> String {
+        switch h {
+        case .pager(let resident):
+            "Guest data (\(c.spec.footprint)) behind the userfaultfd pager with \(resident) pages (\(ByteCount(UInt64(resident) * 4096))) resident, FIFO, no read-ahead; tables prebuilt as in the other cases (outside the pager). Each eviction's mmu-notifier invalidation runs while the faulting vCPU waits on the pager, so that fault is stale and retried (one more pf_taken and exit than pf_fixed per evicting fault). userfaultfd_served counts zero fills and store reads (the pager's duplicate messages for one fault are only woken, not counted)."
+        case .asyncPF(let seconds, let limit, let delay):
+            "AsyncPFBenchmark: 1 vCPU, the guest kernel with APF on, a faulting thread reading uniformly over \(c.spec.footprint) behind a \(ByteCount(limit)) resident limit (full from the start), the pager's store serving each page after \(formatFixed(Double(delay) / 1e6, digits: 2)) ms, and a working thread, \(formatFixed(seconds, digits: 0)) s. Nothing here is deterministic: the case lasts a fixed time, so every count depends on timing (shown, not judged). Time: the measured phase's wall time beside the simulated time the model needs for KVM's count of faulting reads (the model's rate)."
+        case .ksm(let pages, let writes):
+            "KSMPair: 2 VMs x \(pages) pages (50% image pages equal in both VMs, 10% duplicates, 10% zero, 30% private), the host's ksmd tuned and run until the oracle's count merged; then VM 0 writes \(writes) private pages (control: unmerged_pf_fixed) and \(writes) merged image pages, the counters and time of that pass. A break: the write exits on the spte the merge zapped, KVM's GUP for write copies the page (wp_page_copy), whose invalidation makes the fault stale (RET_PF_RETRY), and the re-executed write is fixed: pf_taken and exits 2, pf_fixed 1 per page. Measured time: the guest's TSC marks around the pass (wall time, not CPU time). cow_breaks and ksm_pages_written from /proc/kpageflags (missing where unreadable)."
+        }
+    }
+
+    /// Guest-physical capacity of the model machine for `spec` (whole GiB plus 2 GiB).
+    static func modelCapacity(_ spec: WorkloadSpec) -> UInt64 {
+        let oneG = PageSize.size1G.bytes
+        return ((spec.footprint.rawValue + oneG - 1) / oneG) * oneG + 2 * oneG
+    }
+
+    /// The KVM guest runtime's tables, built as `ValidationEngines.runModel` builds them (every
+    /// data page mapped P|W|U to its own frame, A and D clear, data frames never touched).
+    /// Returns the data gfns.
+    static func buildPrebuiltTables(_ m: Machine<ShadowPaging>, _ c: ValidationCase) throws -> [UInt64] {
+        let spec = c.spec
+        guard spec.threads == 1 else { throw InputError("validate: the model side runs one vCPU (case \(c.name) has \(spec.threads) threads)") }
+        let ps = c.pageSize
+        guard spec.footprint.rawValue % ps.bytes == 0 else { throw InputError("validate: case \(c.name): footprint is not a multiple of \(ps)") }
+        let area = VirtualMemoryArea(start: spec.base.rawValue, end: spec.base.rawValue + spec.footprint.rawValue, pageSize: ps, writable: true)
+        try m.kernel.map(area, in: m.space)
+        var dataGfns: [UInt64] = []
+        var va = area.start
+        while va < area.end {
+            guard let frame = m.kernel.frames.allocate(ps),
+                  m.kernel.installLeaf(va, frame: frame, size: ps, flags: [.present, .writable, .user], space: m.space) else {
+                throw InputError("validate: case \(c.name): guest memory exhausted building tables")
+            }
+            for i in 0..<ps.frames { dataGfns.append((frame >> 12) + i) }
+            va += ps.bytes
+        }
+        return dataGfns
+    }
+}
