@@ -59,6 +59,15 @@ public final class ShadowPaging: PagingMode {
         /// without `pf_fixed`) and taken again. Off by default (the model's other runs back a
         /// fresh page on any first touch).
         public var hostZeroPage = false
+        /// The guest kernel reaches guest-physical memory through a direct map of its own (as
+        /// Linux's physmap, or the KVM engine's page-table-editing guest: 2 MiB guest pages at
+        /// PML4[1], shared by every address space): its zeroing, copying and page-table writes
+        /// are guest accesses that KVM shadows like any other. A first access to a frame
+        /// through the map is a shadow fault (`pf_fixed`), and a frame that becomes a shadowed
+        /// table loses W in the map (account_shadowed -> kvm_mmu_slot_gfn_write_protect), so
+        /// the kernel's next write to it faults (unsync or emulation). Off by default (the
+        /// kernel's accesses are free of translation, as in the model's other runs).
+        public var guestDirectMap = false
         public init() {}
     }
 
@@ -104,6 +113,11 @@ public final class ShadowPaging: PagingMode {
     /// is shared, nothing is cleared until the copy).
     var backingZeroPageMap = false
     var leafCounts: [Int64] = [0, 0, 0]
+    /// With `options.guestDirectMap`: gfn -> the direct map's spte for it is present and
+    /// writable (true) or present read-only (false); absent: no spte yet.
+    var directMap: [UInt64: Bool] = [:]
+    /// 2 MiB pages of the direct map whose guest entry has D set (gfn >> 9).
+    var directMapDirty: Set<UInt64> = []
     /// Log-dirty state while a migration tracks dirty pages (ShadowDirtyTracking.swift).
     var logDirty: ShadowLogDirty?
     /// The tracking totals of the last logging session, kept after it stops.
@@ -218,6 +232,10 @@ public final class ShadowPaging: PagingMode {
                 }
             }
         }
+        if directMap[gfn] == true {
+            directMap[gfn] = false
+            flushed = true
+        }
         if flushed { flushTLBs(cpu) }
     }
 
@@ -250,8 +268,10 @@ public final class ShadowPaging: PagingMode {
             if leaf {
                 dropLeaf(a, entry: e, level: sp.level)
             } else if let c = childIndex(of: e) {
+                // The child is only unlinked (mmu_page_zap_pte -> drop_parent_pte): under
+                // shadow paging KVM keeps a parentless shadow page hashed (it recursively zaps
+                // only nested-TDP children), to be found again, recycled or flooded.
                 pages[c].parents.removeAll { $0.0 == i && $0.1 == idx }
-                if pages[c].parents.isEmpty && !pages[c].isRoot { zap(c, cpu: cpu) }
             }
         }
         index[key(sp.gfn, sp.level, direct: sp.direct)] = nil
@@ -338,6 +358,11 @@ public final class ShadowPaging: PagingMode {
     var cachedRoots: [Int] = []
     static let cachedRootLimit = 4
 
+    /// A root falling out of the cache is only unpinned, not zapped: KVM's
+    /// cached_root_find_and_keep_current rotates prev_roots and kvm_mmu_free_roots drops the
+    /// evicted root's root_count; the shadow page stays hashed (and its guest table
+    /// write-protected) until it is recycled, flooded or found again by
+    /// kvm_mmu_get_shadow_page on a later CR3 load (no mmu_cache_miss then).
     func noteRoot(_ r: Int, cpu: ModelCPU) {
         cachedRoots.removeAll { $0 == r }
         cachedRoots.insert(r, at: 0)
@@ -345,7 +370,6 @@ public final class ShadowPaging: PagingMode {
         while cachedRoots.count > Self.cachedRootLimit {
             let old = cachedRoots.removeLast()
             pages[old].isRoot = false
-            zap(old, cpu: cpu)
         }
     }
 
@@ -393,7 +417,11 @@ public final class ShadowPaging: PagingMode {
 public final class ShadowGuestMemory: GuestPhysicalMemory {
     weak var owner: ShadowPaging?
     init() {}
-    public func read64(_ gpa: UInt64) -> UInt64 { owner!.host.read64(owner!.hostAddress(gpa)) }
+    public func read64(_ gpa: UInt64) -> UInt64 {
+        let o = owner!
+        if o.options.guestDirectMap { o.directMapRead(gpa >> 12) }
+        return o.host.read64(o.hostAddress(gpa))
+    }
     public func write64(_ gpa: UInt64, _ value: UInt64) { owner!.guestWrite(gpa, value) }
     public func writePageTableEntry(_ gpa: UInt64, _ value: UInt64) { owner!.guestWrite(gpa, value) }
     public func zero(_ gpa: UInt64, bytes: UInt64) {
@@ -414,6 +442,7 @@ public final class ShadowGuestMemory: GuestPhysicalMemory {
                 continue
             }
             let chunk = min(4096 - (a & 4095), gpa + bytes - a)
+            if o.options.guestDirectMap { o.directMapWrite(gfn) }
             o.host.zero(o.hostAddress(a), bytes: chunk)
             a += chunk
         }
