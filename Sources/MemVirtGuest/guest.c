@@ -200,6 +200,8 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
     }
 }
 
+__attribute__((visibility("hidden"))) void memvirt_guest_ops(volatile struct memvirt_mailbox *mb);
+
 GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
     for (;;) {
         uint64_t cmd = mb->command, status = MEMVIRT_STATUS_OK;
@@ -246,6 +248,8 @@ GUEST void memvirt_guest_main(volatile struct memvirt_mailbox *mb) {
             mb->writes = len;
         } else if (cmd == MEMVIRT_CMD_CALIBRATE) {
             calibrate(mb);
+        } else if (cmd == MEMVIRT_CMD_OPS) {
+            memvirt_guest_ops(mb);
         } else {
             status = MEMVIRT_STATUS_BAD_COMMAND;
         }
@@ -263,6 +267,8 @@ extern const char memvirt_guest_idle[];
 extern const char memvirt_guest_calib_invlpg_loop[];
 extern const char memvirt_guest_calib_cr3_loop[];
 extern const char memvirt_guest_calib_pf_handler[];
+extern const char memvirt_guest_ops_invlpg_handler[];
+extern const char memvirt_guest_ops_cr3_handler[];
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     const char *s = __start_memvirt_guest;
@@ -275,4 +281,6 @@ void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     out->calib_invlpg_offset = (uint64_t)(memvirt_guest_calib_invlpg_loop - s);
     out->calib_cr3_offset = (uint64_t)(memvirt_guest_calib_cr3_loop - s);
     out->calib_pf_offset = (uint64_t)(memvirt_guest_calib_pf_handler - s);
+    out->ops_invlpg_offset = (uint64_t)(memvirt_guest_ops_invlpg_handler - s);
+    out->ops_cr3_offset = (uint64_t)(memvirt_guest_ops_cr3_handler - s);
 }

@@ -77,4 +77,25 @@ memvirt_guest_calib_pf_handler:
     mov %rsi, (%rsp)
     iretq
 
+    // The page-table-editing guest's CPL0 stubs (guest_ops.c, memvirt_ops.h). CPL3 code enters
+    // each through a deliberate exception with the continuation in %rsi; 3 CPL0 instructions
+    // each (the #PF handler is memvirt_guest_calib_pf_handler above, also 3):
+    // #UD (`ud2`, vector 6, no error code): INVLPG (%rdi), resume at %rsi.
+    .balign 16
+    .globl memvirt_guest_ops_invlpg_handler
+    .hidden memvirt_guest_ops_invlpg_handler
+memvirt_guest_ops_invlpg_handler:
+    invlpg (%rdi)
+    mov %rsi, (%rsp)
+    iretq
+
+    // #DE (`div` by zero, vector 0, no error code): CR3 := %rdx, resume at %rsi.
+    .balign 16
+    .globl memvirt_guest_ops_cr3_handler
+    .hidden memvirt_guest_ops_cr3_handler
+memvirt_guest_ops_cr3_handler:
+    mov %rdx, %cr3
+    mov %rsi, (%rsp)
+    iretq
+
     .section .note.GNU-stack,"",@progbits

@@ -8,7 +8,7 @@ struct KVMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kvm", abstract: "Real VMs on /dev/kvm.",
         subcommands: [KVMRunCommand.self, KVMProbeCommand.self, KVMListenCommand.self, KVMMigrateCommand.self,
-                      KVMSnapshotCommand.self, KVMRestoreCommand.self, KVMImageCommand.self, KVMCalibrateCommand.self])
+                      KVMSnapshotCommand.self, KVMRestoreCommand.self, KVMImageCommand.self, KVMCalibrateCommand.self, KVMOpsCommand.self])
 
     /// A duration flag: 500ms, 2s, 250us, 1.5min, 1h (MemVirtCore's `Duration64` units).
     static func duration(_ s: String, _ flag: String) throws -> UInt64 {

@@ -73,6 +73,9 @@ enum memvirt_command {
     /// event i's TSC ticks (lfence; rdtsc around it) go to uint64 `list`[i]. The VMM reads
     /// them and converts with the guest TSC frequency.
     MEMVIRT_CMD_CALIBRATE = 15,
+    /// Run a GuestOpScript on self-managed page tables (guest_ops.c): the
+    /// `struct memvirt_ops_state` (memvirt_ops.h) is at GVA `table`.
+    MEMVIRT_CMD_OPS = 16,
 };
 
 /// What MEMVIRT_CMD_CALIBRATE times, one event per sample.
@@ -176,6 +179,8 @@ struct memvirt_guest_image {
     uint64_t calib_invlpg_offset; // memvirt_guest_calib_invlpg_loop (CPL0, rcx = n, rdi = GVA)
     uint64_t calib_cr3_offset;    // memvirt_guest_calib_cr3_loop (CPL0, rcx = n, rdx = CR3 value)
     uint64_t calib_pf_offset;     // memvirt_guest_calib_pf_handler (#PF gate of the calibration guest)
+    uint64_t ops_invlpg_offset;   // memvirt_guest_ops_invlpg_handler (#UD gate of the ops guest)
+    uint64_t ops_cr3_offset;      // memvirt_guest_ops_cr3_handler (#DE gate of the ops guest)
 };
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out);
