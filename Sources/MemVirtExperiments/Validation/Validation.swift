@@ -74,6 +74,10 @@ public struct Validation: Experiment {
         guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
         var out: [CaseResult] = []
         for c in cases {
+            if case .guestOps(let script) = c.kind {
+                out.append(try ValidationGuestOps.run(c, script: script, machine: machine, progress: progress))
+                continue
+            }
             progress("\(Self.name): \(c.name) on /dev/kvm")
             let (kvm, ringBytes) = try ValidationEngines.runKVM(c)
             progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
@@ -106,6 +110,8 @@ public struct Validation: Experiment {
             "Guest tables built before the run, A/D clear: a read maps a read-only spte and a later write faults again (FNAME(protect_clean_gpte)); no SPTE prefetch, as KVM prefetches only accessed gptes (FNAME(prefetch_invalid_gpte)). A page read before it is written is mapped on the host's zero page and copied on the write, whose mmu notifier zaps the spte and retries the fault (pf_taken and tlb_flush one more than pf_fixed per such page; ShadowPaging.Options.hostZeroPage). KVM's pf_fixed, pages_4k and mmu_cache_miss also count the guest runtime's own first touches (code, stack, mailbox: a few pages and 4 shadow tables), which the model does not run."
         case .dirtyLog(let m):
             "Dirty logging on the data slot from the start, one harvest (\(m.rawValue)) after the run; dirty_pages counts data-slot pages in both engines."
+        case .guestOps:
+            ValidationGuestOps.note
         }
     }
 

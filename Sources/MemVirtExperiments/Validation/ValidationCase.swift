@@ -10,6 +10,9 @@ public struct ValidationCase: Sendable {
         case prebuilt
         /// Dirty logging on the data slot from the start, one harvest after the run.
         case dirtyLog(HarvestMethod)
+        /// A guest that edits its own page tables, running this script (ValidationGuestOps;
+        /// `spec` is unused).
+        case guestOps(GuestOpScript)
     }
 
     public var name: String
@@ -44,6 +47,7 @@ public struct ValidationCase: Sendable {
         cases.append(ValidationCase(name: "uniform-2m-guest-pages", spec: spec(.uniform), kind: .prebuilt, pageSize: .size2M))
         cases.append(ValidationCase(name: "dirty-log-bitmap", spec: spec(.uniform), kind: .dirtyLog(.bitmap)))
         cases.append(ValidationCase(name: "dirty-log-ring", spec: spec(.uniform), kind: .dirtyLog(.ring)))
+        cases += ValidationGuestOps.cases(quick: quick)
         return cases
     }
 }
@@ -140,6 +144,7 @@ enum ValidationEngines {
         case .prebuilt: break
         case .dirtyLog(.bitmap): o.dirtyLog = .bitmap
         case .dirtyLog(.ring): o.dirtyLog = .ring
+        case .guestOps: throw InputError("validate: case \(c.name) is a guest-op case (ValidationGuestOps runs it)")
         }
         let r: KVMRunReport
         do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }

@@ -145,6 +145,12 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     func chargeStub(_ otherInstructions: Int) {
         cpu.ledger.charge(.emulation, costs.faultInjection + Double(otherInstructions) * costs.instructionEmulation)
         cpu.counters.add(.insnEmulation, UInt64(otherInstructions + 2))
+        countStubStores()
+    }
+
+    /// The stub's emulated stores, counted by a shadow MMU as KVM counts them (`mmu_pte_write`).
+    func countStubStores() {
+        if let s = cpl0Stubs, mode is ShadowPaging { cpu.counters.add(.mmuPteWrite, UInt64(s.storesPerStub)) }
     }
 
     public func switchAddressSpace(to space: AddressSpace) {
@@ -257,6 +263,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
                     // The #PF stub's instructions besides its IRET (inside faultInjection).
                     cpu.ledger.charge(.emulation, Double(s.pageFaultOtherInstructions) * costs.instructionEmulation)
                     cpu.counters.add(.insnEmulation, UInt64(s.pageFaultOtherInstructions + 1))
+                    countStubStores()
                 }
                 switch kernel.handlePageFault(va, code: code, space: space) {
                 case .demandZero(let size, let tablePages):

@@ -17,15 +17,20 @@ public struct GuestCPL0Stubs: Sendable, Hashable {
     public var invlpgOtherInstructions: Int
     /// Instructions of the CR3 stub besides the CR3 write and the IRET.
     public var cr3OtherInstructions: Int
+    /// Memory stores per stub (each stub's `mov %rsi,(%rsp)`). Emulated, each is a write KVM
+    /// tracks: kvm_mmu_track_write counts `mmu_pte_write` for every emulated guest write while
+    /// the VM has indirect shadow pages, whether or not the gfn is a shadowed table.
+    public var storesPerStub: Int
 
-    public init(pageFaultOtherInstructions: Int, invlpgOtherInstructions: Int, cr3OtherInstructions: Int) {
+    public init(pageFaultOtherInstructions: Int, invlpgOtherInstructions: Int, cr3OtherInstructions: Int, storesPerStub: Int) {
         self.pageFaultOtherInstructions = pageFaultOtherInstructions
         self.invlpgOtherInstructions = invlpgOtherInstructions
         self.cr3OtherInstructions = cr3OtherInstructions
+        self.storesPerStub = storesPerStub
     }
 
     /// The KVM engine's guest runtime (the stubs above).
-    public static let kvmGuestRuntime = GuestCPL0Stubs(pageFaultOtherInstructions: 2, invlpgOtherInstructions: 1, cr3OtherInstructions: 1)
+    public static let kvmGuestRuntime = GuestCPL0Stubs(pageFaultOtherInstructions: 2, invlpgOtherInstructions: 1, cr3OtherInstructions: 1, storesPerStub: 1)
 }
 
 /// What the guest kernel did while realizing a `GuestOpScript`: guest-side counts, the same in

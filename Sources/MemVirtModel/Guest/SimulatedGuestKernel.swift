@@ -9,6 +9,18 @@ public protocol GuestPhysicalMemory: AnyObject {
     func writePageTableEntry(_ gpa: UInt64, _ value: UInt64)
     /// Clears a fresh frame.
     func zero(_ gpa: UInt64, bytes: UInt64)
+    /// Copies `bytes` from `source` to `destination` (a string copy: `rep movsq`).
+    func copy(from source: UInt64, to destination: UInt64, bytes: UInt64)
+}
+
+extension GuestPhysicalMemory {
+    public func copy(from source: UInt64, to destination: UInt64, bytes: UInt64) {
+        var off: UInt64 = 0
+        while off < bytes {
+            write64(destination + off, read64(source + off))
+            off += 8
+        }
+    }
 }
 
 /// The CPU operations the guest kernel performs on TLB state (a hypervisor may intercept them).
@@ -277,11 +289,7 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
         var target = frame
         if shared {
             guard let f = frames.allocate(leaf.size) else { return .outOfMemory }
-            var off: UInt64 = 0
-            while off < leaf.size.bytes {
-                memory.write64(f + off, memory.read64(frame + off))
-                off += 8
-            }
+            memory.copy(from: frame, to: f, bytes: leaf.size.bytes)
             release(frame, leaf.size)
             target = f
             copyOnWriteCopies += 1

@@ -384,6 +384,66 @@ extension ShadowPaging {
         return true
     }
 
+    /// The guest kernel starts a string write (`rep stosq` zeroing or `rep movsq` copying a
+    /// frame) to `gfn`. If the gfn is a shadowed table its first store faults:
+    /// - only leaf (level-1) shadow pages: they go unsync (mmu_try_to_unsync_pages), one fault,
+    ///   and the string runs natively;
+    /// - an upper-level page (write-tracked, kvm_gfn_is_write_tracked): the fault is emulated
+    ///   (`pf_emulate`), the whole string in the emulator.
+    func stringWrite(_ gfn: UInt64) {
+        guard let cpu = cpuForGuestWrites, byGfn[gfn] != nil, isWriteProtected(gfn) else {
+            if options.guestDirectMap { directMapWrite(gfn) }
+            return
+        }
+        let sps = byGfn[gfn]!
+        if options.unsync && sps.allSatisfy({ pages[$0].level == 1 }) {
+            // The unsync path of a single store (value rewritten by the string after it).
+            guestWrite(gfn << 12, host.read64(hostAddress(gfn << 12)))
+            return
+        }
+        cpu.counters.add(.exits, 1)
+        cpu.counters.add(.pfTaken, 1)
+        cpu.counters.add(.pfEmulate, 1)
+        cpu.counters.add(.insnEmulation, 1)
+        cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+        cpu.ledger.charge(.emulation, cpu.costs.instructionEmulation)
+        if options.guestDirectMap {
+            directMapDirty.insert(gfn >> 9)
+            if directMap[gfn] == nil {
+                directMap[gfn] = false
+                directMapPrefetch(gfn)
+            }
+        }
+        // The string store is emulated to its end in chunks, each an emulated write that
+        // kvm_mmu_track_write counts (`mmu_pte_write`): measured on kvm_pvm, exactly 128 per
+        // 4 KiB frame (docs/guest-ops.md), 32 bytes a chunk. The chunks span several
+        // entries, so the gfn's shadow pages go at the first (detect_write_misaligned;
+        // KVM's count shows them gone without `mmu_flooded`: unprotected, as
+        // kvm_mmu_unprotect_gfn_and_retry does).
+        let chunks = UInt64(4096 / Self.stringWriteChunk)
+        cpu.counters.add(.mmuPteWrite, chunks)
+        cpu.ledger.charge(.shadowSync, Double(chunks) * cpu.costs.shadowPTEWrite)
+        for i in sps where pages[i].live {
+            if pages[i].isRoot && i != currentRoot {
+                pages[i].isRoot = false
+                cachedRoots.removeAll { $0 == i }
+            }
+            if i != currentRoot { zap(i, cpu: cpu) }
+        }
+    }
+
+    /// Bytes per emulated write when KVM emulates a guest string store (measured: 128 tracked
+    /// writes per 4 KiB `rep stosq`/`rep movsq` on kvm_pvm, docs/guest-ops.md).
+    static let stringWriteChunk = 32
+
+    /// Shadows guest table `gfn` at `level` now (kvm_mmu_get_shadow_page), as KVM has shadowed
+    /// a table before a measured phase because the guest ran through it (the KVM guest's
+    /// runtime lives under its PDPT): the table is write-protected from here on.
+    public func shadowGuestTable(gfn: UInt64, level: Int, cpu: ModelCPU) {
+        cpuForGuestWrites = cpu
+        _ = shadowPage(gfn: gfn, level: level, direct: false, cpu: cpu)
+    }
+
     /// Resynchronizes an unsync shadow page with its guest table (kvm_sync_page: every spte
     /// through FNAME(sync_spte)); then, unless `keepUnsync` (kvm_mmu_find_shadow_page syncs a
     /// page it links anew but leaves it unsync), the page is sync again and its guest table

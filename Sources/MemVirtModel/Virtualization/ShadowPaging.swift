@@ -270,7 +270,10 @@ public final class ShadowPaging: PagingMode {
             } else if let c = childIndex(of: e) {
                 // The child is only unlinked (mmu_page_zap_pte -> drop_parent_pte): under
                 // shadow paging KVM keeps a parentless shadow page hashed (it recursively zaps
-                // only nested-TDP children), to be found again, recycled or flooded.
+                // only nested-TDP children), to be found again, recycled or flooded; but the
+                // unsync pages below it are zapped first (__kvm_mmu_prepare_zap_page ->
+                // mmu_zap_unsync_children).
+                zapUnsyncDescendants(c, cpu: cpu)
                 pages[c].parents.removeAll { $0.0 == i && $0.1 == idx }
             }
         }
@@ -288,6 +291,19 @@ public final class ShadowPaging: PagingMode {
         liveCount -= 1
         if currentRoot == i { currentRoot = -1 }
         flushTLBs(cpu)
+    }
+
+    /// Zaps the unsync pages at or below `c` (mmu_zap_unsync_children walks the unsync-child
+    /// marks down through sync upper pages).
+    func zapUnsyncDescendants(_ c: Int, cpu: ModelCPU) {
+        guard pages[c].live else { return }
+        if pages[c].unsync { zap(c, cpu: cpu); return }
+        guard pages[c].level > 1 else { return }
+        for idx in 0..<512 {
+            let e = host.read64(pages[c].table + UInt64(idx) * 8)
+            if e & 1 == 0 || e & 0x80 != 0 { continue }
+            if let g = childIndex(of: e), pages[g].live, pages[g].unsync || pages[g].level > 1 { zapUnsyncDescendants(g, cpu: cpu) }
+        }
     }
 
     /// Shadow table address -> shadow page index (children are found through this map).
@@ -429,22 +445,30 @@ public final class ShadowGuestMemory: GuestPhysicalMemory {
         var a = gpa
         while a < gpa + bytes {
             let gfn = a >> 12
-            o.logDirty?.note(gfn)
-            if o.byGfn[gfn] != nil && o.isWriteProtected(gfn) {
-                // Clearing a page that is still a shadowed table (a freed table reused): the
-                // first writes trap and are emulated until write flooding unshadows it.
-                var n = 0
-                while o.byGfn[gfn] != nil && o.isWriteProtected(gfn) && n < 8 {
-                    o.guestWrite(a, 0)
-                    a += 8
-                    n += 1
-                }
-                continue
-            }
             let chunk = min(4096 - (a & 4095), gpa + bytes - a)
-            if o.options.guestDirectMap { o.directMapWrite(gfn) }
+            o.logDirty?.note(gfn)
+            o.stringWrite(gfn)
             o.host.zero(o.hostAddress(a), bytes: chunk)
             a += chunk
+        }
+    }
+
+    /// A string copy (`rep movsq`): the source read through the direct map, the destination
+    /// written as `zero` writes.
+    public func copy(from source: UInt64, to destination: UInt64, bytes: UInt64) {
+        let o = owner!
+        var off: UInt64 = 0
+        while off < bytes {
+            let chunk = min(4096 - ((destination + off) & 4095), 4096 - ((source + off) & 4095), bytes - off)
+            if o.options.guestDirectMap { o.directMapRead((source + off) >> 12) }
+            o.logDirty?.note((destination + off) >> 12)
+            o.stringWrite((destination + off) >> 12)
+            var w: UInt64 = 0
+            while w < chunk {
+                o.host.write64(o.hostAddress(destination + off + w), o.host.read64(o.hostAddress(source + off + w)))
+                w += 8
+            }
+            off += chunk
         }
     }
 }

@@ -42,7 +42,8 @@ struct ValidationTests {
         }
         #expect(names == v.cases.map(\.name))
 
-        for r in results {
+        // The guest-kernel cases (guest-*) have their own test (ValidationGuestOpsTests).
+        for r in results where !r.name.hasPrefix("guest-") {
             // Same stream, same data rules: the values read are equal.
             #expect(r.readSumEqual, "\(r.name): read_sum differs between the engines")
             // Every data page is touched by a 100,000-access stream over 1,024 pages except for
