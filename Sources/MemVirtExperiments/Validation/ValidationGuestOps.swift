@@ -36,6 +36,7 @@ enum ValidationGuestOps {
         config.tlb.pcid = script.pcid
         config.shadow.hostZeroPage = true
         config.shadow.guestDirectMap = true
+        config.shadow.sharedRuntimeSubtree = true
         return try ModelEngine.withMachine(config: config, capacity: 4 << 30, MachineBody { r in
             guard let m = r as? Machine<ShadowPaging> else { throw InputError("validate: the model machine is not shadow-paged") }
             // Space 0 as the KVM runner presets it: its root and PDPT are the first two frames

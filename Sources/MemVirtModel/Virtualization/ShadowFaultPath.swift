@@ -519,8 +519,16 @@ extension ShadowPaging {
             cpu.counters.add(.shadowRootCacheHits, 1)
             currentRoot = r
         } else {
+            let existed = index[k].map { pages[$0].live } ?? false
             currentRoot = shadowPage(gfn: space.root >> 12, level: cpu.paging.levels, direct: false, cpu: cpu)
             byTable[pages[currentRoot].table] = currentRoot
+            if options.sharedRuntimeSubtree && !existed {
+                cpu.counters.add(.exits, 1)
+                cpu.counters.add(.pfTaken, 1)
+                cpu.counters.add(.pfSpurious, 1)
+                cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+                cpu.ledger.charge(.hypervisorFaults, cpu.costs.shadowFaultHandler)
+            }
         }
         noteRoot(currentRoot, cpu: cpu)
         pages[currentRoot].writeFlooding = 0

@@ -68,6 +68,12 @@ public final class ShadowPaging: PagingMode {
         /// the kernel's next write to it faults (unsync or emulation). Off by default (the
         /// kernel's accesses are free of translation, as in the model's other runs).
         public var guestDirectMap = false
+        /// The guest's own code and data (the KVM engine's runtime) sit in a subtree shared by
+        /// every address space (a PDPT entry copied at fork), which the model does not run: on
+        /// a new shadow root the guest's first instruction faults once, and FNAME(fetch) links
+        /// the existing lower shadow pages down to an unchanged leaf spte (RET_PF_SPURIOUS:
+        /// `pf_spurious`, `pf_taken`). Off by default.
+        public var sharedRuntimeSubtree = false
         public init() {}
     }
 
@@ -146,7 +152,7 @@ public final class ShadowPaging: PagingMode {
 
     public var name: String { "shadow" }
     public var applicableCounters: [Counter] {
-        [.pfTaken, .pfFixed, .pfGuest, .pfEmulate, .exits, .invlpg, .tlbFlush, .insnEmulation, .mmuShadowZapped, .mmuPteWrite,
+        [.pfTaken, .pfFixed, .pfGuest, .pfEmulate, .pfSpurious, .exits, .invlpg, .tlbFlush, .insnEmulation, .mmuShadowZapped, .mmuPteWrite,
          .mmuPdeZapped, .mmuFlooded, .mmuRecycled, .mmuCacheMiss, .mmuUnsync, .pages4K, .pages2M, .pages1G,
          .shadowPagesCreated, .shadowRootCacheHits, .shadowResyncs, .hostMinorFaults]
     }
