@@ -84,6 +84,10 @@ public struct Validation: Experiment {
                 out.append(Self.compare(c, model: model, kvm: kvm))
                 continue
             }
+            if case .guestOps(let script) = c.kind {
+                out.append(try ValidationGuestOps.run(c, script: script, machine: machine, progress: progress))
+                continue
+            }
             progress("\(Self.name): \(c.name) on /dev/kvm")
             let (kvm, ringBytes) = try ValidationEngines.runKVM(c)
             progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
@@ -180,6 +184,8 @@ public struct Validation: Experiment {
         case .dirtyLog(let m):
             "Dirty logging on the data slot from the start, one harvest (\(m.rawValue)) after the run; dirty_pages counts data-slot pages in both engines."
         case .host(let h): ValidationHostCases.note(h, c)
+        case .guestOps:
+            ValidationGuestOps.note
         }
     }
 

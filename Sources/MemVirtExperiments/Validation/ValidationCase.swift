@@ -12,6 +12,9 @@ public struct ValidationCase: Sendable {
         case dirtyLog(HarvestMethod)
         /// Host memory: the pager at a resident limit, async PF, KSM (ValidationHostCases.swift).
         case host(HostCase)
+        /// A guest that edits its own page tables, running this script (ValidationGuestOps;
+        /// `spec` is unused).
+        case guestOps(GuestOpScript)
     }
 
     public var name: String
@@ -47,6 +50,7 @@ public struct ValidationCase: Sendable {
         cases.append(ValidationCase(name: "dirty-log-bitmap", spec: spec(.uniform), kind: .dirtyLog(.bitmap)))
         cases.append(ValidationCase(name: "dirty-log-ring", spec: spec(.uniform), kind: .dirtyLog(.ring)))
         cases += hostCases(quick: quick)
+        cases += ValidationGuestOps.cases(quick: quick)
         return cases
     }
 }
@@ -148,6 +152,7 @@ enum ValidationEngines {
         case .dirtyLog(.bitmap): o.dirtyLog = .bitmap
         case .dirtyLog(.ring): o.dirtyLog = .ring
         case .host: throw InputError("validate: case \(c.name) runs through ValidationHostCases")
+        case .guestOps: throw InputError("validate: case \(c.name) is a guest-op case (ValidationGuestOps runs it)")
         }
         let r: KVMRunReport
         do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }

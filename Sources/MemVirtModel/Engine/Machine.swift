@@ -101,6 +101,10 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     /// Every write is a read-modify-write (GUPS): x = *p; sum += x; *p = x ^ v(i).
     public var readModifyWrite = false
     public let computePerAccess: Double
+    /// The guest's CPL0 entry stubs, where its CPL0 code is emulated (kvm_pvm): each guest
+    /// #PF, INVLPG and CR3 load also pays the stub's other instructions (and for INVLPG and
+    /// CR3, the exception that enters the stub). nil: CPL0 runs natively (no extra charge).
+    public var cpl0Stubs: GuestCPL0Stubs?
 
     public init(mode: Mode, cpu: ModelCPU, kernel: SimulatedGuestKernel, space: AddressSpace, computePerAccess: UInt64 = 0) {
         self.mode = mode
@@ -130,11 +134,27 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     public var onSyncPoint: ((UInt64?) -> Void)?
 
     public func invalidatePage(_ va: UInt64, space: AddressSpace) {
+        if let s = cpl0Stubs { chargeStub(s.invlpgOtherInstructions) }
         mode.invalidatePage(va, space: space, cpu: cpu)
         if let o = onSyncPoint { o(va) }
     }
 
+    /// A CPL0 stub entered by an exception (the guest's `ud2` or `div`): its delivery and IRET
+    /// (`faultInjection`, calibrated on the guest_pf benchmark as exactly that path) and its
+    /// other emulated instructions; the privileged instruction itself is the mode's charge.
+    func chargeStub(_ otherInstructions: Int) {
+        cpu.ledger.charge(.emulation, costs.faultInjection + Double(otherInstructions) * costs.instructionEmulation)
+        cpu.counters.add(.insnEmulation, UInt64(otherInstructions + 2))
+        countStubStores()
+    }
+
+    /// The stub's emulated stores, counted by a shadow MMU as KVM counts them (`mmu_pte_write`).
+    func countStubStores() {
+        if let s = cpl0Stubs, mode is ShadowPaging { cpu.counters.add(.mmuPteWrite, UInt64(s.storesPerStub)) }
+    }
+
     public func switchAddressSpace(to space: AddressSpace) {
+        if let s = cpl0Stubs { chargeStub(s.cr3OtherInstructions) }
         self.space = space
         mode.switchAddressSpace(to: space, cpu: cpu)
         if space.flushOnFirstLoad {
@@ -147,6 +167,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     }
 
     public func flushTLB(of space: AddressSpace) {
+        if let s = cpl0Stubs { chargeStub(s.cr3OtherInstructions) }
         mode.flushTLB(of: space, cpu: cpu)
         if let o = onSyncPoint { o(nil) }
     }
@@ -236,7 +257,14 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
                 faultedWalkRefs &+= UInt64(refs)
                 guestFaults &+= 1
                 walkRetries &+= 1
-                cpu.ledger.charge(.guestFaults, costs.guestExceptionRoundTrip)
+                // With emulated CPL0 stubs the delivery and IRET are the mode's faultInjection.
+                if cpl0Stubs == nil { cpu.ledger.charge(.guestFaults, costs.guestExceptionRoundTrip) }
+                if let s = cpl0Stubs {
+                    // The #PF stub's instructions besides its IRET (inside faultInjection).
+                    cpu.ledger.charge(.emulation, Double(s.pageFaultOtherInstructions) * costs.instructionEmulation)
+                    cpu.counters.add(.insnEmulation, UInt64(s.pageFaultOtherInstructions + 1))
+                    countStubStores()
+                }
                 switch kernel.handlePageFault(va, code: code, space: space) {
                 case .demandZero(let size, let tablePages):
                     demandZero &+= 1

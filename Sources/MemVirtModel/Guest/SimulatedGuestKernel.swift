@@ -9,6 +9,18 @@ public protocol GuestPhysicalMemory: AnyObject {
     func writePageTableEntry(_ gpa: UInt64, _ value: UInt64)
     /// Clears a fresh frame.
     func zero(_ gpa: UInt64, bytes: UInt64)
+    /// Copies `bytes` from `source` to `destination` (a string copy: `rep movsq`).
+    func copy(from source: UInt64, to destination: UInt64, bytes: UInt64)
+}
+
+extension GuestPhysicalMemory {
+    public func copy(from source: UInt64, to destination: UInt64, bytes: UInt64) {
+        var off: UInt64 = 0
+        while off < bytes {
+            write64(destination + off, read64(source + off))
+            off += 8
+        }
+    }
 }
 
 /// The CPU operations the guest kernel performs on TLB state (a hypervisor may intercept them).
@@ -115,6 +127,22 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
     public private(set) var exits: UInt64 = 0
     public private(set) var copyOnWriteCopies: UInt64 = 0
     public private(set) var pagesUnmapped: UInt64 = 0
+    /// Paging-entry writes the kernel made (leaves and the entries linking new tables), and of
+    /// those the entries linking a new table (PML4E, PDPTE, PDE).
+    public private(set) var pageTableWrites: UInt64 = 0
+    public private(set) var tableEntryWrites: UInt64 = 0
+    /// INVLPGs the kernel issued, and full flushes (CR3 reloads of the space: flush_tlb_mm).
+    public private(set) var invalidations: UInt64 = 0
+    public private(set) var fullFlushes: UInt64 = 0
+    /// mprotect calls.
+    public private(set) var protects: UInt64 = 0
+
+    /// Every paging-entry write of the kernel goes through here (counted, then to memory,
+    /// where a shadow MMU may intercept it).
+    @inline(__always) func writeEntry(_ gpa: UInt64, _ value: UInt64) {
+        pageTableWrites &+= 1
+        memory.writePageTableEntry(gpa, value)
+    }
 
     public init(memory: GuestPhysicalMemory, capacity: UInt64, paging: PagingConfig) {
         self.memory = memory
@@ -215,7 +243,8 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
                 tablePagesAllocated += 1
                 space.tablePages.append(t)
                 e = PageTableEntry(frameAddress: t, flags: [.present, .writable, .user])
-                memory.writePageTableEntry(entryAddress, e.rawValue)
+                tableEntryWrites &+= 1
+                writeEntry(entryAddress, e.rawValue)
             }
             precondition(!e.isLargePage, "installLeaf below an existing large page")
             table = e.address
@@ -224,7 +253,31 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
         var leafFlags = flags
         if size != .size4K { leafFlags.insert(.pageSize) }
         let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: level)) * 8
-        memory.writePageTableEntry(entryAddress, PageTableEntry(frameAddress: frame, flags: leafFlags).rawValue)
+        writeEntry(entryAddress, PageTableEntry(frameAddress: frame, flags: leafFlags).rawValue)
+        return true
+    }
+
+    /// Builds the missing tables on `va`'s path down to the table at `level` (3: the PDPT
+    /// under the root), as a VMM presets a first address space. False when out of memory.
+    @discardableResult
+    public func prepareTables(_ va: UInt64, downTo level: Int, in space: AddressSpace) -> Bool {
+        var table = space.root
+        var l = paging.levels
+        while l > level {
+            let entryAddress = table + UInt64(GuestVirtualAddress(va).tableIndex(level: l)) * 8
+            var e = PageTableEntry(rawValue: memory.read64(entryAddress))
+            if !e.isPresent {
+                guard let t = frames.allocate(.size4K) else { return false }
+                memory.zero(t, bytes: 4096)
+                tablePagesAllocated += 1
+                space.tablePages.append(t)
+                e = PageTableEntry(frameAddress: t, flags: [.present, .writable, .user])
+                tableEntryWrites &+= 1
+                writeEntry(entryAddress, e.rawValue)
+            }
+            table = e.address
+            l -= 1
+        }
         return true
     }
 
@@ -236,18 +289,17 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
         var target = frame
         if shared {
             guard let f = frames.allocate(leaf.size) else { return .outOfMemory }
-            var off: UInt64 = 0
-            while off < leaf.size.bytes {
-                memory.write64(f + off, memory.read64(frame + off))
-                off += 8
-            }
+            memory.copy(from: frame, to: f, bytes: leaf.size.bytes)
             release(frame, leaf.size)
             target = f
             copyOnWriteCopies += 1
         }
         let e = PageTableEntry(rawValue: (leaf.entry.rawValue & ~PageTableEntry.addressMask) | target).setting([.writable, .dirty])
-        memory.writePageTableEntry(leaf.entryAddress, e.rawValue)
-        cpu?.invalidatePage(va & ~leaf.size.offsetMask, space: space)
+        writeEntry(leaf.entryAddress, e.rawValue)
+        if let c = cpu {
+            invalidations &+= 1
+            c.invalidatePage(va & ~leaf.size.offsetMask, space: space)
+        }
         return .copyOnWrite(copied: shared)
     }
 
@@ -286,8 +338,10 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
     func flush(_ pages: [UInt64], in space: AddressSpace) {
         guard let c = cpu, !pages.isEmpty else { return }
         if pages.count <= singlePageFlushCeiling {
+            invalidations &+= UInt64(pages.count)
             for va in pages { c.invalidatePage(va, space: space) }
         } else {
+            fullFlushes &+= 1
             c.flushTLB(of: space)
         }
     }
@@ -302,7 +356,7 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
             var e = leaf.entry
             if e.isWritable {
                 e = e.clearing(.writable)
-                memory.writePageTableEntry(leaf.entryAddress, e.rawValue)
+                writeEntry(leaf.entryAddress, e.rawValue)
                 changed.append(leaf.va)
             }
             let frame = e.pageBase(leaf.size)
@@ -321,7 +375,7 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
     public func unmap(_ range: Range<UInt64>, in space: AddressSpace) {
         var changed: [UInt64] = []
         for leaf in leaves(of: space) where range.contains(leaf.va) {
-            memory.writePageTableEntry(leaf.entryAddress, 0)
+            writeEntry(leaf.entryAddress, 0)
             release(leaf.entry.pageBase(leaf.size), leaf.size)
             changed.append(leaf.va)
             pagesUnmapped += 1
@@ -336,11 +390,34 @@ public final class SimulatedGuestKernel: @unchecked Sendable {
         space.areas = kept
     }
 
+    /// mprotect(): the areas inside `range` take `writable`; every present leaf of the range is
+    /// rewritten (change_pte_range writes each present PTE), then flushed as munmap flushes.
+    /// A page still shared copy-on-write stays read-only when the range becomes writable (Linux
+    /// sets W on a private page only when it is exclusive: can_change_pte_writable).
+    public func protect(_ range: Range<UInt64>, writable: Bool, in space: AddressSpace) {
+        var changed: [UInt64] = []
+        for leaf in leaves(of: space) where range.contains(leaf.va) {
+            var e = leaf.entry
+            if writable {
+                if (shareCount[e.pageBase(leaf.size)] ?? 1) == 1 { e = e.setting(.writable) }
+            } else {
+                e = e.clearing(.writable)
+            }
+            writeEntry(leaf.entryAddress, e.rawValue)
+            changed.append(leaf.va)
+        }
+        flush(changed, in: space)
+        for i in space.areas.indices where space.areas[i].start >= range.lowerBound && space.areas[i].end <= range.upperBound {
+            space.areas[i].writable = writable
+        }
+        protects += 1
+    }
+
     /// exit(): unmaps everything and frees the page-table pages (they go back to the frame
     /// allocator and are reused: a shadow MMU still write-protects them until it notices).
     public func exit(_ space: AddressSpace) {
         for leaf in leaves(of: space) {
-            memory.writePageTableEntry(leaf.entryAddress, 0)
+            writeEntry(leaf.entryAddress, 0)
             release(leaf.entry.pageBase(leaf.size), leaf.size)
             pagesUnmapped += 1
         }

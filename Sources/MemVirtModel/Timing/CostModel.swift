@@ -86,11 +86,13 @@ public struct CostModel: Sendable, Hashable {
     public var userspaceExitRoundTrip: Double = 12_000
     /// KVM's handling of a guest CR3 write under shadow paging, beside the exit
     /// (kvm_mmu_new_pgd: look up the cached shadow root or build one, sync unsync children):
-    /// ~1,000 cycles (estimate). Not yet charged by the model's events.
+    /// ~1,000 cycles (estimate). Charged with an exit per guest CR3 load under shadow paging
+    /// (ShadowPaging.loadCR3), in place of the native `cr3Write`.
     public var cr3SwitchHandler: Double = 1_000
     /// KVM's handling of a guest write to a shadowed page-table page beyond the instruction's
     /// emulation (kvm_mmu_track_write: find the shadow pages of the gfn, update or zap the
-    /// affected sptes, detect flooding): ~1,000 cycles (estimate). Not yet charged.
+    /// affected sptes, detect flooding): ~1,000 cycles (estimate). Charged per emulated guest
+    /// page-table write with the exit and `instructionEmulation` (ShadowPaging.emulatedTableWrite).
     public var shadowPTEWrite: Double = 1_000
     /// The categories that are the virtualization layer's (what a hypervisor adds).
     public static let virtualizationCategories: Set<String> = ["vm_exits", "hypervisor_faults", "emulation", "shadow_sync", "host_faults"]

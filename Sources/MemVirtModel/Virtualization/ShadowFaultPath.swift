@@ -75,19 +75,22 @@ extension ShadowPaging {
         cpu.counters.add(.exits, 1)
         cpu.counters.add(.pfTaken, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
-        cpu.ledger.charge(.hypervisorFaults, cpu.costs.shadowFaultHandler)
         var gw = GuestWalkMemory(mode: self)
         let g = PageWalker.walk(va, root: space.root, kind: kind, mode: cpu.privilege, pcid: space.pcid, config: cpu.paging, caches: nil, memory: &gw)
         cpu.ledger.charge(.hypervisorFaults, Double(gw.reads) * cpu.costs.walkRefL2)
         guard case .translated = g.kind else {
             if case .fault(let code) = g.kind {
-                // A genuine guest fault: inject it (the guest kernel handles it).
+                // A genuine guest fault: inject it (the guest kernel handles it). KVM's walk
+                // and the injection are `faultInjection` (calibrated as exactly that: the
+                // guest_pf benchmark less an exit and the handler's instructions); the
+                // shadow-fault handler, which builds and installs sptes, does not run.
                 cpu.counters.add(.pfGuest, 1)
                 cpu.ledger.charge(.vmExits, cpu.costs.faultInjection)
                 return .guestFault(code, refs: refs)
             }
             preconditionFailure("guest walk stopped")
         }
+        cpu.ledger.charge(.hypervisorFaults, cpu.costs.shadowFaultHandler)
         let write = kind == .write
         let leafGPA = g.entry.base | (va & g.entry.size.offsetMask)
         let dataGfn = leafGPA >> 12
@@ -212,14 +215,20 @@ extension ShadowPaging {
         cpu.counters.add(.mmuPteWrite, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
         cpu.ledger.charge(.emulation, cpu.costs.instructionEmulation)
+        // kvm_mmu_track_write's own work (find the gfn's shadow pages, zap the written sptes,
+        // detect flooding): calibrated as the pt_write benchmark less an exit and one
+        // emulated instruction.
+        cpu.ledger.charge(.shadowSync, cpu.costs.shadowPTEWrite)
         logDirty?.note(gpa >> 12)
         if let v = value { host.write64(hostAddress(gpa), v) }
         let gfn = gpa >> 12
         let idx = Int((gpa & 0xfff) >> 3)
         for i in byGfn[gfn] ?? [] where pages[i].live {
-            pages[i].writeFlooding += 1
+            // detect_write_flooding skips level-1 pages (they can go unsync instead).
+            if pages[i].level > 1 { pages[i].writeFlooding += 1 }
             if pages[i].writeFlooding >= options.floodThreshold && i != currentRoot && pages[i].isRoot {
                 pages[i].isRoot = false
+                cachedRoots.removeAll { $0 == i }
             }
             if pages[i].writeFlooding >= options.floodThreshold && i != currentRoot {
                 cpu.counters.add(.mmuFlooded, 1)
@@ -233,9 +242,9 @@ extension ShadowPaging {
             if leaf {
                 dropLeaf(ea, entry: e, level: pages[i].level)
             } else if let c = childIndex(of: e) {
+                // Unlinked, not zapped (mmu_page_zap_pte -> drop_parent_pte).
                 cpu.counters.add(.mmuPdeZapped, 1)
                 pages[c].parents.removeAll { $0.0 == i && $0.1 == idx }
-                if pages[c].parents.isEmpty && !pages[c].isRoot { zap(c, cpu: cpu) }
             }
             host.write64(ea, 0)
             flushTLBs(cpu)
@@ -248,8 +257,19 @@ extension ShadowPaging {
         let gfn = gpa >> 12
         logDirty?.note(gfn)
         guard let cpu = cpuForGuestWrites, byGfn[gfn] != nil, isWriteProtected(gfn) else {
+            if options.guestDirectMap { directMapWrite(gfn) }
             host.write64(hostAddress(gpa), value)
             return
+        }
+        if options.guestDirectMap {
+            // The write's walk sets D in the map's 2 MiB entry. An absent spte: FNAME(fetch)
+            // installs it read-only (the gfn is shadowed) and prefetches around it, and the
+            // write goes on to unsync or emulation below.
+            directMapDirty.insert(gfn >> 9)
+            if directMap[gfn] == nil {
+                directMap[gfn] = false
+                directMapPrefetch(gfn)
+            }
         }
         let sps = byGfn[gfn]!
         if options.unsync && sps.allSatisfy({ pages[$0].level == 1 }) {
@@ -264,43 +284,204 @@ extension ShadowPaging {
                 pages[i].unsync = true
                 unsyncCount += 1
             }
+            if options.guestDirectMap { directMap[gfn] = true }
             host.write64(hostAddress(gpa), value)
             return
         }
         emulatedTableWrite(gpa: gpa, cpu: cpu, value: value)
     }
 
-    /// Resynchronizes an unsync shadow page with its guest table (kvm_sync_page): every shadow
-    /// entry that no longer matches the guest's is zapped (refilled on the next fault).
+    /// The guest's kernel reads `gfn` through its direct map (options.guestDirectMap): a
+    /// first access is a shadow fault fixed (FNAME(page_fault) -> FNAME(fetch)). The map's
+    /// 2 MiB guest entries are built with A and D clear (as the KVM engine's VMM builds them):
+    /// until a write to the 2 MiB page sets D (the walk, FNAME(update_accessed_dirty_bits)),
+    /// a read fault gets a read-only spte (FNAME(protect_clean_gpte)); after it, a writable
+    /// one unless the gfn is a write-protected table (make_spte -> mmu_try_to_unsync_pages).
+    func directMapRead(_ gfn: UInt64) {
+        guard directMap[gfn] == nil, let cpu = cpuForGuestWrites else { return }
+        directMapFault(cpu)
+        directMap[gfn] = directMapDirty.contains(gfn >> 9) && !(byGfn[gfn] != nil && isWriteProtected(gfn))
+        directMapPrefetch(gfn)
+    }
+
+    /// The guest's kernel writes `gfn` (not a write-protected table) through its direct map:
+    /// a missing or read-only spte faults and is made writable.
+    func directMapWrite(_ gfn: UInt64) {
+        guard directMap[gfn] != true, let cpu = cpuForGuestWrites else { return }
+        let wasAbsent = directMap[gfn] == nil
+        directMapFault(cpu)
+        directMapDirty.insert(gfn >> 9)
+        directMap[gfn] = true
+        if wasAbsent { directMapPrefetch(gfn) }
+    }
+
+    func directMapFault(_ cpu: ModelCPU) {
+        cpu.counters.add(.exits, 1)
+        cpu.counters.add(.pfTaken, 1)
+        cpu.counters.add(.pfFixed, 1)
+        cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+        cpu.ledger.charge(.hypervisorFaults, cpu.costs.shadowFaultHandler)
+    }
+
+    /// The direct map's sptes live in direct shadow pages (a guest 2 MiB page in 4 KiB host
+    /// pages), so a fault there prefetches (__direct_pte_prefetch): the other absent sptes of
+    /// its aligned group of PTE_PREFETCH_NUM (8), run by run, each run mapped from its start
+    /// as far as the host already has the pages (kvm_prefetch_pages: get_user_pages_fast_only
+    /// for write, so not the shared zero page); a run whose first page the host lacks ends
+    /// the prefetch (direct_pte_prefetch_many returns -1). Writable like a read fault's spte,
+    /// but never over a shadowed table that is not unsync (mmu_try_to_unsync_pages refuses a
+    /// prefetch: -EEXIST).
+    func directMapPrefetch(_ gfn: UInt64) {
+        let first = gfn & ~7
+        var run: [UInt64] = []
+        func flush() -> Bool {
+            defer { run = [] }
+            guard !run.isEmpty else { return true }
+            var mapped = 0
+            for g in run {
+                guard g < guestCapacity >> 12, backedPage(g) != nil, !zeroPageMapped.contains(g) else { break }
+                directMap[g] = directMapDirty.contains(g >> 9) && !(byGfn[g] != nil && isWriteProtected(g))
+                mapped += 1
+            }
+            return mapped > 0
+        }
+        for g in first..<(first + 8) {
+            if g == gfn || directMap[g] != nil {
+                if !flush() { return }
+            } else {
+                run.append(g)
+            }
+        }
+        _ = flush()
+    }
+
+    /// Brings spte `idx` of unsync shadow page `i` up to date with its gpte (FNAME(sync_spte)):
+    /// dropped when the gpte is not present, not accessed (FNAME(prefetch_invalid_gpte)) or
+    /// maps another frame; its permissions rewritten in place when only they changed (W only
+    /// for a dirty gpte, FNAME(protect_clean_gpte), and never over a shadowed table, since
+    /// mmu_try_to_unsync_pages refuses while synchronizing); untouched otherwise. True when
+    /// the spte changed (KVM flushes: kvm_flush_remote_tlbs_sptep).
+    @discardableResult
+    func syncSPTE(_ i: Int, _ idx: Int) -> Bool {
+        let sp = pages[i]
+        let ea = sp.table + UInt64(idx) * 8
+        let e = host.read64(ea)
+        guard e & 1 != 0 else { return false }
+        let g = PageTableEntry(rawValue: host.read64(hostAddress((sp.gfn << 12) + UInt64(idx) * 8)))
+        let hostOfGuest = g.isPresent ? backedPage(g.address >> 12) : nil
+        guard g.isPresent, g.isAccessed, hostOfGuest == e & PageTableEntry.addressMask else {
+            dropLeaf(ea, entry: e, level: 1)
+            host.write64(ea, 0)
+            return true
+        }
+        let oldWriteAccess = e & (2 | Self.mmuWritableBit) != 0
+        let newWriteAccess = g.isWritable && g.isDirty
+        let oldUser = e & 4 != 0, oldNX = e & (1 << 63) != 0
+        if oldWriteAccess == newWriteAccess && oldUser == g.isUser && oldNX == g.isNoExecute { return false }
+        var n = e & ~(2 | 4 | Self.mmuWritableBit | (1 << 63))
+        if g.isUser { n |= 4 }
+        if g.isNoExecute { n |= 1 << 63 }
+        if newWriteAccess && !(byGfn[g.address >> 12] != nil && isWriteProtected(g.address >> 12)) {
+            // make_spte keeps a writable spte writable; else W only where no table is shadowed.
+            n |= Self.mmuWritableBit
+            n |= 2
+        }
+        host.write64(ea, n)
+        return true
+    }
+
+    /// The guest kernel starts a string write (`rep stosq` zeroing or `rep movsq` copying a
+    /// frame) to `gfn`. If the gfn is a shadowed table its first store faults:
+    /// - only leaf (level-1) shadow pages: they go unsync (mmu_try_to_unsync_pages), one fault,
+    ///   and the string runs natively;
+    /// - an upper-level page (write-tracked, kvm_gfn_is_write_tracked): the fault is emulated
+    ///   (`pf_emulate`), the whole string in the emulator.
+    func stringWrite(_ gfn: UInt64) {
+        guard let cpu = cpuForGuestWrites, byGfn[gfn] != nil, isWriteProtected(gfn) else {
+            if options.guestDirectMap { directMapWrite(gfn) }
+            return
+        }
+        let sps = byGfn[gfn]!
+        if options.unsync && sps.allSatisfy({ pages[$0].level == 1 }) {
+            // The unsync path of a single store (value rewritten by the string after it).
+            guestWrite(gfn << 12, host.read64(hostAddress(gfn << 12)))
+            return
+        }
+        cpu.counters.add(.exits, 1)
+        cpu.counters.add(.pfTaken, 1)
+        cpu.counters.add(.pfEmulate, 1)
+        cpu.counters.add(.insnEmulation, 1)
+        cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+        cpu.ledger.charge(.emulation, cpu.costs.instructionEmulation)
+        if options.guestDirectMap {
+            directMapDirty.insert(gfn >> 9)
+            if directMap[gfn] == nil {
+                directMap[gfn] = false
+                directMapPrefetch(gfn)
+            }
+        }
+        // The string store is emulated to its end in chunks, each an emulated write that
+        // kvm_mmu_track_write counts (`mmu_pte_write`): measured on kvm_pvm, exactly 128 per
+        // 4 KiB frame (docs/guest-ops.md), 32 bytes a chunk. The chunks span several
+        // entries, so the gfn's shadow pages go at the first (detect_write_misaligned;
+        // KVM's count shows them gone without `mmu_flooded`: unprotected, as
+        // kvm_mmu_unprotect_gfn_and_retry does).
+        let chunks = UInt64(4096 / Self.stringWriteChunk)
+        cpu.counters.add(.mmuPteWrite, chunks)
+        cpu.ledger.charge(.shadowSync, Double(chunks) * cpu.costs.shadowPTEWrite)
+        for i in sps where pages[i].live {
+            if pages[i].isRoot && i != currentRoot {
+                pages[i].isRoot = false
+                cachedRoots.removeAll { $0 == i }
+            }
+            if i != currentRoot { zap(i, cpu: cpu) }
+        }
+    }
+
+    /// Bytes per emulated write when KVM emulates a guest string store (measured: 128 tracked
+    /// writes per 4 KiB `rep stosq`/`rep movsq` on kvm_pvm, docs/guest-ops.md).
+    static let stringWriteChunk = 32
+
+    /// Shadows guest table `gfn` at `level` now (kvm_mmu_get_shadow_page), as KVM has shadowed
+    /// a table before a measured phase because the guest ran through it (the KVM guest's
+    /// runtime lives under its PDPT): the table is write-protected from here on.
+    public func shadowGuestTable(gfn: UInt64, level: Int, cpu: ModelCPU) {
+        cpuForGuestWrites = cpu
+        _ = shadowPage(gfn: gfn, level: level, direct: false, cpu: cpu)
+    }
+
+    /// Resynchronizes an unsync shadow page with its guest table (kvm_sync_page: every spte
+    /// through FNAME(sync_spte)); then, unless `keepUnsync` (kvm_mmu_find_shadow_page syncs a
+    /// page it links anew but leaves it unsync), the page is sync again and its guest table
+    /// write-protected (mmu_sync_children: kvm_vcpu_write_protect_gfn, kvm_unlink_unsync_page).
     func sync(_ i: Int, cpu: ModelCPU, keepUnsync: Bool = false) {
         guard pages[i].live, pages[i].unsync else { return }
         cpu.counters.add(.shadowResyncs, 1)
         cpu.ledger.charge(.shadowSync, cpu.costs.shadowResync)
-        let sp = pages[i]
-        for idx in 0..<512 {
-            let ea = sp.table + UInt64(idx) * 8
-            let e = host.read64(ea)
-            guard e & 1 != 0 else { continue }
-            let g = PageTableEntry(rawValue: host.read64(hostAddress((sp.gfn << 12) + UInt64(idx) * 8)))
-            let hostOfGuest = g.isPresent ? backedPage(g.address >> 12) : nil
-            let stillValid = g.isPresent && hostOfGuest == e & PageTableEntry.addressMask
-                && (g.isWritable || e & 2 == 0) && (g.isUser || e & 4 == 0) && (!g.isNoExecute || e & (1 << 63) != 0)
-            if !stillValid {
-                dropLeaf(ea, entry: e, level: 1)
-                host.write64(ea, 0)
-            }
-        }
+        for idx in 0..<512 { syncSPTE(i, idx) }
         if !keepUnsync {
             pages[i].unsync = false
             unsyncCount -= 1
-            writeProtect(gfn: sp.gfn, cpu: cpu)
+            writeProtect(gfn: pages[i].gfn, cpu: cpu)
         }
         flushTLBs(cpu)
     }
 
-    func syncAll(cpu: ModelCPU) {
-        guard unsyncCount > 0 else { return }
-        for i in pages.indices where pages[i].live && pages[i].unsync { sync(i, cpu: cpu) }
+    /// Every unsync page reachable from the current root is synced (kvm_mmu_sync_roots walks
+    /// the root's unsync children only; pages reachable only from other roots stay unsync).
+    func syncRoots(cpu: ModelCPU) {
+        guard unsyncCount > 0, currentRoot >= 0 else { return }
+        for i in pages.indices where pages[i].live && pages[i].unsync && reachesCurrentRoot(i) { sync(i, cpu: cpu) }
+    }
+
+    func reachesCurrentRoot(_ i: Int) -> Bool {
+        var stack = [i]
+        var seen: Set<Int> = [i]
+        while let p = stack.popLast() {
+            if p == currentRoot { return true }
+            for (q, _) in pages[p].parents where pages[q].live && seen.insert(q).inserted { stack.append(q) }
+        }
+        return false
     }
 
     public func invalidatePage(_ va: UInt64, space: AddressSpace, cpu: ModelCPU) {
@@ -309,16 +490,13 @@ extension ShadowPaging {
         cpu.counters.add(.invlpg, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
         cpu.ledger.charge(.shadowSync, cpu.costs.invlpgHandler)
-        // Sync the leaf shadow page covering va, if unsync; zap its entry for va.
+        // __kvm_mmu_invalidate_addr: on va's path in the current root, an unsync page's spte
+        // for va is synced alone (kvm_sync_spte); the page stays unsync. A sync page needs
+        // nothing: every write to its table was emulated and already zapped the spte.
         if currentRoot >= 0 {
-            // The shadow page holding the last entry on va's path (its table is that entry's page).
             let s = TableWalk.descend(.paging, root: pages[currentRoot].table, levels: cpu.paging.levels, address: va) { host.read64($0) }
-            if let s, let sp = byTable[s.entryAddress & ~0xfff] {
-                if s.isLeaf {
-                    dropLeaf(s.entryAddress, entry: s.raw, level: s.level)
-                    host.write64(s.entryAddress, 0)
-                }
-                if pages[sp].unsync { sync(sp, cpu: cpu) }
+            if let s, s.isLeaf, let sp = byTable[s.entryAddress & ~0xfff], pages[sp].unsync, pages[sp].level == 1 {
+                if syncSPTE(sp, Int((s.entryAddress & 0xfff) >> 3)) { flushTLBs(cpu) }
             }
         }
         cpu.tlb.invalidatePage(va, pcid: space.pcid)
@@ -326,30 +504,51 @@ extension ShadowPaging {
     }
 
     public func switchAddressSpace(to space: AddressSpace, cpu: ModelCPU) {
+        // With PCIDs the guest loads CR3 with the no-flush bit, except for a reused PCID.
+        loadCR3(space, noFlush: cpu.tlb.config.pcid && !space.flushOnFirstLoad, cpu: cpu)
+    }
+
+    /// A guest CR3 write (kvm_set_cr3). It exits; a different root is found among the cached
+    /// ones (fast_pgd_switch: the current root and KVM_MMU_NUM_PREV_ROOTS = 3 previous), or in
+    /// the shadow-page hash, or built (kvm_mmu_get_shadow_page). Without the PCID no-flush bit
+    /// KVM invalidates the PCID (kvm_invalidate_pcid): KVM_REQ_MMU_SYNC (kvm_mmu_sync_roots) and
+    /// KVM_REQ_TLB_FLUSH_CURRENT (`tlb_flush`); with it, neither.
+    func loadCR3(_ space: AddressSpace, noFlush: Bool, cpu: ModelCPU) {
         cpuForGuestWrites = cpu
-        // CR3 writes exit (kvm_set_cr3): a cached shadow root, or a new one; unsync pages are
-        // synced (kvm_mmu_sync_roots) because a CR3 write flushes the guest's TLB.
         cpu.counters.add(.exits, 1)
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
-        cpu.ledger.charge(.guestKernel, cpu.costs.cr3Write)
+        cpu.ledger.charge(.shadowSync, cpu.costs.cr3SwitchHandler)
         let k = key(space.root >> 12, cpu.paging.levels, direct: false)
-        if let r = index[k], pages[r].live, pages[r].isRoot {
+        if currentRoot >= 0, pages[currentRoot].live, index[k] == currentRoot {
+            // The same CR3: no new pgd.
+        } else if let r = index[k], pages[r].live, pages[r].isRoot {
             cpu.counters.add(.shadowRootCacheHits, 1)
             currentRoot = r
         } else {
+            let existed = index[k].map { pages[$0].live } ?? false
             currentRoot = shadowPage(gfn: space.root >> 12, level: cpu.paging.levels, direct: false, cpu: cpu)
             byTable[pages[currentRoot].table] = currentRoot
+            if options.sharedRuntimeSubtree && !existed {
+                cpu.counters.add(.exits, 1)
+                cpu.counters.add(.pfTaken, 1)
+                cpu.counters.add(.pfSpurious, 1)
+                cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+                cpu.ledger.charge(.hypervisorFaults, cpu.costs.shadowFaultHandler)
+            }
         }
         noteRoot(currentRoot, cpu: cpu)
-        syncAll(cpu: cpu)
+        pages[currentRoot].writeFlooding = 0
+        if noFlush { return }
+        syncRoots(cpu: cpu)
+        cpu.counters.add(.tlbFlush, 1)
         if !cpu.tlb.config.pcid { cpu.tlb.flushAll(keepGlobal: true); cpu.walkCaches.flushAll() } else {
             cpu.tlb.flush(pcid: space.pcid)
             cpu.walkCaches.flush(pcid: space.pcid)
         }
     }
 
-    /// A full flush is a CR3 reload: intercepted, unsync pages synced, TLB flushed.
-    public func flushTLB(of space: AddressSpace, cpu: ModelCPU) { switchAddressSpace(to: space, cpu: cpu) }
+    /// A full flush is a CR3 reload without the no-flush bit.
+    public func flushTLB(of space: AddressSpace, cpu: ModelCPU) { loadCR3(space, noFlush: false, cpu: cpu) }
 
     /// KVM is not told when a guest process exits: its shadow pages stay (write-protecting
     /// the freed tables) until they fall out of the root cache, are recycled, or the guest's

@@ -59,6 +59,21 @@ public final class ShadowPaging: PagingMode {
         /// without `pf_fixed`) and taken again. Off by default (the model's other runs back a
         /// fresh page on any first touch).
         public var hostZeroPage = false
+        /// The guest kernel reaches guest-physical memory through a direct map of its own (as
+        /// Linux's physmap, or the KVM engine's page-table-editing guest: 2 MiB guest pages at
+        /// PML4[1], shared by every address space): its zeroing, copying and page-table writes
+        /// are guest accesses that KVM shadows like any other. A first access to a frame
+        /// through the map is a shadow fault (`pf_fixed`), and a frame that becomes a shadowed
+        /// table loses W in the map (account_shadowed -> kvm_mmu_slot_gfn_write_protect), so
+        /// the kernel's next write to it faults (unsync or emulation). Off by default (the
+        /// kernel's accesses are free of translation, as in the model's other runs).
+        public var guestDirectMap = false
+        /// The guest's own code and data (the KVM engine's runtime) sit in a subtree shared by
+        /// every address space (a PDPT entry copied at fork), which the model does not run: on
+        /// a new shadow root the guest's first instruction faults once, and FNAME(fetch) links
+        /// the existing lower shadow pages down to an unchanged leaf spte (RET_PF_SPURIOUS:
+        /// `pf_spurious`, `pf_taken`). Off by default.
+        public var sharedRuntimeSubtree = false
         public init() {}
     }
 
@@ -108,6 +123,11 @@ public final class ShadowPaging: PagingMode {
     var residentPager: ShadowResidentPager?
     /// KSM's merged frames, mapped read-only, copied on write (Host/ShadowKSM.swift).
     var ksmState: ShadowKSM?
+    /// With `options.guestDirectMap`: gfn -> the direct map's spte for it is present and
+    /// writable (true) or present read-only (false); absent: no spte yet.
+    var directMap: [UInt64: Bool] = [:]
+    /// 2 MiB pages of the direct map whose guest entry has D set (gfn >> 9).
+    var directMapDirty: Set<UInt64> = []
     /// Log-dirty state while a migration tracks dirty pages (ShadowDirtyTracking.swift).
     var logDirty: ShadowLogDirty?
     /// The tracking totals of the last logging session, kept after it stops.
@@ -136,7 +156,7 @@ public final class ShadowPaging: PagingMode {
 
     public var name: String { "shadow" }
     public var applicableCounters: [Counter] {
-        [.pfTaken, .pfFixed, .pfGuest, .pfEmulate, .exits, .invlpg, .tlbFlush, .insnEmulation, .mmuShadowZapped, .mmuPteWrite,
+        [.pfTaken, .pfFixed, .pfGuest, .pfEmulate, .pfSpurious, .exits, .invlpg, .tlbFlush, .insnEmulation, .mmuShadowZapped, .mmuPteWrite,
          .mmuPdeZapped, .mmuFlooded, .mmuRecycled, .mmuCacheMiss, .mmuUnsync, .pages4K, .pages2M, .pages1G,
          .shadowPagesCreated, .shadowRootCacheHits, .shadowResyncs, .hostMinorFaults]
     }
@@ -223,6 +243,10 @@ public final class ShadowPaging: PagingMode {
                 }
             }
         }
+        if directMap[gfn] == true {
+            directMap[gfn] = false
+            flushed = true
+        }
         if flushed { flushTLBs(cpu) }
     }
 
@@ -255,8 +279,13 @@ public final class ShadowPaging: PagingMode {
             if leaf {
                 dropLeaf(a, entry: e, level: sp.level)
             } else if let c = childIndex(of: e) {
+                // The child is only unlinked (mmu_page_zap_pte -> drop_parent_pte): under
+                // shadow paging KVM keeps a parentless shadow page hashed (it recursively zaps
+                // only nested-TDP children), to be found again, recycled or flooded; but the
+                // unsync pages below it are zapped first (__kvm_mmu_prepare_zap_page ->
+                // mmu_zap_unsync_children).
+                zapUnsyncDescendants(c, cpu: cpu)
                 pages[c].parents.removeAll { $0.0 == i && $0.1 == idx }
-                if pages[c].parents.isEmpty && !pages[c].isRoot { zap(c, cpu: cpu) }
             }
         }
         index[key(sp.gfn, sp.level, direct: sp.direct)] = nil
@@ -273,6 +302,19 @@ public final class ShadowPaging: PagingMode {
         liveCount -= 1
         if currentRoot == i { currentRoot = -1 }
         flushTLBs(cpu)
+    }
+
+    /// Zaps the unsync pages at or below `c` (mmu_zap_unsync_children walks the unsync-child
+    /// marks down through sync upper pages).
+    func zapUnsyncDescendants(_ c: Int, cpu: ModelCPU) {
+        guard pages[c].live else { return }
+        if pages[c].unsync { zap(c, cpu: cpu); return }
+        guard pages[c].level > 1 else { return }
+        for idx in 0..<512 {
+            let e = host.read64(pages[c].table + UInt64(idx) * 8)
+            if e & 1 == 0 || e & 0x80 != 0 { continue }
+            if let g = childIndex(of: e), pages[g].live, pages[g].unsync || pages[g].level > 1 { zapUnsyncDescendants(g, cpu: cpu) }
+        }
     }
 
     /// Shadow table address -> shadow page index (children are found through this map).
@@ -343,6 +385,11 @@ public final class ShadowPaging: PagingMode {
     var cachedRoots: [Int] = []
     static let cachedRootLimit = 4
 
+    /// A root falling out of the cache is only unpinned, not zapped: KVM's
+    /// cached_root_find_and_keep_current rotates prev_roots and kvm_mmu_free_roots drops the
+    /// evicted root's root_count; the shadow page stays hashed (and its guest table
+    /// write-protected) until it is recycled, flooded or found again by
+    /// kvm_mmu_get_shadow_page on a later CR3 load (no mmu_cache_miss then).
     func noteRoot(_ r: Int, cpu: ModelCPU) {
         cachedRoots.removeAll { $0 == r }
         cachedRoots.insert(r, at: 0)
@@ -350,7 +397,6 @@ public final class ShadowPaging: PagingMode {
         while cachedRoots.count > Self.cachedRootLimit {
             let old = cachedRoots.removeLast()
             pages[old].isRoot = false
-            zap(old, cpu: cpu)
         }
     }
 
@@ -398,7 +444,11 @@ public final class ShadowPaging: PagingMode {
 public final class ShadowGuestMemory: GuestPhysicalMemory {
     weak var owner: ShadowPaging?
     init() {}
-    public func read64(_ gpa: UInt64) -> UInt64 { owner!.host.read64(owner!.hostAddress(gpa)) }
+    public func read64(_ gpa: UInt64) -> UInt64 {
+        let o = owner!
+        if o.options.guestDirectMap { o.directMapRead(gpa >> 12) }
+        return o.host.read64(o.hostAddress(gpa))
+    }
     public func write64(_ gpa: UInt64, _ value: UInt64) { owner!.guestWrite(gpa, value) }
     public func writePageTableEntry(_ gpa: UInt64, _ value: UInt64) { owner!.guestWrite(gpa, value) }
     public func zero(_ gpa: UInt64, bytes: UInt64) {
@@ -406,21 +456,30 @@ public final class ShadowGuestMemory: GuestPhysicalMemory {
         var a = gpa
         while a < gpa + bytes {
             let gfn = a >> 12
-            o.logDirty?.note(gfn)
-            if o.byGfn[gfn] != nil && o.isWriteProtected(gfn) {
-                // Clearing a page that is still a shadowed table (a freed table reused): the
-                // first writes trap and are emulated until write flooding unshadows it.
-                var n = 0
-                while o.byGfn[gfn] != nil && o.isWriteProtected(gfn) && n < 8 {
-                    o.guestWrite(a, 0)
-                    a += 8
-                    n += 1
-                }
-                continue
-            }
             let chunk = min(4096 - (a & 4095), gpa + bytes - a)
+            o.logDirty?.note(gfn)
+            o.stringWrite(gfn)
             o.host.zero(o.hostAddress(a), bytes: chunk)
             a += chunk
+        }
+    }
+
+    /// A string copy (`rep movsq`): the source read through the direct map, the destination
+    /// written as `zero` writes.
+    public func copy(from source: UInt64, to destination: UInt64, bytes: UInt64) {
+        let o = owner!
+        var off: UInt64 = 0
+        while off < bytes {
+            let chunk = min(4096 - ((destination + off) & 4095), 4096 - ((source + off) & 4095), bytes - off)
+            if o.options.guestDirectMap { o.directMapRead((source + off) >> 12) }
+            o.logDirty?.note((destination + off) >> 12)
+            o.stringWrite((destination + off) >> 12)
+            var w: UInt64 = 0
+            while w < chunk {
+                o.host.write64(o.hostAddress(destination + off + w), o.host.read64(o.hostAddress(source + off + w)))
+                w += 8
+            }
+            off += chunk
         }
     }
 }
