@@ -33,6 +33,36 @@ struct QEMUComparisonSettingsTests {
     }
 }
 
+@Suite("The pages a paced writer has written")
+struct QEMUComparisonExpectedPagesTests {
+    @Test("the closed form matches a seeded simulation of uniform writes, and is nil for a reader")
+    func expectedPages() {
+        // 2 vCPUs, each 2,560 writes/s over its own 4 MiB (1,024 pages), for 0.5 s and 2 s.
+        let c = QEMUComparison.Case(name: "t", memory: 64 << 20, spec: WorkloadSpec(pattern: .uniform, footprint: .mib(4), accesses: 100_000, writeRatio: 1, seed: 1),
+                                    rate: 2_560, postcopy: false, vcpus: 2)
+        for seconds in [0.5, 2.0] {
+            // The reference: draw the writes and count distinct pages, averaged over 20 runs.
+            var rng = SplitMix64(seed: 42)
+            var total = 0
+            for _ in 0..<20 {
+                for _ in 0..<2 {
+                    var seen = Set<UInt64>()
+                    for _ in 0..<Int(2_560 * seconds) { seen.insert(rng.next() % 1_024) }
+                    total += seen.count
+                }
+            }
+            let simulated = Double(total) / 20
+            let closed = QEMUComparison.expectedWrittenPages(c, seconds: seconds) ?? 0
+            #expect(abs(closed - simulated) / simulated < 0.02, "closed form \(closed) vs simulated \(simulated) at \(seconds) s")
+        }
+        // Never more writes than the workload has: 100,000 accesses cover 1,024 pages fully.
+        #expect(abs((QEMUComparison.expectedWrittenPages(c, seconds: 1e6) ?? 0) - 2_048) < 1e-6)
+        var idle = c
+        idle.spec.writeRatio = 0
+        #expect(QEMUComparison.expectedWrittenPages(idle, seconds: 1) == nil)
+    }
+}
+
 @Suite("QEMU comparison, quick run", .serialized, .enabled(if: QEMU.unavailableReason == nil, Comment(rawValue: QEMU.unavailableReason ?? "")))
 struct QEMUComparisonRunTests {
     @Test("a quick run's JSON has a row per case, setting and VMM with the keys, and both VMMs equal the oracle")
