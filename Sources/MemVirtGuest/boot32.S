@@ -58,7 +58,81 @@ memvirt_mb_boot32_imm:
     .globl memvirt_mb_params
     .hidden memvirt_mb_params
 memvirt_mb_params:
-    .space 72
+    .space 104
+
+    // The second CPU (vcpus=2, memvirt_multiboot.h): the boot CPU copies this real-mode
+    // trampoline to MEMVIRT_MB_AP_TRAMPOLINE and sends INIT, SIPI (vector 0x08), so it starts
+    // here at CS 0x0800, IP 0. Straight to IA-32e mode: CR3, CR4.PAE, EFER.LME, then CR0.PE
+    // and PG in one write (compatibility mode with the real-mode CS), then a far jump to
+    // 64-bit code. Its three fields are set by the image writer; every address here is an
+    // offset from the trampoline's start (DS = CS).
+    .balign 16
+    .globl memvirt_mb_ap16
+    .hidden memvirt_mb_ap16
+    .globl memvirt_mb_ap16_end
+    .hidden memvirt_mb_ap16_end
+    .globl memvirt_mb_ap16_far
+    .hidden memvirt_mb_ap16_far
+    .globl memvirt_mb_ap16_gdtr
+    .hidden memvirt_mb_ap16_gdtr
+    .globl memvirt_mb_ap16_cr3
+    .hidden memvirt_mb_ap16_cr3
+    .code16
+memvirt_mb_ap16:
+    cli
+    movw %cs, %ax
+    movw %ax, %ds
+    movl (memvirt_mb_ap16_cr3 - memvirt_mb_ap16), %eax
+    movl %eax, %cr3
+    movl $0x20, %eax                 // CR4.PAE
+    movl %eax, %cr4
+    movl $0xC0000080, %ecx           // EFER.LME
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    lgdtl (memvirt_mb_ap16_gdtr - memvirt_mb_ap16)
+    movl %cr0, %eax
+    orl $0x80010001, %eax            // PG | WP | PE
+    movl %eax, %cr0
+    ljmpl *(memvirt_mb_ap16_far - memvirt_mb_ap16)
+    .balign 4
+memvirt_mb_ap16_far:
+    .long 0                          // memvirt_mb_ap64 (absolute)
+    .word 0x08                       // 64-bit kernel code
+    .balign 4
+    .word 0
+memvirt_mb_ap16_gdtr:
+    .word 0                          // limit
+    .long 0                          // base
+    .balign 4
+memvirt_mb_ap16_cr3:
+    .long 0
+memvirt_mb_ap16_end:
+
+    // The second CPU in 64-bit mode: its own kernel stack and TSS descriptor, then CPL3 at
+    // memvirt_mb_ap_main(its mailbox) on its own user stack.
+    .code64
+    .balign 16
+    .globl memvirt_mb_ap64
+    .hidden memvirt_mb_ap64
+memvirt_mb_ap64:
+    movl $0x10, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl %eax, %fs
+    movl %eax, %gs
+    movq memvirt_mb_params + 72(%rip), %rsp
+    lidt memvirt_mb_params + 22(%rip)
+    movw memvirt_mb_params + 66(%rip), %ax
+    ltr %ax
+    pushq $0x1b
+    pushq memvirt_mb_params + 80(%rip)
+    pushq $0x2
+    pushq $0x23
+    pushq memvirt_mb_params + 88(%rip)
+    movq memvirt_mb_params + 96(%rip), %rdi
+    iretq
 
     // Exception stubs (IDT vectors 0-31). MemVirt's VMM stops at the first `out` (the port
     // names the vector, as the runtime's stubs); QEMU ignores that port, then exits at the

@@ -11,6 +11,9 @@
 //   pattern=sequential|strided:BYTES|uniform|gups  footprint=64MiB  accesses=2M
 //   write-ratio=0.3  seed=1  compute=N  rate=N (accesses/s, needs tsc-khz)  tsc-khz=N
 //   gap-us=N (log gaps longer than this; needs tsc-khz; default 100000 TSC ticks)
+//   vcpus=1|2 (2: the boot CPU wakes CPU 1 through its local APIC, memvirt_multiboot.h; CPU 1
+//   runs the same workload with seed + 1 over the next footprint, and reports first as
+//   `memvirt-guest: cpu1 result ...`)
 //
 // Same rules as guest.c: section memvirt_guest, no globals, no string constants (text is
 // packed into 64-bit immediates by W8), no libc, no runtime helpers (no 128-bit division).
@@ -149,6 +152,65 @@ GI int parse_ratio(const char *p, uint64_t len, uint64_t *out) {
     return 0;
 }
 
+GI void say_result(volatile struct memvirt_mailbox *mb, uint64_t khz) {
+    uint64_t gaps = mb->gap_count, max_gap = mb->gap_max;
+    SAY("result accesses="); say_u(mb->done_accesses); SAY(" reads="); say_u(mb->reads); SAY(" writes="); say_u(mb->writes);
+    SAY(" read_sum="); say_u(mb->read_sum); SAY(" memory_checksum="); say_u(mb->memory_checksum);
+    SAY(" gaps="); say_u(gaps); SAY(" max_gap_ticks="); say_u(max_gap);
+    if (khz) { SAY(" max_gap_us="); say_u(max_gap * 1000 / khz); }
+    nl();
+}
+
+#ifndef MEMVIRT_MB_HOST
+extern const char memvirt_mb_ap16[] __attribute__((visibility("hidden")));
+extern const char memvirt_mb_ap16_end[] __attribute__((visibility("hidden")));
+GI void cpu_pause(void) { __asm__ volatile("pause" ::: "memory"); }
+GI void lapic_write(uint64_t reg, uint32_t v) { *(volatile uint32_t *)(MEMVIRT_MB_LAPIC + reg) = v; }
+GI uint32_t lapic_read(uint64_t reg) { return *(volatile uint32_t *)(MEMVIRT_MB_LAPIC + reg); }
+/// One IPI to APIC ID 1 (ICR high, then low: the write of the low half sends it).
+GI void ipi_cpu1(uint32_t low) {
+    lapic_write(0x310, 1u << 24);
+    lapic_write(0x300, low);
+    for (uint64_t k = 0; k < 1000000 && (lapic_read(0x300) & (1u << 12)); k++) cpu_pause();  // delivery status
+}
+/// Waits for CPU 1's "at CPL3" flag, at most `spins` pauses; 1 when it came.
+GI int wait_cpu1(uint64_t spins) {
+    volatile uint64_t *flags = (volatile uint64_t *)MEMVIRT_MB_AP_FLAGS;
+    for (uint64_t k = 0; k < spins; k++) { if (flags[0]) return 1; cpu_pause(); }
+    return flags[0] != 0;
+}
+/// Copies the trampoline below 1 MiB and sends INIT, SIPI, SIPI (the second only if the
+/// first did not start it: a started CPU ignores SIPI anyway). 1 when CPU 1 reached CPL3.
+GI int start_cpu1(void) {
+    volatile char *dst = (volatile char *)MEMVIRT_MB_AP_TRAMPOLINE;
+    const volatile char *src = memvirt_mb_ap16;
+    uint64_t n = (uint64_t)(memvirt_mb_ap16_end - memvirt_mb_ap16);
+    for (uint64_t k = 0; k < n; k++) dst[k] = src[k];
+    volatile uint64_t *flags = (volatile uint64_t *)MEMVIRT_MB_AP_FLAGS;
+    flags[0] = 0; flags[1] = 0;
+    lapic_write(0xF0, lapic_read(0xF0) | 0x1FF);   // SVR: APIC software-enabled, spurious vector 0xFF
+    ipi_cpu1(0x00004500);                          // INIT, assert
+    const uint32_t sipi = 0x00004600u | (uint32_t)(MEMVIRT_MB_AP_TRAMPOLINE >> 12);
+    ipi_cpu1(sipi);
+    if (wait_cpu1(20000000)) return 1;
+    ipi_cpu1(sipi);
+    return wait_cpu1(400000000);
+}
+#endif
+
+/// CPU 1 at CPL3 (boot32.S, memvirt_mb_ap64): its mailbox was filled by the boot CPU before
+/// the INIT/SIPI.
+GUEST void memvirt_mb_ap_main(volatile struct memvirt_mailbox *mb) {
+    volatile uint64_t *flags = (volatile uint64_t *)MEMVIRT_MB_AP_FLAGS;
+    flags[0] = 1;
+    memvirt_guest_workload(mb);
+    memvirt_guest_checksum(mb);
+    flags[1] = 1;
+    // MemVirt: this vCPU is done (its thread ends); QEMU: no device at 0x10, ignored.
+    outl(MEMVIRT_PORT_DONE, MEMVIRT_STATUS_OK);
+    for (;;) __asm__ volatile("pause" ::: "memory");
+}
+
 GUEST void memvirt_mb_main(uint64_t mbinfo, volatile struct memvirt_mailbox *mb) {
     outl(MEMVIRT_MB_PORT_MAILBOX, (uint32_t)(uint64_t)mb);
     const volatile uint32_t *mbi = (const volatile uint32_t *)mbinfo;
@@ -173,7 +235,7 @@ GUEST void memvirt_mb_main(uint64_t mbinfo, volatile struct memvirt_mailbox *mb)
 
     // The command line.
     uint64_t pattern = 2, stride = 64, footprint = 64ull << 20, accesses = 1000000, threshold = 0, seed = 1;
-    uint64_t compute = 0, rate = 0, khz = 0, gap_us = 0;
+    uint64_t compute = 0, rate = 0, khz = 0, gap_us = 0, vcpus = 1;
     if (flags & (1u << 2)) {
         const char *c = (const char *)(uint64_t)mbi[4];
         uint64_t i = 0;
@@ -211,6 +273,7 @@ GUEST void memvirt_mb_main(uint64_t mbinfo, volatile struct memvirt_mailbox *mb)
             else if (IS(w0, w1, "rate")) bad = parse_count(v, vl, &rate);
             else if (IS(w0, w1, "tsc-khz")) bad = parse_count(v, vl, &khz);
             else if (IS(w0, w1, "gap-us")) bad = parse_count(v, vl, &gap_us);
+            else if (IS(w0, w1, "vcpus")) bad = parse_count(v, vl, &vcpus) || vcpus < 1 || vcpus > 2;
             else { prefix(); SAY("error unknown key: "); fail_token(k, i - s); }
             if (bad) { prefix(); SAY("error bad value: "); fail_token(k, i - s); }
         }
@@ -219,8 +282,9 @@ GUEST void memvirt_mb_main(uint64_t mbinfo, volatile struct memvirt_mailbox *mb)
         prefix(); SAY("error footprint must be a positive multiple of 4KiB"); nl(); exit_with(MEMVIRT_MB_EXIT_BAD_INPUT);
     }
     // The identity map covers 4 GiB; the footprint must be RAM from the data base on.
-    if (MEMVIRT_MB_DATA_BASE + footprint > ram_end || MEMVIRT_MB_DATA_BASE + footprint > (4ull << 30)) {
-        prefix(); SAY("error footprint="); say_u(footprint); SAY(" does not fit in RAM from "); say_x(MEMVIRT_MB_DATA_BASE);
+    if (MEMVIRT_MB_DATA_BASE + vcpus * footprint > ram_end || MEMVIRT_MB_DATA_BASE + vcpus * footprint > (4ull << 30)) {
+        prefix(); SAY("error footprint="); say_u(footprint); if (vcpus > 1) SAY(" per vCPU x2");
+        SAY(" does not fit in RAM from "); say_x(MEMVIRT_MB_DATA_BASE);
         SAY(" to "); say_x(ram_end); SAY(" (give the VM more memory)"); nl(); exit_with(MEMVIRT_MB_EXIT_BAD_INPUT);
     }
     if ((rate || gap_us) && !khz) { prefix(); SAY("error rate= and gap-us= need tsc-khz="); nl(); exit_with(MEMVIRT_MB_EXIT_BAD_INPUT); }
@@ -243,15 +307,30 @@ GUEST void memvirt_mb_main(uint64_t mbinfo, volatile struct memvirt_mailbox *mb)
     mb->salt = 0;
     mb->gap_threshold = khz ? (gap_us ? gap_us : 300) * khz / 1000 : 100000;
     if (rate) mb->pace = khz * 1000 / rate ? khz * 1000 / rate : 1;
+#ifndef MEMVIRT_MB_HOST
+    volatile struct memvirt_mailbox *ap = (volatile struct memvirt_mailbox *)MEMVIRT_MB_AP_MAILBOX;
+    if (vcpus == 2) {
+        // CPU 1's mailbox: the same workload, seed + 1, the next footprint.
+        volatile uint64_t *src = (volatile uint64_t *)mb, *dst = (volatile uint64_t *)ap;
+        for (uint64_t k = 0; k < sizeof(struct memvirt_mailbox) / 8; k++) dst[k] = src[k];
+        ap->base = MEMVIRT_MB_DATA_BASE + footprint;
+        ap->rng_state = memvirt_derive(seed + 1, 0);
+        if (!start_cpu1()) {
+            prefix(); SAY("error vcpus=2: CPU 1 did not start (INIT/SIPI to APIC ID 1; does the VM have 2 vCPUs?)"); nl();
+            exit_with(MEMVIRT_MB_EXIT_BAD_INPUT);
+        }
+    }
+#endif
     memvirt_guest_workload(mb);
     memvirt_guest_checksum(mb);
-
-    uint64_t gaps = mb->gap_count, max_gap = mb->gap_max;
-    prefix(); SAY("result accesses="); say_u(mb->done_accesses); SAY(" reads="); say_u(mb->reads); SAY(" writes="); say_u(mb->writes);
-    SAY(" read_sum="); say_u(mb->read_sum); SAY(" memory_checksum="); say_u(mb->memory_checksum);
-    SAY(" gaps="); say_u(gaps); SAY(" max_gap_ticks="); say_u(max_gap);
-    if (khz) { SAY(" max_gap_us="); say_u(max_gap * 1000 / khz); }
-    nl();
+#ifndef MEMVIRT_MB_HOST
+    if (vcpus == 2) {
+        volatile uint64_t *flags = (volatile uint64_t *)MEMVIRT_MB_AP_FLAGS;
+        while (!flags[1]) cpu_pause();
+        prefix(); SAY("cpu1 "); say_result(ap, khz);
+    }
+#endif
+    prefix(); say_result(mb, khz);
     exit_with(MEMVIRT_MB_EXIT_OK);
 }
 
@@ -261,6 +340,10 @@ extern const char memvirt_mb_boot32[];
 extern const char memvirt_mb_boot32_imm[];
 extern const char memvirt_mb_params[];
 extern const char memvirt_mb_stubs[];
+extern const char memvirt_mb_ap16_far[];
+extern const char memvirt_mb_ap16_gdtr[];
+extern const char memvirt_mb_ap16_cr3[];
+extern const char memvirt_mb_ap64[];
 
 void memvirt_guest_multiboot_get(struct memvirt_mb_image *out) {
     const char *s = __start_memvirt_guest;
@@ -271,4 +354,13 @@ void memvirt_guest_multiboot_get(struct memvirt_mb_image *out) {
     out->params_offset = (uint64_t)(memvirt_mb_params - s);
     out->main_offset = (uint64_t)((const char *)memvirt_mb_main - s);
     out->stubs_offset = (uint64_t)(memvirt_mb_stubs - s);
+#ifndef MEMVIRT_MB_HOST
+    out->ap16_offset = (uint64_t)(memvirt_mb_ap16 - s);
+    out->ap16_size = (uint64_t)(memvirt_mb_ap16_end - memvirt_mb_ap16);
+    out->ap16_far_offset = (uint64_t)(memvirt_mb_ap16_far - s);
+    out->ap16_gdtr_offset = (uint64_t)(memvirt_mb_ap16_gdtr - s);
+    out->ap16_cr3_offset = (uint64_t)(memvirt_mb_ap16_cr3 - s);
+    out->ap64_offset = (uint64_t)(memvirt_mb_ap64 - s);
+    out->ap_main_offset = (uint64_t)((const char *)memvirt_mb_ap_main - s);
+#endif
 }

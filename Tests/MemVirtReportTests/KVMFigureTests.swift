@@ -63,16 +63,39 @@ struct KVMFigureTests {
         #expect(vf[0].series[0].points[0].x == 1000 && vf[0].series[0].points[0].y == 1100)
         #expect(SVGChart.render(vf[0]).contains("class=\"identity\""))
         #expect(vh?.value == 1 && vh?.met == true)
+        // Two settings, two pre-copy guests and one post-copy guest: charts per setting, and the
+        // headline counts the pre-copy pairs where MemVirt is at or below QEMU on all three.
         let q = try JSONReader.parse("""
-            {"name":"migration-vs-qemu","qemu_version":"7.2","rows":[
-              {"guest":"idle","vmm":"memvirt","total_ms":100,"guest_seen_gap_ms":10,"bytes_sent":2000000,"equals_oracle":true},
-              {"guest":"idle","vmm":"qemu","total_ms":300,"guest_seen_gap_ms":30,"bytes_sent":4000000,"equals_oracle":true}]}
+            {"name":"migration-vs-qemu","qemu_version":"7.2","cases":[
+              {"guest":"idle","setting":"defaults","vmm":"memvirt","mode":"precopy","downtime_ms":3,"total_ms":100,"guest_gap_ms":10,"bytes_sent":2000000,"equals_oracle":true},
+              {"guest":"idle","setting":"defaults","vmm":"qemu","mode":"precopy","downtime_ms":6,"total_ms":300,"guest_gap_ms":30,"bytes_sent":4000000,"equals_oracle":true},
+              {"guest":"writer","setting":"defaults","vmm":"memvirt","mode":"precopy","downtime_ms":9,"total_ms":200,"guest_gap_ms":10,"bytes_sent":2000000,"equals_oracle":true},
+              {"guest":"writer","setting":"defaults","vmm":"qemu","mode":"precopy","downtime_ms":6,"total_ms":300,"guest_gap_ms":30,"bytes_sent":4000000,"equals_oracle":true},
+              {"guest":"writer, post-copy","setting":"defaults","vmm":"memvirt","mode":"postcopy","downtime_ms":9,"total_ms":200,"guest_gap_ms":10,"bytes_sent":2000000,"equals_oracle":true},
+              {"guest":"writer, post-copy","setting":"defaults","vmm":"qemu","mode":"postcopy","downtime_ms":2,"total_ms":300,"guest_gap_ms":30,"bytes_sent":4000000,"equals_oracle":true},
+              {"guest":"idle","setting":"tight","vmm":"memvirt","mode":"precopy","downtime_ms":3,"total_ms":50,"guest_gap_ms":4,"bytes_sent":1000000,"equals_oracle":true},
+              {"guest":"idle","setting":"tight","vmm":"qemu","mode":"precopy","downtime_ms":5,"total_ms":80,"guest_gap_ms":7,"bytes_sent":3000000,"equals_oracle":true}]}
             """)
         let (qf, qh) = ReproductionFigures.derive(name: "migration-vs-qemu", json: q)
-        #expect(qf.count == 3)
-        #expect(qf[0].series.map { $0.points.map(\.y) } == [[100], [300]])
-        #expect(qf[2].series.map { $0.points.map(\.y) } == [[2], [4]])
-        #expect(qh?.value == 100 && qh?.target == 300)
+        #expect(qf.count == 8)
+        #expect(qf.map(\.id) == ["downtime-defaults", "gap-defaults", "total-defaults", "bytes-defaults", "downtime-tight", "gap-tight", "total-tight", "bytes-tight"])
+        #expect(qf[0].categories == ["idle", "writer", "writer, post-copy"])
+        #expect(qf[0].series.map { $0.points.map(\.y) } == [[3, 9, 9], [6, 6, 2]])
+        #expect(qf[3].series.map { $0.points.map(\.y) } == [[2, 2, 2], [4, 4, 4]])
+        #expect(qf[6].series.map { $0.points.map(\.y) } == [[50], [80]])
+        // idle defaults and idle tight win on all three; writer defaults loses on downtime;
+        // the post-copy row is not counted.
+        #expect(qh?.value == 2 && qh?.target == 3 && qh?.met == false)
+        #expect(qh?.text.contains("defaults 1/2, tight 1/1") == true)
+        // A report saved before the settings (rows, no setting) still charts, as one set.
+        let old = try JSONReader.parse("""
+            {"name":"migration-vs-qemu","qemu_version":"7.2","rows":[
+              {"guest":"idle","vmm":"memvirt","vmm_downtime_ms":3,"total_ms":100,"guest_seen_gap_ms":10,"bytes_sent":2000000,"equals_oracle":true},
+              {"guest":"idle","vmm":"qemu","vmm_downtime_ms":6,"total_ms":300,"guest_seen_gap_ms":30,"bytes_sent":4000000,"equals_oracle":true}]}
+            """)
+        let (of, oh) = ReproductionFigures.derive(name: "migration-vs-qemu", json: old)
+        #expect(of.count == 4 && of[1].series.map { $0.points.map(\.y) } == [[10], [30]])
+        #expect(oh?.value == 1 && oh?.target == 1 && oh?.met == true)
     }
 
     @Test func skippedRunsHaveNoCharts() {

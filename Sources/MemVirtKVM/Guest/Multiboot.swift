@@ -187,10 +187,12 @@ public struct MultibootRunReport: Sendable {
         ])
     }
 
-    /// key=value pairs of the last line holding `memvirt-guest: result`.
-    public static func parseResult(_ console: String) -> [String: UInt64] {
+    /// key=value pairs of the last line holding `memvirt-guest: result` (`cpu`: 1 for the
+    /// second CPU's `memvirt-guest: cpu1 result` line of a vcpus=2 guest).
+    public static func parseResult(_ console: String, cpu: Int = 0) -> [String: UInt64] {
         var out: [String: UInt64] = [:]
-        for line in console.split(separator: "\n") where line.hasPrefix("memvirt-guest: result ") {
+        let prefix = cpu == 0 ? "memvirt-guest: result " : "memvirt-guest: cpu\(cpu) result "
+        for line in console.split(separator: "\n") where line.hasPrefix(prefix) {
             out = [:]
             for tok in line.split(separator: " ") {
                 let kv = tok.split(separator: "=", maxSplits: 1)
@@ -209,13 +211,21 @@ public enum Multiboot {
     /// 32-bit PCI hole that PC machines such as QEMU's keep at 3-4 GiB).
     public static let maxMemory: UInt64 = 3 << 30
 
-    /// The GuestConfig of a multiboot VM with `memory` bytes of RAM.
-    public static func config(memory: UInt64) throws(KVMError) -> GuestConfig {
+    /// The most vCPUs a multiboot VM gets here (our image starts its second CPU itself).
+    public static let maxVCPUs = 2
+
+    /// The GuestConfig of a multiboot VM with `memory` bytes of RAM and `vcpus` vCPUs. With
+    /// more than one, KVM's in-kernel irqchip: the local APICs the guest sends INIT and SIPI
+    /// through, and vCPUs past 0 waiting for them (KVM_MP_STATE_UNINITIALIZED), as on a PC.
+    public static func config(memory: UInt64, vcpus: Int = 1) throws(KVMError) -> GuestConfig {
         guard memory % 4096 == 0, memory >= lowBytes + (4 << 20), memory <= maxMemory else {
             throw KVMError.invalid("guest memory \(ByteCount(memory)): use a multiple of 4KiB from \(ByteCount(lowBytes + (4 << 20))) to \(ByteCount(maxMemory))")
         }
+        guard vcpus >= 1, vcpus <= maxVCPUs else { throw KVMError.invalid("multiboot vCPUs \(vcpus): use 1...\(maxVCPUs)") }
         var c = GuestConfig(dataSize: memory - lowBytes)
         c.multibootLowBytes = lowBytes
+        c.vcpus = vcpus
+        c.irqchip = vcpus > 1
         return c
     }
 
@@ -320,10 +330,10 @@ public enum Multiboot {
     public static let defaultMaxRunNanos: UInt64 = 600_000_000_000
 
     public static func run(_ image: MultibootImage, memory: UInt64, cmdline: String, timeoutNanos: UInt64 = defaultMaxRunNanos,
-                           memoryLimit: UInt64? = nil) throws(KVMError) -> MultibootRunReport {
+                           memoryLimit: UInt64? = nil, vcpus: Int = 1) throws(KVMError) -> MultibootRunReport {
         try HostMemoryBudget(parts: [("guest RAM", memory)]).check("this multiboot guest", limit: memoryLimit)
         let kvm = try KVM()
-        let g = try GuestVM(kvm: kvm, config: try config(memory: memory))
+        let g = try GuestVM(kvm: kvm, config: try config(memory: memory, vcpus: vcpus))
         try load(image, into: g, cmdline: cmdline)
         let stats = try g.vcpus[0].stats()
         let before = try stats.read()
@@ -334,10 +344,25 @@ public enum Multiboot {
             while g.multiboot!.exitValue == nil && monotonicNanoseconds() - start < timeoutNanos && !kicker.stopRequested { usleepNanos(20_000_000) }
             if g.multiboot!.exitValue == nil && !kicker.stopRequested { kicker.stop() }
         }
+        // vCPUs past 0 wait in KVM for the guest's INIT/SIPI; one that fails stops the VM.
+        let others = ResultBox<Void>()
+        var threads: [DedicatedThread] = []
+        for i in 1..<g.vcpus.count {
+            threads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") {
+                do { _ = try g.execute(vcpu: i, kicker: kicker) } catch let e as KVMError {
+                    others.value = .failure(e)
+                    if !kicker.stopRequested { kicker.stop() }
+                } catch {}
+            })
+        }
         let outcome: Result<CommandOutcome, KVMError>
         do { outcome = .success(try onDedicatedThread(name: "memvirt-vcpu0") { () throws(KVMError) in try g.execute(vcpu: 0, kicker: kicker) }) } catch { outcome = .failure(error) }
         if !kicker.stopRequested { kicker.stop() }
+        for t in threads { t.join() }
         watchdog.join()
+        if case .failure(let e)? = others.value {
+            throw KVMError.invalid("the multiboot guest's vCPU 1 failed: \(e); its console:\n" + g.multiboot!.console)
+        }
         let t1 = monotonicNanoseconds()
         let after = try stats.read()
         let console = g.multiboot!.console
@@ -406,7 +431,9 @@ public enum Multiboot {
             put64((L + pds + i * 4096) | 0x7, pdpt + i * 8)
             for j in 0..<UInt64(512) { put64(((i * 512 + j) << 21) | 0x87, pds + i * 4096 + j * 8) }
         }
-        // GDT: null, kernel code 0x08 (64-bit), kernel data 0x10, user data 0x18, user code 0x20, TSS 0x28 (as GuestRuntime).
+        // GDT: null, kernel code 0x08 (64-bit), kernel data 0x10, user data 0x18, user code 0x20, TSS 0x28 (as GuestRuntime),
+        // and 0x38: a second descriptor of the same TSS for CPU 1 (ltr marks a descriptor busy; in 64-bit mode the CPU
+        // reads only RSP0 and the I/O bitmap from the TSS, which both CPUs can share).
         let gdtEntries: [UInt64] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_f300_0000_ffff, 0x00af_fb00_0000_ffff]
         for (i, e) in gdtEntries.enumerated() { put64(e, gdt + UInt64(i) * 8) }
         let tb = L + tss
@@ -416,6 +443,7 @@ public enum Multiboot {
         lo |= ((tssLimit >> 16) & 0xf) << 48
         lo |= ((tb >> 24) & 0xff) << 56
         put64(lo, gdt + 40); put64(tb >> 32, gdt + 48)
+        put64(lo, gdt + 56); put64(tb >> 32, gdt + 64)
         // IDT: vectors 0-31 to the stubs (DPL 0).
         for v in 0..<UInt64(32) {
             let target = L + code + img.stubs_offset + 16 * v
@@ -428,7 +456,8 @@ public enum Multiboot {
         mem[Int(tss + tssLimit)] = 0xff
         // The boot parameters (memvirt_multiboot.h) and the entry's immediate.
         let p = code + img.params_offset
-        put16(UInt16(7 * 8 - 1), p + 2); put32(UInt32(L + gdt), p + 4)
+        let gdtLimit = UInt16(9 * 8 - 1)
+        put16(gdtLimit, p + 2); put32(UInt32(L + gdt), p + 4)
         put32(UInt32(L + pml4), p + 8)
         put16(UInt16(32 * 16 - 1), p + 22); put64(L + idt, p + 24)
         put64(L + kernelStackTop, p + 32)
@@ -436,6 +465,15 @@ public enum Multiboot {
         put64(L + code + img.main_offset, p + 48)
         put64(L + mailbox, p + 56)
         put16(0x28, p + 64)
+        // CPU 1 (memvirt_multiboot.h): its TSS selector, stacks, entry, mailbox; the trampoline's fields.
+        put16(0x38, p + 66)
+        put64(UInt64(MEMVIRT_MB_AP_KERNEL_STACK), p + 72)
+        put64(UInt64(MEMVIRT_MB_AP_USER_STACK) - 8, p + 80)
+        put64(L + code + img.ap_main_offset, p + 88)
+        put64(UInt64(MEMVIRT_MB_AP_MAILBOX), p + 96)
+        put32(UInt32(L + code + img.ap64_offset), code + img.ap16_far_offset)
+        put16(gdtLimit, code + img.ap16_gdtr_offset); put32(UInt32(L + gdt), code + img.ap16_gdtr_offset + 2)
+        put32(UInt32(L + pml4), code + img.ap16_cr3_offset)
         put32(UInt32(L + code + img.boot32_offset + 5), code + img.boot32_imm_offset)
 
         // The file: ELF32 header, one program header, the multiboot header, the segment.
@@ -455,8 +493,9 @@ public enum Multiboot {
     }
 
     /// The command line our image reads for `spec` (thread 0's stream). `rate` paces accesses
-    /// (per second) and `gapMicros` sets the gap threshold; both need `tscKHz`.
-    public static func commandLine(_ spec: WorkloadSpec, rate: UInt64? = nil, tscKHz: UInt64? = nil, gapMicros: UInt64? = nil) throws(KVMError) -> String {
+    /// (per second) and `gapMicros` sets the gap threshold; both need `tscKHz`. `vcpus` 2: the
+    /// image starts its second CPU, which runs `spec` with seed + 1 over the next footprint.
+    public static func commandLine(_ spec: WorkloadSpec, rate: UInt64? = nil, tscKHz: UInt64? = nil, gapMicros: UInt64? = nil, vcpus: Int = 1) throws(KVMError) -> String {
         let p: String
         switch spec.pattern {
         case .sequential: p = "sequential"
@@ -471,6 +510,8 @@ public enum Multiboot {
         if let k = tscKHz { s += " tsc-khz=\(k)" }
         if let r = rate { s += " rate=\(r)" }
         if let gm = gapMicros { s += " gap-us=\(gm)" }
+        guard vcpus >= 1, vcpus <= maxVCPUs else { throw KVMError.invalid("multiboot vCPUs \(vcpus): use 1...\(maxVCPUs)") }
+        if vcpus > 1 { s += " vcpus=\(vcpus)" }
         return s
     }
 
@@ -490,10 +531,10 @@ extension LiveMigration {
     /// after `options.afterNanos` with MemVirt's own migration; the destination (`kvm listen`)
     /// runs the guest to its power-off and returns its result (the image's mailbox).
     public static func migrate(kernel image: MultibootImage, memory: UInt64, cmdline: String, to host: String, port: UInt16,
-                               options o: MigrationOptions) throws(KVMError) -> MigrationReport {
+                               options o: MigrationOptions, vcpus: Int = 1) throws(KVMError) -> MigrationReport {
         guard o.groupPages == 1 else { throw KVMError.invalid("--group-pages is for runtime guests") }
         let kvm = try KVM()
-        var c = try Multiboot.config(memory: memory)
+        var c = try Multiboot.config(memory: memory, vcpus: vcpus)
         c.dataSlotFlags = .logDirtyPages
         c.manualDirtyProtect = kvm.check(.manualDirtyLogProtect2) > 0
         let g = try GuestVM(kvm: kvm, config: c)
@@ -521,7 +562,7 @@ extension LiveMigration {
     /// Both sides in this process over loopback: a destination thread (`listen`, port 0), then
     /// the source. Returns both reports (the destination's holds the guest's result).
     public static func migrateLocally(kernel image: MultibootImage, memory: UInt64, cmdline: String,
-                                      options o: MigrationOptions) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
-        try loopback { (port) throws(KVMError) in try migrate(kernel: image, memory: memory, cmdline: cmdline, to: "127.0.0.1", port: port, options: o) }
+                                      options o: MigrationOptions, vcpus: Int = 1) throws(KVMError) -> (source: MigrationReport, destination: MigrationReport) {
+        try loopback { (port) throws(KVMError) in try migrate(kernel: image, memory: memory, cmdline: cmdline, to: "127.0.0.1", port: port, options: o, vcpus: vcpus) }
     }
 }

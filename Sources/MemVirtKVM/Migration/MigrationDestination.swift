@@ -103,7 +103,7 @@ final class DestinationSide {
         c.vcpus = Int(hello.vcpus)
         c.tableBytesPerVCPU = hello.tableBytesPerVCPU
         c.dataPageSize = ps
-        if hello.multiboot != 0 { c = try Multiboot.config(memory: hello.runtimeSize + hello.dataSize) }
+        if hello.multiboot != 0 { c = try Multiboot.config(memory: hello.runtimeSize + hello.dataSize, vcpus: Int(hello.vcpus)) }
         if hello.kernel & KernelMigration.enabledBit != 0 {
             guard hello.multiboot == 0 else { throw KVMError.invalid("migration stream mismatched: a multiboot guest under the guest kernel") }
             c.irqchip = true

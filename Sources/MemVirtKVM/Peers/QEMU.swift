@@ -48,8 +48,8 @@ public enum QEMU {
     }
 
     /// The arguments every run shares: KVM, no devices but the two debug ports, the image.
-    static func baseArguments(kernel: String, append: String, memory: UInt64, console: String) -> [String] {
-        ["-enable-kvm", "-m", "\(memory >> 20)M", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "none",
+    static func baseArguments(kernel: String, append: String, memory: UInt64, console: String, vcpus: Int = 1) -> [String] {
+        ["-enable-kvm", "-m", "\(memory >> 20)M", "-smp", "\(vcpus)", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "none",
          "-kernel", kernel, "-append", append,
          "-chardev", "file,id=dbg,path=\(console)", "-device", "isa-debugcon,iobase=0xe9,chardev=dbg",
          "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
@@ -114,16 +114,73 @@ public enum QEMU {
     }
 
     /// Boots `kernel` under QEMU with `append` and `memory`, to its power-off.
-    public static func run(kernel: String, append: String, memory: UInt64, timeoutNanos: UInt64 = 120_000_000_000) throws(KVMError) -> RunReport {
+    public static func run(kernel: String, append: String, memory: UInt64, vcpus: Int = 1, timeoutNanos: UInt64 = 120_000_000_000) throws(KVMError) -> RunReport {
         let dir = try scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let m = try Machine(arguments: baseArguments(kernel: kernel, append: append, memory: memory, console: dir + "/console"),
+        let m = try Machine(arguments: baseArguments(kernel: kernel, append: append, memory: memory, console: dir + "/console", vcpus: vcpus),
                             console: dir + "/console", stderrPath: dir + "/stderr")
         let status = m.wait(timeoutNanos: timeoutNanos)
         return RunReport(exitStatus: status, console: m.consoleText, stderr: m.stderrText, wallNanos: monotonicNanoseconds() - m.started)
     }
 
     // MARK: migration
+
+    /// The two migration parameters both VMMs share in the comparison (qapi/migration.json,
+    /// `migrate-set-parameters`): `max-bandwidth` (bytes/s; QEMU's default 128 MiB/s,
+    /// MAX_THROTTLE in migration/migration.c) and `downtime-limit` (ms; default 300,
+    /// DEFAULT_MIGRATE_SET_DOWNTIME). QEMU applies `max-bandwidth` to its iterative passes
+    /// (ram_save_iterate checks the rate limit); its post-copy phase follows
+    /// `max-postcopy-bandwidth` instead (default 0: no limit).
+    public struct MigrationSettings: Sendable, Equatable {
+        public var maxBandwidth: UInt64
+        public var downtimeLimitMillis: UInt64
+        public init(maxBandwidth: UInt64, downtimeLimitMillis: UInt64) {
+            self.maxBandwidth = maxBandwidth
+            self.downtimeLimitMillis = downtimeLimitMillis
+        }
+        /// QEMU's defaults (docs/references.md: 128 MiB/s, 300 ms).
+        public static let qemuDefaults = MigrationSettings(maxBandwidth: 128 << 20, downtimeLimitMillis: 300)
+        /// The `migrate-set-parameters` arguments.
+        public var qmpArguments: [String: Any] { ["max-bandwidth": maxBandwidth, "downtime-limit": downtimeLimitMillis] }
+        /// From a `query-migrate-parameters` reply (nil when either key is missing).
+        public init?(queryReply r: [String: Any]) {
+            guard let bw = (r["max-bandwidth"] as? NSNumber)?.uint64Value, let dl = (r["downtime-limit"] as? NSNumber)?.uint64Value else { return nil }
+            self.init(maxBandwidth: bw, downtimeLimitMillis: dl)
+        }
+    }
+
+    /// Sets `settings` on a QEMU through QMP and reads them back with
+    /// `query-migrate-parameters`; throws when QEMU refuses them or reports other values.
+    static func apply(_ settings: MigrationSettings, _ q: QMP) throws(KVMError) -> MigrationSettings {
+        _ = try q.execute("migrate-set-parameters", settings.qmpArguments)
+        let back = try q.execute("query-migrate-parameters", [:])
+        guard let got = MigrationSettings(queryReply: back) else {
+            throw KVMError.invalid("QMP query-migrate-parameters: no max-bandwidth or downtime-limit in its reply")
+        }
+        guard got == settings else {
+            throw KVMError.invalid("QEMU kept max-bandwidth \(got.maxBandwidth) B/s, downtime-limit \(got.downtimeLimitMillis) ms after migrate-set-parameters asked for \(settings.maxBandwidth) B/s, \(settings.downtimeLimitMillis) ms")
+        }
+        return got
+    }
+
+    /// Starts a paused QEMU (`-S`, no guest code runs) with `kernel`, reads its migration
+    /// parameters (`query-migrate-parameters`: what QEMU uses when nobody sets them), sets
+    /// `settings` and reads them back. Returns (before, after).
+    public static func checkParameters(_ settings: MigrationSettings, kernel: String) throws(KVMError) -> (defaults: MigrationSettings, applied: MigrationSettings) {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var args = baseArguments(kernel: kernel, append: "", memory: 64 << 20, console: dir + "/console")
+        args += ["-S", "-qmp", "unix:\(dir)/q.qmp,server=on,wait=off"]
+        let m = try Machine(arguments: args, console: dir + "/console", stderrPath: dir + "/stderr")
+        defer { m.kill() }
+        let q = try QMP(path: dir + "/q.qmp", process: m)
+        guard let before = MigrationSettings(queryReply: try q.execute("query-migrate-parameters", [:])) else {
+            throw KVMError.invalid("QMP query-migrate-parameters: no max-bandwidth or downtime-limit in its reply")
+        }
+        let after = try apply(settings, q)
+        _ = try? q.execute("quit", [:])
+        return (before, after)
+    }
 
     /// One QEMU live migration (source and destination on this host, loopback TCP).
     public struct MigrationReport: Sendable {
@@ -139,6 +196,8 @@ public enum QEMU {
         public var normalPages: UInt64?
         public var postcopyRequests: UInt64?
         public var mbps: Double?
+        /// The migration parameters the source QEMU reported back before `migrate`.
+        public var settings: MigrationSettings?
         /// The destination's console (the guest's result line is there) and result.
         public var destinationConsole: String
         public var sourceConsole: String
@@ -155,7 +214,8 @@ public enum QEMU {
                 ("status", .string(status)), ("total_ms", d(totalMillis)), ("downtime_ms", d(downtimeMillis)), ("setup_ms", d(setupMillis)),
                 ("ram_transferred", u(ramTransferred)), ("ram_total", u(ramTotal)), ("dirty_sync_count", u(dirtySyncCount)),
                 ("duplicate_pages", u(duplicatePages)), ("normal_pages", u(normalPages)), ("postcopy_requests", u(postcopyRequests)),
-                ("mbps", d(mbps)), ("destination_exit", destinationExit.map { .int(Int64($0)) } ?? .null),
+                ("mbps", d(mbps)), ("max_bandwidth", u(settings?.maxBandwidth)), ("downtime_limit_ms", u(settings?.downtimeLimitMillis)),
+                ("destination_exit", destinationExit.map { .int(Int64($0)) } ?? .null),
                 ("error", error.map { .string($0) } ?? .null),
                 ("result", .object(result.sorted { $0.key < $1.key }.map { ($0.key, .uint($0.value)) })),
             ])
@@ -166,14 +226,16 @@ public enum QEMU {
     /// waits until the guest's workload runs plus `afterNanos`, migrates through QMP
     /// (`postcopy`: postcopy-ram on both, then migrate-start-postcopy after the first pass
     /// starts), polls query-migrate to the end, and waits for the destination's guest to power off.
+    /// `settings`: set on the source through `migrate-set-parameters` and read back before the
+    /// migration starts (nil: QEMU's own, read back too). `vcpus`: `-smp` on both.
     public static func migrate(kernel: String, append: String, memory: UInt64, afterNanos: UInt64, postcopy: Bool = false,
-                               parameters: [String: Any] = [:], timeoutNanos: UInt64 = 120_000_000_000) throws(KVMError) -> MigrationReport {
+                               settings: MigrationSettings? = nil, vcpus: Int = 1, timeoutNanos: UInt64 = 120_000_000_000) throws(KVMError) -> MigrationReport {
         let dir = try scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let port = try freePort()
-        var dargs = baseArguments(kernel: kernel, append: append, memory: memory, console: dir + "/dst-console")
+        var dargs = baseArguments(kernel: kernel, append: append, memory: memory, console: dir + "/dst-console", vcpus: vcpus)
         dargs += ["-incoming", "tcp:127.0.0.1:\(port)", "-qmp", "unix:\(dir)/dst.qmp,server=on,wait=off"]
-        var sargs = baseArguments(kernel: kernel, append: append, memory: memory, console: dir + "/src-console")
+        var sargs = baseArguments(kernel: kernel, append: append, memory: memory, console: dir + "/src-console", vcpus: vcpus)
         sargs += ["-qmp", "unix:\(dir)/src.qmp,server=on,wait=off"]
         let dst = try Machine(arguments: dargs, console: dir + "/dst-console", stderrPath: dir + "/dst-stderr")
         defer { dst.kill() }
@@ -186,7 +248,8 @@ public enum QEMU {
             _ = try sq.execute("migrate-set-capabilities", caps)
             _ = try dq.execute("migrate-set-capabilities", caps)
         }
-        if !parameters.isEmpty { _ = try sq.execute("migrate-set-parameters", parameters) }
+        var applied: MigrationSettings? = nil
+        if let settings { applied = try apply(settings, sq) } else { applied = MigrationSettings(queryReply: try sq.execute("query-migrate-parameters", [:])) }
         // The guest's workload has started: its line is on the source's console.
         let t0 = monotonicNanoseconds()
         while !src.consoleText.contains("memvirt-guest: workload") {
@@ -198,6 +261,7 @@ public enum QEMU {
         usleepNanos(afterNanos)
         _ = try sq.execute("migrate", ["uri": "tcp:127.0.0.1:\(port)"])
         var report = MigrationReport(status: "active", destinationConsole: "", sourceConsole: "", raw: "")
+        report.settings = applied
         var switched = false
         while true {
             let r = try sq.execute("query-migrate", [:])

@@ -159,6 +159,44 @@ struct MultibootKVMTests {
         }
     }
 
+    /// CPU 0's and CPU 1's results in `console` against the oracle (CPU 1: seed + 1).
+    static func bothCPUsEqualOracle(_ console: String, _ spec: WorkloadSpec) throws -> Bool {
+        var s1 = spec
+        s1.seed += 1
+        let w0 = try multibootOracle(spec), w1 = try multibootOracle(s1)
+        let r0 = MultibootRunReport.parseResult(console), r1 = MultibootRunReport.parseResult(console, cpu: 1)
+        return r0["read_sum"] == w0.readSum && r0["memory_checksum"] == w0.checksum && r1["read_sum"] == w1.readSum && r1["memory_checksum"] == w1.checksum
+            && r1["accesses"] == spec.accesses
+    }
+
+    @Test("with vcpus=2 the image starts its second vCPU (INIT/SIPI through KVM's LAPIC); both CPUs give the oracle's result")
+    func twoVCPUs() throws {
+        let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(8), accesses: 200_000, writeRatio: 0.5, seed: 21)
+        let image = try Multiboot.read(path: Self.path)
+        let r = try Multiboot.run(image, memory: 64 << 20, cmdline: Self.path + " " + (try Multiboot.commandLine(spec, vcpus: 2)), vcpus: 2)
+        #expect(r.exitValue == 0, "\(r.console)")
+        #expect(try Self.bothCPUsEqualOracle(r.console, spec), "\(r.console)")
+        // The same command line in a 1-vCPU VM (no irqchip, no LAPIC): a clear error, no hang.
+        #expect(throws: KVMError.self) {
+            _ = try Multiboot.run(image, memory: 64 << 20, cmdline: Self.path + " " + (try Multiboot.commandLine(spec, vcpus: 2)), timeoutNanos: 60_000_000_000)
+        }
+        #expect(throws: KVMError.self) { _ = try Multiboot.config(memory: 64 << 20, vcpus: 3) }
+    }
+
+    @Test("MemVirt migrates a running 2-vCPU image; both CPUs finish with the oracle's result")
+    func migratesTwoVCPUs() throws {
+        let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: 12_000, writeRatio: 1, seed: 5)
+        let khz = try Multiboot.hostTSCKHz()
+        let line = try Multiboot.commandLine(spec, rate: 10_000, tscKHz: khz, gapMicros: 1000, vcpus: 2)
+        var o = MigrationOptions()
+        o.afterNanos = 300_000_000
+        let image = try Multiboot.read(path: Self.path)
+        let (s, d) = try LiveMigration.migrateLocally(kernel: image, memory: 64 << 20, cmdline: line, options: o, vcpus: 2)
+        #expect(s.migrated && s.error == nil)
+        #expect(s.sourceHash != nil && s.sourceHash == s.destinationHash)
+        #expect(try Self.bothCPUsEqualOracle(d.console ?? "", spec), "\(d.console ?? "")")
+    }
+
     @Test("MemVirt migrates the running image; the destination finishes it with the oracle's result")
     func migrates() throws {
         let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: 24_000, writeRatio: 0.6, seed: 5)
@@ -204,6 +242,42 @@ struct MultibootQEMUTests {
         let q = try QEMU.migrate(kernel: MultibootKVMTests.path, append: line, memory: 64 << 20, afterNanos: 300_000_000, timeoutNanos: 60_000_000_000)
         #expect(q.status == "completed", "\(q.raw) \(q.error ?? "")")
         #expect(q.totalMillis != nil && q.downtimeMillis != nil && (q.ramTransferred ?? 0) > 0)
+        #expect(q.result["memory_checksum"] == (try multibootOracle(spec)).checksum)
+    }
+
+    @Test("with -smp 2 and vcpus=2 the image starts its second CPU under QEMU too; both give the oracle's result")
+    func twoVCPUs() throws {
+        let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(8), accesses: 200_000, writeRatio: 0.5, seed: 21)
+        let q = try QEMU.run(kernel: MultibootKVMTests.path, append: try Multiboot.commandLine(spec, vcpus: 2), memory: 64 << 20, vcpus: 2, timeoutNanos: 60_000_000_000)
+        #expect(q.finished, "QEMU exit \(String(describing: q.exitStatus)): \(q.stderr) \(q.console)")
+        #expect(try MultibootKVMTests.bothCPUsEqualOracle(q.console, spec), "\(q.console)")
+    }
+
+    @Test("migrate-set-parameters sets max-bandwidth and downtime-limit; query-migrate-parameters reads them back")
+    func parameters() throws {
+        let wanted = QEMU.MigrationSettings(maxBandwidth: 3 << 30, downtimeLimitMillis: 30)
+        let (defaults, applied) = try QEMU.checkParameters(wanted, kernel: MultibootKVMTests.path)
+        // QEMU's own defaults, as its source states them (migration.c: MAX_THROTTLE 128 MiB/s,
+        // DEFAULT_MIGRATE_SET_DOWNTIME 300 ms), are what an untouched QEMU reports.
+        #expect(defaults == QEMU.MigrationSettings(maxBandwidth: 128 << 20, downtimeLimitMillis: 300))
+        #expect(defaults == .qemuDefaults)
+        #expect(applied == wanted)
+        // A value QEMU refuses (downtime-limit above its 2,000 s maximum) is an error naming QMP.
+        #expect(throws: KVMError.self) {
+            _ = try QEMU.checkParameters(QEMU.MigrationSettings(maxBandwidth: 1 << 20, downtimeLimitMillis: 3_000_000), kernel: MultibootKVMTests.path)
+        }
+    }
+
+    @Test("a QEMU migration runs at the settings it was given (read back before migrate)")
+    func migratesAtSettings() throws {
+        let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(16), accesses: 20_000, writeRatio: 1, seed: 6)
+        let khz = try Multiboot.hostTSCKHz()
+        let line = try Multiboot.commandLine(spec, rate: 10_000, tscKHz: khz, gapMicros: 1000)
+        let tight = QEMU.MigrationSettings(maxBandwidth: 1 << 40, downtimeLimitMillis: 30)
+        let q = try QEMU.migrate(kernel: MultibootKVMTests.path, append: line, memory: 64 << 20, afterNanos: 300_000_000, settings: tight, timeoutNanos: 60_000_000_000)
+        #expect(q.status == "completed", "\(q.raw) \(q.error ?? "")")
+        #expect(q.settings == tight)
+        #expect(q.json["max_bandwidth"] == .uint(1 << 40) && q.json["downtime_limit_ms"] == .uint(30))
         #expect(q.result["memory_checksum"] == (try multibootOracle(spec)).checksum)
     }
 }
