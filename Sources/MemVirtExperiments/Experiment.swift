@@ -106,6 +106,7 @@ public enum Reproductions {
         (KVMAsyncPageFaultsSweep.self, .kvm, "HostMemory"),
         (KVMKSM.self, .kvm, "HostMemory"),
         (KVMMigration.self, .kvm, "Migration"),
+        (QEMUComparison.self, .kvm, "Migration"),
         (Validation.self, .both, "Validation"),
         (CrossEngineValidation.self, .both, "Validation"),
     ]
