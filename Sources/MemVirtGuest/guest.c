@@ -193,6 +193,11 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
             __asm__ volatile("lea 1f(%%rip), %%rsi\n\tmovq (%0), %%rax\n1:" : : "r"(base) : "rsi", "rax", "memory");
         } else if (op == MEMVIRT_CAL_PT_WRITE) {
             *(volatile uint64_t *)base = salt;
+        } else if (op == MEMVIRT_CAL_VMCALL) {
+            uint64_t r = base;
+            if (salt) __asm__ volatile("vmmcall" : "+a"(r) : : "rbx", "rcx", "rdx", "rsi", "memory");
+            else __asm__ volatile("vmcall" : "+a"(r) : : "rbx", "rcx", "rdx", "rsi", "memory");
+            if (other) *(volatile uint64_t *)other = r;  // the VMM reads what came back
         }
         uint64_t t1 = tsc_fenced();
         out[i] = t1 - t0;

@@ -94,6 +94,11 @@ enum memvirt_calibrate_op {
     /// holds), timed; then, untimed, write word 0 of page `table` (a page mapped through that
     /// entry), so KVM re-links the shadow entry the emulated write zapped.
     MEMVIRT_CAL_PT_WRITE = 6,
+    /// VMCALL (VMMCALL on AMD, `salt` != 0) at CPL3 with %rax = `base` (a hypercall number
+    /// KVM does not know): KVM refuses a hypercall from CPL3 (-KVM_EPERM in %rax) after the
+    /// exit, so the event is an exit and KVM's hypercall entry, no service. %rax after it
+    /// goes to the uint64 at `table` when nonzero.
+    MEMVIRT_CAL_VMCALL = 7,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's

@@ -1,4 +1,7 @@
 import MemVirtCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// From measurements to model parameters. Each parameter is the measurement whose charge in
 /// the model equals it; where the model charges a sum for the event (an exit plus a handler),
@@ -12,7 +15,12 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     func m(_ n: String) -> CalibrationMeasurement? { r.measurement(n) }
     func med(_ n: String) -> Double? { m(n)?.summary.medianNanos }
 
-    /// `parameter` := measurement `name` minus the medians of `minus` (name, weight).
+    var bounds: [CalibratedBoundValue] = []
+
+    /// `parameter` := measurement `name` minus the medians of `minus` (name, weight). With 3
+    /// rounds or more, the median of the per-round differences (each round's medians, taken
+    /// within a second or two of each other): a drift of the host's speed during the run
+    /// cancels in each round's difference.
     func add(_ parameter: String, _ name: String, minus: [(String, Double)] = [], _ how: String) {
         guard let x = m(name) else { omitted.append((parameter, "benchmark \(name) produced no samples")); return }
         if !x.pathConfirmed, let p = x.pathCounter {
@@ -25,35 +33,61 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         var variance = se(x.summary) * se(x.summary)
         var sub = 0.0
         var parts: [String] = []
+        var partsRounds: [([Double], Double)] = []
         for (n, w) in minus {
-            guard let v = med(n), let mc = m(n)?.summary else { omitted.append((parameter, "benchmark \(n) (subtracted) produced no samples")); return }
+            guard let pm = m(n) else { omitted.append((parameter, "benchmark \(n) (subtracted) produced no samples")); return }
+            let v = pm.summary.medianNanos
             sub += w * v
-            variance += w * w * se(mc) * se(mc)
+            variance += w * w * se(pm.summary) * se(pm.summary)
             parts.append((w == 1 ? "" : "\(formatFixed(w, digits: 0)) x ") + "\(n) \(formatFixed(v / 1e3, digits: 3)) us")
+            partsRounds.append((pm.roundMedians, w))
         }
         let c = x.summary
         var value = c.medianNanos - sub
-        // A difference smaller than twice the standard error of the medians it comes from is
-        // not resolved: charged 0 (below), so runs agree on it.
-        let resolution = minus.isEmpty ? 0 : 2 * variance.squareRoot()
-        // A difference below zero but inside the measurement's own spread (half its p10-p90
-        // width) says the part is below this host's resolution: it is charged 0 and the method
-        // says so. Farther below zero, the decomposition does not hold: left out.
+        var method = "\(name): \(x.summary.method)"
+        var resolution = 0.0
+        if !minus.isEmpty {
+            // Per-round differences where every part has a median in every round.
+            let rounds = x.roundMedians.count
+            var diffs: [Double] = []
+            if rounds >= 3, partsRounds.allSatisfy({ $0.0.count == rounds }) {
+                for r in 0..<rounds { diffs.append(x.roundMedians[r] - partsRounds.reduce(0) { $0 + $1.1 * $1.0[r] }) }
+            }
+            var seRounds = 0.0
+            if !diffs.isEmpty {
+                value = medianOf(diffs)
+                let mean = diffs.reduce(0, +) / Double(diffs.count)
+                let sd = (diffs.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(diffs.count - 1)).squareRoot()
+                seRounds = 1.253 * sd / Double(diffs.count).squareRoot()
+                method += "; minus " + parts.joined(separator: " + ") + " (overall medians): the median of the \(diffs.count) rounds' differences of medians"
+            } else {
+                method += "; minus medians of " + parts.joined(separator: " + ")
+            }
+            // Twice the standard error of the difference: of the medians it comes from (from
+            // their spreads) or of the per-round differences, whichever is larger.
+            resolution = 2 * max(variance.squareRoot(), seRounds)
+        }
+        // Below zero by more than half the measurement's own p10-p90 spread: the decomposition
+        // does not hold here, left out.
         let halfSpread = (c.p90Nanos - c.p10Nanos) / 2
         guard value > -halfSpread else {
             omitted.append((parameter, "\(name) median \(formatFixed(c.medianNanos / 1e3, digits: 3)) us minus \(parts.joined(separator: " + ")) is \(formatFixed(value / 1e3, digits: 3)) us, below zero by more than half the p10-p90 spread"))
             return
         }
-        var method = "\(name): \(x.summary.method)"
-        if !parts.isEmpty { method += "; minus medians of " + parts.joined(separator: " + ") }
-        if value < resolution {
-            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below twice the standard error of the medians (\(formatFixed(resolution / 1e3, digits: 3)) us) or within half the p10-p90 spread: below this host's resolution, charged 0"
-            value = 0
-        }
         if let p = x.pathCounter { method += "; \(p) \(formatFixed(x.counter(p), digits: 2)) per event" }
+        if value < resolution {
+            // Not resolved: a bound, not a measured median (the profile says so and
+            // `profile diff` checks the bounds).
+            let est = max(0, value)
+            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below its resolution (twice its standard error, \(formatFixed(resolution / 1e3, digits: 3)) us): an upper bound, estimate + resolution. " + how
+            bounds.append(CalibratedBoundValue(parameter: parameter, estimateNanos: est, upperNanos: est + resolution,
+                                               resolutionNanos: resolution, samples: c.samples, method: method))
+            return
+        }
+        if resolution > 0 { method += "; resolution (twice the standard error) \(formatFixed(resolution / 1e3, digits: 3)) us" }
         method += ". " + how
-        costs.append(CalibratedCost(parameter: parameter, medianNanos: max(0, value), p10Nanos: min(max(0, c.p10Nanos - sub), max(0, value)),
-                                    p90Nanos: max(0, c.p90Nanos - sub), samples: c.samples, method: method))
+        costs.append(CalibratedCost(parameter: parameter, medianNanos: value, p10Nanos: min(max(0, c.p10Nanos - sub), value),
+                                    p90Nanos: max(c.p90Nanos - sub, value), samples: c.samples, method: method))
     }
 
     // Exits. The reference exit is the cheapest one KVM handles in the kernel that this host
@@ -109,5 +143,75 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     add("DirtyTrackingCosts.ringPerEntry", "ring_per_entry", "Per entry of a ring harvest plus KVM_RESET_DIRTY_RINGS.")
     add("DirtyTrackingCosts.ringFixed", "ring_empty", "Fixed part of a ring harvest (one vCPU).")
     r.costs = costs
+    r.bounds = bounds
     r.omitted = omitted
+}
+
+/// The median of `xs` (mean of the middle two for an even count); 0 for none.
+func medianOf(_ xs: [Double]) -> Double {
+    guard !xs.isEmpty else { return 0 }
+    let s = xs.sorted()
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+/// A parameter derived below the resolution of the measurements it comes from (the profile's
+/// `bound` provenance): the point estimate (>= 0) and estimate + resolution.
+public struct CalibratedBoundValue: Sendable, Hashable {
+    public var parameter: String
+    public var estimateNanos: Double
+    public var upperNanos: Double
+    public var resolutionNanos: Double
+    public var samples: Int
+    public var method: String
+}
+
+/// The host while a calibration ran: a reference figure timed in every round (one emulated
+/// CPL0 instruction: guest work that no other process's memory traffic touches, so a change
+/// of it between runs is a change of the host's speed), steal time, load. Recorded, not used to
+/// scale anything.
+public struct CalibrationHostConditions: Sendable, Hashable {
+    public var reference: String
+    public var referenceNanos: Double
+    public var roundMinNanos: Double
+    public var roundMaxNanos: Double
+    /// Steal time over the run as a percentage of all CPU time (/proc/stat); -1 unreadable.
+    public var stealPercent: Double
+    /// The 1-minute load average at the start; -1 unreadable.
+    public var loadAverage: Double
+    public var runSeconds: Double
+
+    public var json: JSONValue {
+        .object([("reference", .string(reference)), ("reference_ns", .double((referenceNanos * 10).rounded() / 10)),
+                 ("reference_round_min_ns", .double((roundMinNanos * 10).rounded() / 10)),
+                 ("reference_round_max_ns", .double((roundMaxNanos * 10).rounded() / 10)),
+                 ("steal_percent", .double((stealPercent * 1000).rounded() / 1000)), ("load_average", .double(loadAverage)),
+                 ("run_seconds", .double((runSeconds * 10).rounded() / 10))])
+    }
+
+    public var text: String {
+        "reference \(reference) \(formatFixed(referenceNanos, digits: 1)) ns (rounds \(formatFixed(roundMinNanos, digits: 1))-\(formatFixed(roundMaxNanos, digits: 1)) ns), steal \(formatFixed(stealPercent, digits: 2))% of CPU time, load average \(formatFixed(loadAverage, digits: 2)) at the start"
+    }
+}
+
+/// The "cpu" line of /proc/stat: steal ticks (8th value) and the sum of all.
+struct HostStealTime {
+    var steal: UInt64
+    var total: UInt64
+
+    static func read() -> HostStealTime? {
+        guard let f = fopen("/proc/stat", "r") else { return nil }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 512)
+        guard fgets(&buf, Int32(buf.count), f) != nil else { return nil }
+        let line = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let fields = line.split(separator: " ")
+        guard fields.first == "cpu", fields.count >= 9 else { return nil }
+        let v = fields.dropFirst().compactMap { UInt64(String($0.filter(\.isNumber))) }
+        guard v.count >= 8 else { return nil }
+        return HostStealTime(steal: v[7], total: v.prefix(8).reduce(0, +))
+    }
+
+    func percent(since a: HostStealTime) -> Double {
+        total > a.total ? 100 * Double(steal &- a.steal) / Double(total - a.total) : 0
+    }
 }

@@ -12,7 +12,9 @@ public struct KVMCalibrationOptions: Sendable {
     /// Samples per benchmark after warm-up (full: at least 200).
     public var samplesPerBenchmark: Int
     /// Benchmarks run round-robin in this many rounds, each taking its share of samples, so
-    /// background load on the host falls on all of them alike.
+    /// background load on the host falls on all of them alike. Derived parameters (a fault
+    /// minus an exit) are the median of per-round differences: a round's parts were taken
+    /// within the same second or two, so a drift of the host's speed cancels.
     public var rounds: Int
     /// Run the vCPU and userfaultfd threads at SCHED_FIFO priority 1 (where permitted), so
     /// other processes' load does not sit inside each exit's timing.
@@ -25,7 +27,7 @@ public struct KVMCalibrationOptions: Sendable {
     public init(quick: Bool = false) {
         self.quick = quick
         samplesPerBenchmark = quick ? 30 : 240
-        rounds = quick ? 2 : 8
+        rounds = quick ? 2 : 16
         eventSampleFactor = quick ? 1 : 4
     }
 }
@@ -44,6 +46,8 @@ public struct CalibrationMeasurement: Sendable {
     /// (per-event delta within [0.9, 1.5]); nil where no counter marks the path.
     public var pathCounter: String?
     public var pathConfirmed: Bool
+    /// The median of each round's samples (rounds with samples only, in order).
+    public var roundMedians: [Double] = []
 
     public func counter(_ name: String) -> Double { countersPerEvent.first { $0.0 == name }?.1 ?? 0 }
 }
@@ -60,9 +64,14 @@ public struct CalibrationReport: Sendable {
     public var measurements: [CalibrationMeasurement]
     /// Model parameters ("StructName.property") in host nanoseconds: what a profile applies.
     public var costs: [CalibratedCost]
+    /// Parameters derived below the resolution of the measurements they come from: a point
+    /// estimate and an upper bound, not a measured median.
+    public var bounds: [CalibratedBoundValue] = []
     /// Parameters not produced and why (a derived value that came out non-positive, a path
     /// the counters did not confirm).
     public var omitted: [(String, String)]
+    /// The host while the run went on (reference figure per round, steal time, load).
+    public var conditions: CalibrationHostConditions? = nil
     /// The measuring threads ran at SCHED_FIFO (see `KVMCalibrationOptions.realtime`).
     public var realtime: Bool
 
@@ -75,19 +84,34 @@ public struct CalibrationReport: Sendable {
             [("parameter", .string(c.parameter)), ("median_ns", r(c.medianNanos)), ("p10_ns", r(c.p10Nanos)),
              ("p90_ns", r(c.p90Nanos)), ("samples", .int(Int64(c.samples))), ("method", .string(c.method))]
         }
-        return .object([
+        let boundsJSON: [JSONValue] = bounds.map { b in
+            let kv: [(String, JSONValue)] = [
+                ("parameter", .string(b.parameter)), ("estimate_ns", r(b.estimateNanos)), ("upper_ns", r(b.upperNanos)),
+                ("resolution_ns", r(b.resolutionNanos)), ("samples", .int(Int64(b.samples))), ("method", .string(b.method))]
+            return .object(kv)
+        }
+        let measurementsJSON: [JSONValue] = measurements.map { m in
+            var kv: [(String, JSONValue)] = [("name", .string(m.name))]
+            kv += Array(cost(m.summary).dropFirst())
+            kv.append(("path_counter", m.pathCounter.map { .string($0) } ?? .null))
+            kv.append(("path_confirmed", .bool(m.pathConfirmed)))
+            let counters: [(String, JSONValue)] = m.countersPerEvent.map { ($0.0, .double(($0.1 * 1000).rounded() / 1000)) }
+            kv.append(("counters_per_event", .object(counters)))
+            kv.append(("round_medians_ns", .array(m.roundMedians.map { r($0) })))
+            return .object(kv)
+        }
+        let omittedJSON: [JSONValue] = omitted.map { .object([("parameter", .string($0.0)), ("reason", .string($0.1))]) }
+        var top: [(String, JSONValue)] = [
             ("schema", "memvirt.kvm-calibrate/1"),
             ("platform", .string(platform.rawValue)), ("paging", .string(pagingMode)),
             ("tsc_khz", .double(tscKHz)), ("quick", .bool(quick)), ("realtime_scheduling", .bool(realtime)), ("date", .string(date)), ("seconds", r(seconds)),
-            ("costs", .array(costs.map { .object(cost($0)) })),
-            ("measurements", .array(measurements.map { m in
-                .object([("name", .string(m.name))] + Array(cost(m.summary).dropFirst()) + [
-                    ("path_counter", m.pathCounter.map { .string($0) } ?? .null), ("path_confirmed", .bool(m.pathConfirmed)),
-                    ("counters_per_event", .object(m.countersPerEvent.map { ($0.0, .double(($0.1 * 1000).rounded() / 1000)) })),
-                ])
-            })),
-            ("omitted", .array(omitted.map { .object([("parameter", .string($0.0)), ("reason", .string($0.1))]) })),
-        ])
+        ]
+        top.append(("costs", .array(costs.map { .object(cost($0)) })))
+        top.append(("bounds", .array(boundsJSON)))
+        top.append(("conditions", conditions?.json ?? .null))
+        top.append(("measurements", .array(measurementsJSON)))
+        top.append(("omitted", .array(omittedJSON)))
+        return .object(top)
     }
 
     public var text: String {
@@ -107,7 +131,13 @@ public struct CalibrationReport: Sendable {
             s += "  " + pad(c.parameter, 42) + lpad(us(c.medianNanos), 10) + lpad(us(c.p10Nanos), 10) + lpad(us(c.p90Nanos), 10) + lpad("\(c.samples)", 6) + "\n"
             s += "      " + c.method + "\n"
         }
+        if !bounds.isEmpty { s += "bounded, below the resolution of what they are derived from (us): estimate, at most\n" }
+        for b in bounds {
+            s += "  " + pad(b.parameter, 42) + lpad(us(b.estimateNanos), 10) + "  <= " + us(b.upperNanos) + lpad("\(b.samples)", 6) + "\n"
+            s += "      " + b.method + "\n"
+        }
         for (p, why) in omitted { s += "  " + pad(p, 42) + "  not measured: \(why)\n" }
+        if let c = conditions { s += "host: " + c.text + "\n" }
         return s
     }
 }
@@ -142,6 +172,8 @@ struct BenchAccumulator {
     var samples: [Double] = []
     var events: Double = 0
     var counters: [String: UInt64] = [:]
+    /// Where each round's samples start in `samples`.
+    var roundStarts: [Int] = []
 
     mutating func add(_ s: [Double], events e: Int? = nil, counters d: [String: UInt64] = [:]) {
         samples += s
@@ -157,7 +189,13 @@ struct BenchAccumulator {
             let v = per.first { $0.0 == p }?.1 ?? 0
             ok = v >= 0.9 && v <= 1.5
         }
-        return CalibrationMeasurement(name: name, summary: c, countersPerEvent: per, pathCounter: pathCounter, pathConfirmed: ok)
+        var medians: [Double] = []
+        for (i, start) in roundStarts.enumerated() {
+            let end = i + 1 < roundStarts.count ? roundStarts[i + 1] : samples.count
+            if end > start { medians.append(medianOf(Array(samples[start..<end]))) }
+        }
+        return CalibrationMeasurement(name: name, summary: c, countersPerEvent: per, pathCounter: pathCounter, pathConfirmed: ok,
+                                      roundMedians: medians)
     }
 }
 
@@ -197,6 +235,8 @@ struct StatProbe {
 
 /// One calibration session: the VMs, the benchmarks round-robin, the derivations.
 final class Session {
+    /// Empty dirty-ring harvests timed together per sample.
+    let ringEmptyBatch = 64
     let o: KVMCalibrationOptions
     let kvm: KVM
     var acc: [String: BenchAccumulator] = [:]
@@ -223,6 +263,9 @@ final class Session {
     func run() throws(KVMError) -> CalibrationReport {
         let realtime = o.realtime && enterRealtimeScheduling()
         let t0 = monotonicNanoseconds()
+        let steal0 = HostStealTime.read()
+        var load = [Double](repeating: 0, count: 3)
+        let loadAverage = getloadavg(&load, 3) >= 1 ? load[0] : -1
         let n = o.samplesPerBenchmark
         let rounds = o.rounds
         let chunk = (n + rounds - 1) / rounds
@@ -268,7 +311,7 @@ final class Session {
         // VM C: dirty bitmap on a 1 GiB slot (guest 2 MiB pages: KVM still logs 4K).
         // The bitmap's per-page cost is a few tens of ns: 1,024 dirty pages per harvest keep it
         // well above the harvest's own jitter.
-        let dirtyPages = o.quick ? 64 : 256
+        let dirtyPages = o.quick ? 64 : 1024
         let bitmapPages = o.quick ? 64 : 1024
         var cc = GuestConfig(dataSize: 1 << 30)
         cc.dataPageSize = .size2M
@@ -277,7 +320,7 @@ final class Session {
         let c = try GuestVM(kvm: kvm, config: cc)
         let sc = try StatProbe(c)
         let bitmap = try DirtyBitmapLog(vm: c.vm, slot: GuestLayout.dataSlot)
-        // VM D: dirty ring (64 KiB per vCPU: 4,096 entries, batches well below).
+        // VM D: dirty ring (64 KiB per vCPU: 4,096 entries, batches of at most 1,024).
         var cd = GuestConfig(dataSize: 64 << 20)
         cd.dataSlotFlags = .logDirtyPages
         cd.dirtyRingBytes = 64 << 10
@@ -306,11 +349,27 @@ final class Session {
         bench("wp_fault_after_harvest", path: "pf_fixed", "guest write to a page whose dirty bit was harvested (KVM_GET_DIRTY_LOG re-protected it)")
         bench("bitmap_empty_1gib", path: nil, "KVM_GET_DIRTY_LOG on a 1 GiB slot with no page dirty")
         bench("bitmap_per_dirty_page", path: nil, "(KVM_GET_DIRTY_LOG with \(bitmapPages) dirty pages - with none) / \(bitmapPages), 1 GiB slot")
-        bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - of none) / \(dirtyPages)")
-        bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry")
+        bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - one empty harvest + reset) / \(dirtyPages)")
+        bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry: a batch of \(ringEmptyBatch) calls timed together, / \(ringEmptyBatch)")
         let ksmMissing = KSM.unavailableReason()
         if ksmMissing == nil {
-            bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break)")
+            bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break); pages merged once before the rounds, broken a share per round")
+        }
+        // The hypercall exit: probed in a VM of its own first (a guest that takes #UD for it
+        // would end the VM).
+        let insn = kvm.platform == .svm ? "VMMCALL" : "VMCALL"
+        let hypercall = try probeHypercall()
+        var hypercallProblem: String? = nil
+        switch hypercall {
+        case .kvm:
+            bench("exit_hypercall", path: "hypercalls", "guest \(insn) at CPL3 with an unknown hypercall number (an in-kernel exit; KVM refuses a CPL3 hypercall)")
+        case .below(let rax):
+            // KVM never saw it: the instruction trapped to the hypervisor this host runs on,
+            // which answered it. Reported (what an exit costs one level down), no parameter.
+            bench("vmcall_below_kvm", path: nil, "guest \(insn) at CPL3: KVM counted no hypercall and no exit for it; it returned %rax = 0x\(String(rax, radix: 16)) (the hypervisor below this host answered it)")
+            hypercallProblem = "a \(insn) at CPL3 never reaches KVM here (no hypercall, no exit counted; %rax = 0x\(String(rax, radix: 16)) came back): the hypervisor this host runs on answers it, reported as vmcall_below_kvm"
+        case .fails(let why):
+            hypercallProblem = why
         }
 
         // Warm-up: code, stack, mailbox and output pages mapped; shadow tables built.
@@ -432,6 +491,11 @@ final class Session {
                 }
                 _ = try d.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: dirtyPages, base: dBase)
                 let rf = try ring.finish()
+                // Empty harvests: one call is ~0.3 us, near the clock's own cost, so a batch
+                // is timed together.
+                let e0 = monotonicNanoseconds()
+                for _ in 0..<ringEmptyBatch { try ring.harvest(d.vcpus[0]) }
+                let emptyPerCall = Double(monotonicNanoseconds() - e0) / Double(ringEmptyBatch)
                 let re = try ring.finish()
                 guard rf.pages.count == dirtyPages, re.entries == 0 else {
                     throw KVMError.invalid("dirty ring: \(rf.pages.count) pages harvested after \(dirtyPages) guest writes, then \(re.entries)")
@@ -441,9 +505,9 @@ final class Session {
                 acc["wp_fault_after_harvest"]!.add(wt.map { Double($0) / perNano }, counters: wd)
                 acc["bitmap_empty_1gib"]!.add([Double(empty.harvestNanos) / slotGiB])
                 acc["bitmap_per_dirty_page"]!.add([(Double(full.harvestNanos) - Double(empty.harvestNanos)) / Double(bitmapPages)])
-                let rn = Double(rf.harvestNanos + rf.resetNanos), en = Double(re.harvestNanos + re.resetNanos)
-                acc["ring_per_entry"]!.add([(rn - en) / Double(dirtyPages)])
-                acc["ring_empty"]!.add([en])
+                let rn = Double(rf.harvestNanos + rf.resetNanos)
+                acc["ring_per_entry"]!.add([(rn - emptyPerCall) / Double(dirtyPages)])
+                acc["ring_empty"]!.add([emptyPerCall])
             }
         }
 
@@ -453,6 +517,10 @@ final class Session {
             try events(a, sa, "exit_cpuid", MEMVIRT_CAL_CPUID, k, base: 0, record: record)
             try events(a, sa, "guest_pf", MEMVIRT_CAL_GUEST_PF, k, base: pfPage, record: record)
             try events(a, sa, "pt_write", MEMVIRT_CAL_PT_WRITE, k, base: pdeAddress, salt: pdeValue, other: special, record: record)
+            if acc["exit_hypercall"] != nil || acc["vmcall_below_kvm"] != nil {
+                try events(a, sa, acc["exit_hypercall"] != nil ? "exit_hypercall" : "vmcall_below_kvm", MEMVIRT_CAL_VMCALL, k,
+                           base: Self.unknownHypercall, salt: kvm.platform == .svm ? 1 : 0, record: record)
+            }
         }
 
         // Warm-up, then the rounds: every benchmark takes its share in each round.
@@ -461,25 +529,37 @@ final class Session {
         try cpl0Round(2, record: false)
         try uffdRound(warm, record: false)
         try dirtyRound(1, record: false)
+        // KSM: ksmd merges every page once, before the rounds (it takes its scans of every
+        // mergeable page on the host; ksmd is stopped again after, merged pages stay merged);
+        // each round then breaks its share, so the copy-on-write breaks see the same host as
+        // the first touches they are compared with. Not merged in time: left out.
+        var ksmProblem = ksmMissing
+        var ksm: KSMPool? = nil
+        if ksmMissing == nil {
+            do {
+                let pool = try ksmPrepare(n * f + warm)
+                _ = try pool.breakNext(warm)
+                ksm = pool
+            } catch {
+                ksmProblem = "\(error)"
+            }
+        }
         var left = n
         while left > 0 {
             let k = min(chunk, left)
+            for key in order { acc[key]!.roundStarts.append(acc[key]!.samples.count) }
             try touchRound(k * f, record: true)
             try guestRound(k * f, record: true)
             try cpl0Round(k, record: true)
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
+            if let pool = ksm {
+                let (t, dl) = try pool.breakNext(k * f)
+                acc["ksm_cow_break"]!.add(t, counters: dl)
+            }
             left -= k
         }
-        // KSM: one batch (ksmd must merge first, which takes its scans of every mergeable
-        // page on the host); when it does not merge in time the benchmark is left out.
-        var ksmProblem = ksmMissing
-        if ksmMissing == nil {
-            do { try ksmBatch(n * f + warm, warm: warm) } catch {
-                ksmProblem = "\(error)"
-                acc["ksm_cow_break"]!.samples = []
-            }
-        }
+        if ksm == nil, ksmMissing == nil { acc["ksm_cow_break"]!.samples = [] }
         server.stop()
         if let e = server.error { throw e }
 
@@ -490,25 +570,63 @@ final class Session {
             measurements: measurements, costs: [], omitted: [], realtime: realtime)
         derive(&report, nested: nested, pvm: pvm)
         if let why = ksmProblem { report.omitted.append(("HostCosts.pageCopy", "ksm_cow_break: " + why)) }
+        if let why = hypercallProblem { report.omitted.append(("exit_hypercall (reported only)", why)) }
+        if let ref = report.measurement("cpl0_instruction") {
+            let steal1 = HostStealTime.read()
+            report.conditions = CalibrationHostConditions(
+                reference: "cpl0_instruction", referenceNanos: ref.summary.medianNanos,
+                roundMinNanos: ref.roundMedians.min() ?? ref.summary.medianNanos, roundMaxNanos: ref.roundMedians.max() ?? ref.summary.medianNanos,
+                stealPercent: steal0.flatMap { a in steal1.map { b in b.percent(since: a) } } ?? -1,
+                loadAverage: loadAverage, runSeconds: report.seconds)
+        }
         return report
     }
 
+    /// A hypercall number KVM does not know (KVM_HC_* are small integers).
+    static let unknownHypercall: UInt64 = 0x6d76_0001
+
+    enum HypercallPath { case kvm, below(rax: UInt64), fails(String) }
+
+    /// Runs a few hypercall events in a VM of their own: KVM counted them (its hypercall
+    /// path), or they came back without KVM seeing an exit (answered below this host), or
+    /// what happened instead (a guest that takes #UD for them, say).
+    func probeHypercall() throws(KVMError) -> HypercallPath {
+        let insn = kvm.platform == .svm ? "VMMCALL" : "VMCALL"
+        var cfg = GuestConfig(dataSize: 2 << 20)
+        cfg.listCapacity = 64
+        let g = try GuestVM(kvm: kvm, config: cfg)
+        let st = try StatProbe(g)
+        let result = g.layout.dataVirtual.rawValue
+        _ = try g.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: 1, base: result)  // map the result word first
+        let before = try st.read()
+        let n = 16
+        do {
+            _ = try g.calibrateEvents(op: MEMVIRT_CAL_VMCALL, count: n, base: Self.unknownHypercall, salt: kvm.platform == .svm ? 1 : 0, other: result)
+        } catch {
+            return .fails("a \(insn) at CPL3 does not come back to the guest here: \(error)")
+        }
+        let dl = try st.delta(since: before)
+        let rax = try g.data.load(UInt64.self, at: g.data.guestPhysical)
+        let calls = dl["hypercalls", default: 0], exits = dl["exits", default: 0]
+        if calls >= UInt64(n) { return .kvm }
+        // The batch itself takes a few exits (its start and its end): far fewer than one per event.
+        if calls == 0 && exits < UInt64(n / 2) { return .below(rax: rax) }
+        return .fails("a \(insn) at CPL3 returned to the guest but KVM counted \(calls) hypercalls and \(exits) exits for \(n) (insn_emulation \(dl["insn_emulation", default: 0])): not an exit path this calibration can name")
+    }
+
     /// KSM copy-on-write breaks: the guest maps `count` pages, the VMM makes them identical,
-    /// ksmd merges them (KSM.withSession restores the host's settings), then the guest writes
-    /// each: the first `warm` are warm-up, the rest samples. A few batches per run (merging
-    /// takes ksmd scans).
-    func ksmBatch(_ count: Int, warm: Int) throws(KVMError) {
+    /// ksmd merges them (KSM.withSession restores the host's settings after: merged pages
+    /// stay merged), and `KSMPool.breakNext` has the guest write the next ones.
+    func ksmPrepare(_ count: Int) throws(KVMError) -> KSMPool {
         var ce = GuestConfig(dataSize: (UInt64(count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
         ce.mergeable = true
         ce.listCapacity = count
         let e = try GuestVM(kvm: kvm, config: ce)
-        let se = try StatProbe(e)
         let eBase = e.layout.dataVirtual.rawValue
         _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count, base: eBase)
         for i in 0..<count {
             try e.data.store(UInt64(0x4d65_6d56_6972_7420), at: e.data.guestPhysical.advanced(by: UInt64(i) * 4096))
         }
-        let perNano = try e.tscTicksPerNano()
         try KSM.withSession { (session) throws(KVMError) in
             let before = KSM.processStat()?.mergingPages ?? 0
             let merged = session.waitUntil(timeoutSeconds: 60) {
@@ -517,12 +635,35 @@ final class Session {
             guard merged else {
                 throw KVMError.invalid("ksmd merged \((KSM.processStat()?.mergingPages ?? 0) &- before) of \(count) identical pages in 60 s")
             }
-            _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: warm, base: eBase)
-            let s0 = try se.read()
-            let ticks = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count - warm, base: eBase + UInt64(warm) * 4096)
-            let dlt = try se.delta(since: s0)
-            acc["ksm_cow_break"]!.add(ticks.map { Double($0) / perNano }, counters: dlt)
         }
+        return try KSMPool(vm: e, count: count)
+    }
+}
+
+/// Merged pages of the KSM benchmark's VM, broken a batch at a time.
+final class KSMPool {
+    let vm: GuestVM
+    let stats: StatProbe
+    let count: Int
+    let perNano: Double
+    var next = 0
+
+    init(vm: GuestVM, count: Int) throws(KVMError) {
+        self.vm = vm
+        self.count = count
+        stats = try StatProbe(vm)
+        perNano = try vm.tscTicksPerNano()
+    }
+
+    /// The guest writes the next `k` merged pages, each timed: per-page nanoseconds and the
+    /// counters over the batch.
+    func breakNext(_ k: Int) throws(KVMError) -> ([Double], [String: UInt64]) {
+        guard next + k <= count else { throw KVMError.invalid("KSM pool: \(next + k) pages asked of \(count)") }
+        let s0 = try stats.read()
+        let ticks = try vm.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: k, base: vm.layout.dataVirtual.rawValue + UInt64(next) * 4096)
+        let dl = try stats.delta(since: s0)
+        next += k
+        return (ticks.map { Double($0) / perNano }, dl)
     }
 }
 
