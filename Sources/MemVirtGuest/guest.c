@@ -268,6 +268,7 @@ extern const char memvirt_guest_idle[];
 extern const char memvirt_guest_calib_invlpg_loop[];
 extern const char memvirt_guest_calib_cr3_loop[];
 extern const char memvirt_guest_calib_pf_handler[];
+extern const char memvirt_guest_calib_hlt[];
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     const char *s = __start_memvirt_guest;
@@ -280,4 +281,5 @@ void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     out->calib_invlpg_offset = (uint64_t)(memvirt_guest_calib_invlpg_loop - s);
     out->calib_cr3_offset = (uint64_t)(memvirt_guest_calib_cr3_loop - s);
     out->calib_pf_offset = (uint64_t)(memvirt_guest_calib_pf_handler - s);
+    out->calib_hlt_offset = (uint64_t)(memvirt_guest_calib_hlt - s);
 }

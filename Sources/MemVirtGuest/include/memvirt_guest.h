@@ -181,6 +181,7 @@ struct memvirt_guest_image {
     uint64_t calib_invlpg_offset; // memvirt_guest_calib_invlpg_loop (CPL0, rcx = n, rdi = GVA)
     uint64_t calib_cr3_offset;    // memvirt_guest_calib_cr3_loop (CPL0, rcx = n, rdx = CR3 value)
     uint64_t calib_pf_offset;     // memvirt_guest_calib_pf_handler (#PF gate of the calibration guest)
+    uint64_t calib_hlt_offset;    // memvirt_guest_calib_hlt (CPL0: HLT, then a MARK exit)
 };
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out);

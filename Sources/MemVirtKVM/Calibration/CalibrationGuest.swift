@@ -70,7 +70,7 @@ extension GuestVM {
     /// One KVM_RUN of a CPL0 routine of the image at `offset` (rcx, rdi, rdx set), in host
     /// nanoseconds; then the vCPU is put back at CPL3 at the entry (KVM_SET_REGS does not
     /// restore the privilege level: the CPL3 segments go back first).
-    func timeCPL0(offset: UInt64, rcx: UInt64, rdi: UInt64 = 0, rdx: UInt64 = 0) throws(KVMError) -> UInt64 {
+    func timeCPL0(offset: UInt64, rcx: UInt64, rdi: UInt64 = 0, rdx: UInt64 = 0, endsInHalt: Bool = false) throws(KVMError) -> UInt64 {
         let v = vcpus[0]
         let saved = try v.getSregs()
         var s = saved
@@ -91,6 +91,10 @@ extension GuestVM {
         let t1 = monotonicNanoseconds()
         try v.setSregs(saved)
         try resetRegisters(v)
+        if endsInHalt {
+            guard case .halt = exit else { throw KVMError.invalid("CPL0 routine at image offset \(offset) ended with \(exit), expected a HLT exit") }
+            return t1 - t0
+        }
         guard case .ioOut(let port, _, _) = exit, port == UInt16(MEMVIRT_PORT_MARK) else {
             throw KVMError.invalid("CPL0 routine at image offset \(offset) ended with \(exit), expected a MARK exit")
         }
@@ -106,6 +110,7 @@ extension GuestVM {
     var calibInvlpgOffset: UInt64 { image.calib_invlpg_offset }
     var calibCR3Offset: UInt64 { image.calib_cr3_offset }
     var cpl0LoopOffset: UInt64 { image.cpl0_loop_offset }
+    var calibHltOffset: UInt64 { image.calib_hlt_offset }
 
     /// Guest-physical address of the 8-byte entry at `level` (1 = PTE ... 4 = PML4E) that maps
     /// `gva` in the tables the VMM built (the runtime is identity-mapped, so it is also the

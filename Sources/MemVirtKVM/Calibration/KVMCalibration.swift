@@ -340,6 +340,9 @@ final class Session {
         bench("exit_cpuid", path: "exits", "guest CPUID (an exit KVM handles in the kernel)")
         bench("cpl0_instruction", path: "insn_emulation", "(one KVM_RUN of 2(1+k) CPL0 instructions - one of 2) / 2k, k = 50")
         bench("invlpg", path: "invlpg", "(KVM_RUN of k x {INVLPG; dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
+        if !a.vm.hasIRQChip {
+            bench("exit_hlt", path: "halt_exits", "one KVM_RUN entered at a CPL0 HLT, VMM's monotonic clock: entry, the emulated HLT and its exit to the VMM (KVM_EXIT_HLT: no in-kernel irqchip, so KVM does not wait in the kernel)")
+        }
         bench("cr3_write", path: nil, "(KVM_RUN of k x {mov to CR3 (same root); dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
         bench("guest_pf", path: "pf_guest", "guest read of a page its own tables mark not present: #PF delivered to a 3-instruction CPL0 handler and IRET back")
         bench("pt_write", path: "mmu_pte_write", "guest write (same value) to a PDE of its own page directory while KVM shadows it (emulated write)")
@@ -424,8 +427,8 @@ final class Session {
 
         func cpl0Round(_ k: Int, record: Bool) throws(KVMError) {
             let loops: UInt64 = 50
-            var ins: [Double] = [], inv: [Double] = [], cr3: [Double] = []
-            var di: [String: UInt64] = [:], dv: [String: UInt64] = [:], dc: [String: UInt64] = [:]
+            var ins: [Double] = [], inv: [Double] = [], cr3: [Double] = [], hlt: [Double] = []
+            var di: [String: UInt64] = [:], dv: [String: UInt64] = [:], dc: [String: UInt64] = [:], dh: [String: UInt64] = [:]
             func add(_ into: inout [String: UInt64], _ x: [String: UInt64]) { for (kk, v) in x { into[kk, default: 0] &+= v } }
             for _ in 0..<k {
                 let one = try a.timeCPL0(offset: a.cpl0LoopOffset, rcx: 1)
@@ -442,11 +445,18 @@ final class Session {
                 let cw = try a.timeCPL0(offset: a.calibCR3Offset, rcx: loops, rdx: a.layout.pageTables)
                 add(&dc, try sa.delta(since: s0))
                 cr3.append((Double(cw) - Double(plain)) / Double(loops))
+                if acc["exit_hlt"] != nil {
+                    s0 = try sa.read()
+                    let h = try a.timeCPL0(offset: a.calibHltOffset, rcx: 1, endsInHalt: true)
+                    add(&dh, try sa.delta(since: s0))
+                    hlt.append(Double(h))
+                }
             }
             guard record else { return }
             acc["cpl0_instruction"]!.add(ins, events: k * Int(2 * loops), counters: di)
             acc["invlpg"]!.add(inv, events: k * Int(loops), counters: dv)
             acc["cr3_write"]!.add(cr3, events: k * Int(loops), counters: dc)
+            if acc["exit_hlt"] != nil { acc["exit_hlt"]!.add(hlt, events: k, counters: dh) }
         }
 
         var nextB = 0
