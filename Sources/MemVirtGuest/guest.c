@@ -174,6 +174,23 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
     const uint64_t op = mb->pattern, base = mb->base, n = mb->count, stride = mb->stride;
     const uint64_t salt = mb->salt, other = mb->table;
     volatile uint64_t *out = (volatile uint64_t *)mb->list;
+    if (op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF) {
+        for (uint64_t i = 0; i < 2 * n; i++) out[i] = 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t t0 = tsc_fenced();
+            *(volatile uint64_t *)(base + i * stride) = i + 1;
+            uint64_t t1 = tsc_fenced();
+            if (op == MEMVIRT_CAL_PAIR_TOUCH) {
+                *(volatile uint64_t *)(other + i * stride) = i + 1;
+            } else {
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\tmovq (%0), %%rax\n1:" : : "r"(other) : "rsi", "rax", "memory");
+            }
+            uint64_t t2 = tsc_fenced();
+            out[2 * i] = t1 - t0;
+            out[2 * i + 1] = t2 - t1;
+        }
+        return;
+    }
     for (uint64_t i = 0; i < n; i++) out[i] = 0;  // map the output before timing
     for (uint64_t i = 0; i < n; i++) {
         uint64_t t0 = tsc_fenced();

@@ -99,6 +99,12 @@ enum memvirt_calibrate_op {
     /// exit, so the event is an exit and KVM's hypercall entry, no service. %rax after it
     /// goes to the uint64 at `table` when nonzero.
     MEMVIRT_CAL_VMCALL = 7,
+    /// Pairs, two timed events per sample (ticks to `list`[2i] and [2i + 1]): a write of word
+    /// 0 of page `base` + i * `stride`, then a write of word 0 of page `table` + i * `stride`.
+    MEMVIRT_CAL_PAIR_TOUCH = 8,
+    /// Pairs: a write of word 0 of page `base` + i * `stride`, then a read of `table` (mapped
+    /// not present: the #PF goes to the calibration handler, as MEMVIRT_CAL_GUEST_PF).
+    MEMVIRT_CAL_PAIR_PF = 9,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's

@@ -16,6 +16,11 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     func med(_ n: String) -> Double? { m(n)?.summary.medianNanos }
 
     var bounds: [CalibratedBoundValue] = []
+    /// A derived parameter is measured when it is at least this many standard errors (the
+    /// usual limit of quantification, 10 sigma): then two runs agree on it within ~15% (the
+    /// difference of two such estimates has a standard error of at most 14% of the value);
+    /// below, its value is not resolved to a profile's precision and it is a bound.
+    let limitOfQuantification = 10.0
 
     /// `parameter` := measurement `name` minus the medians of `minus` (name, weight). With 3
     /// rounds or more, the median of the per-round differences (each round's medians, taken
@@ -46,6 +51,7 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         var value = c.medianNanos - sub
         var method = "\(name): \(x.summary.method)"
         var resolution = 0.0
+        var standardError = 0.0
         if !minus.isEmpty {
             // Per-round differences where every part has a median in every round.
             let rounds = x.roundMedians.count
@@ -56,16 +62,18 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             var seRounds = 0.0
             if !diffs.isEmpty {
                 value = medianOf(diffs)
-                let mean = diffs.reduce(0, +) / Double(diffs.count)
-                let sd = (diffs.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(diffs.count - 1)).squareRoot()
+                // The rounds' scatter, robustly (1.4826 x the median absolute deviation: a
+                // round the host slowed does not widen it), for the standard error of a median.
+                let sd = 1.4826 * medianOf(diffs.map { abs($0 - value) })
                 seRounds = 1.253 * sd / Double(diffs.count).squareRoot()
                 method += "; minus " + parts.joined(separator: " + ") + " (overall medians): the median of the \(diffs.count) rounds' differences of medians"
             } else {
                 method += "; minus medians of " + parts.joined(separator: " + ")
             }
-            // Twice the standard error of the difference: of the medians it comes from (from
-            // their spreads) or of the per-round differences, whichever is larger.
-            resolution = 2 * max(variance.squareRoot(), seRounds)
+            // The standard error of the difference: of the medians it comes from (from their
+            // spreads) or of the per-round differences, whichever is larger.
+            standardError = max(variance.squareRoot(), seRounds)
+            resolution = 2 * standardError
         }
         // Below zero by more than half the measurement's own p10-p90 spread: the decomposition
         // does not hold here, left out.
@@ -75,16 +83,16 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             return
         }
         if let p = x.pathCounter { method += "; \(p) \(formatFixed(x.counter(p), digits: 2)) per event" }
-        if value < resolution {
-            // Not resolved: a bound, not a measured median (the profile says so and
+        if value < limitOfQuantification * standardError {
+            // Not quantified: a bound, not a measured median (the profile says so and
             // `profile diff` checks the bounds).
             let est = max(0, value)
-            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below its resolution (twice its standard error, \(formatFixed(resolution / 1e3, digits: 3)) us): an upper bound, estimate + resolution. " + how
+            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below its limit of quantification (\(formatFixed(limitOfQuantification, digits: 0)) standard errors, \(formatFixed(limitOfQuantification * standardError / 1e3, digits: 3)) us): an upper bound, estimate + 2 standard errors (\(formatFixed(resolution / 1e3, digits: 3)) us). " + how
             bounds.append(CalibratedBoundValue(parameter: parameter, estimateNanos: est, upperNanos: est + resolution,
                                                resolutionNanos: resolution, samples: c.samples, method: method))
             return
         }
-        if resolution > 0 { method += "; resolution (twice the standard error) \(formatFixed(resolution / 1e3, digits: 3)) us" }
+        if resolution > 0 { method += "; standard error \(formatFixed(standardError / 1e3, digits: 3)) us" }
         method += ". " + how
         costs.append(CalibratedCost(parameter: parameter, medianNanos: value, p10Nanos: min(max(0, c.p10Nanos - sub), value),
                                     p90Nanos: max(c.p90Nanos - sub, value), samples: c.samples, method: method))
@@ -104,8 +112,13 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     let exit = [("wp_fault_after_harvest", 1.0)]
     let hostZero = [("host_first_touch", 1.0)]
     // First touch: the model charges vmExitRoundTrip + the handler + the host's demand-zero.
-    add(nested ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler", "first_touch", minus: exit + hostZero,
-        "The model charges an exit, this handler and the host's page allocation for a first touch.")
+    if m("pair_touch_minus_wp") != nil {
+        add(nested ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler", "pair_touch_minus_wp", minus: hostZero,
+            "The model charges an exit, this handler and the host's page allocation for a first touch: the exit is the write-protect fault paired with each first touch in the same guest loop iteration.")
+    } else {
+        add(nested ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler", "first_touch", minus: exit + hostZero,
+            "The model charges an exit, this handler and the host's page allocation for a first touch.")
+    }
     if pvm || !nested {
         // CPL0 code is emulated on kvm_pvm; on VMX/SVM it runs natively (not an emulation cost).
         if pvm { add("CostModel.instructionEmulation", "cpl0_instruction", "kvm_pvm emulates every CPL0 guest instruction.") }
@@ -121,8 +134,13 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         let e: [(String, Double)] = pvm ? [] : exit
         add("CostModel.invlpgHandler", "invlpg", minus: e, "The INVLPG's cost beyond a plain CPL0 instruction (model: exit + invlpgHandler).")
         add("CostModel.cr3SwitchHandler", "cr3_write", minus: e, "The CR3 write's cost beyond a plain CPL0 instruction (model: exit + cr3SwitchHandler).")
-        add("CostModel.faultInjection", "guest_pf", minus: exit + [("cpl0_instruction", 2)],
-            "KVM's walk of the guest tables, the #PF injection, delivery and IRET (model: exit + faultInjection); the handler's add and mov subtracted.")
+        if m("pair_pf_minus_wp") != nil {
+            add("CostModel.faultInjection", "pair_pf_minus_wp", minus: [("cpl0_instruction", 2)],
+                "KVM's walk of the guest tables, the #PF injection, delivery and IRET (model: exit + faultInjection): the exit is the write-protect fault paired with each #PF in the same guest loop iteration; the handler's add and mov subtracted.")
+        } else {
+            add("CostModel.faultInjection", "guest_pf", minus: exit + [("cpl0_instruction", 2)],
+                "KVM's walk of the guest tables, the #PF injection, delivery and IRET (model: exit + faultInjection); the handler's add and mov subtracted.")
+        }
         add("CostModel.shadowPTEWrite", "pt_write", minus: exit + [("cpl0_instruction", 1)],
             "KVM's handling of a write to a shadowed table beyond the exit and emulating the instruction (kvm_mmu_pte_write).")
     }

@@ -24,8 +24,9 @@ extension GuestVM {
     /// `exits` counts the exits the VMM saw ("vmm_io_exits" for pings, "vmm_mmio_exits").
     func calibrateEvents(op: memvirt_calibrate_op, count: Int, base: UInt64, stride: UInt64 = 4096,
                          salt: UInt64 = 0, other: UInt64 = 0, exits: inout [String: UInt64]) throws(KVMError) -> [UInt64] {
-        guard count >= 1, count <= layout.listCapacity else {
-            throw KVMError.invalid("calibration batch of \(count) events: the guest's list area holds 1...\(layout.listCapacity)")
+        let outputs = op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF ? 2 * count : count
+        guard count >= 1, outputs <= layout.listCapacity else {
+            throw KVMError.invalid("calibration batch of \(count) events (\(outputs) timings): the guest's list area holds 1...\(layout.listCapacity)")
         }
         var m = GuestVM.command(MEMVIRT_CMD_CALIBRATE)
         m.pattern = UInt64(op.rawValue)
@@ -43,8 +44,8 @@ extension GuestVM {
                 switch Int32(port) {
                 case MEMVIRT_PORT_DONE:
                     if data != UInt64(MEMVIRT_STATUS_OK.rawValue) { throw KVMError.guest(.badStatus(data)) }
-                    var out = [UInt64](repeating: 0, count: count)
-                    for i in 0..<count { out[i] = try runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: layout.list + UInt64(8 * i))) }
+                    var out = [UInt64](repeating: 0, count: outputs)
+                    for i in 0..<outputs { out[i] = try runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: layout.list + UInt64(8 * i))) }
                     return out
                 case MEMVIRT_PORT_PING: exits["vmm_io_exits", default: 0] += 1
                 case MEMVIRT_PORT_MARK: continue

@@ -280,13 +280,22 @@ final class Session {
         let f = o.eventSampleFactor
         let touchPages = chunk * rounds * f + warm
         let touchBytes = (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
-        var ca = GuestConfig(dataSize: touchBytes + (2 << 20))
+        // After the special 2 MiB: the pairs' region, `pairWP` pages written once and then
+        // write-protected by a dirty-log harvest before each batch (the reference exit, in this
+        // VM), then `touchPages` fresh pages for the paired first touches.
+        let pairWP = chunk * f
+        let pairBytes = (UInt64(pairWP + touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
+        var ca = GuestConfig(dataSize: touchBytes + (2 << 20) + pairBytes)
+        ca.dataSlotFlags = .logDirtyPages
         ca.listCapacity = max(chunk * f, 64) * 4
         let a = try GuestVM(kvm: kvm, config: ca)
         let base = a.layout.dataVirtual.rawValue
         let readBase = base + UInt64(touchPages) * 4096
         let special = base + touchBytes
         let pfPage = special + 4096
+        let wpBase = special + (2 << 20)
+        let pairTouchBase = wpBase + UInt64(pairWP) * 4096
+        let bitmapA = try DirtyBitmapLog(vm: a.vm, slot: GuestLayout.dataSlot)
         let pdeAddress = try a.pageTableEntryAddress(GuestVirtualAddress(rawValue: special), level: 2)
         let pdeValue = try a.runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: pdeAddress))
         try a.installCalibrationPageFaultHandler()
@@ -337,6 +346,8 @@ final class Session {
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
         bench("exit_pio", path: "vmm_io_exits", "guest `out` to a port the VMM answers (exit to user space and back)")
         bench("exit_mmio", path: "vmm_mmio_exits", "guest write to guest-physical memory no slot backs (MMIO exit to user space and back)")
+        bench("pair_touch_minus_wp", path: nil, "per pair, in one guest loop iteration: a first write to a fresh 4 KiB page minus a write to a page a dirty-log harvest write-protected (same VM, guest TSC)")
+        bench("pair_pf_minus_wp", path: "pf_guest", "per pair, in one guest loop iteration: a guest #PF delivered to the 3-instruction handler and back (as guest_pf) minus a write to a harvested, write-protected page (same VM, guest TSC)")
         bench("exit_cpuid", path: "exits", "guest CPUID (an exit KVM handles in the kernel)")
         bench("cpl0_instruction", path: "insn_emulation", "(one KVM_RUN of 2(1+k) CPL0 instructions - one of 2) / 2k, k = 50")
         bench("invlpg", path: "invlpg", "(KVM_RUN of k x {INVLPG; dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
@@ -521,6 +532,31 @@ final class Session {
             }
         }
 
+        var nextPair = 0
+        var pairPrimed = false
+        /// Same-iteration pairs: the write-protect fault (the reference exit) right before a
+        /// first touch or a guest #PF, so both see the host at the same moment; the per-pair
+        /// differences are the samples.
+        func pairRound(_ k: Int, record: Bool) throws(KVMError) {
+            if !pairPrimed {
+                _ = try a.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: pairWP, base: wpBase)
+                pairPrimed = true
+            }
+            func batch(_ name: String, _ op: memvirt_calibrate_op, other: UInt64) throws(KVMError) {
+                _ = try bitmapA.harvest()  // write-protects the wp pages the last batch dirtied
+                let before = try sa.read()
+                let t = try a.calibrateEvents(op: op, count: k, base: wpBase, other: other)
+                let dl = try sa.delta(since: before)
+                guard record else { return }
+                var diffs: [Double] = []
+                for i in 0..<k { diffs.append((Double(t[2 * i + 1]) - Double(t[2 * i])) / perNano) }
+                acc[name]!.add(diffs, counters: dl)
+            }
+            try batch("pair_touch_minus_wp", MEMVIRT_CAL_PAIR_TOUCH, other: pairTouchBase + UInt64(nextPair) * 4096)
+            nextPair += k
+            try batch("pair_pf_minus_wp", MEMVIRT_CAL_PAIR_PF, other: pfPage)
+        }
+
         func guestRound(_ k: Int, record: Bool) throws(KVMError) {
             try events(a, sa, "exit_pio", MEMVIRT_CAL_PIO, k, base: 0, record: record)
             try events(a, sa, "exit_mmio", MEMVIRT_CAL_MMIO, k, base: GuestLayout.holeVirtual.rawValue, record: record)
@@ -536,6 +572,7 @@ final class Session {
         // Warm-up, then the rounds: every benchmark takes its share in each round.
         try touchRound(warm, record: false)
         try guestRound(warm, record: false)
+        try pairRound(warm, record: false)
         try cpl0Round(2, record: false)
         try uffdRound(warm, record: false)
         try dirtyRound(1, record: false)
@@ -560,6 +597,7 @@ final class Session {
             for key in order { acc[key]!.roundStarts.append(acc[key]!.samples.count) }
             try touchRound(k * f, record: true)
             try guestRound(k * f, record: true)
+            try pairRound(k * f, record: true)
             try cpl0Round(k, record: true)
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)

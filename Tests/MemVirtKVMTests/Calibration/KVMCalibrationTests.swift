@@ -26,7 +26,7 @@ struct KVMCalibrationTests {
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
         let expected = ["first_touch", "first_touch_read", "host_first_touch", "dontneed", "refault_after_zap", "exit_pio",
-                        "exit_mmio", "exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
+                        "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp", "exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service", "wp_fault_after_harvest", "bitmap_empty_1gib",
                         "bitmap_per_dirty_page", "ring_per_entry", "ring_empty"] + (r.measurement("ksm_cow_break") != nil ? ["ksm_cow_break"] : [])
                         + (r.measurement("exit_hypercall") != nil ? ["exit_hypercall"] : [])
@@ -35,7 +35,8 @@ struct KVMCalibrationTests {
         for m in r.measurements {
             let c = m.summary
             #expect(c.samples >= 30, "\(m.name): \(c.samples) samples")
-            #expect(c.medianNanos > 0, "\(m.name): median \(c.medianNanos)")
+            // Per-pair differences may be near 0 or below; every other figure is a time.
+            #expect(m.name.hasPrefix("pair_") || c.medianNanos > 0, "\(m.name): median \(c.medianNanos)")
             #expect(c.p10Nanos <= c.medianNanos && c.medianNanos <= c.p90Nanos, "\(m.name): p10 \(c.p10Nanos) median \(c.medianNanos) p90 \(c.p90Nanos)")
         }
         func per(_ name: String, _ counter: String) -> Double { r.measurement(name)?.counter(counter) ?? -1 }
@@ -47,6 +48,11 @@ struct KVMCalibrationTests {
         #expect(abs(per("exit_mmio", "mmio_exits") - 1) < 0.1)
         #expect(abs(per("cpl0_instruction", "insn_emulation") - 1) < 0.1 || r.platform != .pvm)
         #expect(abs(per("guest_pf", "pf_guest") - 1) < 0.1, "guest_pf pf_guest/event \(per("guest_pf", "pf_guest"))")
+        // Pairs: one guest #PF and one KVM fault (the write-protect fault) per #PF pair; two
+        // KVM faults (write-protect, first touch) per touch pair.
+        #expect(abs(per("pair_pf_minus_wp", "pf_guest") - 1) < 0.1)
+        #expect(abs(per("pair_pf_minus_wp", "pf_fixed") + max(0, per("pair_pf_minus_wp", "pf_fast")) - 1) < 0.2)
+        #expect(abs(per("pair_touch_minus_wp", "pf_fixed") + max(0, per("pair_touch_minus_wp", "pf_fast")) - 2) < 0.2)
         #expect(per("guest_pf", "pf_fixed") < 0.1)
         #expect(abs(per("invlpg", "invlpg") - 1) < 0.1, "invlpg/event \(per("invlpg", "invlpg"))")
         #expect(abs(per("pt_write", "mmu_pte_write") - 1) < 0.2, "pt_write mmu_pte_write/event \(per("pt_write", "mmu_pte_write"))")
@@ -85,7 +91,8 @@ struct KVMCalibrationTests {
         for b in r.bounds {
             #expect(calibratableParameters.contains(b.parameter), "unknown parameter \(b.parameter)")
             #expect(b.estimateNanos >= 0 && b.resolutionNanos > 0 && abs(b.upperNanos - b.estimateNanos - b.resolutionNanos) < 1e-6, "\(b.parameter)")
-            #expect(b.estimateNanos < b.resolutionNanos, "\(b.parameter): estimate \(b.estimateNanos) not below its resolution \(b.resolutionNanos)")
+            // Below 10 standard errors (the resolution is 2).
+            #expect(b.estimateNanos < 5 * b.resolutionNanos, "\(b.parameter): estimate \(b.estimateNanos), resolution \(b.resolutionNanos)")
         }
         let named = r.costs.map(\.parameter) + r.bounds.map(\.parameter)
         #expect(Set(named).count == named.count)
@@ -97,8 +104,8 @@ struct KVMCalibrationTests {
         // Derived parameters add back up to their measurements: with 2 rounds (quick) the
         // difference of the overall medians, recomputed here.
         let handler = r.pagingMode == "nested" ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler"
-        let ftMinus = r.measurement("first_touch")!.summary.medianNanos - r.measurement("wp_fault_after_harvest")!.summary.medianNanos
-            - r.measurement("host_first_touch")!.summary.medianNanos
+        // (The first touch's exit is the write-protect fault paired with it in the same VM.)
+        let ftMinus = r.measurement("pair_touch_minus_wp")!.summary.medianNanos - r.measurement("host_first_touch")!.summary.medianNanos
         if let h = r.cost(handler) {
             #expect(abs(h.medianNanos - ftMinus) < 1e-6)
         } else if let b = r.bounds.first(where: { $0.parameter == handler }) {
@@ -118,9 +125,9 @@ struct KVMCalibrationTests {
 
     @Test("derived parameters: the median of per-round differences, a bound where below the resolution")
     func perRoundDerivation() {
-        // Three rounds; first touch - exit - host zero differs by 0.1 us per round (below a
-        // resolution of several us): a bound. guest_pf - exit - 2 CPL0 is 4 us in every round:
-        // measured, the median of the rounds' differences (4,000 ns exactly).
+        // Three rounds; first touch - exit - host zero is 0.1 us in each round (its samples'
+        // spread, +-10 us, leaves it far below 10 standard errors): a bound. guest_pf - exit -
+        // 2 CPL0 is 4,000, 3,980 and 3,990 ns: measured, the median of the rounds' differences.
         func meas(_ name: String, _ rounds: [Double], spread: Double, path: String? = nil) -> CalibrationMeasurement {
             let all = rounds.flatMap { m in [m - spread, m, m + spread] }
             return CalibrationMeasurement(name: name, summary: CalibratedCost.summarize(parameter: name, nanos: all, method: name)!,
@@ -128,18 +135,18 @@ struct KVMCalibrationTests {
                                           roundMedians: rounds)
         }
         var r = CalibrationReport(platform: .pvm, pagingMode: "shadow", tscKHz: 1, quick: false, date: "", seconds: 0, measurements: [
-            meas("wp_fault_after_harvest", [28_000, 30_000, 29_000], spread: 200, path: "pf_fixed"),
+            meas("wp_fault_after_harvest", [29_000, 29_020, 29_010], spread: 200, path: "pf_fixed"),
             meas("host_first_touch", [1_700, 1_800, 1_750], spread: 300),
-            meas("first_touch", [29_800, 31_900, 30_850], spread: 10_000, path: "pf_fixed"),
+            meas("first_touch", [30_800, 30_920, 30_860], spread: 10_000, path: "pf_fixed"),
             meas("cpl0_instruction", [350, 360, 355], spread: 20),
-            meas("guest_pf", [32_700, 34_720, 33_710], spread: 200, path: "pf_guest"),
+            meas("guest_pf", [33_700, 33_720, 33_710], spread: 200, path: "pf_guest"),
         ], costs: [], omitted: [], realtime: true)
         derive(&r, nested: false, pvm: true)
         let b = r.bounds.first { $0.parameter == "CostModel.shadowFaultHandler" }
         #expect(b != nil && abs(b!.estimateNanos - 100) < 1e-9 && b!.upperNanos > b!.estimateNanos)
         #expect(r.cost("CostModel.shadowFaultHandler") == nil)
         let fi = r.cost("CostModel.faultInjection")
-        #expect(fi != nil && abs(fi!.medianNanos - 4_000) < 1e-9, "\(String(describing: fi))")
+        #expect(fi != nil && abs(fi!.medianNanos - 3_990) < 1e-9, "\(String(describing: fi))")
         #expect(r.bounds.first { $0.parameter == "CostModel.faultInjection" } == nil)
     }
 
