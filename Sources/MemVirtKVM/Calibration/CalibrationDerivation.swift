@@ -146,7 +146,10 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     }
     // Host memory. A KSM copy-on-write break is charged pageCopy beside the hypervisor's fault
     // (exit + handler, i.e. a first touch without the host's demand-zero).
-    if m("ksm_cow_break") != nil {
+    if m("pair_ksm_minus_touch") != nil {
+        add("HostCosts.pageCopy", "pair_ksm_minus_touch", minus: [("host_first_touch", -1)],
+            "The host's copy-on-write break beyond the KVM fault it sits in: each break paired with a first touch in the same guest loop iteration, the host's demand-zero added back.")
+    } else if m("ksm_cow_break") != nil {
         add("HostCosts.pageCopy", "ksm_cow_break", minus: [("first_touch", 1), ("host_first_touch", -1)],
             "The host's copy-on-write break beyond the KVM fault it sits in (a first touch less the host's demand-zero).")
     }

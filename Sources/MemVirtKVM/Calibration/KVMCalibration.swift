@@ -368,6 +368,7 @@ final class Session {
         let ksmMissing = KSM.unavailableReason()
         if ksmMissing == nil {
             bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break); pages merged once before the rounds, broken a share per round")
+            bench("pair_ksm_minus_touch", path: nil, "per pair, in one guest loop iteration: a KSM copy-on-write break (as ksm_cow_break) minus a first write to a fresh page of the same VM (guest TSC)")
         }
         // The hypercall exit: probed in a VM of its own first (a guest that takes #UD for it
         // would end the VM).
@@ -602,12 +603,16 @@ final class Session {
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
             if let pool = ksm {
-                let (t, dl) = try pool.breakNext(k * f)
+                let (t, diffs, dl) = try pool.breakNext(k * f)
                 acc["ksm_cow_break"]!.add(t, counters: dl)
+                acc["pair_ksm_minus_touch"]!.add(diffs, counters: dl)
             }
             left -= k
         }
-        if ksm == nil, ksmMissing == nil { acc["ksm_cow_break"]!.samples = [] }
+        if ksm == nil, ksmMissing == nil {
+            acc["ksm_cow_break"]!.samples = []
+            acc["pair_ksm_minus_touch"]!.samples = []
+        }
         server.stop()
         if let e = server.error { throw e }
 
@@ -666,9 +671,10 @@ final class Session {
     /// ksmd merges them (KSM.withSession restores the host's settings after: merged pages
     /// stay merged), and `KSMPool.breakNext` has the guest write the next ones.
     func ksmPrepare(_ count: Int) throws(KVMError) -> KSMPool {
-        var ce = GuestConfig(dataSize: (UInt64(count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+        // `count` pages to merge, then `count` never touched (the paired first touches).
+        var ce = GuestConfig(dataSize: (UInt64(2 * count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
         ce.mergeable = true
-        ce.listCapacity = count
+        ce.listCapacity = 2 * count
         let e = try GuestVM(kvm: kvm, config: ce)
         let eBase = e.layout.dataVirtual.rawValue
         _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count, base: eBase)
@@ -703,15 +709,25 @@ final class KSMPool {
         perNano = try vm.tscTicksPerNano()
     }
 
-    /// The guest writes the next `k` merged pages, each timed: per-page nanoseconds and the
-    /// counters over the batch.
-    func breakNext(_ k: Int) throws(KVMError) -> ([Double], [String: UInt64]) {
+    /// The guest writes the next `k` merged pages, each paired with a first write to a fresh
+    /// page in the same loop iteration: the breaks' nanoseconds, the per-pair differences
+    /// (break - first touch), and the counters over the batch (2 KVM faults per pair).
+    func breakNext(_ k: Int) throws(KVMError) -> ([Double], [Double], [String: UInt64]) {
         guard next + k <= count else { throw KVMError.invalid("KSM pool: \(next + k) pages asked of \(count)") }
         let s0 = try stats.read()
-        let ticks = try vm.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: k, base: vm.layout.dataVirtual.rawValue + UInt64(next) * 4096)
-        let dl = try stats.delta(since: s0)
+        let base = vm.layout.dataVirtual.rawValue
+        let ticks = try vm.calibrateEvents(op: MEMVIRT_CAL_PAIR_TOUCH, count: k, base: base + UInt64(next) * 4096,
+                                           other: base + UInt64(count + next) * 4096)
+        var dl = try stats.delta(since: s0)
+        // Per break: the counters cover a break and a first touch each.
+        dl["pf_fixed"] = (dl["pf_fixed"] ?? 0) / 2
         next += k
-        return (ticks.map { Double($0) / perNano }, dl)
+        var breaks: [Double] = [], diffs: [Double] = []
+        for i in 0..<k {
+            breaks.append(Double(ticks[2 * i]) / perNano)
+            diffs.append((Double(ticks[2 * i]) - Double(ticks[2 * i + 1])) / perNano)
+        }
+        return (breaks, diffs, dl)
     }
 }
 
