@@ -191,6 +191,12 @@ public struct CalibratedBoundValue: Sendable, Hashable {
 /// of it between runs is a change of the host's speed), steal time, load. Recorded, not used to
 /// scale anything.
 public struct CalibrationHostConditions: Sendable, Hashable {
+    /// The VMM thread's native loop (`host_loop`), per iteration: median, lowest and highest
+    /// round medians (-1: not measured). Slower with the CPL0 reference in the same rounds:
+    /// the host CPU itself was slower, not only the virtualization path.
+    public var hostLoopNanos: Double
+    public var hostLoopRoundMinNanos: Double
+    public var hostLoopRoundMaxNanos: Double
     public var reference: String
     public var referenceNanos: Double
     public var roundMinNanos: Double
@@ -206,11 +212,14 @@ public struct CalibrationHostConditions: Sendable, Hashable {
                  ("reference_round_min_ns", .double((roundMinNanos * 10).rounded() / 10)),
                  ("reference_round_max_ns", .double((roundMaxNanos * 10).rounded() / 10)),
                  ("steal_percent", .double((stealPercent * 1000).rounded() / 1000)), ("load_average", .double(loadAverage)),
-                 ("run_seconds", .double((runSeconds * 10).rounded() / 10))])
+                 ("run_seconds", .double((runSeconds * 10).rounded() / 10)),
+                 ("host_loop_ns", .double((hostLoopNanos * 1000).rounded() / 1000)),
+                 ("host_loop_round_min_ns", .double((hostLoopRoundMinNanos * 1000).rounded() / 1000)),
+                 ("host_loop_round_max_ns", .double((hostLoopRoundMaxNanos * 1000).rounded() / 1000))])
     }
 
     public var text: String {
-        "reference \(reference) \(formatFixed(referenceNanos, digits: 1)) ns (rounds \(formatFixed(roundMinNanos, digits: 1))-\(formatFixed(roundMaxNanos, digits: 1)) ns), steal \(formatFixed(stealPercent, digits: 2))% of CPU time, load average \(formatFixed(loadAverage, digits: 2)) at the start"
+        "reference \(reference) \(formatFixed(referenceNanos, digits: 1)) ns (rounds \(formatFixed(roundMinNanos, digits: 1))-\(formatFixed(roundMaxNanos, digits: 1)) ns), host loop \(formatFixed(hostLoopNanos, digits: 3)) ns/iteration (rounds \(formatFixed(hostLoopRoundMinNanos, digits: 3))-\(formatFixed(hostLoopRoundMaxNanos, digits: 3))), steal \(formatFixed(stealPercent, digits: 2))% of CPU time, load average \(formatFixed(loadAverage, digits: 2)) at the start"
     }
 }
 
