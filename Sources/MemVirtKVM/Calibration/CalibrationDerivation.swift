@@ -191,7 +191,7 @@ public struct CalibratedBoundValue: Sendable, Hashable {
 /// of it between runs is a change of the host's speed), steal time, load. Recorded, not used to
 /// scale anything.
 public struct CalibrationHostConditions: Sendable, Hashable {
-    /// The VMM thread's native loop (`host_loop`), per iteration: median, lowest and highest
+    /// The VMM thread's native loop (`host_loop`, ns for the loop): median, lowest and highest
     /// round medians (-1: not measured). Slower with the CPL0 reference in the same rounds:
     /// the host CPU itself was slower, not only the virtualization path.
     public var hostLoopNanos: Double
@@ -219,7 +219,7 @@ public struct CalibrationHostConditions: Sendable, Hashable {
     }
 
     public var text: String {
-        "reference \(reference) \(formatFixed(referenceNanos, digits: 1)) ns (rounds \(formatFixed(roundMinNanos, digits: 1))-\(formatFixed(roundMaxNanos, digits: 1)) ns), host loop \(formatFixed(hostLoopNanos, digits: 3)) ns/iteration (rounds \(formatFixed(hostLoopRoundMinNanos, digits: 3))-\(formatFixed(hostLoopRoundMaxNanos, digits: 3))), steal \(formatFixed(stealPercent, digits: 2))% of CPU time, load average \(formatFixed(loadAverage, digits: 2)) at the start"
+        "reference \(reference) \(formatFixed(referenceNanos, digits: 1)) ns (rounds \(formatFixed(roundMinNanos, digits: 1))-\(formatFixed(roundMaxNanos, digits: 1)) ns), host loop \(formatFixed(hostLoopNanos / 1e3, digits: 1)) us (rounds \(formatFixed(hostLoopRoundMinNanos / 1e3, digits: 1))-\(formatFixed(hostLoopRoundMaxNanos / 1e3, digits: 1))), steal \(formatFixed(stealPercent, digits: 2))% of CPU time, load average \(formatFixed(loadAverage, digits: 2)) at the start"
     }
 }
 
