@@ -229,6 +229,10 @@ extension MachineProfile {
                 reference: try t.required(try t.string("reference"), "reference"), referenceNanos: try d("reference_ns"),
                 referenceRoundMinNanos: try d("reference_round_min_ns"), referenceRoundMaxNanos: try d("reference_round_max_ns"),
                 stealPercent: try d("steal_percent"), loadAverage: try d("load_average"), runSeconds: try d("run_seconds"))
+            // Optional (calibrations before the host loop have none): -1.
+            conditions!.hostLoopNanos = try t.double("host_loop_ns", range: -1...1e13) ?? -1
+            conditions!.hostLoopRoundMinNanos = try t.double("host_loop_round_min_ns", range: -1...1e13) ?? -1
+            conditions!.hostLoopRoundMaxNanos = try t.double("host_loop_round_max_ns", range: -1...1e13) ?? -1
         }
         var profile = MachineProfile(
             name: name, description: try prof.string("description") ?? "", date: date, origin: Origin(rawValue: originText)!,
@@ -345,6 +349,9 @@ extension MachineProfile {
                 steal_percent = \(n(c.stealPercent))
                 load_average = \(n(c.loadAverage))
                 run_seconds = \(n(c.runSeconds))
+                host_loop_ns = \(n(c.hostLoopNanos))
+                host_loop_round_min_ns = \(n(c.hostLoopRoundMinNanos))
+                host_loop_round_max_ns = \(n(c.hostLoopRoundMaxNanos))
 
                 """
         }
@@ -515,6 +522,13 @@ public struct CalibrationConditions: Sendable, Hashable {
     public var stealPercent: Double
     public var loadAverage: Double
     public var runSeconds: Double
+    /// A native CPU loop on the VMM thread (ALU only, no memory, no KVM), the whole loop in ns:
+    /// median and lowest/highest round medians; -1 where not recorded. Unchanged while the
+    /// CPL0 reference moves: the host's clock did not change, its virtualization or memory
+    /// path did.
+    public var hostLoopNanos: Double = -1
+    public var hostLoopRoundMinNanos: Double = -1
+    public var hostLoopRoundMaxNanos: Double = -1
     public init(reference: String, referenceNanos: Double, referenceRoundMinNanos: Double, referenceRoundMaxNanos: Double,
                 stealPercent: Double, loadAverage: Double, runSeconds: Double) {
         self.reference = reference
@@ -526,7 +540,14 @@ public struct CalibrationConditions: Sendable, Hashable {
         self.runSeconds = runSeconds
     }
 
-    static let keys = ["reference", "reference_ns", "reference_round_min_ns", "reference_round_max_ns", "steal_percent", "load_average", "run_seconds"]
+    static let keys = ["reference", "reference_ns", "reference_round_min_ns", "reference_round_max_ns", "steal_percent", "load_average", "run_seconds",
+                       "host_loop_ns", "host_loop_round_min_ns", "host_loop_round_max_ns"]
+
+    /// b's host loop over a's; nil where either has none.
+    public static func hostLoopRatio(_ a: CalibrationConditions, _ b: CalibrationConditions) -> Double? {
+        guard a.hostLoopNanos > 0, b.hostLoopNanos > 0 else { return nil }
+        return b.hostLoopNanos / a.hostLoopNanos
+    }
 
     /// b's reference over a's; above 1 + `tolerance` (or below 1 / (1 + tolerance)) the two
     /// runs were taken at different host speeds.
@@ -538,6 +559,8 @@ public struct CalibrationConditions: Sendable, Hashable {
     public var json: JSONValue {
         .object([("reference", .string(reference)), ("reference_ns", .double(referenceNanos)),
                  ("reference_round_min_ns", .double(referenceRoundMinNanos)), ("reference_round_max_ns", .double(referenceRoundMaxNanos)),
-                 ("steal_percent", .double(stealPercent)), ("load_average", .double(loadAverage)), ("run_seconds", .double(runSeconds))])
+                 ("steal_percent", .double(stealPercent)), ("load_average", .double(loadAverage)), ("run_seconds", .double(runSeconds)),
+                 ("host_loop_ns", .double(hostLoopNanos)), ("host_loop_round_min_ns", .double(hostLoopRoundMinNanos)),
+                 ("host_loop_round_max_ns", .double(hostLoopRoundMaxNanos))])
     }
 }

@@ -90,6 +90,10 @@ struct ProfileDiffCommand: ParsableCommand {
                 let same = abs(r - 1) <= threshold / 2
                 return "host reference (\(ca.reference)): a \(formatFixed(ca.referenceNanos, digits: 1)) ns (rounds \(formatFixed(ca.referenceRoundMinNanos, digits: 1))-\(formatFixed(ca.referenceRoundMaxNanos, digits: 1)), steal \(formatFixed(ca.stealPercent, digits: 2))%, load \(formatFixed(ca.loadAverage, digits: 2))), b \(formatFixed(cb.referenceNanos, digits: 1)) ns (rounds \(formatFixed(cb.referenceRoundMinNanos, digits: 1))-\(formatFixed(cb.referenceRoundMaxNanos, digits: 1)), steal \(formatFixed(cb.stealPercent, digits: 2))%, load \(formatFixed(cb.loadAverage, digits: 2))): b/a \(formatFixed(r, digits: 3))"
                     + (same ? ", the same host speed" : ": THE TWO RUNS WERE TAKEN AT DIFFERENT HOST SPEEDS (medians are not normalized)")
+                    + (CalibrationConditions.hostLoopRatio(ca, cb).map { l in
+                        "\nhost CPU loop (native, ALU only): a \(formatFixed(ca.hostLoopNanos / 1e3, digits: 1)) us, b \(formatFixed(cb.hostLoopNanos / 1e3, digits: 1)) us: b/a \(formatFixed(l, digits: 3))"
+                            + (abs(l - 1) <= 0.02 && !same ? ": the host's CPU clock did not change; its virtualization and memory path did" : "")
+                    } ?? "")
             }
             if json {
                 print(JSONValue.object([
@@ -111,6 +115,10 @@ struct ProfileDiffCommand: ParsableCommand {
                     ("bounded_consistent", .int(Int64(boundRows.filter(\.boundsConsistent).count))),
                     ("a_conditions", pa.conditions?.json ?? .null), ("b_conditions", pb.conditions?.json ?? .null),
                     ("host_speed_ratio", speed.map { .double($0) } ?? .null),
+                    ("host_loop_ratio", { () -> JSONValue in
+                        guard let ca = pa.conditions, let cb = pb.conditions, let l = CalibrationConditions.hostLoopRatio(ca, cb) else { return .null }
+                        return .double(l)
+                    }()),
                     ("same_host_speed", speed.map { .bool(abs($0 - 1) <= threshold / 2) } ?? .null),
                     ("all_within_threshold", .bool(agree)),
                 ]).rendered())

@@ -130,8 +130,14 @@ import Testing
         #expect(dram.a == 300 && dram.b == 330 && abs(dram.relativeChange - 0.1) < 1e-12)
     }
 
-    static let conditions = CalibrationConditions(reference: "cpl0_instruction", referenceNanos: 350.5, referenceRoundMinNanos: 340,
+    static let conditions = { () -> CalibrationConditions in
+        var c = CalibrationConditions(reference: "cpl0_instruction", referenceNanos: 350.5, referenceRoundMinNanos: 340,
                                                   referenceRoundMaxNanos: 371.25, stealPercent: 0.125, loadAverage: 2.5, runSeconds: 180.5)
+        c.hostLoopNanos = 267_300.5
+        c.hostLoopRoundMinNanos = 267_100
+        c.hostLoopRoundMaxNanos = 268_500
+        return c
+    }()
 
     static func bound(_ est: Double, _ res: Double) -> CalibratedBound {
         CalibratedBound(parameter: "CostModel.shadowFaultHandler", estimateNanos: est, upperNanos: est + res, resolutionNanos: res,
@@ -194,6 +200,12 @@ import Testing
         // Host speed: the references' ratio.
         let fast = try profile(nil), slow = try profile(nil, reference: 350.5 * 1.4)
         #expect(abs(CalibrationConditions.speedRatio(fast.conditions!, slow.conditions!)! - 1.4) < 1e-12)
+        #expect(CalibrationConditions.hostLoopRatio(fast.conditions!, slow.conditions!) == 1)
+        // A [calibration] without the host loop (older files) reads as -1: no ratio.
+        var old = fast
+        old.conditions!.hostLoopNanos = -1
+        let back = try MachineProfile.decode(old.toTOML().replacingOccurrences(of: "host_loop_ns = -1\n", with: ""), file: "old.toml")
+        #expect(back.conditions?.hostLoopNanos == -1 && CalibrationConditions.hostLoopRatio(back.conditions!, fast.conditions!) == nil)
     }
 
     @Test func calibratedFileWrittenAndRead() throws {

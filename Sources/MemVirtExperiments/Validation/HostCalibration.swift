@@ -27,10 +27,14 @@ public enum HostCalibration {
             CalibratedBound(parameter: $0.parameter, estimateNanos: $0.estimateNanos, upperNanos: $0.upperNanos,
                             resolutionNanos: $0.resolutionNanos, samples: $0.samples, method: $0.method)
         }
-        let conditions = report.conditions.map {
-            CalibrationConditions(reference: $0.reference, referenceNanos: $0.referenceNanos, referenceRoundMinNanos: $0.roundMinNanos,
-                                  referenceRoundMaxNanos: $0.roundMaxNanos, stealPercent: $0.stealPercent, loadAverage: $0.loadAverage,
-                                  runSeconds: $0.runSeconds)
+        let conditions = report.conditions.map { c in
+            var k = CalibrationConditions(reference: c.reference, referenceNanos: c.referenceNanos, referenceRoundMinNanos: c.roundMinNanos,
+                                          referenceRoundMaxNanos: c.roundMaxNanos, stealPercent: c.stealPercent, loadAverage: c.loadAverage,
+                                          runSeconds: c.runSeconds)
+            k.hostLoopNanos = c.hostLoopNanos
+            k.hostLoopRoundMinNanos = c.hostLoopRoundMinNanos
+            k.hostLoopRoundMaxNanos = c.hostLoopRoundMaxNanos
+            return k
         }
         let profile = try baseProfile.applying(calibration: report.costs, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
                                                host: ProcessInfo.processInfo.hostName)
