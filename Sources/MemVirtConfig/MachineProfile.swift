@@ -21,8 +21,14 @@ public struct MachineProfile: Sendable, Hashable {
         case inherited(String)
         /// Measured on the host: the method, samples after warm-up and the spread, in ns.
         case measured(method: String, samples: Int, medianNanos: Double, p10Nanos: Double, p90Nanos: Double)
+        /// Derived by a calibration but below the resolution of the measurements it comes
+        /// from: the value charged is the point estimate (>= 0), and only `upperNanos`
+        /// (estimate + resolution) is known. Not a measured median: `profile diff` checks the
+        /// bounds, not a relative change.
+        case bound(method: String, samples: Int, estimateNanos: Double, upperNanos: Double, resolutionNanos: Double)
 
         public var isMeasured: Bool { if case .measured = self { true } else { false } }
+        public var isBound: Bool { if case .bound = self { true } else { false } }
 
         /// One line: the source, or how it was measured.
         public var summary: String {
@@ -30,6 +36,8 @@ public struct MachineProfile: Sendable, Hashable {
             case .source(let s), .inherited(let s): s
             case .measured(let m, let n, let med, let p10, let p90):
                 "measured: \(m) (median \(formatFixed(med, digits: 1)) ns, p10 \(formatFixed(p10, digits: 1)), p90 \(formatFixed(p90, digits: 1)), \(n) samples)"
+            case .bound(let m, let n, let est, let up, let res):
+                "bound: \(m) (estimate \(formatFixed(est, digits: 1)) ns, at most \(formatFixed(up, digits: 1)) ns, resolution \(formatFixed(res, digits: 1)) ns, \(n) samples)"
             }
         }
     }
@@ -56,6 +64,10 @@ public struct MachineProfile: Sendable, Hashable {
 
     /// Default swap device for `--host-limit` runs: hdd, sata-ssd or nvme.
     public var swapDevice: String
+
+    /// A calibrated profile: the host's state while it was measured (`[calibration]`), so two
+    /// calibrations taken at different host speeds can be told apart. nil for built-ins.
+    public var conditions: CalibrationConditions? = nil
 
     public static let swapDevices: [String: SwapDeviceModel] = ["hdd": .hdd, "sata-ssd": .sataSSD, "nvme": .nvme]
 
@@ -141,7 +153,7 @@ extension MachineProfile {
     /// Decodes a parsed profile strictly: every section, key and cost parameter is checked.
     public static func decode(_ root: TOMLTableNode, file: String) throws(ConfigError) -> MachineProfile {
         let doc = ConfigTable(root: root, file: file)
-        try doc.check(allowed: ["profile", "cpu", "costs", "host"])
+        try doc.check(allowed: ["profile", "cpu", "costs", "host", "calibration"])
 
         let prof = try doc.required(try doc.table("profile"), "profile")
         try prof.check(allowed: ["name", "description", "date", "origin", "base", "host"])
@@ -209,21 +221,37 @@ extension MachineProfile {
             try h.check(allowed: ["swap_device"])
             swap = try h.choice("swap_device", swapDevices.keys.sorted()) ?? swap
         }
-        return MachineProfile(
+        var conditions: CalibrationConditions? = nil
+        if let t = try doc.table("calibration") {
+            try t.check(allowed: CalibrationConditions.keys)
+            func d(_ k: String) throws(ConfigError) -> Double { try t.required(try t.double(k, range: -1...1e13), k) }  // -1: unreadable
+            conditions = CalibrationConditions(
+                reference: try t.required(try t.string("reference"), "reference"), referenceNanos: try d("reference_ns"),
+                referenceRoundMinNanos: try d("reference_round_min_ns"), referenceRoundMaxNanos: try d("reference_round_max_ns"),
+                stealPercent: try d("steal_percent"), loadAverage: try d("load_average"), runSeconds: try d("run_seconds"))
+            // Optional (calibrations before the host loop have none): -1.
+            conditions!.hostLoopNanos = try t.double("host_loop_ns", range: -1...1e13) ?? -1
+            conditions!.hostLoopRoundMinNanos = try t.double("host_loop_round_min_ns", range: -1...1e13) ?? -1
+            conditions!.hostLoopRoundMaxNanos = try t.double("host_loop_round_max_ns", range: -1...1e13) ?? -1
+        }
+        var profile = MachineProfile(
             name: name, description: try prof.string("description") ?? "", date: date, origin: Origin(rawValue: originText)!,
             base: try prof.string("base"), host: try prof.string("host"),
             cpuModel: try cpu.required(try cpu.string("model"), "model"), clockGHz: clock,
             clockSource: try cpu.string("clock_source") ?? "", tlb: tlb, tlbSource: try cpu.string("tlb_source") ?? "",
             walkCacheSource: try cpu.string("walk_cache_source") ?? "", costs: costs, provenance: provenance, swapDevice: swap)
+        profile.conditions = conditions
+        return profile
     }
 
     /// `key = { cycles = N, source = "..." }`, or with `provenance = "inherited"` (and a
     /// source), or `provenance = "measured"` with method, samples, median_ns, p10_ns, p90_ns.
     static func decodeEntry(_ e: ConfigTable, _ p: ProfileParameter) throws(ConfigError) -> (Double, Provenance) {
         let valueKey = entryValueKeys[p.unit]!
-        let provenance = try e.choice("provenance", ["inherited", "measured"])
+        let provenance = try e.choice("provenance", ["inherited", "measured", "bound"])
         let measuredKeys = ["method", "samples", "median_ns", "p10_ns", "p90_ns"]
-        try e.check(allowed: [valueKey, "provenance"] + (provenance == "measured" ? measuredKeys : ["source"]))
+        let boundKeys = ["method", "samples", "estimate_ns", "upper_ns", "resolution_ns"]
+        try e.check(allowed: [valueKey, "provenance"] + (provenance == "measured" ? measuredKeys : provenance == "bound" ? boundKeys : ["source"]))
         let v = try e.required(try e.double(valueKey, range: 0...1e13), valueKey)
         if p.unit == .count && v != v.rounded() { throw e.error(valueKey, "\(valueKey) = \(v) must be a whole number") }
         if provenance == "measured" {
@@ -234,6 +262,15 @@ extension MachineProfile {
             let p90 = try e.required(try e.double("p90_ns", range: 0...1e13), "p90_ns")
             guard p10 <= med && med <= p90 else { throw e.error("median_ns", "p10_ns <= median_ns <= p90_ns does not hold (\(p10), \(med), \(p90))") }
             return (v, .measured(method: m, samples: Int(n), medianNanos: med, p10Nanos: p10, p90Nanos: p90))
+        }
+        if provenance == "bound" {
+            let m = try e.required(try e.string("method"), "method")
+            let n = try e.required(try e.int("samples", range: 1...1_000_000_000), "samples")
+            let est = try e.required(try e.double("estimate_ns", range: 0...1e13), "estimate_ns")
+            let up = try e.required(try e.double("upper_ns", range: 0...1e13), "upper_ns")
+            let res = try e.required(try e.double("resolution_ns", range: 0...1e13), "resolution_ns")
+            guard est <= up else { throw e.error("upper_ns", "estimate_ns <= upper_ns does not hold (\(est), \(up))") }
+            return (v, .bound(method: m, samples: Int(n), estimateNanos: est, upperNanos: up, resolutionNanos: res))
         }
         let s = try e.required(try e.string("source"), "source")
         guard !s.isEmpty else { throw e.error("source", "source must say where the value comes from (or \"estimate: ...\")") }
@@ -292,10 +329,32 @@ extension MachineProfile {
                 case .inherited(let s): out += "\(p.key) = { \(v), provenance = \"inherited\", source = \(q(s)) }\n"
                 case .measured(let m, let samples, let med, let p10, let p90):
                     out += "\(p.key) = { \(v), provenance = \"measured\", method = \(q(m)), samples = \(samples), median_ns = \(n(med)), p10_ns = \(n(p10)), p90_ns = \(n(p90)) }\n"
+                case .bound(let m, let samples, let est, let up, let res):
+                    out += "\(p.key) = { \(v), provenance = \"bound\", method = \(q(m)), samples = \(samples), estimate_ns = \(n(est)), upper_ns = \(n(up)), resolution_ns = \(n(res)) }\n"
                 }
             }
         }
         out += "\n[host]\nswap_device = \(q(swapDevice))\n"
+        if let c = conditions {
+            out += """
+
+                # The host while this calibration ran: a reference figure (its median, and the
+                # lowest and highest per-round medians), steal time and load. Two calibrations
+                # whose references differ were taken at different host speeds.
+                [calibration]
+                reference = \(q(c.reference))
+                reference_ns = \(n(c.referenceNanos))
+                reference_round_min_ns = \(n(c.referenceRoundMinNanos))
+                reference_round_max_ns = \(n(c.referenceRoundMaxNanos))
+                steal_percent = \(n(c.stealPercent))
+                load_average = \(n(c.loadAverage))
+                run_seconds = \(n(c.runSeconds))
+                host_loop_ns = \(n(c.hostLoopNanos))
+                host_loop_round_min_ns = \(n(c.hostLoopRoundMinNanos))
+                host_loop_round_max_ns = \(n(c.hostLoopRoundMaxNanos))
+
+                """
+        }
         return out
     }
 }
@@ -322,7 +381,8 @@ extension MachineProfile {
     /// to cycles at this profile's clock for cycle parameters) and marked measured; every other
     /// parameter marked inherited with this profile's source. Unknown parameter names, a
     /// parameter measured twice, counts (not times) and non-finite or negative medians are errors.
-    public func applying(calibration: [CalibratedCost], date: String, host: String, name: String? = nil) throws -> MachineProfile {
+    public func applying(calibration: [CalibratedCost], bounds: [CalibratedBound] = [], conditions: CalibrationConditions? = nil,
+                         date: String, host: String, name: String? = nil) throws -> MachineProfile {
         var p = self
         p.origin = .calibrated
         p.base = self.name
@@ -343,10 +403,23 @@ extension MachineProfile {
             param.set(&p.costs, param.unit == .cycles ? c.medianNanos * clockGHz : c.medianNanos)
             p.provenance[c.parameter] = .measured(method: c.method, samples: c.samples, medianNanos: c.medianNanos, p10Nanos: c.p10Nanos, p90Nanos: c.p90Nanos)
         }
+        for b in bounds {
+            guard let param = ProfileParameter.byName[b.parameter] else {
+                throw ProfileError("calibration bounds an unknown parameter '\(b.parameter)' (known: \(ProfileParameter.all.map(\.name).joined(separator: ", ")))")
+            }
+            guard seen.insert(b.parameter).inserted else { throw ProfileError("calibration measures or bounds '\(b.parameter)' twice") }
+            guard param.unit != .count else { throw ProfileError("'\(b.parameter)' is a count, not a time: a calibration cannot set it") }
+            guard b.estimateNanos.isFinite, b.estimateNanos >= 0, b.upperNanos >= b.estimateNanos, b.resolutionNanos >= 0, b.samples > 0 else {
+                throw ProfileError("calibration bound of '\(b.parameter)': estimate \(b.estimateNanos) ns, upper \(b.upperNanos), resolution \(b.resolutionNanos), \(b.samples) samples is not a valid bound")
+            }
+            param.set(&p.costs, param.unit == .cycles ? b.estimateNanos * clockGHz : b.estimateNanos)
+            p.provenance[b.parameter] = .bound(method: b.method, samples: b.samples, estimateNanos: b.estimateNanos, upperNanos: b.upperNanos, resolutionNanos: b.resolutionNanos)
+        }
+        p.conditions = conditions
         for param in ProfileParameter.all where !seen.contains(param.name) {
             let base = provenance[param.name] ?? .source("")
             switch base {
-            case .measured: p.provenance[param.name] = .inherited("from \(self.name) (\(self.date)): " + base.summary)
+            case .measured, .bound: p.provenance[param.name] = .inherited("from \(self.name) (\(self.date)): " + base.summary)
             case .source(let s), .inherited(let s): p.provenance[param.name] = .inherited(s)
             }
         }
@@ -365,6 +438,16 @@ extension MachineProfile {
         public var measuredInEither: Bool
         /// (b - a) / a; 0 when both are 0, infinity when only a is 0.
         public var relativeChange: Double
+        /// Upper bounds (ns) where a calibration could only bound the parameter (`.bound`);
+        /// `a`/`b` are then the point estimates (or the other side's measured median) in ns.
+        public var aUpper: Double? = nil
+        public var bUpper: Double? = nil
+        /// Bounded in either profile: compared by `boundsConsistent`, not by a relative change.
+        public var boundInEither: Bool { aUpper != nil || bUpper != nil }
+        /// Each side's value lies within the other side's bound (where it has one).
+        public var boundsConsistent: Bool { (aUpper.map { b <= $0 } ?? true) && (bUpper.map { a <= $0 } ?? true) }
+        /// The verdict `profile diff` prints: bounds consistent where bounded, else |change| <= threshold.
+        public func agrees(threshold: Double) -> Bool { boundInEither ? boundsConsistent : abs(relativeChange) <= threshold }
     }
 
     public static func diff(_ a: MachineProfile, _ b: MachineProfile) -> [ParameterDiff] {
@@ -373,6 +456,15 @@ extension MachineProfile {
             var va = p.get(a.costs), vb = p.get(b.costs)
             var unit = p.unit.rawValue
             let both: Bool
+            var ua: Double? = nil, ub: Double? = nil
+            /// A calibrated side's value in ns and its upper bound where bounded.
+            func nanos(_ x: Provenance?) -> (Double, Double?)? {
+                switch x {
+                case .measured(_, _, let m, _, _)?: (m, nil)
+                case .bound(_, _, let e, let u, _)?: (e, u)
+                default: nil
+                }
+            }
             if case .measured(_, _, let ma, _, _)? = pa, case .measured(_, _, let mb, _, _)? = pb {
                 va = ma
                 vb = mb
@@ -380,10 +472,95 @@ extension MachineProfile {
                 both = true
             } else {
                 both = false
+                if pa?.isBound == true || pb?.isBound == true, let (na, upa) = nanos(pa), let (nb, upb) = nanos(pb) {
+                    va = na
+                    vb = nb
+                    ua = upa
+                    ub = upb
+                    unit = "ns"
+                }
             }
             let rel = va == vb ? 0 : va == 0 ? Double.infinity : (vb - va) / va
             return ParameterDiff(parameter: p.name, unit: unit, a: va, b: vb, measuredInBoth: both,
-                                 measuredInEither: pa?.isMeasured == true || pb?.isMeasured == true, relativeChange: rel)
+                                 measuredInEither: pa?.isMeasured == true || pb?.isMeasured == true || pa?.isBound == true || pb?.isBound == true,
+                                 relativeChange: rel, aUpper: ua, bUpper: ub)
         }
+    }
+}
+
+/// A parameter a calibration could only bound: derived as a difference of measurements, its
+/// point estimate is below their resolution (twice the standard error of the difference).
+public struct CalibratedBound: Sendable, Hashable {
+    public var parameter: String
+    /// The point estimate, clamped at 0: what the profile charges.
+    public var estimateNanos: Double
+    /// estimate + resolution: the largest value the measurements allow.
+    public var upperNanos: Double
+    public var resolutionNanos: Double
+    public var samples: Int
+    public var method: String
+    public init(parameter: String, estimateNanos: Double, upperNanos: Double, resolutionNanos: Double, samples: Int, method: String) {
+        self.parameter = parameter
+        self.estimateNanos = estimateNanos
+        self.upperNanos = upperNanos
+        self.resolutionNanos = resolutionNanos
+        self.samples = samples
+        self.method = method
+    }
+}
+
+/// The host while a calibration ran (`[calibration]` of a calibrated profile): a reference
+/// figure timed in every round (its median and the lowest and highest per-round medians), the
+/// steal time /proc/stat counted over the run, the load average at the start, the run's length.
+/// Two calibrations whose references differ by more than their rounds did were taken at
+/// different host speeds; nothing is normalized by it.
+public struct CalibrationConditions: Sendable, Hashable {
+    public var reference: String
+    public var referenceNanos: Double
+    public var referenceRoundMinNanos: Double
+    public var referenceRoundMaxNanos: Double
+    public var stealPercent: Double
+    public var loadAverage: Double
+    public var runSeconds: Double
+    /// A native CPU loop on the VMM thread (ALU only, no memory, no KVM), the whole loop in ns:
+    /// median and lowest/highest round medians; -1 where not recorded. Unchanged while the
+    /// CPL0 reference moves: the host's clock did not change, its virtualization or memory
+    /// path did.
+    public var hostLoopNanos: Double = -1
+    public var hostLoopRoundMinNanos: Double = -1
+    public var hostLoopRoundMaxNanos: Double = -1
+    public init(reference: String, referenceNanos: Double, referenceRoundMinNanos: Double, referenceRoundMaxNanos: Double,
+                stealPercent: Double, loadAverage: Double, runSeconds: Double) {
+        self.reference = reference
+        self.referenceNanos = referenceNanos
+        self.referenceRoundMinNanos = referenceRoundMinNanos
+        self.referenceRoundMaxNanos = referenceRoundMaxNanos
+        self.stealPercent = stealPercent
+        self.loadAverage = loadAverage
+        self.runSeconds = runSeconds
+    }
+
+    static let keys = ["reference", "reference_ns", "reference_round_min_ns", "reference_round_max_ns", "steal_percent", "load_average", "run_seconds",
+                       "host_loop_ns", "host_loop_round_min_ns", "host_loop_round_max_ns"]
+
+    /// b's host loop over a's; nil where either has none.
+    public static func hostLoopRatio(_ a: CalibrationConditions, _ b: CalibrationConditions) -> Double? {
+        guard a.hostLoopNanos > 0, b.hostLoopNanos > 0 else { return nil }
+        return b.hostLoopNanos / a.hostLoopNanos
+    }
+
+    /// b's reference over a's; above 1 + `tolerance` (or below 1 / (1 + tolerance)) the two
+    /// runs were taken at different host speeds.
+    public static func speedRatio(_ a: CalibrationConditions, _ b: CalibrationConditions) -> Double? {
+        guard a.reference == b.reference, a.referenceNanos > 0 else { return nil }
+        return b.referenceNanos / a.referenceNanos
+    }
+
+    public var json: JSONValue {
+        .object([("reference", .string(reference)), ("reference_ns", .double(referenceNanos)),
+                 ("reference_round_min_ns", .double(referenceRoundMinNanos)), ("reference_round_max_ns", .double(referenceRoundMaxNanos)),
+                 ("steal_percent", .double(stealPercent)), ("load_average", .double(loadAverage)), ("run_seconds", .double(runSeconds)),
+                 ("host_loop_ns", .double(hostLoopNanos)), ("host_loop_round_min_ns", .double(hostLoopRoundMinNanos)),
+                 ("host_loop_round_max_ns", .double(hostLoopRoundMaxNanos))])
     }
 }

@@ -174,6 +174,23 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
     const uint64_t op = mb->pattern, base = mb->base, n = mb->count, stride = mb->stride;
     const uint64_t salt = mb->salt, other = mb->table;
     volatile uint64_t *out = (volatile uint64_t *)mb->list;
+    if (op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF) {
+        for (uint64_t i = 0; i < 2 * n; i++) out[i] = 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t t0 = tsc_fenced();
+            *(volatile uint64_t *)(base + i * stride) = i + 1;
+            uint64_t t1 = tsc_fenced();
+            if (op == MEMVIRT_CAL_PAIR_TOUCH) {
+                *(volatile uint64_t *)(other + i * stride) = i + 1;
+            } else {
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\tmovq (%0), %%rax\n1:" : : "r"(other) : "rsi", "rax", "memory");
+            }
+            uint64_t t2 = tsc_fenced();
+            out[2 * i] = t1 - t0;
+            out[2 * i + 1] = t2 - t1;
+        }
+        return;
+    }
     for (uint64_t i = 0; i < n; i++) out[i] = 0;  // map the output before timing
     for (uint64_t i = 0; i < n; i++) {
         uint64_t t0 = tsc_fenced();
@@ -193,6 +210,11 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
             __asm__ volatile("lea 1f(%%rip), %%rsi\n\tmovq (%0), %%rax\n1:" : : "r"(base) : "rsi", "rax", "memory");
         } else if (op == MEMVIRT_CAL_PT_WRITE) {
             *(volatile uint64_t *)base = salt;
+        } else if (op == MEMVIRT_CAL_VMCALL) {
+            uint64_t r = base;
+            if (salt) __asm__ volatile("vmmcall" : "+a"(r) : : "rbx", "rcx", "rdx", "rsi", "memory");
+            else __asm__ volatile("vmcall" : "+a"(r) : : "rbx", "rcx", "rdx", "rsi", "memory");
+            if (other) *(volatile uint64_t *)other = r;  // the VMM reads what came back
         }
         uint64_t t1 = tsc_fenced();
         out[i] = t1 - t0;
@@ -269,6 +291,7 @@ extern const char memvirt_guest_calib_cr3_loop[];
 extern const char memvirt_guest_calib_pf_handler[];
 extern const char memvirt_guest_ops_invlpg_handler[];
 extern const char memvirt_guest_ops_cr3_handler[];
+extern const char memvirt_guest_calib_hlt[];
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     const char *s = __start_memvirt_guest;
@@ -283,4 +306,5 @@ void memvirt_guest_image_get(struct memvirt_guest_image *out) {
     out->calib_pf_offset = (uint64_t)(memvirt_guest_calib_pf_handler - s);
     out->ops_invlpg_offset = (uint64_t)(memvirt_guest_ops_invlpg_handler - s);
     out->ops_cr3_offset = (uint64_t)(memvirt_guest_ops_cr3_handler - s);
+    out->calib_hlt_offset = (uint64_t)(memvirt_guest_calib_hlt - s);
 }

@@ -98,4 +98,16 @@ memvirt_guest_ops_cr3_handler:
     mov %rsi, (%rsp)
     iretq
 
+    // `kvm calibrate`: entered directly by the VMM at CPL0 like memvirt_guest_cpl0_loop: one
+    // HLT (with no in-kernel irqchip, KVM_RUN returns KVM_EXIT_HLT), then, when the VMM runs
+    // the vCPU again, a MARK exit.
+    .balign 16
+    .globl memvirt_guest_calib_hlt
+    .hidden memvirt_guest_calib_hlt
+memvirt_guest_calib_hlt:
+    hlt
+    movb $1, %al
+    outb %al, $0x12
+    hlt
+
     .section .note.GNU-stack,"",@progbits

@@ -32,7 +32,7 @@ struct KVMCalibrateCommand: ParsableCommand {
             do {
                 let (profile, r) = try HostCalibration.calibrate(quick: quick, base: base)
                 try profile.write(to: out)
-                printError("memvirt kvm calibrate: wrote \(out) (\(r.costs.count) parameters measured, the rest inherited from \(base ?? HostCalibration.defaultBase()))")
+                printError("memvirt kvm calibrate: wrote \(out) (\(r.costs.count) parameters measured, \(r.bounds.count) bounded below the resolution, the rest inherited from \(base ?? HostCalibration.defaultBase()))")
                 report = r
             } catch { try fail("\(error)") }
         } else {

@@ -130,6 +130,84 @@ import Testing
         #expect(dram.a == 300 && dram.b == 330 && abs(dram.relativeChange - 0.1) < 1e-12)
     }
 
+    static let conditions = { () -> CalibrationConditions in
+        var c = CalibrationConditions(reference: "cpl0_instruction", referenceNanos: 350.5, referenceRoundMinNanos: 340,
+                                                  referenceRoundMaxNanos: 371.25, stealPercent: 0.125, loadAverage: 2.5, runSeconds: 180.5)
+        c.hostLoopNanos = 267_300.5
+        c.hostLoopRoundMinNanos = 267_100
+        c.hostLoopRoundMaxNanos = 268_500
+        return c
+    }()
+
+    static func bound(_ est: Double, _ res: Double) -> CalibratedBound {
+        CalibratedBound(parameter: "CostModel.shadowFaultHandler", estimateNanos: est, upperNanos: est + res, resolutionNanos: res,
+                        samples: 960, method: "first touch minus exit minus host zero")
+    }
+
+    @Test func boundsAndConditionsRoundTrip() throws {
+        let base = try MachineProfile.load("pvm-shadow")
+        let c = try base.applying(calibration: Self.calibration, bounds: [Self.bound(600, 700)], conditions: Self.conditions,
+                                  date: "2026-12-04", host: "h")
+        // The estimate is charged (cycles at the base's clock), the provenance says bound.
+        #expect(c.costs.costs.shadowFaultHandler == 600 * base.clockGHz)
+        #expect(c.provenance["CostModel.shadowFaultHandler"] == .bound(method: "first touch minus exit minus host zero", samples: 960,
+                                                                        estimateNanos: 600, upperNanos: 1300, resolutionNanos: 700))
+        #expect(c.provenance["CostModel.shadowFaultHandler"]?.isMeasured == false)
+        let text = c.toTOML()
+        #expect(text.contains("provenance = \"bound\"") && text.contains("[calibration]"))
+        let back = try MachineProfile.decode(text, file: "b.toml")
+        #expect(back == c && back.conditions == Self.conditions)
+        // A bound whose estimate exceeds its upper bound is refused, naming the key.
+        let bad = text.replacingOccurrences(of: "upper_ns = 1300", with: "upper_ns = 500")
+        #expect(throws: ConfigError.self) { try MachineProfile.decode(bad, file: "bad.toml") }
+        // An unknown key in [calibration] is refused.
+        let unknown = text.replacingOccurrences(of: "run_seconds = ", with: "run_secs = ")
+        #expect(throws: ConfigError.self) { try MachineProfile.decode(unknown, file: "bad.toml") }
+        // A parameter both measured and bounded is refused.
+        let twice = CalibratedBound(parameter: "CostModel.vmExitRoundTrip", estimateNanos: 1, upperNanos: 2, resolutionNanos: 1, samples: 1, method: "m")
+        #expect(throws: ProfileError.self) { try base.applying(calibration: Self.calibration, bounds: [twice], date: "2026-12-04", host: "h") }
+    }
+
+    @Test func diffChecksBoundsNotRelativeChange() throws {
+        let base = try MachineProfile.load("pvm-shadow")
+        func profile(_ b: CalibratedBound?, measured: Double? = nil, reference: Double = 350.5) throws -> MachineProfile {
+            var cal = Self.calibration
+            if let m = measured {
+                cal.append(CalibratedCost(parameter: "CostModel.shadowFaultHandler", medianNanos: m, p10Nanos: m, p90Nanos: m, samples: 9, method: "m"))
+            }
+            var cond = Self.conditions
+            cond.referenceNanos = reference
+            return try base.applying(calibration: cal, bounds: b.map { [$0] } ?? [], conditions: cond, date: "2026-12-04", host: "h")
+        }
+        func row(_ a: MachineProfile, _ b: MachineProfile) throws -> MachineProfile.ParameterDiff {
+            try #require(MachineProfile.diff(a, b).first { $0.parameter == "CostModel.shadowFaultHandler" })
+        }
+        // 600 <= 1300 and 0 <= 700... but 600 > 0 + 700? no: 600 <= 700: consistent, though -100%.
+        let r1 = try row(try profile(Self.bound(600, 700)), try profile(Self.bound(0, 700)))
+        #expect(r1.boundInEither && r1.boundsConsistent && r1.agrees(threshold: 0.15) && r1.measuredInEither)
+        #expect(r1.a == 600 && r1.b == 0 && r1.aUpper == 1300 && r1.bUpper == 700)
+        // 900 > 0 + 700: inconsistent.
+        let r2 = try row(try profile(Self.bound(900, 700)), try profile(Self.bound(0, 700)))
+        #expect(r2.boundInEither && !r2.boundsConsistent && !r2.agrees(threshold: 0.15))
+        // Measured in one, bounded in the other: the measured median against the bound.
+        let r3 = try row(try profile(nil, measured: 2_000), try profile(Self.bound(300, 700)))
+        #expect(r3.boundInEither && !r3.boundsConsistent && r3.a == 2_000 && r3.aUpper == nil && r3.bUpper == 1_000)
+        let r4 = try row(try profile(nil, measured: 900), try profile(Self.bound(300, 700)))
+        #expect(r4.boundsConsistent)
+        // Measured in both: the relative change, as before.
+        let r5 = try row(try profile(nil, measured: 1_000), try profile(nil, measured: 1_200))
+        #expect(!r5.boundInEither && r5.measuredInBoth && !r5.agrees(threshold: 0.15) && r5.agrees(threshold: 0.25))
+        // Host speed: the references' ratio.
+        let fast = try profile(nil), slow = try profile(nil, reference: 350.5 * 1.4)
+        #expect(abs(CalibrationConditions.speedRatio(fast.conditions!, slow.conditions!)! - 1.4) < 1e-12)
+        #expect(CalibrationConditions.hostLoopRatio(fast.conditions!, slow.conditions!) == 1)
+        // A [calibration] without the host loop (older files) reads as -1: no ratio.
+        var old = fast
+        old.conditions!.hostLoopNanos = -1
+        let back = try MachineProfile.decode(old.toTOML().replacingOccurrences(of: "host_loop_ns = -1\n", with: ""), file: "old.toml")
+        #expect(back.conditions?.hostLoopNanos == -1 && CalibrationConditions.hostLoopRatio(back.conditions!, fast.conditions!) == nil)
+    }
+
     @Test func calibratedFileWrittenAndRead() throws {
         let text = try MachineProfile.calibratedTOML(base: "pvm-shadow", calibration: Self.calibration, date: "2026-12-04", host: "kvm-host")
         let p = try MachineProfile.decode(text, file: "cal.toml")

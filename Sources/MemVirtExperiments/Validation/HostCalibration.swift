@@ -23,7 +23,20 @@ public enum HostCalibration {
         // The base is loaded first, so a bad name fails before the measuring.
         let baseProfile = try MachineProfile.load(base ?? defaultBase())
         let report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick))
-        let profile = try baseProfile.applying(calibration: report.costs, date: String(report.date.prefix(10)),
+        let bounds = report.bounds.map {
+            CalibratedBound(parameter: $0.parameter, estimateNanos: $0.estimateNanos, upperNanos: $0.upperNanos,
+                            resolutionNanos: $0.resolutionNanos, samples: $0.samples, method: $0.method)
+        }
+        let conditions = report.conditions.map { c in
+            var k = CalibrationConditions(reference: c.reference, referenceNanos: c.referenceNanos, referenceRoundMinNanos: c.roundMinNanos,
+                                          referenceRoundMaxNanos: c.roundMaxNanos, stealPercent: c.stealPercent, loadAverage: c.loadAverage,
+                                          runSeconds: c.runSeconds)
+            k.hostLoopNanos = c.hostLoopNanos
+            k.hostLoopRoundMinNanos = c.hostLoopRoundMinNanos
+            k.hostLoopRoundMaxNanos = c.hostLoopRoundMaxNanos
+            return k
+        }
+        let profile = try baseProfile.applying(calibration: report.costs, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
                                                host: ProcessInfo.processInfo.hostName)
         return (profile, report)
     }

@@ -97,6 +97,17 @@ enum memvirt_calibrate_op {
     /// holds), timed; then, untimed, write word 0 of page `table` (a page mapped through that
     /// entry), so KVM re-links the shadow entry the emulated write zapped.
     MEMVIRT_CAL_PT_WRITE = 6,
+    /// VMCALL (VMMCALL on AMD, `salt` != 0) at CPL3 with %rax = `base` (a hypercall number
+    /// KVM does not know): KVM refuses a hypercall from CPL3 (-KVM_EPERM in %rax) after the
+    /// exit, so the event is an exit and KVM's hypercall entry, no service. %rax after it
+    /// goes to the uint64 at `table` when nonzero.
+    MEMVIRT_CAL_VMCALL = 7,
+    /// Pairs, two timed events per sample (ticks to `list`[2i] and [2i + 1]): a write of word
+    /// 0 of page `base` + i * `stride`, then a write of word 0 of page `table` + i * `stride`.
+    MEMVIRT_CAL_PAIR_TOUCH = 8,
+    /// Pairs: a write of word 0 of page `base` + i * `stride`, then a read of `table` (mapped
+    /// not present: the #PF goes to the calibration handler, as MEMVIRT_CAL_GUEST_PF).
+    MEMVIRT_CAL_PAIR_PF = 9,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's
@@ -181,6 +192,7 @@ struct memvirt_guest_image {
     uint64_t calib_pf_offset;     // memvirt_guest_calib_pf_handler (#PF gate of the calibration guest)
     uint64_t ops_invlpg_offset;   // memvirt_guest_ops_invlpg_handler (#UD gate of the ops guest)
     uint64_t ops_cr3_offset;      // memvirt_guest_ops_cr3_handler (#DE gate of the ops guest)
+    uint64_t calib_hlt_offset;    // memvirt_guest_calib_hlt (CPL0: HLT, then a MARK exit)
 };
 
 void memvirt_guest_image_get(struct memvirt_guest_image *out);

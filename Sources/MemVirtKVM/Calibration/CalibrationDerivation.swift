@@ -1,4 +1,7 @@
 import MemVirtCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// From measurements to model parameters. Each parameter is the measurement whose charge in
 /// the model equals it; where the model charges a sum for the event (an exit plus a handler),
@@ -12,7 +15,17 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     func m(_ n: String) -> CalibrationMeasurement? { r.measurement(n) }
     func med(_ n: String) -> Double? { m(n)?.summary.medianNanos }
 
-    /// `parameter` := measurement `name` minus the medians of `minus` (name, weight).
+    var bounds: [CalibratedBoundValue] = []
+    /// A derived parameter is measured when it is at least this many standard errors (the
+    /// usual limit of quantification, 10 sigma): then two runs agree on it within ~15% (the
+    /// difference of two such estimates has a standard error of at most 14% of the value);
+    /// below, its value is not resolved to a profile's precision and it is a bound.
+    let limitOfQuantification = 10.0
+
+    /// `parameter` := measurement `name` minus the medians of `minus` (name, weight). With 3
+    /// rounds or more, the median of the per-round differences (each round's medians, taken
+    /// within a second or two of each other): a drift of the host's speed during the run
+    /// cancels in each round's difference.
     func add(_ parameter: String, _ name: String, minus: [(String, Double)] = [], _ how: String) {
         guard let x = m(name) else { omitted.append((parameter, "benchmark \(name) produced no samples")); return }
         if !x.pathConfirmed, let p = x.pathCounter {
@@ -25,35 +38,69 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         var variance = se(x.summary) * se(x.summary)
         var sub = 0.0
         var parts: [String] = []
+        var partsRounds: [([Double], Double)] = []
         for (n, w) in minus {
-            guard let v = med(n), let mc = m(n)?.summary else { omitted.append((parameter, "benchmark \(n) (subtracted) produced no samples")); return }
+            guard let pm = m(n) else { omitted.append((parameter, "benchmark \(n) (subtracted) produced no samples")); return }
+            let v = pm.summary.medianNanos
             sub += w * v
-            variance += w * w * se(mc) * se(mc)
+            variance += w * w * se(pm.summary) * se(pm.summary)
             parts.append((w == 1 ? "" : "\(formatFixed(w, digits: 0)) x ") + "\(n) \(formatFixed(v / 1e3, digits: 3)) us")
+            partsRounds.append((pm.roundMedians, w))
         }
         let c = x.summary
         var value = c.medianNanos - sub
-        // A difference smaller than twice the standard error of the medians it comes from is
-        // not resolved: charged 0 (below), so runs agree on it.
-        let resolution = minus.isEmpty ? 0 : 2 * variance.squareRoot()
-        // A difference below zero but inside the measurement's own spread (half its p10-p90
-        // width) says the part is below this host's resolution: it is charged 0 and the method
-        // says so. Farther below zero, the decomposition does not hold: left out.
+        var method = "\(name): \(x.summary.method)"
+        var resolution = 0.0
+        var standardError = 0.0
+        if !minus.isEmpty {
+            // Per-round differences where every part has a median in every round.
+            let rounds = x.roundMedians.count
+            var diffs: [Double] = []
+            if rounds >= 3, partsRounds.allSatisfy({ $0.0.count == rounds }) {
+                for r in 0..<rounds { diffs.append(x.roundMedians[r] - partsRounds.reduce(0) { $0 + $1.1 * $1.0[r] }) }
+            }
+            var seRounds = 0.0
+            if !diffs.isEmpty {
+                value = medianOf(diffs)
+                // The rounds' scatter, robustly (1.4826 x the median absolute deviation: a
+                // round the host slowed does not widen it), for the standard error of a median.
+                let sd = 1.4826 * medianOf(diffs.map { abs($0 - value) })
+                seRounds = 1.253 * sd / Double(diffs.count).squareRoot()
+                method += "; minus " + parts.joined(separator: " + ") + " (overall medians): the median of the \(diffs.count) rounds' differences of medians"
+            } else {
+                method += "; minus medians of " + parts.joined(separator: " + ")
+            }
+            // The standard error of the difference: of the medians it comes from (from their
+            // spreads) or of the per-round differences, whichever is larger.
+            standardError = max(variance.squareRoot(), seRounds)
+            resolution = 2 * standardError
+        }
+        // Below zero by more than half the measurement's own p10-p90 spread: the decomposition
+        // does not hold here, left out.
         let halfSpread = (c.p90Nanos - c.p10Nanos) / 2
         guard value > -halfSpread else {
             omitted.append((parameter, "\(name) median \(formatFixed(c.medianNanos / 1e3, digits: 3)) us minus \(parts.joined(separator: " + ")) is \(formatFixed(value / 1e3, digits: 3)) us, below zero by more than half the p10-p90 spread"))
             return
         }
-        var method = "\(name): \(x.summary.method)"
-        if !parts.isEmpty { method += "; minus medians of " + parts.joined(separator: " + ") }
-        if value < resolution {
-            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below twice the standard error of the medians (\(formatFixed(resolution / 1e3, digits: 3)) us) or within half the p10-p90 spread: below this host's resolution, charged 0"
-            value = 0
-        }
         if let p = x.pathCounter { method += "; \(p) \(formatFixed(x.counter(p), digits: 2)) per event" }
+        if value < limitOfQuantification * standardError {
+            // Not quantified: a bound, not a measured median (the profile says so and
+            // `profile diff` checks the bounds).
+            // Reported as "< LOQ": the bound is the limit of quantification (or the estimate + 2
+            // standard errors where that is higher). Estimate + 2 standard errors alone was too
+            // tight: two runs' estimates of shadowPTEWrite (174 and 437 ns) differed by more.
+            let est = max(0, value)
+            let loq = limitOfQuantification * standardError
+            let upper = max(loq, est + resolution)
+            method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below its limit of quantification (\(formatFixed(limitOfQuantification, digits: 0)) standard errors, \(formatFixed(loq / 1e3, digits: 3)) us): at most \(formatFixed(upper / 1e3, digits: 3)) us. " + how
+            bounds.append(CalibratedBoundValue(parameter: parameter, estimateNanos: est, upperNanos: upper,
+                                               resolutionNanos: upper - est, samples: c.samples, method: method))
+            return
+        }
+        if resolution > 0 { method += "; standard error \(formatFixed(standardError / 1e3, digits: 3)) us" }
         method += ". " + how
-        costs.append(CalibratedCost(parameter: parameter, medianNanos: max(0, value), p10Nanos: min(max(0, c.p10Nanos - sub), max(0, value)),
-                                    p90Nanos: max(0, c.p90Nanos - sub), samples: c.samples, method: method))
+        costs.append(CalibratedCost(parameter: parameter, medianNanos: value, p10Nanos: min(max(0, c.p10Nanos - sub), value),
+                                    p90Nanos: max(c.p90Nanos - sub, value), samples: c.samples, method: method))
     }
 
     // Exits. The reference exit is the cheapest one KVM handles in the kernel that this host
@@ -70,8 +117,13 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     let exit = [("wp_fault_after_harvest", 1.0)]
     let hostZero = [("host_first_touch", 1.0)]
     // First touch: the model charges vmExitRoundTrip + the handler + the host's demand-zero.
-    add(nested ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler", "first_touch", minus: exit + hostZero,
-        "The model charges an exit, this handler and the host's page allocation for a first touch.")
+    if m("pair_touch_minus_wp") != nil {
+        add(nested ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler", "pair_touch_minus_wp", minus: hostZero,
+            "The model charges an exit, this handler and the host's page allocation for a first touch: the exit is the write-protect fault paired with each first touch in the same guest loop iteration.")
+    } else {
+        add(nested ? "CostModel.eptViolationHandler" : "CostModel.shadowFaultHandler", "first_touch", minus: exit + hostZero,
+            "The model charges an exit, this handler and the host's page allocation for a first touch.")
+    }
     if pvm || !nested {
         // CPL0 code is emulated on kvm_pvm; on VMX/SVM it runs natively (not an emulation cost).
         if pvm { add("CostModel.instructionEmulation", "cpl0_instruction", "kvm_pvm emulates every CPL0 guest instruction.") }
@@ -87,14 +139,22 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         let e: [(String, Double)] = pvm ? [] : exit
         add("CostModel.invlpgHandler", "invlpg", minus: e, "The INVLPG's cost beyond a plain CPL0 instruction (model: exit + invlpgHandler).")
         add("CostModel.cr3SwitchHandler", "cr3_write", minus: e, "The CR3 write's cost beyond a plain CPL0 instruction (model: exit + cr3SwitchHandler).")
-        add("CostModel.faultInjection", "guest_pf", minus: exit + [("cpl0_instruction", 2)],
-            "KVM's walk of the guest tables, the #PF injection, delivery and IRET (model: exit + faultInjection); the handler's add and mov subtracted.")
+        if m("pair_pf_minus_wp") != nil {
+            add("CostModel.faultInjection", "pair_pf_minus_wp", minus: [("cpl0_instruction", 2)],
+                "KVM's walk of the guest tables, the #PF injection, delivery and IRET (model: exit + faultInjection): the exit is the write-protect fault paired with each #PF in the same guest loop iteration; the handler's add and mov subtracted.")
+        } else {
+            add("CostModel.faultInjection", "guest_pf", minus: exit + [("cpl0_instruction", 2)],
+                "KVM's walk of the guest tables, the #PF injection, delivery and IRET (model: exit + faultInjection); the handler's add and mov subtracted.")
+        }
         add("CostModel.shadowPTEWrite", "pt_write", minus: exit + [("cpl0_instruction", 1)],
             "KVM's handling of a write to a shadowed table beyond the exit and emulating the instruction (kvm_mmu_pte_write).")
     }
     // Host memory. A KSM copy-on-write break is charged pageCopy beside the hypervisor's fault
     // (exit + handler, i.e. a first touch without the host's demand-zero).
-    if m("ksm_cow_break") != nil {
+    if m("pair_ksm_minus_touch") != nil {
+        add("HostCosts.pageCopy", "pair_ksm_minus_touch", minus: [("host_first_touch", -1)],
+            "The host's copy-on-write break beyond the KVM fault it sits in: each break paired with a first touch in the same guest loop iteration, the host's demand-zero added back.")
+    } else if m("ksm_cow_break") != nil {
         add("HostCosts.pageCopy", "ksm_cow_break", minus: [("first_touch", 1), ("host_first_touch", -1)],
             "The host's copy-on-write break beyond the KVM fault it sits in (a first touch less the host's demand-zero).")
     }
@@ -109,5 +169,84 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     add("DirtyTrackingCosts.ringPerEntry", "ring_per_entry", "Per entry of a ring harvest plus KVM_RESET_DIRTY_RINGS.")
     add("DirtyTrackingCosts.ringFixed", "ring_empty", "Fixed part of a ring harvest (one vCPU).")
     r.costs = costs
+    r.bounds = bounds
     r.omitted = omitted
+}
+
+/// The median of `xs` (mean of the middle two for an even count); 0 for none.
+func medianOf(_ xs: [Double]) -> Double {
+    guard !xs.isEmpty else { return 0 }
+    let s = xs.sorted()
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+/// A parameter derived below the resolution of the measurements it comes from (the profile's
+/// `bound` provenance): the point estimate (>= 0) and estimate + resolution.
+public struct CalibratedBoundValue: Sendable, Hashable {
+    public var parameter: String
+    public var estimateNanos: Double
+    public var upperNanos: Double
+    public var resolutionNanos: Double
+    public var samples: Int
+    public var method: String
+}
+
+/// The host while a calibration ran: a reference figure timed in every round (one emulated
+/// CPL0 instruction: guest work that no other process's memory traffic touches, so a change
+/// of it between runs is a change of the host's speed), steal time, load. Recorded, not used to
+/// scale anything.
+public struct CalibrationHostConditions: Sendable, Hashable {
+    /// The VMM thread's native loop (`host_loop`, ns for the loop): median, lowest and highest
+    /// round medians (-1: not measured). Slower with the CPL0 reference in the same rounds:
+    /// the host CPU itself was slower, not only the virtualization path.
+    public var hostLoopNanos: Double
+    public var hostLoopRoundMinNanos: Double
+    public var hostLoopRoundMaxNanos: Double
+    public var reference: String
+    public var referenceNanos: Double
+    public var roundMinNanos: Double
+    public var roundMaxNanos: Double
+    /// Steal time over the run as a percentage of all CPU time (/proc/stat); -1 unreadable.
+    public var stealPercent: Double
+    /// The 1-minute load average at the start; -1 unreadable.
+    public var loadAverage: Double
+    public var runSeconds: Double
+
+    public var json: JSONValue {
+        .object([("reference", .string(reference)), ("reference_ns", .double((referenceNanos * 10).rounded() / 10)),
+                 ("reference_round_min_ns", .double((roundMinNanos * 10).rounded() / 10)),
+                 ("reference_round_max_ns", .double((roundMaxNanos * 10).rounded() / 10)),
+                 ("steal_percent", .double((stealPercent * 1000).rounded() / 1000)), ("load_average", .double(loadAverage)),
+                 ("run_seconds", .double((runSeconds * 10).rounded() / 10)),
+                 ("host_loop_ns", .double((hostLoopNanos * 1000).rounded() / 1000)),
+                 ("host_loop_round_min_ns", .double((hostLoopRoundMinNanos * 1000).rounded() / 1000)),
+                 ("host_loop_round_max_ns", .double((hostLoopRoundMaxNanos * 1000).rounded() / 1000))])
+    }
+
+    public var text: String {
+        "reference \(reference) \(formatFixed(referenceNanos, digits: 1)) ns (rounds \(formatFixed(roundMinNanos, digits: 1))-\(formatFixed(roundMaxNanos, digits: 1)) ns), host loop \(formatFixed(hostLoopNanos / 1e3, digits: 1)) us (rounds \(formatFixed(hostLoopRoundMinNanos / 1e3, digits: 1))-\(formatFixed(hostLoopRoundMaxNanos / 1e3, digits: 1))), steal \(formatFixed(stealPercent, digits: 2))% of CPU time, load average \(formatFixed(loadAverage, digits: 2)) at the start"
+    }
+}
+
+/// The "cpu" line of /proc/stat: steal ticks (8th value) and the sum of all.
+struct HostStealTime {
+    var steal: UInt64
+    var total: UInt64
+
+    static func read() -> HostStealTime? {
+        guard let f = fopen("/proc/stat", "r") else { return nil }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 512)
+        guard fgets(&buf, Int32(buf.count), f) != nil else { return nil }
+        let line = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let fields = line.split(separator: " ")
+        guard fields.first == "cpu", fields.count >= 9 else { return nil }
+        let v = fields.dropFirst().compactMap { UInt64(String($0.filter(\.isNumber))) }
+        guard v.count >= 8 else { return nil }
+        return HostStealTime(steal: v[7], total: v.prefix(8).reduce(0, +))
+    }
+
+    func percent(since a: HostStealTime) -> Double {
+        total > a.total ? 100 * Double(steal &- a.steal) / Double(total - a.total) : 0
+    }
 }

@@ -24,8 +24,9 @@ extension GuestVM {
     /// `exits` counts the exits the VMM saw ("vmm_io_exits" for pings, "vmm_mmio_exits").
     func calibrateEvents(op: memvirt_calibrate_op, count: Int, base: UInt64, stride: UInt64 = 4096,
                          salt: UInt64 = 0, other: UInt64 = 0, exits: inout [String: UInt64]) throws(KVMError) -> [UInt64] {
-        guard count >= 1, count <= layout.listCapacity else {
-            throw KVMError.invalid("calibration batch of \(count) events: the guest's list area holds 1...\(layout.listCapacity)")
+        let outputs = op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF ? 2 * count : count
+        guard count >= 1, outputs <= layout.listCapacity else {
+            throw KVMError.invalid("calibration batch of \(count) events (\(outputs) timings): the guest's list area holds 1...\(layout.listCapacity)")
         }
         var m = GuestVM.command(MEMVIRT_CMD_CALIBRATE)
         m.pattern = UInt64(op.rawValue)
@@ -43,8 +44,8 @@ extension GuestVM {
                 switch Int32(port) {
                 case MEMVIRT_PORT_DONE:
                     if data != UInt64(MEMVIRT_STATUS_OK.rawValue) { throw KVMError.guest(.badStatus(data)) }
-                    var out = [UInt64](repeating: 0, count: count)
-                    for i in 0..<count { out[i] = try runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: layout.list + UInt64(8 * i))) }
+                    var out = [UInt64](repeating: 0, count: outputs)
+                    for i in 0..<outputs { out[i] = try runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: layout.list + UInt64(8 * i))) }
                     return out
                 case MEMVIRT_PORT_PING: exits["vmm_io_exits", default: 0] += 1
                 case MEMVIRT_PORT_MARK: continue
@@ -70,7 +71,7 @@ extension GuestVM {
     /// One KVM_RUN of a CPL0 routine of the image at `offset` (rcx, rdi, rdx set), in host
     /// nanoseconds; then the vCPU is put back at CPL3 at the entry (KVM_SET_REGS does not
     /// restore the privilege level: the CPL3 segments go back first).
-    func timeCPL0(offset: UInt64, rcx: UInt64, rdi: UInt64 = 0, rdx: UInt64 = 0) throws(KVMError) -> UInt64 {
+    func timeCPL0(offset: UInt64, rcx: UInt64, rdi: UInt64 = 0, rdx: UInt64 = 0, endsInHalt: Bool = false) throws(KVMError) -> UInt64 {
         let v = vcpus[0]
         let saved = try v.getSregs()
         var s = saved
@@ -91,6 +92,10 @@ extension GuestVM {
         let t1 = monotonicNanoseconds()
         try v.setSregs(saved)
         try resetRegisters(v)
+        if endsInHalt {
+            guard case .halt = exit else { throw KVMError.invalid("CPL0 routine at image offset \(offset) ended with \(exit), expected a HLT exit") }
+            return t1 - t0
+        }
         guard case .ioOut(let port, _, _) = exit, port == UInt16(MEMVIRT_PORT_MARK) else {
             throw KVMError.invalid("CPL0 routine at image offset \(offset) ended with \(exit), expected a MARK exit")
         }
@@ -106,6 +111,7 @@ extension GuestVM {
     var calibInvlpgOffset: UInt64 { image.calib_invlpg_offset }
     var calibCR3Offset: UInt64 { image.calib_cr3_offset }
     var cpl0LoopOffset: UInt64 { image.cpl0_loop_offset }
+    var calibHltOffset: UInt64 { image.calib_hlt_offset }
 
     /// Guest-physical address of the 8-byte entry at `level` (1 = PTE ... 4 = PML4E) that maps
     /// `gva` in the tables the VMM built (the runtime is identity-mapped, so it is also the

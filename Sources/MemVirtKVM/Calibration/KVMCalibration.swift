@@ -12,7 +12,9 @@ public struct KVMCalibrationOptions: Sendable {
     /// Samples per benchmark after warm-up (full: at least 200).
     public var samplesPerBenchmark: Int
     /// Benchmarks run round-robin in this many rounds, each taking its share of samples, so
-    /// background load on the host falls on all of them alike.
+    /// background load on the host falls on all of them alike. Derived parameters (a fault
+    /// minus an exit) are the median of per-round differences: a round's parts were taken
+    /// within the same second or two, so a drift of the host's speed cancels.
     public var rounds: Int
     /// Run the vCPU and userfaultfd threads at SCHED_FIFO priority 1 (where permitted), so
     /// other processes' load does not sit inside each exit's timing.
@@ -25,7 +27,7 @@ public struct KVMCalibrationOptions: Sendable {
     public init(quick: Bool = false) {
         self.quick = quick
         samplesPerBenchmark = quick ? 30 : 240
-        rounds = quick ? 2 : 8
+        rounds = quick ? 2 : 16
         eventSampleFactor = quick ? 1 : 4
     }
 }
@@ -44,6 +46,8 @@ public struct CalibrationMeasurement: Sendable {
     /// (per-event delta within [0.9, 1.5]); nil where no counter marks the path.
     public var pathCounter: String?
     public var pathConfirmed: Bool
+    /// The median of each round's samples (rounds with samples only, in order).
+    public var roundMedians: [Double] = []
 
     public func counter(_ name: String) -> Double { countersPerEvent.first { $0.0 == name }?.1 ?? 0 }
 }
@@ -60,9 +64,14 @@ public struct CalibrationReport: Sendable {
     public var measurements: [CalibrationMeasurement]
     /// Model parameters ("StructName.property") in host nanoseconds: what a profile applies.
     public var costs: [CalibratedCost]
+    /// Parameters derived below the resolution of the measurements they come from: a point
+    /// estimate and an upper bound, not a measured median.
+    public var bounds: [CalibratedBoundValue] = []
     /// Parameters not produced and why (a derived value that came out non-positive, a path
     /// the counters did not confirm).
     public var omitted: [(String, String)]
+    /// The host while the run went on (reference figure per round, steal time, load).
+    public var conditions: CalibrationHostConditions? = nil
     /// The measuring threads ran at SCHED_FIFO (see `KVMCalibrationOptions.realtime`).
     public var realtime: Bool
 
@@ -75,19 +84,34 @@ public struct CalibrationReport: Sendable {
             [("parameter", .string(c.parameter)), ("median_ns", r(c.medianNanos)), ("p10_ns", r(c.p10Nanos)),
              ("p90_ns", r(c.p90Nanos)), ("samples", .int(Int64(c.samples))), ("method", .string(c.method))]
         }
-        return .object([
+        let boundsJSON: [JSONValue] = bounds.map { b in
+            let kv: [(String, JSONValue)] = [
+                ("parameter", .string(b.parameter)), ("estimate_ns", r(b.estimateNanos)), ("upper_ns", r(b.upperNanos)),
+                ("resolution_ns", r(b.resolutionNanos)), ("samples", .int(Int64(b.samples))), ("method", .string(b.method))]
+            return .object(kv)
+        }
+        let measurementsJSON: [JSONValue] = measurements.map { m in
+            var kv: [(String, JSONValue)] = [("name", .string(m.name))]
+            kv += Array(cost(m.summary).dropFirst())
+            kv.append(("path_counter", m.pathCounter.map { .string($0) } ?? .null))
+            kv.append(("path_confirmed", .bool(m.pathConfirmed)))
+            let counters: [(String, JSONValue)] = m.countersPerEvent.map { ($0.0, .double(($0.1 * 1000).rounded() / 1000)) }
+            kv.append(("counters_per_event", .object(counters)))
+            kv.append(("round_medians_ns", .array(m.roundMedians.map { r($0) })))
+            return .object(kv)
+        }
+        let omittedJSON: [JSONValue] = omitted.map { .object([("parameter", .string($0.0)), ("reason", .string($0.1))]) }
+        var top: [(String, JSONValue)] = [
             ("schema", "memvirt.kvm-calibrate/1"),
             ("platform", .string(platform.rawValue)), ("paging", .string(pagingMode)),
             ("tsc_khz", .double(tscKHz)), ("quick", .bool(quick)), ("realtime_scheduling", .bool(realtime)), ("date", .string(date)), ("seconds", r(seconds)),
-            ("costs", .array(costs.map { .object(cost($0)) })),
-            ("measurements", .array(measurements.map { m in
-                .object([("name", .string(m.name))] + Array(cost(m.summary).dropFirst()) + [
-                    ("path_counter", m.pathCounter.map { .string($0) } ?? .null), ("path_confirmed", .bool(m.pathConfirmed)),
-                    ("counters_per_event", .object(m.countersPerEvent.map { ($0.0, .double(($0.1 * 1000).rounded() / 1000)) })),
-                ])
-            })),
-            ("omitted", .array(omitted.map { .object([("parameter", .string($0.0)), ("reason", .string($0.1))]) })),
-        ])
+        ]
+        top.append(("costs", .array(costs.map { .object(cost($0)) })))
+        top.append(("bounds", .array(boundsJSON)))
+        top.append(("conditions", conditions?.json ?? .null))
+        top.append(("measurements", .array(measurementsJSON)))
+        top.append(("omitted", .array(omittedJSON)))
+        return .object(top)
     }
 
     public var text: String {
@@ -107,7 +131,13 @@ public struct CalibrationReport: Sendable {
             s += "  " + pad(c.parameter, 42) + lpad(us(c.medianNanos), 10) + lpad(us(c.p10Nanos), 10) + lpad(us(c.p90Nanos), 10) + lpad("\(c.samples)", 6) + "\n"
             s += "      " + c.method + "\n"
         }
+        if !bounds.isEmpty { s += "bounded, below the resolution of what they are derived from (us): estimate, at most\n" }
+        for b in bounds {
+            s += "  " + pad(b.parameter, 42) + lpad(us(b.estimateNanos), 10) + "  <= " + us(b.upperNanos) + lpad("\(b.samples)", 6) + "\n"
+            s += "      " + b.method + "\n"
+        }
         for (p, why) in omitted { s += "  " + pad(p, 42) + "  not measured: \(why)\n" }
+        if let c = conditions { s += "host: " + c.text + "\n" }
         return s
     }
 }
@@ -142,6 +172,8 @@ struct BenchAccumulator {
     var samples: [Double] = []
     var events: Double = 0
     var counters: [String: UInt64] = [:]
+    /// Where each round's samples start in `samples`.
+    var roundStarts: [Int] = []
 
     mutating func add(_ s: [Double], events e: Int? = nil, counters d: [String: UInt64] = [:]) {
         samples += s
@@ -157,7 +189,13 @@ struct BenchAccumulator {
             let v = per.first { $0.0 == p }?.1 ?? 0
             ok = v >= 0.9 && v <= 1.5
         }
-        return CalibrationMeasurement(name: name, summary: c, countersPerEvent: per, pathCounter: pathCounter, pathConfirmed: ok)
+        var medians: [Double] = []
+        for (i, start) in roundStarts.enumerated() {
+            let end = i + 1 < roundStarts.count ? roundStarts[i + 1] : samples.count
+            if end > start { medians.append(medianOf(Array(samples[start..<end]))) }
+        }
+        return CalibrationMeasurement(name: name, summary: c, countersPerEvent: per, pathCounter: pathCounter, pathConfirmed: ok,
+                                      roundMedians: medians)
     }
 }
 
@@ -197,6 +235,8 @@ struct StatProbe {
 
 /// One calibration session: the VMs, the benchmarks round-robin, the derivations.
 final class Session {
+    /// Empty dirty-ring harvests timed together per sample.
+    let ringEmptyBatch = 64
     let o: KVMCalibrationOptions
     let kvm: KVM
     var acc: [String: BenchAccumulator] = [:]
@@ -223,6 +263,9 @@ final class Session {
     func run() throws(KVMError) -> CalibrationReport {
         let realtime = o.realtime && enterRealtimeScheduling()
         let t0 = monotonicNanoseconds()
+        let steal0 = HostStealTime.read()
+        var load = [Double](repeating: 0, count: 3)
+        let loadAverage = getloadavg(&load, 3) >= 1 ? load[0] : -1
         let n = o.samplesPerBenchmark
         let rounds = o.rounds
         let chunk = (n + rounds - 1) / rounds
@@ -237,13 +280,22 @@ final class Session {
         let f = o.eventSampleFactor
         let touchPages = chunk * rounds * f + warm
         let touchBytes = (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
-        var ca = GuestConfig(dataSize: touchBytes + (2 << 20))
+        // After the special 2 MiB: the pairs' region, `pairWP` pages written once and then
+        // write-protected by a dirty-log harvest before each batch (the reference exit, in this
+        // VM), then `touchPages` fresh pages for the paired first touches.
+        let pairWP = chunk * f
+        let pairBytes = (UInt64(pairWP + touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20)
+        var ca = GuestConfig(dataSize: touchBytes + (2 << 20) + pairBytes)
+        ca.dataSlotFlags = .logDirtyPages
         ca.listCapacity = max(chunk * f, 64) * 4
         let a = try GuestVM(kvm: kvm, config: ca)
         let base = a.layout.dataVirtual.rawValue
         let readBase = base + UInt64(touchPages) * 4096
         let special = base + touchBytes
         let pfPage = special + 4096
+        let wpBase = special + (2 << 20)
+        let pairTouchBase = wpBase + UInt64(pairWP) * 4096
+        let bitmapA = try DirtyBitmapLog(vm: a.vm, slot: GuestLayout.dataSlot)
         let pdeAddress = try a.pageTableEntryAddress(GuestVirtualAddress(rawValue: special), level: 2)
         let pdeValue = try a.runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: pdeAddress))
         try a.installCalibrationPageFaultHandler()
@@ -268,7 +320,7 @@ final class Session {
         // VM C: dirty bitmap on a 1 GiB slot (guest 2 MiB pages: KVM still logs 4K).
         // The bitmap's per-page cost is a few tens of ns: 1,024 dirty pages per harvest keep it
         // well above the harvest's own jitter.
-        let dirtyPages = o.quick ? 64 : 256
+        let dirtyPages = o.quick ? 64 : 1024
         let bitmapPages = o.quick ? 64 : 1024
         var cc = GuestConfig(dataSize: 1 << 30)
         cc.dataPageSize = .size2M
@@ -277,7 +329,7 @@ final class Session {
         let c = try GuestVM(kvm: kvm, config: cc)
         let sc = try StatProbe(c)
         let bitmap = try DirtyBitmapLog(vm: c.vm, slot: GuestLayout.dataSlot)
-        // VM D: dirty ring (64 KiB per vCPU: 4,096 entries, batches well below).
+        // VM D: dirty ring (64 KiB per vCPU: 4,096 entries, batches of at most 1,024).
         var cd = GuestConfig(dataSize: 64 << 20)
         cd.dataSlotFlags = .logDirtyPages
         cd.dirtyRingBytes = 64 << 10
@@ -292,11 +344,17 @@ final class Session {
         bench("host_first_touch", path: nil, "the VMM's own first write to a fresh private anonymous page (host demand-zero fault), monotonic clock")
         bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
+        bench("host_loop", path: nil, "the VMM thread's own native loop, \(Self.hostLoopIterations) dependent square-and-adds (x = x * x + i), the whole loop, monotonic clock (no KVM: a reference for the host CPU's own speed beside the CPL0 one)")
         bench("exit_pio", path: "vmm_io_exits", "guest `out` to a port the VMM answers (exit to user space and back)")
         bench("exit_mmio", path: "vmm_mmio_exits", "guest write to guest-physical memory no slot backs (MMIO exit to user space and back)")
+        bench("pair_touch_minus_wp", path: nil, "per pair, in one guest loop iteration: a first write to a fresh 4 KiB page minus a write to a page a dirty-log harvest write-protected (same VM, guest TSC)")
+        bench("pair_pf_minus_wp", path: "pf_guest", "per pair, in one guest loop iteration: a guest #PF delivered to the 3-instruction handler and back (as guest_pf) minus a write to a harvested, write-protected page (same VM, guest TSC)")
         bench("exit_cpuid", path: "exits", "guest CPUID (an exit KVM handles in the kernel)")
         bench("cpl0_instruction", path: "insn_emulation", "(one KVM_RUN of 2(1+k) CPL0 instructions - one of 2) / 2k, k = 50")
         bench("invlpg", path: "invlpg", "(KVM_RUN of k x {INVLPG; dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
+        if !a.vm.hasIRQChip {
+            bench("exit_hlt", path: "halt_exits", "one KVM_RUN entered at a CPL0 HLT, VMM's monotonic clock: entry, the emulated HLT and its exit to the VMM (KVM_EXIT_HLT: no in-kernel irqchip, so KVM does not wait in the kernel)")
+        }
         bench("cr3_write", path: nil, "(KVM_RUN of k x {mov to CR3 (same root); dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
         bench("guest_pf", path: "pf_guest", "guest read of a page its own tables mark not present: #PF delivered to a 3-instruction CPL0 handler and IRET back")
         bench("pt_write", path: "mmu_pte_write", "guest write (same value) to a PDE of its own page directory while KVM shadows it (emulated write)")
@@ -306,11 +364,28 @@ final class Session {
         bench("wp_fault_after_harvest", path: "pf_fixed", "guest write to a page whose dirty bit was harvested (KVM_GET_DIRTY_LOG re-protected it)")
         bench("bitmap_empty_1gib", path: nil, "KVM_GET_DIRTY_LOG on a 1 GiB slot with no page dirty")
         bench("bitmap_per_dirty_page", path: nil, "(KVM_GET_DIRTY_LOG with \(bitmapPages) dirty pages - with none) / \(bitmapPages), 1 GiB slot")
-        bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - of none) / \(dirtyPages)")
-        bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry")
+        bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - one empty harvest + reset) / \(dirtyPages)")
+        bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry: a batch of \(ringEmptyBatch) calls timed together, / \(ringEmptyBatch)")
         let ksmMissing = KSM.unavailableReason()
         if ksmMissing == nil {
-            bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break)")
+            bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break); pages merged once before the rounds, broken a share per round")
+            bench("pair_ksm_minus_touch", path: nil, "per pair, in one guest loop iteration: a KSM copy-on-write break (as ksm_cow_break) minus a first write to a fresh page of the same VM (guest TSC)")
+        }
+        // The hypercall exit: probed in a VM of its own first (a guest that takes #UD for it
+        // would end the VM).
+        let insn = kvm.platform == .svm ? "VMMCALL" : "VMCALL"
+        let hypercall = try probeHypercall()
+        var hypercallProblem: String? = nil
+        switch hypercall {
+        case .kvm:
+            bench("exit_hypercall", path: "hypercalls", "guest \(insn) at CPL3 with an unknown hypercall number (an in-kernel exit; KVM refuses a CPL3 hypercall)")
+        case .below(let rax):
+            // KVM never saw it: the instruction trapped to the hypervisor this host runs on,
+            // which answered it. Reported (what an exit costs one level down), no parameter.
+            bench("vmcall_below_kvm", path: nil, "guest \(insn) at CPL3: KVM counted no hypercall and no exit for it; it returned %rax = 0x\(String(rax, radix: 16)) (the hypervisor below this host answered it)")
+            hypercallProblem = "a \(insn) at CPL3 never reaches KVM here (no hypercall, no exit counted; %rax = 0x\(String(rax, radix: 16)) came back): the hypervisor this host runs on answers it, reported as vmcall_below_kvm"
+        case .fails(let why):
+            hypercallProblem = why
         }
 
         // Warm-up: code, stack, mailbox and output pages mapped; shadow tables built.
@@ -365,8 +440,8 @@ final class Session {
 
         func cpl0Round(_ k: Int, record: Bool) throws(KVMError) {
             let loops: UInt64 = 50
-            var ins: [Double] = [], inv: [Double] = [], cr3: [Double] = []
-            var di: [String: UInt64] = [:], dv: [String: UInt64] = [:], dc: [String: UInt64] = [:]
+            var ins: [Double] = [], inv: [Double] = [], cr3: [Double] = [], hlt: [Double] = []
+            var di: [String: UInt64] = [:], dv: [String: UInt64] = [:], dc: [String: UInt64] = [:], dh: [String: UInt64] = [:]
             func add(_ into: inout [String: UInt64], _ x: [String: UInt64]) { for (kk, v) in x { into[kk, default: 0] &+= v } }
             for _ in 0..<k {
                 let one = try a.timeCPL0(offset: a.cpl0LoopOffset, rcx: 1)
@@ -383,11 +458,18 @@ final class Session {
                 let cw = try a.timeCPL0(offset: a.calibCR3Offset, rcx: loops, rdx: a.layout.pageTables)
                 add(&dc, try sa.delta(since: s0))
                 cr3.append((Double(cw) - Double(plain)) / Double(loops))
+                if acc["exit_hlt"] != nil {
+                    s0 = try sa.read()
+                    let h = try a.timeCPL0(offset: a.calibHltOffset, rcx: 1, endsInHalt: true)
+                    add(&dh, try sa.delta(since: s0))
+                    hlt.append(Double(h))
+                }
             }
             guard record else { return }
             acc["cpl0_instruction"]!.add(ins, events: k * Int(2 * loops), counters: di)
             acc["invlpg"]!.add(inv, events: k * Int(loops), counters: dv)
             acc["cr3_write"]!.add(cr3, events: k * Int(loops), counters: dc)
+            if acc["exit_hlt"] != nil { acc["exit_hlt"]!.add(hlt, events: k, counters: dh) }
         }
 
         var nextB = 0
@@ -432,6 +514,11 @@ final class Session {
                 }
                 _ = try d.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: dirtyPages, base: dBase)
                 let rf = try ring.finish()
+                // Empty harvests: one call is ~0.3 us, near the clock's own cost, so a batch
+                // is timed together.
+                let e0 = monotonicNanoseconds()
+                for _ in 0..<ringEmptyBatch { try ring.harvest(d.vcpus[0]) }
+                let emptyPerCall = Double(monotonicNanoseconds() - e0) / Double(ringEmptyBatch)
                 let re = try ring.finish()
                 guard rf.pages.count == dirtyPages, re.entries == 0 else {
                     throw KVMError.invalid("dirty ring: \(rf.pages.count) pages harvested after \(dirtyPages) guest writes, then \(re.entries)")
@@ -441,10 +528,35 @@ final class Session {
                 acc["wp_fault_after_harvest"]!.add(wt.map { Double($0) / perNano }, counters: wd)
                 acc["bitmap_empty_1gib"]!.add([Double(empty.harvestNanos) / slotGiB])
                 acc["bitmap_per_dirty_page"]!.add([(Double(full.harvestNanos) - Double(empty.harvestNanos)) / Double(bitmapPages)])
-                let rn = Double(rf.harvestNanos + rf.resetNanos), en = Double(re.harvestNanos + re.resetNanos)
-                acc["ring_per_entry"]!.add([(rn - en) / Double(dirtyPages)])
-                acc["ring_empty"]!.add([en])
+                let rn = Double(rf.harvestNanos + rf.resetNanos)
+                acc["ring_per_entry"]!.add([(rn - emptyPerCall) / Double(dirtyPages)])
+                acc["ring_empty"]!.add([emptyPerCall])
             }
+        }
+
+        var nextPair = 0
+        var pairPrimed = false
+        /// Same-iteration pairs: the write-protect fault (the reference exit) right before a
+        /// first touch or a guest #PF, so both see the host at the same moment; the per-pair
+        /// differences are the samples.
+        func pairRound(_ k: Int, record: Bool) throws(KVMError) {
+            if !pairPrimed {
+                _ = try a.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: pairWP, base: wpBase)
+                pairPrimed = true
+            }
+            func batch(_ name: String, _ op: memvirt_calibrate_op, other: UInt64) throws(KVMError) {
+                _ = try bitmapA.harvest()  // write-protects the wp pages the last batch dirtied
+                let before = try sa.read()
+                let t = try a.calibrateEvents(op: op, count: k, base: wpBase, other: other)
+                let dl = try sa.delta(since: before)
+                guard record else { return }
+                var diffs: [Double] = []
+                for i in 0..<k { diffs.append((Double(t[2 * i + 1]) - Double(t[2 * i])) / perNano) }
+                acc[name]!.add(diffs, counters: dl)
+            }
+            try batch("pair_touch_minus_wp", MEMVIRT_CAL_PAIR_TOUCH, other: pairTouchBase + UInt64(nextPair) * 4096)
+            nextPair += k
+            try batch("pair_pf_minus_wp", MEMVIRT_CAL_PAIR_PF, other: pfPage)
         }
 
         func guestRound(_ k: Int, record: Bool) throws(KVMError) {
@@ -453,32 +565,57 @@ final class Session {
             try events(a, sa, "exit_cpuid", MEMVIRT_CAL_CPUID, k, base: 0, record: record)
             try events(a, sa, "guest_pf", MEMVIRT_CAL_GUEST_PF, k, base: pfPage, record: record)
             try events(a, sa, "pt_write", MEMVIRT_CAL_PT_WRITE, k, base: pdeAddress, salt: pdeValue, other: special, record: record)
+            if acc["exit_hypercall"] != nil || acc["vmcall_below_kvm"] != nil {
+                try events(a, sa, acc["exit_hypercall"] != nil ? "exit_hypercall" : "vmcall_below_kvm", MEMVIRT_CAL_VMCALL, k,
+                           base: Self.unknownHypercall, salt: kvm.platform == .svm ? 1 : 0, record: record)
+            }
         }
 
         // Warm-up, then the rounds: every benchmark takes its share in each round.
         try touchRound(warm, record: false)
         try guestRound(warm, record: false)
+        try pairRound(warm, record: false)
         try cpl0Round(2, record: false)
         try uffdRound(warm, record: false)
         try dirtyRound(1, record: false)
+        // KSM: ksmd merges every page once, before the rounds (it takes its scans of every
+        // mergeable page on the host; ksmd is stopped again after, merged pages stay merged);
+        // each round then breaks its share, so the copy-on-write breaks see the same host as
+        // the first touches they are compared with. Not merged in time: left out.
+        var ksmProblem = ksmMissing
+        var ksm: KSMPool? = nil
+        if ksmMissing == nil {
+            do {
+                let pool = try ksmPrepare(n * f + warm)
+                _ = try pool.breakNext(warm)
+                ksm = pool
+            } catch {
+                ksmProblem = "\(error)"
+            }
+        }
         var left = n
         while left > 0 {
             let k = min(chunk, left)
+            for key in order { acc[key]!.roundStarts.append(acc[key]!.samples.count) }
             try touchRound(k * f, record: true)
             try guestRound(k * f, record: true)
+            try pairRound(k * f, record: true)
             try cpl0Round(k, record: true)
+            var hl: [Double] = []
+            for _ in 0..<k { hl.append(hostLoop()) }
+            acc["host_loop"]!.add(hl)
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
+            if let pool = ksm {
+                let (t, diffs, dl) = try pool.breakNext(k * f)
+                acc["ksm_cow_break"]!.add(t, counters: dl)
+                acc["pair_ksm_minus_touch"]!.add(diffs, counters: dl)
+            }
             left -= k
         }
-        // KSM: one batch (ksmd must merge first, which takes its scans of every mergeable
-        // page on the host); when it does not merge in time the benchmark is left out.
-        var ksmProblem = ksmMissing
-        if ksmMissing == nil {
-            do { try ksmBatch(n * f + warm, warm: warm) } catch {
-                ksmProblem = "\(error)"
-                acc["ksm_cow_break"]!.samples = []
-            }
+        if ksm == nil, ksmMissing == nil {
+            acc["ksm_cow_break"]!.samples = []
+            acc["pair_ksm_minus_touch"]!.samples = []
         }
         server.stop()
         if let e = server.error { throw e }
@@ -490,25 +627,81 @@ final class Session {
             measurements: measurements, costs: [], omitted: [], realtime: realtime)
         derive(&report, nested: nested, pvm: pvm)
         if let why = ksmProblem { report.omitted.append(("HostCosts.pageCopy", "ksm_cow_break: " + why)) }
+        if let why = hypercallProblem { report.omitted.append(("exit_hypercall (reported only)", why)) }
+        if let ref = report.measurement("cpl0_instruction") {
+            let steal1 = HostStealTime.read()
+            let loop = report.measurement("host_loop")
+            report.conditions = CalibrationHostConditions(
+                hostLoopNanos: loop?.summary.medianNanos ?? -1, hostLoopRoundMinNanos: loop?.roundMedians.min() ?? -1,
+                hostLoopRoundMaxNanos: loop?.roundMedians.max() ?? -1,
+                reference: "cpl0_instruction", referenceNanos: ref.summary.medianNanos,
+                roundMinNanos: ref.roundMedians.min() ?? ref.summary.medianNanos, roundMaxNanos: ref.roundMedians.max() ?? ref.summary.medianNanos,
+                stealPercent: steal0.flatMap { a in steal1.map { b in b.percent(since: a) } } ?? -1,
+                loadAverage: loadAverage, runSeconds: report.seconds)
+        }
         return report
     }
 
+    static let hostLoopIterations = 200_000
+    var sink: UInt64 = 0
+
+    /// Nanoseconds of a dependent square-and-add chain (no closed form for the compiler to
+    /// take) on this thread.
+    func hostLoop() -> Double {
+        var x = sink | 3
+        let t0 = monotonicNanoseconds()
+        for i in 0..<UInt64(Self.hostLoopIterations) { x = x &* x &+ i }
+        let t1 = monotonicNanoseconds()
+        sink = x
+        return Double(t1 - t0)
+    }
+
+    /// A hypercall number KVM does not know (KVM_HC_* are small integers).
+    static let unknownHypercall: UInt64 = 0x6d76_0001
+
+    enum HypercallPath { case kvm, below(rax: UInt64), fails(String) }
+
+    /// Runs a few hypercall events in a VM of their own: KVM counted them (its hypercall
+    /// path), or they came back without KVM seeing an exit (answered below this host), or
+    /// what happened instead (a guest that takes #UD for them, say).
+    func probeHypercall() throws(KVMError) -> HypercallPath {
+        let insn = kvm.platform == .svm ? "VMMCALL" : "VMCALL"
+        var cfg = GuestConfig(dataSize: 2 << 20)
+        cfg.listCapacity = 64
+        let g = try GuestVM(kvm: kvm, config: cfg)
+        let st = try StatProbe(g)
+        let result = g.layout.dataVirtual.rawValue
+        _ = try g.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: 1, base: result)  // map the result word first
+        let before = try st.read()
+        let n = 16
+        do {
+            _ = try g.calibrateEvents(op: MEMVIRT_CAL_VMCALL, count: n, base: Self.unknownHypercall, salt: kvm.platform == .svm ? 1 : 0, other: result)
+        } catch {
+            return .fails("a \(insn) at CPL3 does not come back to the guest here: \(error)")
+        }
+        let dl = try st.delta(since: before)
+        let rax = try g.data.load(UInt64.self, at: g.data.guestPhysical)
+        let calls = dl["hypercalls", default: 0], exits = dl["exits", default: 0]
+        if calls >= UInt64(n) { return .kvm }
+        // The batch itself takes a few exits (its start and its end): far fewer than one per event.
+        if calls == 0 && exits < UInt64(n / 2) { return .below(rax: rax) }
+        return .fails("a \(insn) at CPL3 returned to the guest but KVM counted \(calls) hypercalls and \(exits) exits for \(n) (insn_emulation \(dl["insn_emulation", default: 0])): not an exit path this calibration can name")
+    }
+
     /// KSM copy-on-write breaks: the guest maps `count` pages, the VMM makes them identical,
-    /// ksmd merges them (KSM.withSession restores the host's settings), then the guest writes
-    /// each: the first `warm` are warm-up, the rest samples. A few batches per run (merging
-    /// takes ksmd scans).
-    func ksmBatch(_ count: Int, warm: Int) throws(KVMError) {
-        var ce = GuestConfig(dataSize: (UInt64(count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+    /// ksmd merges them (KSM.withSession restores the host's settings after: merged pages
+    /// stay merged), and `KSMPool.breakNext` has the guest write the next ones.
+    func ksmPrepare(_ count: Int) throws(KVMError) -> KSMPool {
+        // `count` pages to merge, then `count` never touched (the paired first touches).
+        var ce = GuestConfig(dataSize: (UInt64(2 * count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
         ce.mergeable = true
-        ce.listCapacity = count
+        ce.listCapacity = 2 * count
         let e = try GuestVM(kvm: kvm, config: ce)
-        let se = try StatProbe(e)
         let eBase = e.layout.dataVirtual.rawValue
         _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count, base: eBase)
         for i in 0..<count {
             try e.data.store(UInt64(0x4d65_6d56_6972_7420), at: e.data.guestPhysical.advanced(by: UInt64(i) * 4096))
         }
-        let perNano = try e.tscTicksPerNano()
         try KSM.withSession { (session) throws(KVMError) in
             let before = KSM.processStat()?.mergingPages ?? 0
             let merged = session.waitUntil(timeoutSeconds: 60) {
@@ -517,12 +710,45 @@ final class Session {
             guard merged else {
                 throw KVMError.invalid("ksmd merged \((KSM.processStat()?.mergingPages ?? 0) &- before) of \(count) identical pages in 60 s")
             }
-            _ = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: warm, base: eBase)
-            let s0 = try se.read()
-            let ticks = try e.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: count - warm, base: eBase + UInt64(warm) * 4096)
-            let dlt = try se.delta(since: s0)
-            acc["ksm_cow_break"]!.add(ticks.map { Double($0) / perNano }, counters: dlt)
         }
+        return try KSMPool(vm: e, count: count)
+    }
+}
+
+/// Merged pages of the KSM benchmark's VM, broken a batch at a time.
+final class KSMPool {
+    let vm: GuestVM
+    let stats: StatProbe
+    let count: Int
+    let perNano: Double
+    var next = 0
+
+    init(vm: GuestVM, count: Int) throws(KVMError) {
+        self.vm = vm
+        self.count = count
+        stats = try StatProbe(vm)
+        perNano = try vm.tscTicksPerNano()
+    }
+
+    /// The guest writes the next `k` merged pages, each paired with a first write to a fresh
+    /// page in the same loop iteration: the breaks' nanoseconds, the per-pair differences
+    /// (break - first touch), and the counters over the batch (2 KVM faults per pair).
+    func breakNext(_ k: Int) throws(KVMError) -> ([Double], [Double], [String: UInt64]) {
+        guard next + k <= count else { throw KVMError.invalid("KSM pool: \(next + k) pages asked of \(count)") }
+        let s0 = try stats.read()
+        let base = vm.layout.dataVirtual.rawValue
+        let ticks = try vm.calibrateEvents(op: MEMVIRT_CAL_PAIR_TOUCH, count: k, base: base + UInt64(next) * 4096,
+                                           other: base + UInt64(count + next) * 4096)
+        var dl = try stats.delta(since: s0)
+        // Per break: the counters cover a break and a first touch each.
+        dl["pf_fixed"] = (dl["pf_fixed"] ?? 0) / 2
+        next += k
+        var breaks: [Double] = [], diffs: [Double] = []
+        for i in 0..<k {
+            breaks.append(Double(ticks[2 * i]) / perNano)
+            diffs.append((Double(ticks[2 * i]) - Double(ticks[2 * i + 1])) / perNano)
+        }
+        return (breaks, diffs, dl)
     }
 }
 
