@@ -129,17 +129,7 @@ extension ShadowPaging {
     /// mmu-notifier invalidation zaps its leaf sptes (kvm_unmap_gfn_range) and flushes when one
     /// was present. `freeOld`: the page it leaves is freed. Returns whether an spte was zapped.
     func remap(gfn: UInt64, to page: UInt64, freeOld: Bool, cpu: ModelCPU) -> Bool {
-        var zapped = false
-        for a in rmap[gfn] ?? [] {
-            let e = host.read64(a)
-            if e & 1 != 0 {
-                dropLeaf(a, entry: e, level: 1)
-                host.write64(a, 0)
-                zapped = true
-            }
-        }
-        rmap[gfn] = nil
-        if zapped { flushTLBs(cpu) }
+        let zapped = zapLeafMappings(of: gfn, cpu: cpu)
         let old = p2m.read64(gfn << 3)
         p2m.write64(gfn << 3, page)
         if old != 0 && old != page && freeOld {

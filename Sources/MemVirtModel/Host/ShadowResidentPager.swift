@@ -159,17 +159,7 @@ extension ShadowPaging {
     /// kvm_unmap_gfn_range zaps every leaf shadow entry mapping it (rmap), and when one was
     /// present the TLBs are flushed (kvm_flush_remote_tlbs). Returns whether one was present.
     func unmapHostPage(_ gfn: UInt64, cpu: ModelCPU?) -> Bool {
-        var zapped = false
-        for a in rmap[gfn] ?? [] {
-            let e = host.read64(a)
-            if e & 1 != 0 {
-                dropLeaf(a, entry: e, level: 1)
-                host.write64(a, 0)
-                zapped = true
-            }
-        }
-        rmap[gfn] = nil
-        if zapped, let cpu { flushTLBs(cpu) }
+        let zapped = zapLeafMappings(of: gfn, cpu: cpu)
         let page = p2m.read64(gfn << 3)
         p2m.write64(gfn << 3, 0)
         gfnOfHost[page >> 12] = nil
@@ -181,5 +171,25 @@ extension ShadowPaging {
     /// Puts guest RAM under `pager` (nil: no limit). Pages already backed stay outside it.
     public func attach(pager: ShadowResidentPager?) {
         residentPager = pager
+    }
+}
+
+extension ShadowPaging {
+    /// The mmu notifier's invalidation of one host page (kvm_unmap_gfn_range): every leaf
+    /// shadow entry mapping `gfn` (rmap) is zapped and, when one was present, the TLBs are
+    /// flushed (kvm_flush_remote_tlbs). Returns whether one was present.
+    func zapLeafMappings(of gfn: UInt64, cpu: ModelCPU?) -> Bool {
+        var zapped = false
+        for a in rmap[gfn] ?? [] {
+            let e = host.read64(a)
+            if e & 1 != 0 {
+                dropLeaf(a, entry: e, level: 1)
+                host.write64(a, 0)
+                zapped = true
+            }
+        }
+        rmap[gfn] = nil
+        if zapped, let cpu { flushTLBs(cpu) }
+        return zapped
     }
 }
