@@ -116,6 +116,8 @@ public struct SwitchTimes: Sendable, Equatable {
     public var sourceStopped: UInt64? = nil
     /// Source: the final dirty-log harvest (what is still to send) is taken.
     public var sourceHarvested: UInt64? = nil
+    /// Source: the vCPU states (and the guest kernel's) are saved and STATE is built.
+    public var sourceStateSaved: UInt64? = nil
     /// Source: the last byte of STATE is written to the socket.
     public var sourceStateSent: UInt64? = nil
     /// Destination: the last byte of STATE is read.
@@ -135,11 +137,11 @@ public struct SwitchTimes: Sendable, Equatable {
         func ms(_ n: UInt64?) -> JSONValue { n.map { .double(Double($0 / 1000) / 1000) } ?? .null }
         func u(_ n: UInt64?) -> JSONValue { n.map { .uint($0) } ?? .null }
         return .object([
-            ("source_stopped_ms", ms(sourceStopped)), ("source_harvested_ms", ms(sourceHarvested)), ("source_state_sent_ms", ms(sourceStateSent)),
+            ("source_stopped_ms", ms(sourceStopped)), ("source_harvested_ms", ms(sourceHarvested)), ("source_state_saved_ms", ms(sourceStateSaved)), ("source_state_sent_ms", ms(sourceStateSent)),
             ("destination_state_received_ms", ms(destinationStateReceived)), ("destination_vcpu_set_ms", ms(destinationVCPUSet)),
             ("destination_first_run_ms", ms(destinationFirstRun)), ("vmm_downtime_ms", ms(vmmDowntimeNanos)), ("guest_gap_ms", ms(guestGapNanos)),
             ("bytes_stop_to_state", u(bytesStopToState)), ("state_bytes", u(stateBytes)), ("pages_stop_to_state", u(pagesStopToState)),
-            ("note", "times from the source's stop, cumulative: source stopped -> harvested -> STATE sent -> destination STATE received -> vCPU state set -> first KVM_RUN. vmm_downtime_ms ends at the destination's first KVM_RUN; QEMU's query-migrate downtime in post-copy ends when its source has sent the device-state package (postcopy_start), the counterpart of source_state_sent_ms"),
+            ("note", "times from the source's stop, cumulative: source stopped -> harvested -> vCPU state saved -> STATE sent -> destination STATE received -> vCPU state set -> first KVM_RUN. vmm_downtime_ms ends at the destination's first KVM_RUN; QEMU's query-migrate downtime in post-copy ends when its source has sent the device-state package (postcopy_start), the counterpart of source_state_sent_ms"),
         ])
     }
 

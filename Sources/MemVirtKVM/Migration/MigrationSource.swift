@@ -245,12 +245,14 @@ struct SourceSide {
 
     /// Prepared post-copy: the runtime pages written since the last call, by the guest (the
     /// runtime slot's dirty log) or by this VMM itself (`GuestMemoryRegion.vmmWrites`: KVM's
-    /// log never sees the VMM's own writes), sorted, as indices within the runtime.
-    mutating func harvestRuntime() throws(KVMError) -> [Int] {
+    /// log never sees the VMM's own writes), sorted, as indices within the runtime. `reprotect`
+    /// false at the stop: the guest does not run here again in this session (a retry sends the
+    /// whole runtime again), so KVM_CLEAR_DIRTY_LOG would only add to the downtime.
+    mutating func harvestRuntime(reprotect: Bool = true) throws(KVMError) -> [Int] {
         let n = runtimePages
         var bitmap = [UInt64](repeating: 0, count: (n + 63) / 64)
         try g.vm.getDirtyLog(slot: GuestLayout.runtimeSlot, into: &bitmap)
-        if g.vm.manualDirtyProtect, bitmap.contains(where: { $0 != 0 }) {
+        if reprotect, g.vm.manualDirtyProtect, bitmap.contains(where: { $0 != 0 }) {
             try g.vm.clearDirtyLog(slot: GuestLayout.runtimeSlot, firstPage: 0, pages: UInt32(n), bitmap: &bitmap)
         }
         var pages = Set(g.runtime.vmmWrites.take().filter { $0 < n })
@@ -344,7 +346,8 @@ struct SourceSide {
         // Stopped. On the switch path only the runtime slot's residency is read: the data
         // pages sent now are dirty, hence resident; post-copy's push reads the data slot's
         // after STATE (mincore over a large slot costs a millisecond of downtime).
-        resident = [UInt8](repeating: 1, count: dataPages) + (try g.runtime.residency())
+        // Prepared post-copy sends no page here: nothing to look up.
+        if !prepared { resident = [UInt8](repeating: 1, count: dataPages) + (try g.runtime.residency()) }
         var missing: [Int] = []
         var stale: [Int] = []
         switch options.mode {
@@ -364,10 +367,9 @@ struct SourceSide {
         case .postcopy:
             // Runtime pages written since they were sent: named in STATE (the destination drops
             // its copies), pushed first after it.
-            stale = try harvestRuntime()
+            stale = try harvestRuntime(reprotect: false)
             g.runtime.vmmWrites.disarm()
             report.runtimePagesStale = UInt64(stale.count)
-            missing = stale.map { dataPages + $0 } + Array(0..<dataPages)
         }
         report.switchTimes.sourceHarvested = monotonicNanoseconds() - stopMono
         phase("final_harvest")
@@ -395,6 +397,8 @@ struct SourceSide {
         // post-copy; empty otherwise).
         w.put(UInt64(stale.count))
         for p in stale { w.put(UInt64(p)) }
+        report.switchTimes.sourceStateSaved = monotonicNanoseconds() - stopMono
+        phase("save_state")
         try ch.send(.state, w.bytes)
         report.switchTimes.sourceStateSent = monotonicNanoseconds() - stopMono
         report.switchTimes.stateBytes = UInt64(w.bytes.count)
@@ -407,6 +411,9 @@ struct SourceSide {
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }
         report.kvmPfFixedDuringMigration = pfAfter - pfBefore
+        // The post-copy set, built after STATE (off the downtime): the stale runtime pages
+        // first, then every data page.
+        if prepared { missing = stale.map { dataPages + $0 } + Array(0..<dataPages) }
         if options.mode != .precopy { try refreshResidency() }
         if options.mode == .precopy {
             try ch.send(.end)
