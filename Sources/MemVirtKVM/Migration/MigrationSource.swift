@@ -411,9 +411,15 @@ struct SourceSide {
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }
         report.kvmPfFixedDuringMigration = pfAfter - pfBefore
-        // The post-copy set, built after STATE (off the downtime): the stale runtime pages
-        // first, then every data page.
-        if prepared { missing = stale.map { dataPages + $0 } + Array(0..<dataPages) }
+        if prepared {
+            // The stale runtime pages at once (the guest's stack and mailbox: it touches them
+            // first), before the residency look-up over the data slot (a millisecond per
+            // 512 MiB); then every data page is the post-copy set.
+            resident = []
+            for p in stale { try sendPage(ch, dataPages + p); report.runtimePagesAfterStop += 1 }
+            try flush(ch)
+            missing = Array(0..<dataPages)
+        }
         if options.mode != .precopy { try refreshResidency() }
         if options.mode == .precopy {
             try ch.send(.end)
