@@ -12,6 +12,10 @@ public final class GuestMemoryRegion: @unchecked Sendable {
     /// Bytes, a multiple of 4 KiB.
     public let size: UInt64
     public let transparentHugePages: Bool
+    /// Pages the VMM wrote through `store`/`write` while `vmmWrites` is armed: KVM's dirty log
+    /// sees only the guest's writes, so a live migration unions these with it (as Firecracker
+    /// does with its own bitmap).
+    public let vmmWrites = VMMWriteLog()
 
     public init(guestPhysical: GuestPhysicalAddress, size: UInt64, transparentHugePages: Bool = false) throws(KVMError) {
         guard size > 0, size % 4096 == 0, guestPhysical.isAligned(to: .size4K) else {
@@ -71,6 +75,7 @@ public final class GuestMemoryRegion: @unchecked Sendable {
             throw KVMError.invalid("write of \(MemoryLayout<T>.size) bytes at \(gpa): outside guest memory")
         }
         p.storeBytes(of: value, as: T.self)
+        vmmWrites.note(offset: gpa.rawValue - guestPhysical.rawValue, length: UInt64(MemoryLayout<T>.size))
     }
 
     /// Copies `bytes` to `gpa` (bounds-checked).
@@ -79,11 +84,42 @@ public final class GuestMemoryRegion: @unchecked Sendable {
             throw KVMError.invalid("write of \(bytes.count) bytes at \(gpa): outside guest memory")
         }
         if let b = bytes.baseAddress { p.copyMemory(from: b, byteCount: bytes.count) }
+        vmmWrites.note(offset: gpa.rawValue - guestPhysical.rawValue, length: UInt64(bytes.count))
     }
 
     /// Copies an array of trivial values to `gpa` (bounds-checked).
     public func write<T: BitwiseCopyable>(array: [T], at gpa: GuestPhysicalAddress) throws(KVMError) {
         let r: Result<Void, KVMError> = array.withUnsafeBytes { b in Result { () throws(KVMError) in try write(b, at: gpa) } }
         try r.get()
+    }
+}
+
+/// The pages of one region the VMM itself wrote (through `GuestMemoryRegion.store`/`write`)
+/// since `arm()` (nothing is recorded until then; an uncontended lock per VMM write).
+public final class VMMWriteLog: @unchecked Sendable {
+    private var lock = pthread_mutex_t()
+    private var armed = false
+    private var pages = Set<Int>()
+    init() { pthread_mutex_init(&lock, nil) }
+    deinit { pthread_mutex_destroy(&lock) }
+
+    /// Starts (or restarts) tracking with an empty set.
+    public func arm() { pthread_mutex_lock(&lock); armed = true; pages = []; pthread_mutex_unlock(&lock) }
+    /// Stops tracking.
+    public func disarm() { pthread_mutex_lock(&lock); armed = false; pages = []; pthread_mutex_unlock(&lock) }
+    /// The pages written since `arm()` or the last `take()`, sorted; the set starts empty again.
+    public func take() -> [Int] {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        let p = pages.sorted()
+        pages = []
+        return p
+    }
+    func note(offset: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        guard armed else { return }
+        for p in Int(offset / 4096)...Int((offset + length - 1) / 4096) { pages.insert(p) }
     }
 }

@@ -73,6 +73,21 @@ final class DestinationSide {
     var written: [Bool]
     /// Post-copy and hybrid: the userfaultfd that places pages and asks for missing ones.
     let faults: PostcopyFaults?
+    /// Post-copy: the runtime's too (its pages arrive before the stop; STATE names those
+    /// written since, dropped here and asked for like data pages).
+    let runtimeFaults: PostcopyFaults?
+    /// Prepared post-copy (commands on the vCPUs): the vCPU threads, created at SYNC and
+    /// waiting at `gate` until STATE is applied.
+    var gate: StartGate? = nil
+    var prepared: VCPUThreads? = nil
+    var pfRead = false
+    /// CLOCK_REALTIME when the last byte of STATE was read, and the source's stop time.
+    var stateReceivedReal: UInt64 = 0
+    var stopReal: UInt64 = 0
+    /// Mailboxes in runtime pages dropped at STATE: the switch facts go into the page when it
+    /// arrives (keyed by runtime page; the mailbox's offset in it and the source's TSC at the stop).
+    var mailboxPatches: [Int: [(offset: Int, tsc: UInt64)]] = [:]
+    let patchBuffer: UnsafeMutableRawPointer
     let zero: UnsafeMutableRawPointer
     var gotState = false
     var gotEnd = false
@@ -130,11 +145,14 @@ final class DestinationSide {
         start = monotonicNanoseconds()
         dataPages = Int(g.data.size / 4096)
         runtimePages = Int(g.runtime.size / 4096)
+        report.runtimeArrivals = [UInt32](repeating: 0, count: runtimePages)
         hashes = [UInt64](repeating: 0, count: dataPages + runtimePages)
         received = [Bool](repeating: false, count: dataPages + runtimePages)
         written = [Bool](repeating: false, count: dataPages)
         stats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
         faults = mode == .precopy ? nil : try PostcopyFaults(region: g.data, channel: channel)
+        runtimeFaults = mode == .postcopy ? try PostcopyFaults(region: g.runtime, channel: channel, indexBase: dataPages) : nil
+        patchBuffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
         zero = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
         memset(zero, 0, 4096)
     }
@@ -142,8 +160,14 @@ final class DestinationSide {
     /// Stops the fault thread and frees the zero page (once, at the end of `receive`).
     func release() {
         heartbeat?.stop()
+        // Prepared threads never let run (the stream failed before STATE): end them.
+        gate?.cancel()
+        if let p = prepared { for t in p.threads { t.join() } }
+        prepared = nil
         faults?.stop()
+        runtimeFaults?.stop()
         zero.deallocate()
+        patchBuffer.deallocate()
     }
 
     /// A failure after the guest may have resumed: stop saying ALIVE and kick the vCPUs
@@ -178,8 +202,12 @@ final class DestinationSide {
             switch type {
             case .pages: try applyPages(payload)
             case .discard: try applyDiscard(payload)
-            case .state: try applyState(payload)
-            case .sync: try ch.send(.synced)
+            case .state:
+                stateReceivedReal = LiveMigration.realtimeNanos()
+                try applyState(payload)
+            case .sync:
+                try prepare()
+                try ch.send(.synced)
             case .alive: continue
             case .end:
                 guard gotState else { throw KVMError.invalid("migration stream: END before STATE") }
@@ -191,6 +219,56 @@ final class DestinationSide {
             default:
                 throw KVMError.invalid("migration stream: unexpected \(type) from the source")
             }
+        }
+    }
+
+    /// SYNC: everything before it is applied. Post-copy gets ready for the switch here, while
+    /// the source's guest still runs: fault threads up and, for vCPUs running their commands,
+    /// the vCPU threads created and waiting (KVM's pf_fixed read now: nothing ran here yet).
+    func prepare() throws(KVMError) {
+        guard mode != .precopy else { return }
+        try faults?.start()
+        try runtimeFaults?.start()
+        guard mode == .postcopy, !kernelMode, gate == nil else { return }
+        if !pfRead { for s in stats { pfBefore += try s.read()["pf_fixed"] }; pfRead = true }
+        let gt = StartGate()
+        var k = VCPUThreads(g: g, kicker: VCPUKicker(vm: g))
+        gate = gt
+        do { try k.startGated(gt) } catch {
+            gt.cancel()
+            for t in k.threads { t.join() }
+            throw error
+        }
+        prepared = k
+        gt.awaitWaiting(g.vcpus.count)
+        report.preparedVCPUThreads = g.vcpus.count
+    }
+
+    /// Kernel mode after STATE named stale runtime pages: the guest kernel's set-up here writes
+    /// the runtime, so its pages must be here first (the source pushes them first).
+    func awaitRuntimePages() throws(KVMError) {
+        while let p = firstMissing(dataPages..<(dataPages + runtimePages)) {
+            let (type, payload) = try ch.receive()
+            switch type {
+            case .pages: try applyPages(payload)
+            case .alive: continue
+            default: throw KVMError.invalid("migration stream: expected the stale runtime pages after STATE, got \(type) (runtime page \(p - dataPages) missing)")
+            }
+        }
+    }
+
+    /// Offsets of the mailbox fields the switch sets (the guest reads them on its first gap).
+    static let gapThresholdOffset = MemoryLayout<memvirt_mailbox>.offset(of: \.gap_threshold)!
+    static let switchTSCOffset = MemoryLayout<memvirt_mailbox>.offset(of: \.switch_tsc)!
+    static let switchGapOffset = MemoryLayout<memvirt_mailbox>.offset(of: \.switch_gap)!
+    static let switchFieldsEnd = max(gapThresholdOffset, switchTSCOffset, switchGapOffset) + 8
+
+    /// The guest keeps the gap that spans the source's TSC at the stop (its downtime): with gap
+    /// logging on, the mailbox at `m` gets that TSC and a cleared gap.
+    static func patchMailbox(_ m: UnsafeMutableRawPointer, tsc: UInt64) {
+        if m.loadUnaligned(fromByteOffset: gapThresholdOffset, as: UInt64.self) != 0 {
+            m.storeBytes(of: tsc, toByteOffset: switchTSCOffset, as: UInt64.self)
+            m.storeBytes(of: UInt64(0), toByteOffset: switchGapOffset, as: UInt64.self)
         }
     }
 
@@ -218,7 +296,16 @@ final class DestinationSide {
             if hasData { at += 4096 }
             hashes[idx] = hasData ? ckvm_page_hash(src, UInt64(idx)) : ckvm_page_hash_zero(UInt64(idx))
             markReceived(idx, true)
-            if idx >= dataPages {
+            if idx >= dataPages { report.runtimeArrivals[idx - dataPages] &+= 1 }
+            if idx >= dataPages, let rf = runtimeFaults {
+                if let patches = mailboxPatches.removeValue(forKey: idx - dataPages) {
+                    memcpy(patchBuffer, src, 4096)
+                    for (off, tsc) in patches { Self.patchMailbox(patchBuffer + off, tsc: tsc) }
+                    try rf.place(page: idx - dataPages, from: UnsafeRawPointer(patchBuffer))
+                } else {
+                    try rf.place(page: idx - dataPages, from: hasData ? src : nil)
+                }
+            } else if idx >= dataPages {
                 memcpy(g.runtime.mapping.base + (idx - dataPages) * 4096, src, 4096)
             } else if let f = faults {
                 try f.place(page: idx, from: hasData ? src : nil)
@@ -245,7 +332,8 @@ final class DestinationSide {
         }
     }
 
-    /// STATE: the vCPUs (and the guest kernel's schedulers); the guest resumes here.
+    /// STATE: the vCPUs, the guest kernel's schedulers and (post-copy) the runtime pages
+    /// written since they were sent; no page data. The guest resumes here.
     func applyState(_ payload: UnsafeRawBufferPointer) throws(KVMError) {
         guard !gotState else { throw KVMError.invalid("migration stream: a second STATE") }
         gotState = true
@@ -257,10 +345,13 @@ final class DestinationSide {
         guard stopReal <= nowReal + 86_400_000_000_000, nowReal < stopReal || nowReal - stopReal <= 86_400_000_000_000 else {
             throw KVMError.invalid("migration stream corrupt: STATE stop time \(stopReal) ns is more than a day from this host's clock (\(nowReal) ns)")
         }
+        self.stopReal = stopReal
+        func sinceStop(_ t: UInt64) -> UInt64 { t > stopReal ? t - stopReal : 0 }
+        report.switchTimes.destinationStateReceived = sinceStop(stateReceivedReal)
         let n = try r.getCount(limit: GuestLayout.maxVCPUs, "vCPU count")
         guard n == g.vcpus.count else { throw KVMError.invalid("migration stream mismatched: \(n) vCPU states for \(g.vcpus.count) vCPUs") }
-        // The guest resumes now: the runtime must be whole (it cannot fault pages in), and in
-        // pre-copy every data page too (nothing asks for a missing one).
+        // The guest resumes now: the runtime must be whole (it arrived before the stop; pages
+        // dropped below come again), and in pre-copy every data page too.
         let needed = mode == .precopy ? 0..<(dataPages + runtimePages) : dataPages..<(dataPages + runtimePages)
         if let p = firstMissing(needed) {
             throw KVMError.invalid("migration stream incomplete: STATE with \(receivedCount) of \(dataPages + runtimePages) pages (page \(p) never arrived); the guest is not resumed")
@@ -271,21 +362,36 @@ final class DestinationSide {
             done.append(try r.get(UInt8.self) != 0)
             states.append(try VCPUState.decode(&r))
         }
+        let sched = kernelMode ? try KernelMigration.decode(&r, vcpus: n) : nil
+        // Runtime pages written at the source since they were sent (by its guest or its VMM).
+        let staleCount = try r.getCount(limit: runtimePages, "stale runtime page count")
+        guard staleCount == 0 || runtimeFaults != nil else {
+            throw KVMError.invalid("migration stream corrupt: STATE names \(staleCount) stale runtime pages in a \(mode.rawValue) stream (only post-copy sends the runtime before the stop)")
+        }
+        var stale: [Int] = []
+        for _ in 0..<staleCount { stale.append(try r.getCount(limit: runtimePages - 1, "stale runtime page")) }
+        guard r.remaining == 0 else { throw KVMError.invalid("migration stream corrupt: STATE has \(r.remaining) bytes after its last field") }
+        if let rf = runtimeFaults {
+            for p in stale {
+                try rf.discard(page: p)
+                markReceived(dataPages + p, false)
+            }
+        }
         // The guest kernel goes on from the source's schedulers; it is made before the
-        // vCPU states are restored (its set-up writes MSRs the restore then overrides).
+        // vCPU states are restored (its set-up writes MSRs the restore then overrides, and the
+        // runtime: its pages must be here).
         var kernel: GuestKernel? = nil
-        if kernelMode {
-            let sched = try KernelMigration.decode(&r, vcpus: n)
+        if let sched {
+            if !stale.isEmpty { try awaitRuntimePages() }
             parkedAtSwitch = sched.map(\.parked).reduce(0, +)
             let placeholders = (0..<n).map { _ in GuestVM.command(MEMVIRT_CMD_WORKLOAD) }
             kernel = try GuestKernel(vm: g, threads: KernelMigration.threads(workload: placeholders),
                                      options: KernelMigration.options(vcpus: n, asyncPF: hello.kernel & KernelMigration.asyncPFBit != 0),
                                      resume: sched)
         }
-        var k = VCPUThreads(g: g, kicker: VCPUKicker(vm: g), kernel: kernel)
-        k.done = done
         if mode == .precopy { report.destinationHash = hashes.reduce(0, &+) }
         try faults?.start()
+        try runtimeFaults?.start()
         for (i, s) in states.enumerated() {
             try g.vcpus[i].restoreState(s)
             if let tsc = s.msrs.first(where: { $0.0 == 0x10 })?.1 {
@@ -297,22 +403,42 @@ final class DestinationSide {
                 try g.vcpus[i].setMSRs([(0x10, tsc &+ elapsed * khz / 1_000_000)])
             }
         }
-        // The guest keeps the gap that spans the source's TSC at the stop: its downtime.
-        for i in 0..<n where !k.done[i] {
+        // The guest keeps the gap that spans the source's TSC at the stop: its downtime. A
+        // mailbox in a page dropped above gets it when the page comes (before the guest can
+        // read it: the page is mapped only then).
+        for i in 0..<n where !done[i] {
             guard let at = workloadMailbox(i) else { continue }
-            var m = try g.runtime.load(memvirt_mailbox.self, at: at)
-            if m.gap_threshold != 0 {
-                m.switch_tsc = states[i].msrs.first(where: { $0.0 == 0x10 })?.1 ?? 0
-                m.switch_gap = 0
-                try g.runtime.store(m, at: at)
+            let tsc = states[i].msrs.first(where: { $0.0 == 0x10 })?.1 ?? 0
+            let a = Int(at.rawValue)
+            if let rf = runtimeFaults, UInt64(a + Self.switchFieldsEnd) <= g.runtime.size, !rf.isPresent(a / 4096) {
+                if (a % 4096) + Self.switchFieldsEnd <= 4096 {
+                    mailboxPatches[a / 4096, default: []].append((a % 4096, tsc))
+                    continue
+                }
+                try awaitRuntimePages()
             }
+            guard let m = g.runtime.pointer(at, length: UInt64(Self.switchFieldsEnd)) else { continue }
+            Self.patchMailbox(m, tsc: tsc)
         }
-        for s in stats { pfBefore += try s.read()["pf_fixed"] }
-        runStart = monotonicNanoseconds()
-        let now = LiveMigration.realtimeNanos()
-        report.vmmDowntimeNanos = now > stopReal ? now - stopReal : 0
-        try k.start()
-        runner = k
+        if !pfRead { for s in stats { pfBefore += try s.read()["pf_fixed"] }; pfRead = true }
+        report.switchTimes.destinationVCPUSet = sinceStop(LiveMigration.realtimeNanos())
+        if let gt = gate, var k = prepared {
+            // Prepared: the threads wait at the gate; they enter KVM_RUN now.
+            k.done = done
+            runStart = monotonicNanoseconds()
+            gt.open(skip: done)
+            prepared = nil
+            runner = k
+        } else {
+            var k = VCPUThreads(g: g, kicker: VCPUKicker(vm: g), kernel: kernel)
+            k.done = done
+            runStart = monotonicNanoseconds()
+            let now = LiveMigration.realtimeNanos()
+            report.vmmDowntimeNanos = sinceStop(now)
+            report.switchTimes.destinationFirstRun = sinceStop(now)
+            try k.start()
+            runner = k
+        }
         try ch.send(.resumed)
         heartbeat = try Heartbeat(channel: ch, everyNanos: MigrationLink.heartbeat(timeoutNanos: ch.timeoutNanos))
     }
@@ -329,6 +455,11 @@ final class DestinationSide {
         report.sourceHash = sourceHash
         guard sourceHash == report.destinationHash else {
             throw KVMError.invalid("migration failed: memory hashes differ (source 0x\(String(sourceHash, radix: 16)), destination 0x\(String(report.destinationHash ?? 0, radix: 16))): the guest here is not the source's; stopped")
+        }
+        if let first = gate?.firstEntry {
+            let d = first > stopReal ? first - stopReal : 0
+            report.vmmDowntimeNanos = d
+            report.switchTimes.destinationFirstRun = d
         }
         try k.join()
         let runEnd = monotonicNanoseconds()
@@ -386,6 +517,7 @@ final class DestinationSide {
         } else {
             w.put(UInt8(0))
         }
+        report.switchTimes.encodeDestination(into: &w)
         return w.bytes
     }
 }

@@ -51,5 +51,9 @@ public struct MigrationOptions: Sendable {
     /// many times, `retryDelayNanos` apart, while the guest still runs (`--retries`).
     public var retries = 0
     public var retryDelayNanos: UInt64 = 1_000_000_000
+    /// Tests: called on the source's migration thread with the guest running, "hello" right
+    /// after HELLO went out and, in post-copy, "prepared" once the runtime went before the stop
+    /// (a test writes runtime pages as the VMM there; nil: nothing).
+    var sourceHook: (@Sendable (GuestVM, String) -> Void)? = nil
     public init() {}
 }

@@ -17,12 +17,16 @@ final class PostcopyFaults: @unchecked Sendable {
     let stopWrite: FileDescriptor
     let present: UnsafeMutablePointer<UInt32>
     let pages: Int
+    /// The stream's index of this region's first page (data: 0; the runtime: the data pages):
+    /// REQUEST names pages by it.
+    let indexBase: Int
     var requested: [Bool]
     var requests: UInt64 = 0
     var thread: DedicatedThread?
 
-    init(region: GuestMemoryRegion, channel: MigrationChannel) throws(KVMError) {
+    init(region: GuestMemoryRegion, channel: MigrationChannel, indexBase: Int = 0) throws(KVMError) {
         self.region = region
+        self.indexBase = indexBase
         self.channel = channel
         pages = Int(region.size / 4096)
         uffd = try userfaultfdForMissing(region, purpose: "post-copy")
@@ -56,7 +60,11 @@ final class PostcopyFaults: @unchecked Sendable {
         ckvm_store_release_u32(present + p, 1)
     }
 
-    /// Drops a stale page (hybrid): the guest's next touch faults and asks the source.
+    /// True when page `p` is mapped here (placed, and not discarded since).
+    func isPresent(_ p: Int) -> Bool { ckvm_load_acquire_u32(present + p) != 0 }
+
+    /// Drops a stale page (hybrid; a runtime page in prepared post-copy): the guest's next
+    /// touch faults and asks the source.
     func discard(page p: Int) throws(KVMError) {
         if madvise(region.mapping.base + p * 4096, 4096, MADV_DONTNEED) != 0 { throw KVMError.call("madvise(MADV_DONTNEED, page \(p))", lastErrno()) }
         ckvm_store_release_u32(present + p, 0)
@@ -98,7 +106,7 @@ final class PostcopyFaults: @unchecked Sendable {
                     _ = ckvm_uffdio_wake(uffd.raw, &range)
                 } else if !requested[p] {
                     requested[p] = true
-                    ask.put(UInt64(p))
+                    ask.put(UInt64(indexBase + p))
                     asked += 1
                 }
             }

@@ -6,11 +6,13 @@ import Glibc
 #endif
 
 extension SourceSide {
-    /// Post-copy: serve the destination's requests first, push the rest in order between them.
+    /// Post-copy: serve the destination's requests first, push the rest in the order of
+    /// `missing` between them (prepared post-copy: the stale runtime pages, then the data).
+    /// Indices: data pages, then the runtime's at `dataPages + p`.
     mutating func postcopyPush(_ ch: MigrationChannel, missing: [Int]) throws(KVMError) {
         let requests = RequestQueue()
         let rtt = options.requestRoundTripNanos
-        let dp = dataPages
+        let all = dataPages + runtimePages
         let reader = try DedicatedThread.start(name: "memvirt-migrate-requests") {
             while true {
                 do {
@@ -22,7 +24,7 @@ extension SourceSide {
                         // Indices beyond the guest are dropped before conversion (never a trap).
                         while r.remaining >= 8 {
                             let p = try r.get(UInt64.self)
-                            if p < UInt64(dp) { pages.append(Int(p)) }
+                            if p < UInt64(all) { pages.append(Int(p)) }
                         }
                         requests.push(pages, due: monotonicNanoseconds() + rtt)
                     case .resumed: requests.markResumed()
@@ -45,8 +47,11 @@ extension SourceSide {
         }
         // Any failure here ends the connection so the reader thread returns, and is joined.
         do throws(KVMError) {
-            var toSend = [Bool](repeating: false, count: dataPages)
+            var toSend = [Bool](repeating: false, count: all)
             for p in missing { toSend[p] = true }
+            func count(_ p: Int, requested: Bool) {
+                if p >= dataPages { report.runtimePagesAfterStop += 1 } else if requested { report.pagesRequested += 1 } else { report.pagesPushed += 1 }
+            }
             var cursor = 0
             var left = missing.count
             while left > 0 {
@@ -54,20 +59,21 @@ extension SourceSide {
                 if requests.resumed { destinationOwnsGuest = true }
                 var asked = requests.drain(dueBy: monotonicNanoseconds())
                 if !asked.isEmpty {
-                    asked.removeAll { $0 < 0 || $0 >= dataPages || !toSend[$0] }
-                    for p in asked { toSend[p] = false; left -= 1; report.pagesRequested += 1; try sendPage(ch, p) }
+                    asked.removeAll { $0 < 0 || $0 >= all || !toSend[$0] }
+                    for p in asked { toSend[p] = false; left -= 1; count(p, requested: true); try sendPage(ch, p) }
                     try flush(ch)
                     continue
                 }
-                if cursor >= dataPages {
+                if cursor >= missing.count {
                     // Defensive: the push covers every page still to send, so `left` is 0 by the
                     // time the cursor is at the end; never spin without sleeping.
                     usleepNanos(20_000)
                     continue
                 }
                 var k = 0
-                while cursor < dataPages && k < 64 {
-                    if toSend[cursor] { toSend[cursor] = false; left -= 1; report.pagesPushed += 1; try sendPage(ch, cursor); k += 1 }
+                while cursor < missing.count && k < 64 {
+                    let p = missing[cursor]
+                    if toSend[p] { toSend[p] = false; left -= 1; count(p, requested: false); try sendPage(ch, p); k += 1 }
                     cursor += 1
                 }
                 try flush(ch)

@@ -114,6 +114,7 @@ public enum LiveMigration {
             } catch {
                 report = source.report
                 runner = source.runner
+                g.runtime.vmmWrites.disarm()
                 if source.destinationOwnsGuest {
                     // The destination resumed the guest and this side stopped it for good: the
                     // migration failed and the guest is lost (or, with differing hashes, wrong).
@@ -242,6 +243,28 @@ struct SourceSide {
         return pages
     }
 
+    /// Prepared post-copy: the runtime pages written since the last call, by the guest (the
+    /// runtime slot's dirty log) or by this VMM itself (`GuestMemoryRegion.vmmWrites`: KVM's
+    /// log never sees the VMM's own writes), sorted, as indices within the runtime. `reprotect`
+    /// false at the stop: the guest does not run here again in this session (a retry sends the
+    /// whole runtime again), so KVM_CLEAR_DIRTY_LOG would only add to the downtime.
+    mutating func harvestRuntime(reprotect: Bool = true) throws(KVMError) -> [Int] {
+        let n = runtimePages
+        var bitmap = [UInt64](repeating: 0, count: (n + 63) / 64)
+        try g.vm.getDirtyLog(slot: GuestLayout.runtimeSlot, into: &bitmap)
+        if reprotect, g.vm.manualDirtyProtect, bitmap.contains(where: { $0 != 0 }) {
+            try g.vm.clearDirtyLog(slot: GuestLayout.runtimeSlot, firstPage: 0, pages: UInt32(n), bitmap: &bitmap)
+        }
+        var pages = Set(g.runtime.vmmWrites.take().filter { $0 < n })
+        for (wi, w) in bitmap.enumerated() where w != 0 {
+            var x = w
+            while x != 0 { pages.insert(wi * 64 + x.trailingZeroBitCount); x &= x - 1 }
+        }
+        return pages.sorted()
+    }
+
+    var runtimePages: Int { Int(g.runtime.size / 4096) }
+
     mutating func run(_ ch: MigrationChannel) throws(KVMError) {
         var hello = MigrationHello(dataSize: g.layout.dataSize, vcpus: UInt32(g.vcpus.count), tableBytesPerVCPU: g.layout.tableStride,
                                    runtimeSize: g.layout.runtimeSize, mode: UInt8(MigrationOptions.Mode.allCases.firstIndex(of: options.mode)!),
@@ -249,13 +272,30 @@ struct SourceSide {
         if let mb = g.multiboot { hello.multiboot = 1; hello.multibootMailbox = mb.mailbox ?? 0 }
         if let k = runner.kernel { hello.kernel = KernelMigration.enabledBit | (k.options.asyncPF ? KernelMigration.asyncPFBit : 0) }
         try ch.send(.hello, hello.encoded())
+        options.sourceHook?(g, "hello")
         var pfBefore: UInt64 = 0
         for s in stats { pfBefore += try s.read()["pf_fixed"] }
         // Round 0: reset the log, then everything (pages dirtied from here on are logged).
         var mark = monotonicNanoseconds()
         func phase(_ name: String) { let now = monotonicNanoseconds(); report.phases.append((name, now - mark)); mark = now }
+        // Prepared post-copy: the runtime goes now, while the guest runs; at the stop only what
+        // was written in it since (by the guest or by this VMM) is named, and comes after STATE.
+        let prepared = options.mode == .postcopy
+        if prepared {
+            try g.vm.setSlotFlags(id: GuestLayout.runtimeSlot, .logDirtyPages)
+            g.runtime.vmmWrites.arm()
+            _ = try harvestRuntime()
+        }
         _ = try harvest()
         report.pagesReprotected = 0
+        if prepared {
+            resident = [UInt8](repeating: 1, count: dataPages) + (try g.runtime.residency())
+            for p in 0..<runtimePages { try sendPage(ch, dataPages + p) }
+            try flush(ch)
+            resident = []
+            phase("prepare_runtime")
+            options.sourceHook?(g, "prepared")
+        }
         if options.mode != .postcopy {
             try refreshResidency()
             for p in 0..<dataPages { try sendPage(ch, p) }
@@ -298,13 +338,18 @@ struct SourceSide {
         phase("sync")
         // Stop the guest.
         let stopReal = LiveMigration.realtimeNanos()
+        let stopMono = monotonicNanoseconds()
+        let bytesAtStop = ch.bytesSent, pagesAtStop = report.pagesSent
         try runner.stop()
+        report.switchTimes.sourceStopped = monotonicNanoseconds() - stopMono
         phase("stop")
         // Stopped. On the switch path only the runtime slot's residency is read: the data
         // pages sent now are dirty, hence resident; post-copy's push reads the data slot's
         // after STATE (mincore over a large slot costs a millisecond of downtime).
-        resident = [UInt8](repeating: 1, count: dataPages) + (try g.runtime.residency())
+        // Prepared post-copy sends no page here: nothing to look up.
+        if !prepared { resident = [UInt8](repeating: 1, count: dataPages) + (try g.runtime.residency()) }
         var missing: [Int] = []
+        var stale: [Int] = []
         switch options.mode {
         case .precopy:
             var final = Set(pendingDirty)
@@ -320,12 +365,19 @@ struct SourceSide {
             try ch.send(.discard, w.bytes)
             missing = stale
         case .postcopy:
-            missing = Array(0..<dataPages)
+            // Runtime pages written since they were sent: named in STATE (the destination drops
+            // its copies), pushed first after it.
+            stale = try harvestRuntime(reprotect: false)
+            g.runtime.vmmWrites.disarm()
+            report.runtimePagesStale = UInt64(stale.count)
         }
+        report.switchTimes.sourceHarvested = monotonicNanoseconds() - stopMono
         phase("final_harvest")
-        for p in 0..<Int(g.runtime.size / 4096) { try sendPage(ch, dataPages + p) }
-        try flush(ch)
-        phase("final_send")
+        if !prepared {
+            for p in 0..<runtimePages { try sendPage(ch, dataPages + p) }
+            try flush(ch)
+            phase("final_send")
+        }
         // vCPU states and the facts the destination needs to resume.
         var w = ByteWriter()
         w.put(stopReal)
@@ -341,7 +393,17 @@ struct SourceSide {
             report.guestKernel = try runner.kernelReport()
             report.guestKernel?.parkedAtSwitch = states.map(\.parked).reduce(0, +)
         }
+        // Version 4: the runtime pages whose copy at the destination is stale (prepared
+        // post-copy; empty otherwise).
+        w.put(UInt64(stale.count))
+        for p in stale { w.put(UInt64(p)) }
+        report.switchTimes.sourceStateSaved = monotonicNanoseconds() - stopMono
+        phase("save_state")
         try ch.send(.state, w.bytes)
+        report.switchTimes.sourceStateSent = monotonicNanoseconds() - stopMono
+        report.switchTimes.stateBytes = UInt64(w.bytes.count)
+        report.switchTimes.bytesStopToState = ch.bytesSent - bytesAtStop
+        report.switchTimes.pagesStopToState = report.pagesSent - pagesAtStop
         // The switch: from here the destination may run the guest, so this side never resumes
         // it (two running copies); a failure from now on loses it and fails both sides.
         destinationOwnsGuest = true
@@ -349,6 +411,15 @@ struct SourceSide {
         var pfAfter: UInt64 = 0
         for s in stats { pfAfter += try s.read()["pf_fixed"] }
         report.kvmPfFixedDuringMigration = pfAfter - pfBefore
+        if prepared {
+            // The stale runtime pages at once (the guest's stack and mailbox: it touches them
+            // first), before the residency look-up over the data slot (a millisecond per
+            // 512 MiB); then every data page is the post-copy set.
+            resident = []
+            for p in stale { try sendPage(ch, dataPages + p); report.runtimePagesAfterStop += 1 }
+            try flush(ch)
+            missing = Array(0..<dataPages)
+        }
         if options.mode != .precopy { try refreshResidency() }
         if options.mode == .precopy {
             try ch.send(.end)
@@ -434,5 +505,6 @@ struct SourceSide {
             k.counterPerSecond = Double(try r.get(UInt64.self))
             report.destinationGuestKernel = k
         }
+        try report.switchTimes.decodeDestination(&r)
     }
 }

@@ -6,7 +6,7 @@ import MemVirtCore
 import Glibc
 #endif
 
-/// The migration stream, version 3 (see MigrationStreamFormat.version). Every message is a 32-byte header and a payload:
+/// The migration stream, version 4 (see MigrationStreamFormat.version). Every message is a 32-byte header and a payload:
 ///
 ///     u32 magic "MVMG" | u16 version | u16 type | u64 payload length | u64 checksum | u64 sequence
 ///
@@ -100,7 +100,10 @@ public enum MigrationStreamFormat {
     public static let magic: UInt32 = 0x474d_564d  // "MVMG" little-endian
     /// 2: SYNC / SYNCED before the stop (1 had none). 3: VERIFY, ALIVE, NONCE and, with a
     /// key, a MAC after each message; a stream must carry every page before it resumes.
-    public static let version: UInt16 = 3
+    /// 4: prepared post-copy: the runtime goes before the stop, STATE ends with the runtime
+    /// pages written since (u64 count, u64 indices; no page data), REQUEST may name runtime
+    /// pages, RESULT ends with the destination's switch times.
+    public static let version: UInt16 = 4
     /// The MAC after each message of a keyed stream (HMAC-SHA256).
     public static let macSize = 32
     public static let nonceSize = 32
@@ -372,7 +375,7 @@ public final class MigrationChannel: @unchecked Sendable {
             throw KVMError.invalid("migration stream corrupt: message \(seq) has magic 0x\(String(h.0, radix: 16)), expected 0x\(String(MigrationStreamFormat.magic, radix: 16)) (\"MVMG\")")
         }
         guard h.1 == MigrationStreamFormat.version else {
-            throw KVMError.invalid("migration stream version \(h.1), this memvirt reads version \(MigrationStreamFormat.version): refused")
+            throw KVMError.invalid("migration stream version \(h.1), this memvirt reads version \(MigrationStreamFormat.version) only: refused (run the same memvirt on both sides; version 4 changed STATE and RESULT for the prepared post-copy)")
         }
         guard let type = MigrationMessage(rawValue: h.2) else { throw KVMError.invalid("migration stream corrupt: message \(seq) has unknown type \(h.2)") }
         guard h.3 <= UInt64(MigrationStreamFormat.maxPayload) else {

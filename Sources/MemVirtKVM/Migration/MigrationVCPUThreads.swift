@@ -57,6 +57,25 @@ struct VCPUThreads {
         }
     }
 
+    /// A destination prepared before the stop: one thread per vCPU, created now and waiting at
+    /// `gate`; `gate.open(skip:)` lets them into KVM_RUN (those marked done return at once),
+    /// `gate.cancel()` ends them without running. Not for the guest kernel (its scheduler
+    /// state arrives with STATE).
+    mutating func startGated(_ gate: StartGate) throws(KVMError) {
+        precondition(kernel == nil, "gated start is for vCPUs running their commands")
+        stopped = false
+        boxes = g.vcpus.map { _ in ResultBox<CommandOutcome>() }
+        threads = []
+        for (i, box) in boxes.enumerated() {
+            let g = self.g, k = kicker
+            threads.append(try DedicatedThread.start(name: "memvirt-vcpu\(i)") {
+                guard gate.wait(vcpu: i) else { return }
+                gate.entering()
+                do { box.value = .success(try g.execute(vcpu: i, kicker: k)) } catch let e as KVMError { box.value = .failure(e) } catch {}
+            })
+        }
+    }
+
     /// True when every vCPU reported DONE (read without joining: a hint).
     var allDoneFast: Bool {
         if let k = kernel { return k.finished }
@@ -104,4 +123,63 @@ struct VCPUThreads {
         try join()
         stopped = true
     }
+}
+
+/// Where a prepared destination's vCPU threads wait for STATE (see `VCPUThreads.startGated`).
+final class StartGate: @unchecked Sendable {
+    private var lock = pthread_mutex_t()
+    private var cond = pthread_cond_t()
+    private enum State { case waiting, open, cancelled }
+    private var state = State.waiting
+    private var skip: [Bool] = []
+    private var waiting = 0
+    private var _firstEntry: UInt64? = nil
+    init() { pthread_mutex_init(&lock, nil); pthread_cond_init(&cond, nil) }
+    deinit { pthread_cond_destroy(&cond); pthread_mutex_destroy(&lock) }
+
+    /// Blocks until opened (true: run vCPU `vcpu`) or cancelled (false).
+    func wait(vcpu: Int) -> Bool {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        waiting += 1
+        pthread_cond_broadcast(&cond)
+        while state == .waiting { pthread_cond_wait(&cond, &lock) }
+        return state == .open && !(vcpu < skip.count && skip[vcpu])
+    }
+
+    /// Waits until `n` threads wait at the gate (they exist and are parked: the switch does
+    /// not pay for their creation).
+    func awaitWaiting(_ n: Int) {
+        pthread_mutex_lock(&lock)
+        while waiting < n && state == .waiting { pthread_cond_wait(&cond, &lock) }
+        pthread_mutex_unlock(&lock)
+    }
+
+    /// Lets the threads run, except those with `skip` set (their vCPU finished at the source).
+    func open(skip s: [Bool]) {
+        pthread_mutex_lock(&lock)
+        if state == .waiting { skip = s; state = .open }
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&lock)
+    }
+
+    /// Ends the waiting threads without running (no-op once open).
+    func cancel() {
+        pthread_mutex_lock(&lock)
+        if state == .waiting { state = .cancelled }
+        pthread_cond_broadcast(&cond)
+        pthread_mutex_unlock(&lock)
+    }
+
+    var isOpen: Bool { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return state == .open }
+
+    /// A thread is about to enter KVM_RUN: the first one's CLOCK_REALTIME is kept.
+    func entering() {
+        let now = LiveMigration.realtimeNanos()
+        pthread_mutex_lock(&lock)
+        if _firstEntry == nil { _firstEntry = now }
+        pthread_mutex_unlock(&lock)
+    }
+    /// CLOCK_REALTIME when the first thread entered KVM_RUN (nil: none yet).
+    var firstEntry: UInt64? { pthread_mutex_lock(&lock); defer { pthread_mutex_unlock(&lock) }; return _firstEntry }
 }

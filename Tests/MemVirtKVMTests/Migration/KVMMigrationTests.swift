@@ -58,8 +58,11 @@ struct KVMMigrationTests {
             #expect(s.rounds > 1)
             #expect(s.dirtyPerRound.count > 2 && s.dirtyPerRound[1] > 0)
         case .postcopy:
-            #expect(dst.pagesRequested > 0)
-            #expect(s.pagesRequested > 0)
+            // Whether the guest faults on a page before the push reaches it depends on the
+            // host's scheduling (flaky under load as `> 0`): the mechanism is asserted in
+            // PreparedPostcopyTests.faultBecomesRequest; here the accounting. A page the
+            // source sent as asked was asked by the destination; every page went once.
+            #expect(s.pagesRequested <= dst.pagesRequested)
             #expect(s.pagesRequested + s.pagesPushed == UInt64(Self.running.footprint.rawValue / 4096))
         case .hybrid:
             // One pre-copy round after the full copy; the pages the guest dirties while it runs

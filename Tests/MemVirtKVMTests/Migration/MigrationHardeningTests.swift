@@ -59,15 +59,19 @@ final class CraftedStream {
         }
     }
 
-    /// A STATE message for one vCPU: `state`'s encoding, then `alter` applied to its bytes.
-    static func state(_ s: VCPUState, alter: (inout [UInt8]) -> Void = { _ in }) -> [UInt8] {
+    /// A STATE message for one vCPU: `state`'s encoding, then `alter` applied to its bytes,
+    /// then the stale runtime pages (version 4; none unless given).
+    static func state(_ s: VCPUState, stale: [UInt64] = [], alter: (inout [UInt8]) -> Void = { _ in }) -> [UInt8] {
         var b = s.encoded()
         alter(&b)
         var w = ByteWriter()
         w.put(LiveMigration.realtimeNanos())  // stop time
         w.put(UInt64(1))  // vCPUs
         w.put(UInt8(0))  // not done
-        return w.bytes + b
+        var tail = ByteWriter()
+        tail.put(UInt64(stale.count))
+        for p in stale { tail.put(p) }
+        return w.bytes + b + tail.bytes
     }
 }
 
