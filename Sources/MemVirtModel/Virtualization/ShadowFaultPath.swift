@@ -420,15 +420,20 @@ extension ShadowPaging {
                 directMapPrefetch(gfn)
             }
         }
-        // The string store is emulated to its end in chunks, each an emulated write that
-        // kvm_mmu_track_write counts (`mmu_pte_write`): measured on kvm_pvm, exactly 128 per
-        // 4 KiB frame (docs/guest-ops.md), 32 bytes a chunk. The chunks span several
-        // entries, so the gfn's shadow pages go at the first (detect_write_misaligned;
-        // KVM's count shows them gone without `mmu_flooded`: unprotected, as
-        // kvm_mmu_unprotect_gfn_and_retry does).
-        let chunks = UInt64(4096 / Self.stringWriteChunk)
-        cpu.counters.add(.mmuPteWrite, chunks)
-        cpu.ledger.charge(.shadowSync, Double(chunks) * cpu.costs.shadowPTEWrite)
+        // x86_emulate_instruction (EMULTYPE_ALLOW_RETRY_PF, and `stos`/`movs` are not
+        // page-table-writing instructions): KVM first tries kvm_mmu_unprotect_gfn_and_retry,
+        // which zaps every shadow page of the gfn and lets the guest re-execute the string
+        // natively when the zap put a page on the invalid list. A root still in use (the
+        // current or a cached previous root, root_count > 0: __kvm_mmu_prepare_zap_page only
+        // unlinks it) goes on no list, so the retry is refused and the whole string is
+        // emulated, one tracked write per element (kvm_mmu_track_write: `mmu_pte_write`).
+        // Seen on kvm_pvm with kvmmmu tracepoints (docs/validate.md, guest-fork-cow-exit).
+        let rootInUse = sps.contains { pages[$0].live && (pages[$0].isRoot || $0 == currentRoot) }
+        if rootInUse {
+            let writes = UInt64(4096 / Self.stringWriteElement)
+            cpu.counters.add(.mmuPteWrite, writes)
+            cpu.ledger.charge(.shadowSync, Double(writes) * cpu.costs.shadowPTEWrite)
+        }
         for i in sps where pages[i].live {
             if pages[i].isRoot && i != currentRoot {
                 pages[i].isRoot = false
@@ -438,9 +443,9 @@ extension ShadowPaging {
         }
     }
 
-    /// Bytes per emulated write when KVM emulates a guest string store (measured: 128 tracked
-    /// writes per 4 KiB `rep stosq`/`rep movsq` on kvm_pvm, docs/guest-ops.md).
-    static let stringWriteChunk = 32
+    /// Bytes per emulated write when KVM emulates a guest string store: the emulator runs
+    /// `rep stosq`/`rep movsq` one 8-byte element per iteration (em_mov, string_addr_inc).
+    static let stringWriteElement = 8
 
     /// Shadows guest table `gfn` at `level` now (kvm_mmu_get_shadow_page), as KVM has shadowed
     /// a table before a measured phase because the guest ran through it (the KVM guest's
