@@ -37,6 +37,8 @@ struct APFPhaseResult {
     var faults = 0
     /// Reads the phase made, warm-up included (what `counters` cover).
     var phaseFaults = 0
+    /// Why the reads could not be matched to their events, if so.
+    var problem: String? = nil
 }
 
 extension Session {
@@ -97,19 +99,24 @@ extension Session {
         let ticks = try (0..<total).map { (i) throws(KVMError) in
             try g.runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: g.layout.list + UInt64(8 * i)))
         }
-        // Match by token (the faulting read's address, CR2, truncated to 32 bits; the reads go
-        // to distinct pages in order).
-        func token(_ page: Int) -> UInt32 { UInt32(truncatingIfNeeded: base + UInt64(page) * 4096) }
-        var copied: [UInt32: UInt64] = [:]
-        for c in pager.report().copyTimes { copied[token(c.page)] = c.nanos }
-        var notPresent: [UInt32: APFEventTiming] = [:], ready: [UInt32: APFEventTiming] = [:]
-        for e in rep.apfTimes where e.nextEntryNanos > 0 {
-            if e.ready { ready[e.token] = e } else { notPresent[e.token] = e }
-        }
+        // Matching: the faulting thread reads pages 0, 1, ... in order, one fault at a time, so
+        // the i-th "page not present" is page i's, as is the pager's copy of page i; "page
+        // ready" carries the token "page not present" gave (KVM's, in CR2: not the address).
+        var copied: [Int: UInt64] = [:]
+        for c in pager.report().copyTimes { copied[c.page] = c.nanos }
+        let notPresent = rep.apfTimes.filter { !$0.ready }
+        var ready: [UInt32: APFEventTiming] = [:]
+        for e in rep.apfTimes where e.ready && e.nextEntryNanos > 0 { ready[e.token] = e }
         var out = APFPhaseResult()
+        guard notPresent.count == total else {
+            out.counters = counters
+            out.phaseFaults = total
+            out.problem = "\(notPresent.count) \"page not present\" for \(total) faulting reads (each read must go async once)"
+            return (out, pager)
+        }
         for i in warm..<total {
-            let t = token(i)
-            guard let np = notPresent[t], let rd = ready[t], let c = copied[t], c >= np.exitNanos, rd.exitNanos >= c else { continue }
+            let np = notPresent[i]
+            guard np.nextEntryNanos > 0, let rd = ready[np.token], let c = copied[i], c >= np.exitNanos, rd.exitNanos >= c else { continue }
             let guestNanos = Double(ticks[i]) / perNano
             out.notPresentHandling.append(Double(np.nextEntryNanos - np.exitNanos))
             out.readyToExit.append(Double(rd.exitNanos - c))

@@ -640,7 +640,7 @@ final class Session {
             acc["apf_ready_handling"]!.add(p.readyHandling, events: ev, counters: p.counters)
             acc["apf_fault_total"]!.add(p.faultTotal, events: ev, counters: p.counters)
             acc["apf_kvm_legs"]!.add(p.kvmLegs, events: ev, counters: p.counters)
-            if p.faults < n { apfProblem = "only \(p.faults) of \(n) faulting reads went async with matching timestamps" }
+            if let why = p.problem { apfProblem = why } else if p.faults < n { apfProblem = "only \(p.faults) of \(n) faulting reads had their four timestamps in order (not present, copy, ready)" }
         }
 
         let measurements = order.compactMap { acc[$0]!.result() }
