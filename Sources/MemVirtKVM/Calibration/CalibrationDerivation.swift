@@ -168,6 +168,19 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     add("DirtyTrackingCosts.bitmapPerDirtyPage", "bitmap_per_dirty_page", "Per dirty page of a bitmap harvest (copy, scan, re-protect).")
     add("DirtyTrackingCosts.ringPerEntry", "ring_per_entry", "Per entry of a ring harvest plus KVM_RESET_DIRTY_RINGS.")
     add("DirtyTrackingCosts.ringFixed", "ring_empty", "Fixed part of a ring harvest (one vCPU).")
+    // Async PF. The guest kernel's handlers run in the VMM here (CPL0 code is emulated), so
+    // the model's guest-side handlers are the VMM's handling; the "page ready" latency is what
+    // remains of apf_page_ready once the model's own charges on delivery are taken out.
+    if m("apf_not_present") != nil {
+        add("GuestSchedulingCosts.apfNotPresentHandler", "apf_not_present",
+            "The guest kernel's \"page not present\" handler (park the thread on its token, load the next): here the VMM-side scheduler, from the #PF stub's exit to the next thread's entry. The exception delivery before it stays CostModel.guestExceptionRoundTrip, KVM's queueing of the work stays apfSetup (both inherited).")
+        add("GuestSchedulingCosts.apfReadyHandler", "apf_ready_handling",
+            "The guest kernel's \"page ready\" handler (token, EOI, ACK, wake; the woken thread loaded): here the VMM-side scheduler, from the interrupt stub's exit to the woken thread's entry.")
+        if m("wp_fault_after_harvest") != nil {
+            add("GuestSchedulingCosts.pageReadyDelay", "apf_ready_to_exit", minus: [("wp_fault_after_harvest", 1)],
+                "The page's arrival (UFFDIO_COPY returned) to \"page ready\" reaching the guest kernel, less the exit the model charges on delivery (CostModel.vmExitRoundTrip, the write-protect fault): the model's pageReadyDelay + vmExitRoundTrip + apfReadyHandler then add up to apf_page_ready.")
+        }
+    }
     r.costs = costs
     r.bounds = bounds
     r.omitted = omitted

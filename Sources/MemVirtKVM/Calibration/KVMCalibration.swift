@@ -371,6 +371,17 @@ final class Session {
             bench("ksm_cow_break", path: "pf_fixed", "guest write to a mapped page KSM merged (KVM fault, host copy-on-write break); pages merged once before the rounds, broken a share per round")
             bench("pair_ksm_minus_touch", path: nil, "per pair, in one guest loop iteration: a KSM copy-on-write break (as ksm_cow_break) minus a first write to a fresh page of the same VM (guest TSC)")
         }
+        // Async PF: a phase of its own after the rounds (a guest kernel with a counting and a
+        // faulting thread; see APFCalibration.swift).
+        let apfMissing: String? = kvm.check(.asyncPF) > 0 && kvm.check(.asyncPFInt) > 0 ? nil : "KVM_CAP_ASYNC_PF / KVM_CAP_ASYNC_PF_INT not supported"
+        if apfMissing == nil {
+            bench("apf_not_present", path: "apf_not_present", "\"page not present\" (a guest read of a page the userfaultfd pager holds back \(Self.apfStoreDelayNanos / 1000) us, made async by KVM): the VMM's monotonic clock from KVM_RUN returning with the #PF stub's exit to KVM_RUN entered with the counting thread (the VMM-side scheduler parked the faulting thread and loaded the next)")
+            bench("apf_page_ready", path: "apf_ready", "\"page ready\": the pager's UFFDIO_COPY returned to KVM_RUN entered with the woken faulting thread (KVM's async worker, the page-ready interrupt, its stub's exit, the VMM's handler), monotonic clock on both sides")
+            bench("apf_ready_to_exit", path: "apf_ready", "the first part of apf_page_ready: UFFDIO_COPY returned to KVM_RUN returning with the page-ready interrupt's stub exit")
+            bench("apf_ready_handling", path: "apf_ready", "the second part of apf_page_ready: the VMM's handler (token, EOI, MSR_KVM_ASYNC_PF_ACK, wake, load the woken thread) to KVM_RUN entered")
+            bench("apf_fault_total", path: "apf_not_present", "the faulting read as the guest thread saw it (guest TSC around the read): not present, parked while the counting thread runs, the store's \(Self.apfStoreDelayNanos / 1000) us, page ready, the read again")
+            bench("apf_kvm_legs", path: nil, "per fault, apf_fault_total minus the VMM's time from the not-present exit to the woken thread's entry: the legs inside KVM_RUN (the read to the #PF stub's exit; the entry to the read done)")
+        }
         // The hypercall exit: probed in a VM of its own first (a guest that takes #UD for it
         // would end the VM).
         let insn = kvm.platform == .svm ? "VMMCALL" : "VMCALL"
@@ -619,6 +630,18 @@ final class Session {
         }
         server.stop()
         if let e = server.error { throw e }
+        var apfProblem = apfMissing
+        if apfMissing == nil {
+            let p = try apfPhase(samples: n, warm: warm)
+            let ev = p.phaseFaults
+            acc["apf_not_present"]!.add(p.notPresentHandling, events: ev, counters: p.counters)
+            acc["apf_page_ready"]!.add(p.ready, events: ev, counters: p.counters)
+            acc["apf_ready_to_exit"]!.add(p.readyToExit, events: ev, counters: p.counters)
+            acc["apf_ready_handling"]!.add(p.readyHandling, events: ev, counters: p.counters)
+            acc["apf_fault_total"]!.add(p.faultTotal, events: ev, counters: p.counters)
+            acc["apf_kvm_legs"]!.add(p.kvmLegs, events: ev, counters: p.counters)
+            if let why = p.problem { apfProblem = why } else if p.faults < n { apfProblem = "only \(p.faults) of \(n) faulting reads had their four timestamps in order (not present, copy, ready)" }
+        }
 
         let measurements = order.compactMap { acc[$0]!.result() }
         var report = CalibrationReport(
@@ -628,6 +651,7 @@ final class Session {
         derive(&report, nested: nested, pvm: pvm)
         if let why = ksmProblem { report.omitted.append(("HostCosts.pageCopy", "ksm_cow_break: " + why)) }
         if let why = hypercallProblem { report.omitted.append(("exit_hypercall (reported only)", why)) }
+        if let why = apfProblem { report.omitted.append(("async PF (apf_*)", why)) }
         if let ref = report.measurement("cpl0_instruction") {
             let steal1 = HostStealTime.read()
             let loop = report.measurement("host_loop")

@@ -34,7 +34,24 @@ public struct GuestKernelOptions: Sendable {
     /// The run ends when every one of these threads reported DONE (the others, e.g. counting
     /// threads, run on until then). Nil: when all threads are done, or at the deadline.
     public var finishWhenDone: Set<Int>? = nil
+    /// Record every async-PF event's VMM timestamps (`VCPUSchedulerReport.apfTimes`): for
+    /// `kvm calibrate`'s "page not present" and "page ready" figures.
+    public var recordAPFTimes = false
     public init() {}
+}
+
+/// One async-PF event as the VMM's scheduler saw it (host CLOCK_MONOTONIC nanoseconds).
+public struct APFEventTiming: Sendable {
+    /// false: "page not present" (the faulting thread parked); true: "page ready" (a parked
+    /// thread woken; wake-all broadcasts and unmatched tokens are not recorded).
+    public var ready: Bool
+    /// The async-PF token (CR2 of "page not present", the area's token of "page ready").
+    public var token: UInt32
+    /// KVM_RUN returned with the event's stub exit.
+    public var exitNanos: UInt64
+    /// KVM_RUN entered again after the VMM handled it: with the next thread (not present) or
+    /// the woken thread (ready). 0: the run ended first.
+    public var nextEntryNanos: UInt64
 }
 
 /// One guest thread: the vCPU it is bound to and its command (in its own mailbox).
@@ -80,6 +97,8 @@ public struct VCPUSchedulerReport: Sendable {
     /// Per guest thread (by id): nanoseconds it held the vCPU, KVM_RUN entry to exit while it
     /// was the current thread (a fault it waits for inside KVM counts as its own time).
     public var threadNanos: [Int: UInt64] = [:]
+    /// With `GuestKernelOptions.recordAPFTimes`: every async-PF event in order.
+    public var apfTimes: [APFEventTiming] = []
 
     public var json: JSONValue {
         .object([
@@ -323,6 +342,10 @@ struct VCPUScheduler {
     /// The vCPU's registers are the current thread's already (a resumed scheduler): no load
     /// before the first entry.
     var loaded = false
+    /// When the last KVM_RUN returned, and whether the last recorded async-PF event waits for
+    /// the next entry's timestamp.
+    var lastExit: UInt64 = 0
+    var apfAwaitingEntry = false
 
     /// Goes on from `st` (saved by an earlier run, here or in another VM).
     init(kernel: GuestKernel, vcpu v: VirtualCPU, resume st: VCPUSchedulerState) throws(KVMError) {
@@ -388,8 +411,10 @@ struct VCPUScheduler {
         // (in guest memory, which moves with the guest).
         loop: while monotonicNanoseconds() < deadline && !kernel.stopRequested {
             let entered = monotonicNanoseconds()
+            if apfAwaitingEntry { report.apfTimes[report.apfTimes.count - 1].nextEntryNanos = entered; apfAwaitingEntry = false }
             let exit = try v.runOnce()
             let t0 = monotonicNanoseconds()
+            lastExit = t0
             if let c = current { report.threadNanos[ids[c], default: 0] += t0 - entered }
             report.exits += 1
             if current == nil && idleSince > 0 { report.idleNanos += t0 - idleSince; idleSince = 0 }
@@ -468,6 +493,10 @@ struct VCPUScheduler {
             if wokenAt[cur] > 0 { report.runToFaultNanos += now - wokenAt[cur]; wokenAt[cur] = 0 }
             current = nil
             report.apfNotPresent += 1
+            if kernel.options.recordAPFTimes {
+                report.apfTimes.append(APFEventTiming(ready: false, token: UInt32(truncatingIfNeeded: cr2), exitNanos: lastExit, nextEntryNanos: 0))
+                apfAwaitingEntry = true
+            }
         case MEMVIRT_VECTOR_TIMER:
             report.timerTicks += 1
             try eoi()
@@ -493,6 +522,10 @@ struct VCPUScheduler {
                 }
             }
             if token == 0xffff_ffff { report.apfWakeAll += 1 } else if woken.isEmpty { report.apfUnmatched += 1 }
+            if kernel.options.recordAPFTimes && token != 0xffff_ffff && !woken.isEmpty {
+                report.apfTimes.append(APFEventTiming(ready: true, token: token, exitNanos: lastExit, nextEntryNanos: 0))
+                apfAwaitingEntry = true
+            }
             // The woken thread runs next (it waited for its page); the interrupted one after it.
             if let cur = current { runQueue.insert(cur, at: 0); current = nil }
             runQueue.insert(contentsOf: woken, at: 0)

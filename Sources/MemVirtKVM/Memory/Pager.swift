@@ -21,6 +21,9 @@ public struct PagerOptions: Sendable {
     public var storeDelayNanos: UInt64 = 0
     /// What the store holds before the guest runs.
     public var storeContent: StoreContent = .empty
+    /// Record when each fault's UFFDIO_COPY returned (`PagerReport.copyTimes`): for `kvm
+    /// calibrate`'s "page ready" figure.
+    public var recordCopyTimes = false
     public init() {}
 
     /// The page store's initial content.
@@ -50,6 +53,9 @@ public struct PagerReport: Sendable {
     public var residentLimitPages: Int?
     public var peakResidentPages: Int
     public var serviceNanos: Histogram<UInt64>
+    /// With `PagerOptions.recordCopyTimes`: per served fault, its page and when its
+    /// UFFDIO_COPY returned (CLOCK_MONOTONIC nanoseconds).
+    public var copyTimes: [(page: Int, nanos: UInt64)] = []
 
     public var json: JSONValue {
         let h = serviceNanos
@@ -288,6 +294,7 @@ public final class Pager: @unchecked Sendable {
             rc = ckvm_uffdio_copy(uffd.raw, &copy)
         }
         if rc < 0 && rc != -EEXIST { _ = try checked(rc, "UFFDIO_COPY(page \(page), \(k) pages)") }
+        if record && options.recordCopyTimes { r.copyTimes.append((page, monotonicNanoseconds())) }
         for j in 0..<k {
             resident[page + j] = true
             fifo.append(Int32(page + j))
