@@ -597,7 +597,7 @@ final class Session {
         var ksm: KSMPool? = nil
         if ksmMissing == nil {
             do {
-                let pool = try ksmPrepare(n * f + warm)
+                let pool = try ksmPrepare(n * f + warm, timeoutSeconds: o.quick ? 20 : 60)
                 _ = try pool.breakNext(warm)
                 ksm = pool
             } catch {
@@ -715,7 +715,9 @@ final class Session {
     /// KSM copy-on-write breaks: the guest maps `count` pages, the VMM makes them identical,
     /// ksmd merges them (KSM.withSession restores the host's settings after: merged pages
     /// stay merged), and `KSMPool.breakNext` has the guest write the next ones.
-    func ksmPrepare(_ count: Int) throws(KVMError) -> KSMPool {
+    /// `timeoutSeconds`: how long ksmd may take (another process's KSM session on the host can
+    /// hold ksmd off: the benchmark is then left out, and `--quick` stays short).
+    func ksmPrepare(_ count: Int, timeoutSeconds: Double) throws(KVMError) -> KSMPool {
         // `count` pages to merge, then `count` never touched (the paired first touches).
         var ce = GuestConfig(dataSize: (UInt64(2 * count) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
         ce.mergeable = true
@@ -728,11 +730,11 @@ final class Session {
         }
         try KSM.withSession { (session) throws(KVMError) in
             let before = KSM.processStat()?.mergingPages ?? 0
-            let merged = session.waitUntil(timeoutSeconds: 60) {
+            let merged = session.waitUntil(timeoutSeconds: timeoutSeconds) {
                 (KSM.processStat()?.mergingPages ?? 0) >= before + UInt64(count) - UInt64(count / 256 + 2)
             }
             guard merged else {
-                throw KVMError.invalid("ksmd merged \((KSM.processStat()?.mergingPages ?? 0) &- before) of \(count) identical pages in 60 s")
+                throw KVMError.invalid("ksmd merged \((KSM.processStat()?.mergingPages ?? 0) &- before) of \(count) identical pages in \(Int(timeoutSeconds)) s")
             }
         }
         return try KSMPool(vm: e, count: count)
