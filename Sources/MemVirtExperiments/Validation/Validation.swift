@@ -174,7 +174,7 @@ public struct Validation: Experiment {
             "the shadow MMU's faults with read-only sptes for clean gptes, no prefetch of unaccessed gptes, the host zero page and its copy-on-write retry\(c.kind == .prebuilt ? "" : ", dirty logging by write protection")"
         case .host(let h): ValidationHostCases.modelled(h)
         case .guestOps:
-            "the guest kernel's own #PF handler, PTE writes, INVLPGs and CR3 loads through the shadow MMU: unsync leaf tables synced on INVLPG and CR3 loads (kvm_sync_spte, kvm_mmu_sync_roots), emulated stores counted by kvm_mmu_track_write (one per CPL0 stub, 128 per refilled table frame still shadowed), flooding never on level 1 (detect_write_flooding), unsync children zapped with their parent (mmu_zap_unsync_children), the direct map's prefetch (__direct_pte_prefetch), each CPL0 stub charged as emulated instructions"
+            "the guest kernel's own #PF handler, PTE writes, INVLPGs and CR3 loads through the shadow MMU: unsync leaf tables synced on INVLPG and CR3 loads (kvm_sync_spte, kvm_mmu_sync_roots), emulated stores counted by kvm_mmu_track_write (one per CPL0 stub; a string store into a shadowed table frame retried natively after kvm_mmu_unprotect_gfn_and_retry, or emulated per 8-byte element when the frame is a root in use), flooding never on level 1 (detect_write_flooding), unsync children zapped with their parent (mmu_zap_unsync_children), the direct map's prefetch (__direct_pte_prefetch), each CPL0 stub charged as emulated instructions"
         }
     }
 
