@@ -108,6 +108,17 @@ enum memvirt_calibrate_op {
     /// Pairs: a write of word 0 of page `base` + i * `stride`, then a read of `table` (mapped
     /// not present: the #PF goes to the calibration handler, as MEMVIRT_CAL_GUEST_PF).
     MEMVIRT_CAL_PAIR_PF = 9,
+    /// Pairs: a write of word 0 of page `base` + i * `stride`, then the page-table-editing
+    /// guest's INVLPG stub entered from CPL3 as guest_ops.c enters it (`ud2` with %rdi =
+    /// `table`, %rsi = the continuation; vector 6 at memvirt_guest_ops_invlpg_handler).
+    MEMVIRT_CAL_PAIR_INVLPG_STUB = 10,
+    /// Pairs: a write of word 0 of page `base` + i * `stride`, then the CR3 stub as guest_ops.c
+    /// enters it (`div` by zero with %rdx = `salt`, the current CR3; vector 0 at
+    /// memvirt_guest_ops_cr3_handler).
+    MEMVIRT_CAL_PAIR_CR3_STUB = 11,
+    /// As MEMVIRT_CAL_PAIR_CR3_STUB, switching roots: pair i loads `table` (i even) or `salt`
+    /// (i odd), two roots mapping the same memory (`salt` the current one; `count` even).
+    MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB = 12,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's
