@@ -43,13 +43,13 @@ extension Session {
     /// One round of the stub pairs, `k` each: the write-protect fault on page `wpBase` + i x
     /// 4 KiB (write-protected again by a harvest of `bitmap` before each batch), then the stub
     /// (INVLPG of `invlpgTarget`; CR3 := the vCPU's current CR3; CR3 := `secondRoot` and back,
-    /// an even count). Samples: per-pair differences.
+    /// k rounded up to even). Samples: per-pair differences.
     func stubPairRound(_ g: GuestVM, _ st: StatProbe, bitmap: DirtyBitmapLog, wpBase: UInt64, invlpgTarget: UInt64, secondRoot: UInt64?,
                        perNano: Double, k: Int, record: Bool) throws(KVMError) {
         let cr3 = try g.vcpus[0].getSregs().cr3
         var batches = [(Self.invlpgStubPair, MEMVIRT_CAL_PAIR_INVLPG_STUB, UInt64(0), invlpgTarget, k),
                        (Self.cr3StubPair, MEMVIRT_CAL_PAIR_CR3_STUB, cr3, UInt64(0), k)]
-        if let b = secondRoot { batches.append((Self.cr3SwitchStubPair, MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB, cr3, b, max(2, k & ~1))) }
+        if let b = secondRoot { batches.append((Self.cr3SwitchStubPair, MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB, cr3, b, (k + 1) & ~1)) }
         for (name, op, salt, other, n) in batches {
             _ = try bitmap.harvest()
             let before = try st.read()
