@@ -80,6 +80,7 @@ public struct ProfileParameter: Sendable {
             .init("CostModel.invlpgStub", "cost_model", "invlpg_stub", .cycles, { $0.costs.invlpgStub }, { $0.costs.invlpgStub = $1 }),
             .init("CostModel.cr3Stub", "cost_model", "cr3_stub", .cycles, { $0.costs.cr3Stub }, { $0.costs.cr3Stub = $1 }),
             .init("CostModel.cr3SwitchStub", "cost_model", "cr3_switch_stub", .cycles, { $0.costs.cr3SwitchStub }, { $0.costs.cr3SwitchStub = $1 }),
+            .init("CostModel.stringStoreElement", "cost_model", "string_store_element", .cycles, { $0.costs.stringStoreElement }, { $0.costs.stringStoreElement = $1 }),
             .init("CostModel.diskRead4K", "cost_model", "disk_read_4k", .cycles, { $0.costs.diskRead4K }, { $0.costs.diskRead4K = $1 }),
             .init("CostModel.exitsPerDiskIO", "cost_model", "exits_per_disk_io", .count, { $0.costs.exitsPerDiskIO }, { $0.costs.exitsPerDiskIO = $1 }),
             .init("HostCosts.swapCacheHit", "host", "swap_cache_hit", .cycles, { $0.host.swapCacheHit }, { $0.host.swapCacheHit = $1 }),

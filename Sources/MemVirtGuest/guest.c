@@ -174,6 +174,24 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
     const uint64_t op = mb->pattern, base = mb->base, n = mb->count, stride = mb->stride;
     const uint64_t salt = mb->salt, other = mb->table;
     volatile uint64_t *out = (volatile uint64_t *)mb->list;
+    if (op == MEMVIRT_CAL_PAIR_STRING_ROOT) {
+        for (uint64_t i = 0; i < 2 * n; i++) out[i] = 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t t[4];
+            for (uint64_t j = 0; j < 2; j++) {
+                // Re-shadow `other` as a root and leave it cached (the last string zapped it).
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\txor %%ecx, %%ecx\n\tdivl %%ecx\n1:" : : "d"(other) : "rsi", "rcx", "rax", "memory");
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\txor %%ecx, %%ecx\n\tdivl %%ecx\n1:" : : "d"(salt) : "rsi", "rcx", "rax", "memory");
+                uint64_t c = j ? 512 : 1, d = other, s = other;
+                t[2 * j] = tsc_fenced();
+                __asm__ volatile("rep movsq" : "+c"(c), "+D"(d), "+S"(s) : : "memory");
+                t[2 * j + 1] = tsc_fenced();
+            }
+            out[2 * i] = t[1] - t[0];
+            out[2 * i + 1] = t[3] - t[2];
+        }
+        return;
+    }
     if (op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF || op == MEMVIRT_CAL_PAIR_INVLPG_STUB ||
         op == MEMVIRT_CAL_PAIR_CR3_STUB || op == MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB) {
         for (uint64_t i = 0; i < 2 * n; i++) out[i] = 0;

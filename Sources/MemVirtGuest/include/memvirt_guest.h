@@ -119,6 +119,11 @@ enum memvirt_calibrate_op {
     /// As MEMVIRT_CAL_PAIR_CR3_STUB, switching roots: pair i loads `table` (i even) or `salt`
     /// (i odd), two roots mapping the same memory (`salt` the current one; `count` even).
     MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB = 12,
+    /// Pairs, a string store KVM emulates element by element: root `table` (a copy of the
+    /// current root `salt`) made a cached shadow root (CR3 := `table`, CR3 := `salt` through the
+    /// CR3 stub, untimed), then `rep movsq` of 1 element of it onto itself, timed; again, then
+    /// of all 512, timed. The frame is a root in use, so KVM cannot unprotect and retry.
+    MEMVIRT_CAL_PAIR_STRING_ROOT = 13,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's

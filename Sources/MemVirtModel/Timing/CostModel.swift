@@ -109,6 +109,12 @@ public struct CostModel: Sendable, Hashable {
     /// write's exit and `cr3SwitchHandler`: `cr3Stub` for a switch. Estimate 3,300 cycles as
     /// `cr3Stub`; measured by pair_cr3_switch_stub_minus_wp.
     public var cr3SwitchStub: Double = 3_300
+    /// One element of a guest string store (`rep stosq`/`rep movsq`) that KVM emulates whole
+    /// because its frame is a shadow root in use (ShadowPaging.stringWrite): an emulator
+    /// iteration and kvm_mmu_track_write, beside the string's one exit and instruction
+    /// emulation. Estimate 1,000 cycles, as `shadowPTEWrite` (what the model charged per element
+    /// before it was measured); `kvm calibrate` measures it (string_root_per_element).
+    public var stringStoreElement: Double = 1_000
     /// The categories that are the virtualization layer's (what a hypervisor adds).
     public static let virtualizationCategories: Set<String> = ["vm_exits", "hypervisor_faults", "emulation", "shadow_sync", "host_faults"]
     /// A 4 KiB read from the guest's disk for a hard (major) fault: ~80 us for a datacenter

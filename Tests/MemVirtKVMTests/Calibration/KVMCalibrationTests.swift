@@ -10,7 +10,7 @@ let calibratableParameters: Set<String> = [
     "CostModel.eptViolationHandler", "CostModel.instructionEmulation", "CostModel.invlpgHandler",
     "CostModel.cr3SwitchHandler", "CostModel.faultInjection", "CostModel.shadowPTEWrite", "CostModel.invlpg",
     "CostModel.cr3Write", "CostModel.guestExceptionRoundTrip",
-    "CostModel.invlpgStub", "CostModel.cr3Stub", "CostModel.cr3SwitchStub",
+    "CostModel.invlpgStub", "CostModel.cr3Stub", "CostModel.cr3SwitchStub", "CostModel.stringStoreElement",
     "HostCosts.dontneedPerPage", "HostCosts.userfaultfdZeroPage", "HostCosts.userfaultfdCopy",
     "DirtyTrackingCosts.writeProtectFault", "DirtyTrackingCosts.bitmapPerGiB", "DirtyTrackingCosts.bitmapPerDirtyPage",
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
