@@ -42,6 +42,22 @@ struct GuestStubPricingTests {
         #expect(emulated.counters[.insnEmulation] - native.counters[.insnEmulation] == 3 * stubs)
     }
 
+    @Test("Emulated string stores into a root in use: stringStoreElement per 8-byte element, 512 per 4 KiB string")
+    func stringElements() throws {
+        let script = try #require(GuestOpScript.named("fork-cow-exit", quick: true, seed: 11))
+        let a = ReproductionMachine.pvmShadow
+        var b = a
+        let d = 7_000.0
+        b.costs.stringStoreElement += d
+        let (ma, _) = try ValidationGuestOps.runModel(script, machine: a, cpl0Emulated: true)
+        let (mb, _) = try ValidationGuestOps.runModel(script, machine: b, cpl0Emulated: true)
+        let elements = (mb.cycles - ma.cycles) / d
+        let strings = (elements / 512).rounded()
+        // fork-cow-exit reuses an exited child's root frame for a new table: KVM emulates those strings.
+        #expect(strings >= 1 && abs(elements - 512 * strings) < 1e-3, "\(elements) elements charged")
+        #expect(512 * strings <= Double(ma.counters[.mmuPteWrite]), "each element is a tracked write (mmu_pte_write \(ma.counters[.mmuPteWrite]))")
+    }
+
     @Test("A whole stub's charge: N INVLPG stubs cost N x (exit + invlpgHandler + invlpgStub) in the model's ledger")
     func invlpgClosedForm() throws {
         var config = ModelConfig()
