@@ -174,7 +174,26 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
     const uint64_t op = mb->pattern, base = mb->base, n = mb->count, stride = mb->stride;
     const uint64_t salt = mb->salt, other = mb->table;
     volatile uint64_t *out = (volatile uint64_t *)mb->list;
-    if (op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF) {
+    if (op == MEMVIRT_CAL_PAIR_STRING_ROOT) {
+        for (uint64_t i = 0; i < 2 * n; i++) out[i] = 0;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t t[4];
+            for (uint64_t j = 0; j < 2; j++) {
+                // Re-shadow `other` as a root and leave it cached (the last string zapped it).
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\txor %%ecx, %%ecx\n\tdivl %%ecx\n1:" : : "d"(other) : "rsi", "rcx", "rax", "memory");
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\txor %%ecx, %%ecx\n\tdivl %%ecx\n1:" : : "d"(salt) : "rsi", "rcx", "rax", "memory");
+                uint64_t c = j ? 512 : 1, d = other, s = other;
+                t[2 * j] = tsc_fenced();
+                __asm__ volatile("rep movsq" : "+c"(c), "+D"(d), "+S"(s) : : "memory");
+                t[2 * j + 1] = tsc_fenced();
+            }
+            out[2 * i] = t[1] - t[0];
+            out[2 * i + 1] = t[3] - t[2];
+        }
+        return;
+    }
+    if (op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF || op == MEMVIRT_CAL_PAIR_INVLPG_STUB ||
+        op == MEMVIRT_CAL_PAIR_CR3_STUB || op == MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB) {
         for (uint64_t i = 0; i < 2 * n; i++) out[i] = 0;
         for (uint64_t i = 0; i < n; i++) {
             uint64_t t0 = tsc_fenced();
@@ -182,6 +201,13 @@ GI void calibrate(volatile struct memvirt_mailbox *mb) {
             uint64_t t1 = tsc_fenced();
             if (op == MEMVIRT_CAL_PAIR_TOUCH) {
                 *(volatile uint64_t *)(other + i * stride) = i + 1;
+            } else if (op == MEMVIRT_CAL_PAIR_INVLPG_STUB) {
+                // As guest_ops.c's cpu_invlpg: the #UD stub runs INVLPG (%rdi), resumes at 1:.
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\tud2\n1:" : : "D"(other) : "rsi", "memory");
+            } else if (op == MEMVIRT_CAL_PAIR_CR3_STUB || op == MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB) {
+                // As guest_ops.c's cpu_load_cr3: the #DE stub loads CR3 := %rdx, resumes at 1:.
+                const uint64_t cr3 = op == MEMVIRT_CAL_PAIR_CR3_STUB || (i & 1) ? salt : other;
+                __asm__ volatile("lea 1f(%%rip), %%rsi\n\txor %%ecx, %%ecx\n\tdivl %%ecx\n1:" : : "d"(cr3) : "rsi", "rcx", "rax", "memory");
             } else {
                 __asm__ volatile("lea 1f(%%rip), %%rsi\n\tmovq (%0), %%rax\n1:" : : "r"(other) : "rsi", "rax", "memory");
             }

@@ -23,7 +23,9 @@ enum ValidationGuestOps {
     }
 
     /// Whether this host's KVM emulates the guest's CPL0 code (kvm_pvm): the model then
-    /// charges the stubs' instructions as the KVM guest pays them.
+    /// charges each stub as `kvm calibrate` measured the guest's own stubs from CPL3
+    /// (GuestCPL0Stubs: faultInjection, invlpgStub, cr3Stub, cr3SwitchStub from the profile) and
+    /// counts the second exit each stub's IRET takes.
     static var cpl0Emulated: Bool { KVMPlatform.detect() == .pvm }
 
     /// The model's run of `script`: a fresh shadow-paged machine, space 0 loaded (its shadow
@@ -102,5 +104,5 @@ enum ValidationGuestOps {
         return r
     }
 
-    static let note = "A guest that edits its own page tables (GuestOpScript): regions start unmapped and the guest's own #PF handler maps zeroed frames; its kernel zeroes, copies and writes PTEs through a direct map (2 MiB guest pages, 4 KiB sptes), so KVM sees first touches of frames there, write-protection of shadowed tables, unsync and emulated PTE writes; INVLPG and CR3 loads run in 3-instruction CPL0 stubs (emulated on kvm_pvm)."
+    static let note = "A guest that edits its own page tables (GuestOpScript): regions start unmapped and the guest's own #PF handler maps zeroed frames; its kernel zeroes, copies and writes PTEs through a direct map (2 MiB guest pages, 4 KiB sptes), so KVM sees first touches of frames there, write-protection of shadowed tables, unsync and emulated PTE writes; INVLPG and CR3 loads run in 3-instruction CPL0 stubs (emulated on kvm_pvm: each stub priced as `kvm calibrate` times it whole, two exits each)."
 }

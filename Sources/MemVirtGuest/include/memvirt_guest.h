@@ -108,6 +108,22 @@ enum memvirt_calibrate_op {
     /// Pairs: a write of word 0 of page `base` + i * `stride`, then a read of `table` (mapped
     /// not present: the #PF goes to the calibration handler, as MEMVIRT_CAL_GUEST_PF).
     MEMVIRT_CAL_PAIR_PF = 9,
+    /// Pairs: a write of word 0 of page `base` + i * `stride`, then the page-table-editing
+    /// guest's INVLPG stub entered from CPL3 as guest_ops.c enters it (`ud2` with %rdi =
+    /// `table`, %rsi = the continuation; vector 6 at memvirt_guest_ops_invlpg_handler).
+    MEMVIRT_CAL_PAIR_INVLPG_STUB = 10,
+    /// Pairs: a write of word 0 of page `base` + i * `stride`, then the CR3 stub as guest_ops.c
+    /// enters it (`div` by zero with %rdx = `salt`, the current CR3; vector 0 at
+    /// memvirt_guest_ops_cr3_handler).
+    MEMVIRT_CAL_PAIR_CR3_STUB = 11,
+    /// As MEMVIRT_CAL_PAIR_CR3_STUB, switching roots: pair i loads `table` (i even) or `salt`
+    /// (i odd), two roots mapping the same memory (`salt` the current one; `count` even).
+    MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB = 12,
+    /// Pairs, a string store KVM emulates element by element: root `table` (a copy of the
+    /// current root `salt`) made a cached shadow root (CR3 := `table`, CR3 := `salt` through the
+    /// CR3 stub, untimed), then `rep movsq` of 1 element of it onto itself, timed; again, then
+    /// of all 512, timed. The frame is a root in use, so KVM cannot unprotect and retry.
+    MEMVIRT_CAL_PAIR_STRING_ROOT = 13,
 };
 
 /// Word k (0...511) of a page with content id `id` (nonzero) under FILL_PAGES: SplitMix64's

@@ -148,6 +148,7 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         }
         add("CostModel.shadowPTEWrite", "pt_write", minus: exit + [("cpl0_instruction", 1)],
             "KVM's handling of a write to a shadowed table beyond the exit and emulating the instruction (kvm_mmu_pte_write).")
+        deriveStubCosts(pvm: pvm) { p, n, mi, h in add(p, n, minus: mi, h) }
     }
     // Host memory. A KSM copy-on-write break is charged pageCopy beside the hypervisor's fault
     // (exit + handler, i.e. a first touch without the host's demand-zero).

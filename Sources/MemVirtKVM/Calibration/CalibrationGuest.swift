@@ -24,7 +24,7 @@ extension GuestVM {
     /// `exits` counts the exits the VMM saw ("vmm_io_exits" for pings, "vmm_mmio_exits").
     func calibrateEvents(op: memvirt_calibrate_op, count: Int, base: UInt64, stride: UInt64 = 4096,
                          salt: UInt64 = 0, other: UInt64 = 0, exits: inout [String: UInt64]) throws(KVMError) -> [UInt64] {
-        let outputs = op == MEMVIRT_CAL_PAIR_TOUCH || op == MEMVIRT_CAL_PAIR_PF ? 2 * count : count
+        let outputs = [MEMVIRT_CAL_PAIR_TOUCH, MEMVIRT_CAL_PAIR_PF, MEMVIRT_CAL_PAIR_INVLPG_STUB, MEMVIRT_CAL_PAIR_CR3_STUB, MEMVIRT_CAL_PAIR_CR3_SWITCH_STUB, MEMVIRT_CAL_PAIR_STRING_ROOT].contains(op) ? 2 * count : count
         guard count >= 1, outputs <= layout.listCapacity else {
             throw KVMError.invalid("calibration batch of \(count) events (\(outputs) timings): the guest's list area holds 1...\(layout.listCapacity)")
         }

@@ -299,6 +299,7 @@ final class Session {
         let pdeAddress = try a.pageTableEntryAddress(GuestVirtualAddress(rawValue: special), level: 2)
         let pdeValue = try a.runtime.load(UInt64.self, at: GuestPhysicalAddress(rawValue: pdeAddress))
         try a.installCalibrationPageFaultHandler()
+        let secondRoot = try Session.installStubGates(a)
         try a.markNotPresent(GuestVirtualAddress(rawValue: pfPage))
         let sa = try StatProbe(a)
         let perNano = try a.tscTicksPerNano()
@@ -349,6 +350,7 @@ final class Session {
         bench("exit_mmio", path: "vmm_mmio_exits", "guest write to guest-physical memory no slot backs (MMIO exit to user space and back)")
         bench("pair_touch_minus_wp", path: nil, "per pair, in one guest loop iteration: a first write to a fresh 4 KiB page minus a write to a page a dirty-log harvest write-protected (same VM, guest TSC)")
         bench("pair_pf_minus_wp", path: "pf_guest", "per pair, in one guest loop iteration: a guest #PF delivered to the 3-instruction handler and back (as guest_pf) minus a write to a harvested, write-protected page (same VM, guest TSC)")
+        registerStubBenchmarks()
         bench("exit_cpuid", path: "exits", "guest CPUID (an exit KVM handles in the kernel)")
         bench("cpl0_instruction", path: "insn_emulation", "(one KVM_RUN of 2(1+k) CPL0 instructions - one of 2) / 2k, k = 50")
         bench("invlpg", path: "invlpg", "(KVM_RUN of k x {INVLPG; dec; jnz} - of k x {dec; jnz}) / k at CPL0, k = 50")
@@ -586,6 +588,7 @@ final class Session {
         try touchRound(warm, record: false)
         try guestRound(warm, record: false)
         try pairRound(warm, record: false)
+        try stubPairRound(a, sa, bitmap: bitmapA, wpBase: wpBase, invlpgTarget: pfPage, secondRoot: secondRoot, perNano: perNano, k: warm, record: false)
         try cpl0Round(2, record: false)
         try uffdRound(warm, record: false)
         try dirtyRound(1, record: false)
@@ -611,6 +614,7 @@ final class Session {
             try touchRound(k * f, record: true)
             try guestRound(k * f, record: true)
             try pairRound(k * f, record: true)
+            try stubPairRound(a, sa, bitmap: bitmapA, wpBase: wpBase, invlpgTarget: pfPage, secondRoot: secondRoot, perNano: perNano, k: k * f, record: true)
             try cpl0Round(k, record: true)
             var hl: [Double] = []
             for _ in 0..<k { hl.append(hostLoop()) }

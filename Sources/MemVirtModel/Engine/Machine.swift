@@ -134,18 +134,26 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     public var onSyncPoint: ((UInt64?) -> Void)?
 
     public func invalidatePage(_ va: UInt64, space: AddressSpace) {
-        if let s = cpl0Stubs { chargeStub(s.invlpgOtherInstructions) }
+        if let s = cpl0Stubs { chargeStub(s.invlpgOtherInstructions, costs.invlpgStub) }
         mode.invalidatePage(va, space: space, cpu: cpu)
         if let o = onSyncPoint { o(va) }
     }
 
-    /// A CPL0 stub entered by an exception (the guest's `ud2` or `div`): its delivery and IRET
-    /// (`faultInjection`, calibrated on the guest_pf benchmark as exactly that path) and its
-    /// other emulated instructions; the privileged instruction itself is the mode's charge.
-    func chargeStub(_ otherInstructions: Int) {
-        cpu.ledger.charge(.emulation, costs.faultInjection + Double(otherInstructions) * costs.instructionEmulation)
+    /// A CPL0 stub entered by an exception (the guest's `ud2` or `div`): `cycles` is the whole
+    /// stub beyond the privileged instruction's exit and handler, which are the mode's charge
+    /// (`CostModel.invlpgStub` / `cr3Stub`, measured by `kvm calibrate` on the guest's own
+    /// stubs entered from CPL3: the exception, its delivery, the other instructions, the IRET).
+    func chargeStub(_ otherInstructions: Int, _ cycles: Double) {
+        cpu.ledger.charge(.emulation, cycles)
         cpu.counters.add(.insnEmulation, UInt64(otherInstructions + 2))
+        countStubIRETExits()
         countStubStores()
+    }
+
+    /// The exits a stub's IRET adds (`GuestCPL0Stubs.iretExits`): time inside the stub's
+    /// calibrated cost, counted here as KVM counts them (`exits`).
+    func countStubIRETExits() {
+        if let s = cpl0Stubs, s.iretExits > 0 { cpu.counters.add(.exits, UInt64(s.iretExits)) }
     }
 
     /// The stub's emulated stores, counted by a shadow MMU as KVM counts them (`mmu_pte_write`).
@@ -154,7 +162,8 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     }
 
     public func switchAddressSpace(to space: AddressSpace) {
-        if let s = cpl0Stubs { chargeStub(s.cr3OtherInstructions) }
+        // A load of the current space's root is a reload (cr3Stub), of another a switch.
+        if let s = cpl0Stubs { chargeStub(s.cr3OtherInstructions, space === self.space ? costs.cr3Stub : costs.cr3SwitchStub) }
         self.space = space
         mode.switchAddressSpace(to: space, cpu: cpu)
         if space.flushOnFirstLoad {
@@ -167,7 +176,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
     }
 
     public func flushTLB(of space: AddressSpace) {
-        if let s = cpl0Stubs { chargeStub(s.cr3OtherInstructions) }
+        if let s = cpl0Stubs { chargeStub(s.cr3OtherInstructions, costs.cr3Stub) }
         mode.flushTLB(of: space, cpu: cpu)
         if let o = onSyncPoint { o(nil) }
     }
@@ -263,6 +272,7 @@ public final class Machine<Mode: PagingMode>: GuestCPUControl, @unchecked Sendab
                     // The #PF stub's instructions besides its IRET (inside faultInjection).
                     cpu.ledger.charge(.emulation, Double(s.pageFaultOtherInstructions) * costs.instructionEmulation)
                     cpu.counters.add(.insnEmulation, UInt64(s.pageFaultOtherInstructions + 1))
+                    countStubIRETExits()
                     countStubStores()
                 }
                 switch kernel.handlePageFault(va, code: code, space: space) {

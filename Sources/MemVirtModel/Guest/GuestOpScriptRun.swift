@@ -6,10 +6,16 @@ import MemVirtCore
 ///   #PF:              add $8,%rsp; mov %rsi,(%rsp); iretq
 ///   #UD (`ud2`):      invlpg (%rdi); mov %rsi,(%rsp); iretq
 ///   #DE (`div` by 0): mov %rdx,%cr3; mov %rsi,(%rsp); iretq
-/// The model charges each stub's exception delivery and IRET as `CostModel.faultInjection`
-/// (calibrated by `kvm calibrate`'s guest_pf benchmark as exactly that path) and each other
-/// instruction as `CostModel.instructionEmulation` (its cpl0_instruction benchmark); the INVLPG
-/// and the CR3 write are the paging mode's charges (`invlpgHandler`, `cr3SwitchHandler`).
+/// Each is priced as measured whole by `kvm calibrate`, from CPL3 as the guest enters it:
+///   #PF: the mode's exit + `CostModel.faultInjection` (pair_pf_minus_wp: injection, delivery,
+///        IRET) + the two other instructions x `instructionEmulation`;
+///   #UD: the mode's INVLPG (exit + `invlpgHandler`) + `CostModel.invlpgStub`
+///        (pair_invlpg_stub_minus_wp less the CPL0-loop INVLPG);
+///   #DE: the mode's CR3 load (exit + `cr3SwitchHandler`) + `CostModel.cr3Stub`
+///        (pair_cr3_stub_minus_wp less the CPL0-loop CR3 write).
+/// On kvm_pvm each stub's IRET fails KVM's emulator (insn_emulation_fail 1 per stub) and is
+/// completed by one more exit (`iretExits`): its time is inside those measured figures, the
+/// exit is counted.
 public struct GuestCPL0Stubs: Sendable, Hashable {
     /// Instructions of the #PF stub besides its IRET.
     public var pageFaultOtherInstructions: Int
@@ -21,16 +27,22 @@ public struct GuestCPL0Stubs: Sendable, Hashable {
     /// tracks: kvm_mmu_track_write counts `mmu_pte_write` for every emulated guest write while
     /// the VM has indirect shadow pages, whether or not the gfn is a shadowed table.
     public var storesPerStub: Int
+    /// Exits per stub besides the event's own (the #PF, INVLPG or CR3 exit the paging mode
+    /// counts): kvm_pvm's emulator fails the IRET and KVM completes it through one more exit.
+    /// `kvm calibrate` shows it: guest_pf 2.02 exits per #PF stub, the stub pairs 3 per pair
+    /// (one of them the paired write-protect fault).
+    public var iretExits: Int
 
-    public init(pageFaultOtherInstructions: Int, invlpgOtherInstructions: Int, cr3OtherInstructions: Int, storesPerStub: Int) {
+    public init(pageFaultOtherInstructions: Int, invlpgOtherInstructions: Int, cr3OtherInstructions: Int, storesPerStub: Int, iretExits: Int = 1) {
         self.pageFaultOtherInstructions = pageFaultOtherInstructions
         self.invlpgOtherInstructions = invlpgOtherInstructions
         self.cr3OtherInstructions = cr3OtherInstructions
         self.storesPerStub = storesPerStub
+        self.iretExits = iretExits
     }
 
     /// The KVM engine's guest runtime (the stubs above).
-    public static let kvmGuestRuntime = GuestCPL0Stubs(pageFaultOtherInstructions: 2, invlpgOtherInstructions: 1, cr3OtherInstructions: 1, storesPerStub: 1)
+    public static let kvmGuestRuntime = GuestCPL0Stubs(pageFaultOtherInstructions: 2, invlpgOtherInstructions: 1, cr3OtherInstructions: 1, storesPerStub: 1, iretExits: 1)
 }
 
 /// What the guest kernel did while realizing a `GuestOpScript`: guest-side counts, the same in

@@ -94,6 +94,27 @@ public struct CostModel: Sendable, Hashable {
     /// affected sptes, detect flooding): ~1,000 cycles (estimate). Charged per emulated guest
     /// page-table write with the exit and `instructionEmulation` (ShadowPaging.emulatedTableWrite).
     public var shadowPTEWrite: Double = 1_000
+    /// A guest INVLPG stub where the guest's CPL0 code is emulated (kvm_pvm; `GuestCPL0Stubs`),
+    /// beyond the INVLPG's exit and `invlpgHandler`: the exception that enters it from CPL3
+    /// (`ud2`), its delivery at CPL0, the stub's other instruction and its IRET (on kvm_pvm the
+    /// IRET fails KVM's emulator and is completed by a second exit). Estimate 3,300 cycles
+    /// (`faultInjection` + one `instructionEmulation`, what the model charged before it was
+    /// measured); `kvm calibrate` measures it (pair_invlpg_stub_minus_wp, StubCalibration.swift).
+    public var invlpgStub: Double = 3_300
+    /// The same for the CR3 stub (`div` by zero, `mov %rdx,%cr3`), beyond the CR3 write's exit
+    /// and `cr3SwitchHandler`. Estimate 3,300 cycles as `invlpgStub`; measured by
+    /// pair_cr3_stub_minus_wp.
+    public var cr3Stub: Double = 3_300
+    /// The CR3 stub switching to another address space (a different root), beyond the CR3
+    /// write's exit and `cr3SwitchHandler`: `cr3Stub` for a switch. Estimate 3,300 cycles as
+    /// `cr3Stub`; measured by pair_cr3_switch_stub_minus_wp.
+    public var cr3SwitchStub: Double = 3_300
+    /// One element of a guest string store (`rep stosq`/`rep movsq`) that KVM emulates whole
+    /// because its frame is a shadow root in use (ShadowPaging.stringWrite): an emulator
+    /// iteration and kvm_mmu_track_write, beside the string's one exit and instruction
+    /// emulation. Estimate 1,000 cycles, as `shadowPTEWrite` (what the model charged per element
+    /// before it was measured); `kvm calibrate` measures it (string_root_per_element).
+    public var stringStoreElement: Double = 1_000
     /// The categories that are the virtualization layer's (what a hypervisor adds).
     public static let virtualizationCategories: Set<String> = ["vm_exits", "hypervisor_faults", "emulation", "shadow_sync", "host_faults"]
     /// A 4 KiB read from the guest's disk for a hard (major) fault: ~80 us for a datacenter
@@ -143,6 +164,9 @@ public struct CostModel: Sendable, Hashable {
         c.instructionEmulation = 3_700
         c.invlpgHandler = 3_700
         c.cr3SwitchHandler = 3_700
+        c.invlpgStub = 300 + 3_700
+        c.cr3Stub = 300 + 3_700
+        c.cr3SwitchStub = 300 + 3_700
         c.shadowResync = 3_700 * 20
         c.userspaceExitRoundTrip = 108_000
         return c

@@ -432,7 +432,8 @@ extension ShadowPaging {
         if rootInUse {
             let writes = UInt64(4096 / Self.stringWriteElement)
             cpu.counters.add(.mmuPteWrite, writes)
-            cpu.ledger.charge(.shadowSync, Double(writes) * cpu.costs.shadowPTEWrite)
+            // Per element: CostModel.stringStoreElement (kvm calibrate: string_root_per_element).
+            cpu.ledger.charge(.shadowSync, Double(writes) * cpu.costs.stringStoreElement)
         }
         for i in sps where pages[i].live {
             if pages[i].isRoot && i != currentRoot {

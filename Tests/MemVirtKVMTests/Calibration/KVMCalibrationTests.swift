@@ -10,6 +10,7 @@ let calibratableParameters: Set<String> = [
     "CostModel.eptViolationHandler", "CostModel.instructionEmulation", "CostModel.invlpgHandler",
     "CostModel.cr3SwitchHandler", "CostModel.faultInjection", "CostModel.shadowPTEWrite", "CostModel.invlpg",
     "CostModel.cr3Write", "CostModel.guestExceptionRoundTrip",
+    "CostModel.invlpgStub", "CostModel.cr3Stub", "CostModel.cr3SwitchStub", "CostModel.stringStoreElement",
     "HostCosts.dontneedPerPage", "HostCosts.userfaultfdZeroPage", "HostCosts.userfaultfdCopy",
     "DirtyTrackingCosts.writeProtectFault", "DirtyTrackingCosts.bitmapPerGiB", "DirtyTrackingCosts.bitmapPerDirtyPage",
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
@@ -30,7 +31,7 @@ struct KVMCalibrationTests {
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
         let expected = ["first_touch", "first_touch_read", "host_first_touch", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
-                        "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp", "exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
+                        "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp"] + stubBenchmarks(r) + ["exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service", "wp_fault_after_harvest", "bitmap_empty_1gib",
                         "bitmap_per_dirty_page", "ring_per_entry", "ring_empty"] + (r.measurement("ksm_cow_break") != nil ? ["ksm_cow_break", "pair_ksm_minus_touch"] : [])
                         + (r.measurement("apf_not_present") != nil ? apfMeasurements : [])
