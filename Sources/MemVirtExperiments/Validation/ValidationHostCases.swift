@@ -42,6 +42,21 @@ enum HostCaseStats {
     static let apfNotPresent = "apf_not_present"
     static let apfReady = "apf_ready"
     static let faultingReads = "faulting_reads"
+    /// The pager thread's time (microseconds, sums over the phase): its pwrite of evicted
+    /// pages to the store, their MADV_DONTNEED, its pread of stored pages; and the rest of the
+    /// phase's time (the guest's elapsed time less those three: exits, userfaultfd round trips,
+    /// UFFDIO_COPY, the guest). Model: the same costs as charged.
+    static let storeWriteMicros = "pager_store_write_us"
+    static let dontneedMicros = "pager_dontneed_us"
+    static let storeReadMicros = "pager_store_read_us"
+    static let restMicros = "pager_rest_us"
+    /// Async PF (microseconds, sums): threads parked ("page not present" to "page ready"
+    /// handled), a woken thread's run to its next "page not present", the faulting thread's
+    /// time on the vCPU; timer ticks.
+    static let parkedMicros = "apf_parked_us"
+    static let runToFaultMicros = "apf_run_to_fault_us"
+    static let faultingThreadMicros = "faulting_thread_us"
+    static let timerTicks = "timer_ticks"
 }
 
 extension ValidationCase {
@@ -93,8 +108,16 @@ enum ValidationHostCases {
             let r: KVMRunReport
             do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
             var kvm = ValidationEngines.kvmSide(r)
+            // Measured: the guest's elapsed time of the phase (wall), what the model's
+            // latencies add up to (see `note`), not the process's CPU time.
+            kvm.seconds = kvm.wallSeconds
             guard let p = r.pager else { throw InputError("validate: case \(c.name): the KVM run reported no pager") }
-            kvm.extra = [HostCaseStats.served: p.zeroFills + p.storeReads, HostCaseStats.evictions: p.evictions, HostCaseStats.refaults: p.storeReads]
+            let ph = p.phases
+            let pagerMicros = (ph.storeWriteNanos + ph.dontneedNanos + ph.storeReadNanos) / 1000
+            kvm.extra = [HostCaseStats.served: p.zeroFills + p.storeReads, HostCaseStats.evictions: p.evictions, HostCaseStats.refaults: p.storeReads,
+                         HostCaseStats.storeWriteMicros: ph.storeWriteNanos / 1000, HostCaseStats.dontneedMicros: ph.dontneedNanos / 1000,
+                         HostCaseStats.storeReadMicros: ph.storeReadNanos / 1000,
+                         HostCaseStats.restMicros: UInt64(max(0, kvm.wallSeconds * 1e6 - Double(pagerMicros)))]
             let model = try runPagerModel(c, residentPages: resident, machine: machine)
             return (model, kvm)
         case .ksm(let pages, let writes):
@@ -128,25 +151,46 @@ enum ValidationHostCases {
             guard r.mismatches == 0 else { throw InputError("validate: case \(c.name): the faulting thread read \(r.mismatches) words that differ from the store's") }
             let kvmReads = r.faultingReads.reduce(0, +)
             var kvm = KVMSide(counters: r.vcpuStats.values, seconds: r.wallSeconds, wallSeconds: r.wallSeconds, readSum: 0, dirtyPages: nil, userspaceExits: 0)
+            let sched = r.schedulers[0]
             kvm.extra = [HostCaseStats.apfNotPresent: r.notPresent, HostCaseStats.apfReady: r.ready, HostCaseStats.refaults: r.pager.storeReads,
-                         HostCaseStats.faultingReads: kvmReads]
-            var mc = KVMAsyncPageFaults.modelConfig(a)
-            mc.costs = machine.costs
-            mc.guestCosts = machine.scheduling
-            mc.hostCosts = machine.host
-            mc.tlb = machine.tlb
-            mc.duration = seconds * 1e9
-            let m = try VMSimulation(config: mc).run()
-            let modelReads = m.faultAccesses.reduce(0, +)
-            // The prediction: the simulated time the model needs for KVM's count of faulting
-            // reads, at the model's rate (the case itself lasts a fixed time).
-            let predicted = modelReads > 0 ? Double(kvmReads) / Double(modelReads) * m.simulatedSeconds : 0
-            let model = ModelSide(counters: m.counters, cycles: predicted * machine.costs.clockGHz * 1e9, seconds: predicted, readSum: 0, dirtyPages: nil,
-                                  breakdown: VCPUTime.allCases.map { ($0.name, m.time[$0.rawValue] * machine.costs.clockGHz) },
-                                  extra: [(HostCaseStats.apfNotPresent, m.counters[.apfNotPresent]), (HostCaseStats.apfReady, m.counters[.apfReady]),
-                                          (HostCaseStats.refaults, m.swapReads), (HostCaseStats.faultingReads, modelReads)])
+                         HostCaseStats.faultingReads: kvmReads, HostCaseStats.evictions: r.pager.evictions,
+                         HostCaseStats.parkedMicros: sched.parkedNanos / 1000, HostCaseStats.runToFaultMicros: sched.runToFaultNanos / 1000,
+                         HostCaseStats.faultingThreadMicros: (sched.threadNanos[1] ?? 0) / 1000, HostCaseStats.timerTicks: sched.timerTicks]
+            let m = try PagerAsyncPF.run(pagerAsyncPFConfig(a, machine: machine, seconds: seconds))
+            // The prediction: the simulated time the model's faulting thread needs for KVM's
+            // count of faulting reads, at the model's rate over the case's fixed time.
+            let predicted = m.reads > 0 ? Double(kvmReads) / Double(m.reads) * m.simulatedNanos / 1e9 : 0
+            var counters = CounterSet(applicable: [.pfFixed, .pfTaken, .apfNotPresent, .apfReady])
+            // pf_taken: the faults that went async and the shadow faults on resident pages;
+            // pf_fixed: the prefaults of "page ready" (kvm_arch_async_page_ready) and those.
+            counters[.pfTaken] = m.notPresent + m.shadowFaults
+            counters[.pfFixed] = m.ready + m.shadowFaults
+            counters[.apfNotPresent] = m.notPresent
+            counters[.apfReady] = m.ready
+            let ghz = machine.costs.clockGHz
+            let model = ModelSide(counters: counters, cycles: predicted * ghz * 1e9, seconds: predicted, readSum: 0, dirtyPages: nil,
+                                  breakdown: [("faulting_thread", m.faultingNanos * ghz), ("working_thread", m.workingNanos * ghz),
+                                              ("hypervisor", m.hypervisorNanos * ghz), ("guest_kernel", m.guestKernelNanos * ghz)],
+                                  extra: [(HostCaseStats.apfNotPresent, m.notPresent), (HostCaseStats.apfReady, m.ready), (HostCaseStats.refaults, m.storeReads),
+                                          (HostCaseStats.faultingReads, m.reads), (HostCaseStats.evictions, m.evictions),
+                                          (HostCaseStats.parkedMicros, UInt64(m.parkedNanos / 1000)), (HostCaseStats.runToFaultMicros, UInt64(m.runToFaultNanos / 1000)),
+                                          (HostCaseStats.faultingThreadMicros, UInt64(m.faultingNanos / 1000)), (HostCaseStats.timerTicks, m.ticks)])
             return (model, kvm)
         }
+    }
+
+    /// The async-PF case for `PagerAsyncPF`: the KVM case's memory, limit (full from the
+    /// start), store delay, time slice and the faulting thread's PRNG (the guest's
+    /// memvirt_bounded from the same state: the model reads the same words); the profile's costs.
+    static func pagerAsyncPFConfig(_ a: AsyncPFCase, machine: ReproductionMachine, seconds: Double) -> PagerAsyncPFConfig {
+        var mc = PagerAsyncPFConfig(pages: Int(a.residentLimit * a.memoryMultiple / 4096), residentPages: Int(a.residentLimit / 4096),
+                                    storeDelay: Double(a.storeDelayNanos), timeSlice: Double(a.timeSliceNanos), duration: seconds * 1e9, costs: machine.costs)
+        mc.startFull = a.startFull
+        mc.rngState = SplitMix64.derive(seed: a.seed, stream: 0)
+        mc.bounded = { s, n in memvirt_bounded(&s, n) }
+        mc.guestCosts = machine.scheduling
+        mc.hostCosts = machine.host
+        return mc
     }
 
     /// The model's KSM case: VM 0's and VM 1's memory as the two halves of one shadow-paged
@@ -227,9 +271,16 @@ enum ValidationHostCases {
             let counters = m.finish()
             let cycles = m.cpu.ledger.total
             let s = pager.stats
-            return ModelSide(counters: counters, cycles: cycles, seconds: cycles / (config.costs.clockGHz * 1e9), readSum: m.checksum,
+            let h = machine.host, us = 1 / (config.costs.clockGHz * 1e3)
+            let write = Double(s.evictions) * h.storeWritePerPage * us, dontneed = Double(s.evictions) * h.dontneedPerPage * us
+            let read = Double(s.storeReads) * h.storeReadPerPage * us
+            let seconds = cycles / (config.costs.clockGHz * 1e9)
+            return ModelSide(counters: counters, cycles: cycles, seconds: seconds, readSum: m.checksum,
                              dirtyPages: nil, breakdown: m.cpu.ledger.breakdown,
-                             extra: [(HostCaseStats.served, s.served), (HostCaseStats.evictions, s.evictions), (HostCaseStats.refaults, s.storeReads)])
+                             extra: [(HostCaseStats.served, s.served), (HostCaseStats.evictions, s.evictions), (HostCaseStats.refaults, s.storeReads),
+                                     (HostCaseStats.storeWriteMicros, UInt64(write)), (HostCaseStats.dontneedMicros, UInt64(dontneed)),
+                                     (HostCaseStats.storeReadMicros, UInt64(read)),
+                                     (HostCaseStats.restMicros, UInt64(max(0, seconds * 1e6 - write - dontneed - read)))])
         })
     }
 
