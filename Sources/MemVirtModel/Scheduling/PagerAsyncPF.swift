@@ -77,8 +77,9 @@ public struct PagerAsyncPFResult: Sendable, Equatable {
     public var ticks: UInt64 = 0
     /// Ticks that took the vCPU from the faulting thread (it waits a slice in the run queue).
     public var faultingPreempted: UInt64 = 0
-    /// Sums over faults, ns: "page not present" to "page ready" handled (the thread parked),
-    /// and from a wake-up to the next "page not present" (as `VCPUSchedulerReport`).
+    /// Sums over faults, ns, clocked as `VCPUSchedulerReport` clocks them (at the start of the
+    /// guest kernel's handlers): "page not present" to "page ready" (the thread parked), and
+    /// from a wake-up to the next "page not present".
     public var parkedNanos: Double = 0
     public var runToFaultNanos: Double = 0
     /// Time the faulting thread held the vCPU, and the working thread, ns.
@@ -165,11 +166,13 @@ public enum PagerAsyncPF {
                     // thread runs first, the interrupted one behind it.
                     readyAt = nil
                     r.ready += 1
+                    // Parked until the guest kernel's "page ready" handler starts (after the
+                    // interrupt's exit), as GuestKernel clocks it; woken from then on.
+                    r.parkedNanos += t + readyHyper - parkedAt
+                    wokenAt = t + readyHyper
                     t += readyHyper + readyGuest
                     r.hypervisorNanos += readyHyper
                     r.guestKernelNanos += readyGuest
-                    r.parkedNanos += t - parkedAt
-                    wokenAt = t
                     current = .faulting
                 } else {
                     tick()
@@ -181,12 +184,15 @@ public enum PagerAsyncPF {
                 if !resident[page] {
                     // Not present: the fault exits, KVM goes async, the guest parks the thread.
                     r.notPresent += 1
-                    if let w = wokenAt { r.runToFaultNanos += t - w; wokenAt = nil }
+                    // The guest kernel's clocks (GuestKernel) switch at its #PF handler's
+                    // start: after the exit and the exception's delivery.
+                    let handlerStart = t + npHyper + ns(k.guestExceptionRoundTrip)
+                    if let w = wokenAt { r.runToFaultNanos += handlerStart - w; wokenAt = nil }
+                    parkedAt = handlerStart
                     t += npHyper + npGuest
                     r.hypervisorNanos += npHyper
                     r.guestKernelNanos += npGuest
                     r.faultingNanos += t - start
-                    parkedAt = t
                     // The pager: the fault arrives as the exit is taken (KVM's worker faults
                     // on the page at once); served after the store delay, evicting first.
                     var work = readWork
