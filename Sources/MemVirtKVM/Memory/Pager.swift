@@ -56,6 +56,37 @@ public struct PagerReport: Sendable {
     /// With `PagerOptions.recordCopyTimes`: per served fault, its page and when its
     /// UFFDIO_COPY returned (CLOCK_MONOTONIC nanoseconds).
     public var copyTimes: [(page: Int, nanos: UInt64)] = []
+    /// Where the pager thread's time went (CLOCK_MONOTONIC nanoseconds, summed over the served
+    /// faults; instrumentation only): the store's pwrite of evicted pages, their
+    /// MADV_DONTNEED (host unmap plus KVM's mmu-notifier zap), the store's pread, the
+    /// UFFDIO_COPY ioctl (it also wakes the faulting thread).
+    public var phases = PagerPhases()
+
+    /// Time per phase of the pager thread (nanoseconds, sums).
+    public struct PagerPhases: Sendable, Equatable {
+        public var storeWriteNanos: UInt64 = 0
+        public var dontneedNanos: UInt64 = 0
+        public var storeReadNanos: UInt64 = 0
+        public var copyNanos: UInt64 = 0
+        /// From reading a fault's message to its UFFDIO_COPY returned (faults served at once,
+        /// no store delay): the handler's whole time per fault.
+        public var handlerNanos: UInt64 = 0
+        public var handled: UInt64 = 0
+        /// From one fault's UFFDIO_COPY returned to the next fault's message read: the
+        /// faulting thread's wake-up and retry, its guest running to the next missing page,
+        /// that fault's way through KVM into handle_userfault, and the pager's wake-up.
+        public var gapNanos: UInt64 = 0
+        public var gaps: UInt64 = 0
+        public init() {}
+
+        public var json: JSONValue {
+            .object([
+                ("store_write_ns", .uint(storeWriteNanos)), ("dontneed_ns", .uint(dontneedNanos)), ("store_read_ns", .uint(storeReadNanos)),
+                ("uffdio_copy_ns", .uint(copyNanos)), ("handler_ns", .uint(handlerNanos)), ("handled", .uint(handled)),
+                ("gap_ns", .uint(gapNanos)), ("gaps", .uint(gaps)),
+            ])
+        }
+    }
 
     public var json: JSONValue {
         let h = serviceNanos
@@ -69,6 +100,7 @@ public struct PagerReport: Sendable {
                 ("p50", .double(Double(h.valueAtPercentile(50)) / 1e3)), ("p90", .double(Double(h.valueAtPercentile(90)) / 1e3)),
                 ("p99", .double(Double(h.valueAtPercentile(99)) / 1e3)), ("max", .double(Double(h.max) / 1e3)),
             ])),
+            ("phases", phases.json),
         ])
     }
 }
@@ -123,6 +155,8 @@ public final class Pager: @unchecked Sendable {
     /// Faults waiting for the store's service time (safe to read from any thread).
     public var outstanding: Int { Int(ckvm_load_acquire_u32(outstandingCell)) }
     let buffer: UnsafeMutableRawPointer
+    /// When the last UFFDIO_COPY returned (0: none yet), for `PagerPhases.gapNanos`.
+    var lastCopyDone: UInt64 = 0
     var r = PagerReport(faults: 0, spurious: 0, zeroFills: 0, storeReads: 0, readAheadPages: 0, evictions: 0,
                         residentLimitPages: nil, peakResidentPages: 0,
                         serviceNanos: Histogram<UInt64>(lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three))
@@ -228,6 +262,11 @@ public final class Pager: @unchecked Sendable {
             if fds[0].revents == 0 { continue }
             let got = msgs.withUnsafeMutableBytes { read(uffd.raw, $0.baseAddress, $0.count) }
             let t0 = monotonicNanoseconds()
+            if got > 0 && lastCopyDone != 0 && delay == 0 {
+                r.phases.gapNanos &+= t0 - lastCopyDone
+                r.phases.gaps &+= 1
+                lastCopyDone = 0
+            }
             if got < 0 {
                 if errno == EAGAIN || errno == EINTR { continue }
                 failure = .call("read(userfaultfd)", lastErrno())
@@ -279,7 +318,9 @@ public final class Pager: @unchecked Sendable {
             let p = page + j
             let dst = buffer + j * 4096
             if stored[p] {
+                let s0 = monotonicNanoseconds()
                 let n = pread(store.raw, dst, 4096, off_t(p) * 4096)
+                if record { r.phases.storeReadNanos &+= monotonicNanoseconds() - s0 }
                 if n != 4096 { throw KVMError.call("pread(page store, page \(p))", lastErrno()) }
                 if record { r.storeReads += 1 }
             } else {
@@ -288,10 +329,20 @@ public final class Pager: @unchecked Sendable {
             }
         }
         var copy = uffdio_copy(dst: base + UInt64(page) * 4096, src: UInt64(UInt(bitPattern: buffer)), len: UInt64(k) * 4096, mode: 0, copy: 0)
+        let c0 = monotonicNanoseconds()
         var rc = ckvm_uffdio_copy(uffd.raw, &copy)
         while rc == -EAGAIN {
             copy.copy = 0
             rc = ckvm_uffdio_copy(uffd.raw, &copy)
+        }
+        let c1 = monotonicNanoseconds()
+        if record {
+            r.phases.copyNanos &+= c1 - c0
+            if options.storeDelayNanos == 0 {
+                r.phases.handlerNanos &+= c1 - t0
+                r.phases.handled &+= 1
+                lastCopyDone = c1
+            }
         }
         if rc < 0 && rc != -EEXIST { _ = try checked(rc, "UFFDIO_COPY(page \(page), \(k) pages)") }
         if record && options.recordCopyTimes { r.copyTimes.append((page, monotonicNanoseconds())) }
@@ -309,8 +360,12 @@ public final class Pager: @unchecked Sendable {
     private func evict(_ q: Int) throws(KVMError) {
         guard resident[q] else { return }
         let p = region.mapping.base + q * 4096
+        let w0 = monotonicNanoseconds()
         if pwrite(store.raw, p, 4096, off_t(q) * 4096) != 4096 { throw KVMError.call("pwrite(page store, page \(q))", lastErrno()) }
+        let w1 = monotonicNanoseconds()
         if madvise(p, 4096, MADV_DONTNEED) != 0 { throw KVMError.call("madvise(MADV_DONTNEED, page \(q))", lastErrno()) }
+        r.phases.storeWriteNanos &+= w1 - w0
+        r.phases.dontneedNanos &+= monotonicNanoseconds() - w1
         stored[q] = true
         resident[q] = false
         residentCount -= 1

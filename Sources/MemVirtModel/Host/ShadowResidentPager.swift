@@ -16,10 +16,13 @@ import MemVirtCore
 /// (`is_page_fault_stale` -> `mmu_invalidate_retry_gfn`) and returns RET_PF_RETRY: the guest
 /// re-executes the access and faults once more (one more exit and `pf_taken`, no `pf_fixed`).
 ///
-/// Costs (the calibrated profile's `HostCosts`): every served fault `userfaultfdCopy` (the
-/// pager always maps with UFFDIO_COPY) on top of the host fault the shadow MMU charges anyway;
-/// every eviction `dontneedPerPage` plus `pageCopy` for its 4 KiB write to the store file
-/// (pwrite into the page cache); every store read `pageCopy` for its pread.
+/// Costs (the calibrated profile's `HostCosts`), all on the guest's clock (the faulting vCPU
+/// waits through each of them): every served fault `userfaultfdCopy` (the pager always maps
+/// with UFFDIO_COPY: the fault message, the pager's wake-up, the ioctl, the vCPU's wake-up)
+/// on top of the host fault the shadow MMU charges anyway; every eviction `dontneedPerPage`
+/// plus `storeWritePerPage` (its 4 KiB pwrite to the store file); every store read
+/// `storeReadPerPage` (its pread). Not `pageCopy`: that is the host's copy-on-write break
+/// inside a KVM fault (33 us on kvm_pvm), not a copy into or out of the page cache (~1 us).
 public final class ShadowResidentPager {
     /// What the pager did (the KVM pager's `PagerReport` counters).
     public struct Stats: Sendable, Equatable {
@@ -110,7 +113,7 @@ public final class ShadowResidentPager {
         if stored[Int(gfn)] {
             mode.host.copy(from: store, at: gfn << 12, to: page, bytes: 4096)
             stats.storeReads &+= 1
-            cpu?.ledger.charge(.hostFaults, costs.pageCopy)
+            cpu?.ledger.charge(.hostFaults, costs.storeReadPerPage)
         } else {
             stats.zeroFills &+= 1
         }
@@ -134,7 +137,7 @@ public final class ShadowResidentPager {
         resident[Int(gfn)] = false
         residentCount -= 1
         stats.evictions &+= 1
-        cpu?.ledger.charge(.hostFaults, costs.dontneedPerPage + costs.pageCopy)
+        cpu?.ledger.charge(.hostFaults, costs.dontneedPerPage + costs.storeWritePerPage)
     }
 
     /// Whether `gfn` is resident now (tests).

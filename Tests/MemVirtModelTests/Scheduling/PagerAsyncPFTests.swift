@@ -1,0 +1,84 @@
+import MemVirtCore
+import Testing
+
+@testable import MemVirtModel
+
+/// `PagerAsyncPF` (the KVM async-PF case's mechanism: FIFO pager, store delay, async PF,
+/// round-robin on the guest timer) against closed forms.
+@Suite("Async page faults under the FIFO pager (PagerAsyncPF)")
+struct PagerAsyncPFTests {
+    /// A config whose every cost is zero but `readCycles` (cycles at 3 GHz).
+    func zeroCost(pages: Int, resident: Int, delay: Double, slice: Double, duration: Double) -> PagerAsyncPFConfig {
+        var k = CostModel.pvmShadow
+        k.clockGHz = 3
+        k.vmExitRoundTrip = 0
+        k.shadowFaultHandler = 0
+        k.guestExceptionRoundTrip = 0
+        var c = PagerAsyncPFConfig(pages: pages, residentPages: resident, storeDelay: delay, timeSlice: slice, duration: duration, costs: k)
+        var g = GuestSchedulingCosts()
+        g.tickHandler = 0; g.tickExits = 0; g.apfSetup = 0; g.apfNotPresentHandler = 0; g.apfReadyHandler = 0; g.pageReadyDelay = 0
+        c.guestCosts = g
+        var h = HostCosts()
+        h.storeWritePerPage = 0; h.storeReadPerPage = 0; h.dontneedPerPage = 0
+        c.hostCosts = h
+        c.readCycles = 300  // 100 ns
+        return c
+    }
+
+    @Test("Everything resident: no fault; the faulting thread holds every other slice (round-robin on the tick)")
+    func allResident() throws {
+        let c = zeroCost(pages: 64, resident: 64, delay: 1e6, slice: 1e6, duration: 10e6)
+        let r = try PagerAsyncPF.run(c)
+        #expect(r.notPresent == 0 && r.evictions == 0 && r.storeReads == 0)
+        #expect(r.shadowFaults <= 64)
+        // Slices 0, 2, 4, 6, 8 are the faulting thread's: 5 ms at 100 ns per read.
+        #expect(abs(Double(r.reads) - 50_000) <= 5, "reads \(r.reads)")
+        #expect(r.ticks == 10 && r.faultingPreempted == 5, "ticks \(r.ticks), preempted \(r.faultingPreempted)")
+        #expect(abs(r.workingNanos - 5e6) <= 1_000, "working \(r.workingNanos)")
+    }
+
+    @Test("One resident page: every read misses; period = not-present + store delay + pager work + ready delay + ready + read")
+    func everyReadMisses() throws {
+        var c = zeroCost(pages: 1 << 20, resident: 1, delay: 1e6, slice: 1e12, duration: 1e9)
+        c.costs.vmExitRoundTrip = 3_000      // 1 us
+        c.guestCosts.apfNotPresentHandler = 30_000  // 10 us
+        c.guestCosts.apfReadyHandler = 60_000       // 20 us
+        c.guestCosts.pageReadyDelay = 50_000        // ns
+        c.hostCosts.storeWritePerPage = 3_000       // 1 us
+        c.hostCosts.storeReadPerPage = 6_000        // 2 us
+        c.hostCosts.dontneedPerPage = 9_000         // 3 us
+        let r = try PagerAsyncPF.run(c)
+        // A miss at t0: the thread parks; the page is ready at t0 + 1 ms + (1 + 2 + 3) us + 50 us;
+        // the ready interrupt (1 us exit + 20 us handler), the read again (0.1 us), the next miss.
+        let period = 1e6 + 6_000 + 50_000 + 21_000 + 100
+        let expected = 1e9 / period
+        #expect(abs(Double(r.notPresent) - expected) <= 2, "misses \(r.notPresent), expected \(expected)")
+        #expect(r.reads + 2 >= r.notPresent && r.reads <= r.notPresent, "reads \(r.reads)")
+        #expect(r.evictions == r.notPresent, "evictions \(r.evictions)")
+        // Parked, as the guest kernel clocks it: from its #PF handler's start (after the 1 us
+        // exit) to its "page ready" handler's start (after the 1 us exit): the store delay, the
+        // pager's work and the ready delay.
+        let parked = 1e6 + 6_000 + 50_000.0
+        // Woken to the next not-present handler: the ready handler (20 us), the read again
+        // (0.1 us), the next miss's exit (1 us).
+        #expect(abs(r.runToFaultNanos / Double(r.notPresent - 1) - 21_100) < 1, "run to fault \(r.runToFaultNanos / Double(r.notPresent - 1))")
+        #expect(abs(r.parkedNanos / Double(r.ready) - parked) < 1, "parked per fault \(r.parkedNanos / Double(r.ready)), expected \(parked)")
+        #expect(r.ticks == 0)
+    }
+
+    @Test("Uniform reads over 4x the limit: a quarter of the reads hit (independent references: any demand policy)")
+    func hitRatio() throws {
+        let c = zeroCost(pages: 4096, resident: 1024, delay: 10_000, slice: 1e12, duration: 2e9)
+        let r = try PagerAsyncPF.run(c)
+        let hits = Double(r.reads - r.notPresent) / Double(r.reads)
+        #expect(r.reads > 100_000)
+        #expect(abs(hits - 0.25) < 0.01, "hit ratio \(hits)")
+        #expect(r.evictions == r.notPresent, "start full: every miss evicts")
+    }
+
+    @Test("Bad sizes are refused with what and the allowed range")
+    func refused() {
+        let c = zeroCost(pages: 16, resident: 32, delay: 0, slice: 1e6, duration: 1e6)
+        #expect(throws: InputError.self) { try PagerAsyncPF.run(c) }
+    }
+}
