@@ -488,27 +488,6 @@ extension MachineProfile {
     }
 }
 
-/// A parameter a calibration could only bound: derived as a difference of measurements, its
-/// point estimate is below their resolution (twice the standard error of the difference).
-public struct CalibratedBound: Sendable, Hashable {
-    public var parameter: String
-    /// The point estimate, clamped at 0: what the profile charges.
-    public var estimateNanos: Double
-    /// estimate + resolution: the largest value the measurements allow.
-    public var upperNanos: Double
-    public var resolutionNanos: Double
-    public var samples: Int
-    public var method: String
-    public init(parameter: String, estimateNanos: Double, upperNanos: Double, resolutionNanos: Double, samples: Int, method: String) {
-        self.parameter = parameter
-        self.estimateNanos = estimateNanos
-        self.upperNanos = upperNanos
-        self.resolutionNanos = resolutionNanos
-        self.samples = samples
-        self.method = method
-    }
-}
-
 /// The host while a calibration ran (`[calibration]` of a calibrated profile): a reference
 /// figure timed in every round (its median and the lowest and highest per-round medians), the
 /// steal time /proc/stat counted over the run, the load average at the start, the run's length.

@@ -33,3 +33,24 @@ public struct CalibratedCost: Sendable, Hashable, Codable {
         return CalibratedCost(parameter: parameter, medianNanos: rank(0.5), p10Nanos: rank(0.1), p90Nanos: rank(0.9), samples: s.count, method: method)
     }
 }
+
+/// A parameter a calibration could only bound: derived as a difference of measurements, its
+/// point estimate is below their resolution (twice the standard error of the difference).
+public struct CalibratedBound: Sendable, Hashable {
+    public var parameter: String
+    /// The point estimate, clamped at 0: what the profile charges.
+    public var estimateNanos: Double
+    /// estimate + resolution: the largest value the measurements allow.
+    public var upperNanos: Double
+    public var resolutionNanos: Double
+    public var samples: Int
+    public var method: String
+    public init(parameter: String, estimateNanos: Double, upperNanos: Double, resolutionNanos: Double, samples: Int, method: String) {
+        self.parameter = parameter
+        self.estimateNanos = estimateNanos
+        self.upperNanos = upperNanos
+        self.resolutionNanos = resolutionNanos
+        self.samples = samples
+        self.method = method
+    }
+}

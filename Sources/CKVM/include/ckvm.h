@@ -90,6 +90,17 @@ static inline int ckvm_ppoll_ns(struct pollfd *fds, unsigned long n, int64_t ns)
     CKVM_CALL((int)syscall(SYS_ppoll, fds, n, ns < 0 ? NULL : &ts, NULL, (size_t)8));
 }
 
+// CPU affinity of thread `tid` (0: the caller) as a mask of CPUs 0-63, and the caller's
+// thread id: sched_{get,set}affinity and gettid through syscall(2) (their glibc wrappers
+// need _GNU_SOURCE). Get returns the mask (>= 0) or -errno.
+static inline int64_t ckvm_get_affinity(int tid) {
+    uint64_t m = 0;
+    int r = (int)syscall(SYS_sched_getaffinity, tid, sizeof m, &m);
+    return r < 0 ? -errno : (int64_t)(m & 0x7fffffffffffffffULL);
+}
+static inline int ckvm_set_affinity(int tid, uint64_t mask) { CKVM_CALL((int)syscall(SYS_sched_setaffinity, tid, sizeof mask, &mask)); }
+static inline int ckvm_gettid(void) { return (int)syscall(SYS_gettid); }
+
 // MARK: migration helpers, in ckvm.c (compiled -O2: Swift debug builds would compile
 // static inline bodies at -O0, and these loops run over all guest memory)
 /// A 64-bit hash of one 4 KiB page and its index (the switch-over hash of guest memory).

@@ -15,7 +15,7 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     func m(_ n: String) -> CalibrationMeasurement? { r.measurement(n) }
     func med(_ n: String) -> Double? { m(n)?.summary.medianNanos }
 
-    var bounds: [CalibratedBoundValue] = []
+    var bounds: [CalibratedBound] = []
     /// A derived parameter is measured when it is at least this many standard errors (the
     /// usual limit of quantification, 10 sigma): then two runs agree on it within ~15% (the
     /// difference of two such estimates has a standard error of at most 14% of the value);
@@ -93,7 +93,7 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             let loq = limitOfQuantification * standardError
             let upper = max(loq, est + resolution)
             method += "; the difference, \(formatFixed(value / 1e3, digits: 3)) us, is below its limit of quantification (\(formatFixed(limitOfQuantification, digits: 0)) standard errors, \(formatFixed(loq / 1e3, digits: 3)) us): at most \(formatFixed(upper / 1e3, digits: 3)) us. " + how
-            bounds.append(CalibratedBoundValue(parameter: parameter, estimateNanos: est, upperNanos: upper,
+            bounds.append(CalibratedBound(parameter: parameter, estimateNanos: est, upperNanos: upper,
                                                resolutionNanos: upper - est, samples: c.samples, method: method))
             return
         }
@@ -160,10 +160,16 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             "The host's copy-on-write break beyond the KVM fault it sits in (a first touch less the host's demand-zero).")
     }
     add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
-    add("HostCosts.userfaultfdZeroPage", "uffd_zero_read", minus: [("first_touch_read", 1)],
-        "What userfaultfd adds to a first read: the fault message, the handler's wake-up and UFFDIO_ZEROPAGE, the retry.")
-    add("HostCosts.userfaultfdCopy", "uffd_copy_write", minus: [("first_touch", 1)],
-        "What userfaultfd adds to a first write: the fault message, the handler's wake-up and UFFDIO_COPY, the retry.")
+    // userfaultfd: the handler on the vCPU thread's CPU (both pinned), where the two wake-ups
+    // are context switches; across CPUs each is also an IPI to a halted CPU, whose cost and
+    // whose mix with the same-CPU path (the scheduler's choice, unpinned) vary from run to run:
+    // reported as uffd_*_cross_cpu and uffd_* (unpinned) beside it, not charged.
+    let sameCPU = m("uffd_zero_read_same_cpu") != nil && m("uffd_copy_write_same_cpu") != nil
+    let placement = sameCPU ? " Timed with the vCPU thread and the handler pinned to one CPU (the hand-off's two wake-ups are context switches; across CPUs, or unpinned as the KVM engine's pager runs, add the wake-up of a halted CPU: uffd_*_cross_cpu, uffd_* beside it)." : ""
+    add("HostCosts.userfaultfdZeroPage", sameCPU ? "uffd_zero_read_same_cpu" : "uffd_zero_read", minus: [("first_touch_read", 1)],
+        "What userfaultfd adds to a first read: the fault message, the handler's wake-up and UFFDIO_ZEROPAGE, the retry." + placement)
+    add("HostCosts.userfaultfdCopy", sameCPU ? "uffd_copy_write_same_cpu" : "uffd_copy_write", minus: [("first_touch", 1)],
+        "What userfaultfd adds to a first write: the fault message, the handler's wake-up and UFFDIO_COPY, the retry." + placement)
     // Dirty tracking (the write-protect fault is the reference exit above).
     add("DirtyTrackingCosts.bitmapPerGiB", "bitmap_empty_1gib", "Fixed part of a bitmap harvest per GiB of slot.")
     add("DirtyTrackingCosts.bitmapPerDirtyPage", "bitmap_per_dirty_page", "Per dirty page of a bitmap harvest (copy, scan, re-protect).")
@@ -192,17 +198,6 @@ func medianOf(_ xs: [Double]) -> Double {
     guard !xs.isEmpty else { return 0 }
     let s = xs.sorted()
     return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
-}
-
-/// A parameter derived below the resolution of the measurements it comes from (the profile's
-/// `bound` provenance): the point estimate (>= 0) and estimate + resolution.
-public struct CalibratedBoundValue: Sendable, Hashable {
-    public var parameter: String
-    public var estimateNanos: Double
-    public var upperNanos: Double
-    public var resolutionNanos: Double
-    public var samples: Int
-    public var method: String
 }
 
 /// The host while a calibration ran: a reference figure timed in every round (one emulated

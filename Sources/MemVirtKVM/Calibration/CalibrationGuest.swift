@@ -154,3 +154,22 @@ extension GuestVM {
     p.sched_priority = 1
     return pthread_setschedparam(pthread_self(), SCHED_FIFO, &p) == 0
 }
+
+/// The calling thread's CPU affinity, as a bit mask of CPUs 0-63 (kvm calibrate pins its
+/// threads for the hand-off benchmarks and puts the mask back after). Nil when unreadable.
+func currentAffinityMask() -> UInt64? {
+    let m = ckvm_get_affinity(0)
+    return m > 0 ? UInt64(m) : nil
+}
+
+/// Restricts the calling thread (`tid` 0) or thread `tid` to the CPUs of `mask` (CPUs 0-63).
+/// False when refused.
+@discardableResult func setAffinityMask(_ mask: UInt64, tid: Int32 = 0) -> Bool {
+    ckvm_set_affinity(tid, mask) == 0
+}
+
+/// The CPUs this process may run on (the affinity mask's set bits, CPUs 0-63).
+func allowedCPUs() -> [Int] {
+    guard let m = currentAffinityMask() else { return [] }
+    return (0..<64).filter { m & (1 << UInt64($0)) != 0 }
+}

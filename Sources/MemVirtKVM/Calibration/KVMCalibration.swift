@@ -66,7 +66,7 @@ public struct CalibrationReport: Sendable {
     public var costs: [CalibratedCost]
     /// Parameters derived below the resolution of the measurements they come from: a point
     /// estimate and an upper bound, not a measured median.
-    public var bounds: [CalibratedBoundValue] = []
+    public var bounds: [CalibratedBound] = []
     /// Parameters not produced and why (a derived value that came out non-positive, a path
     /// the counters did not confirm).
     public var omitted: [(String, String)]
@@ -161,6 +161,44 @@ public enum KVMCalibration {
         let ticks = try g.calibrateEvents(op: write ? MEMVIRT_CAL_TOUCH_WRITE : MEMVIRT_CAL_TOUCH_READ, count: pages,
                                           base: g.layout.dataVirtual.rawValue + UInt64(firstPage) * 4096)
         return ticks.map { Double($0) / perNano }
+    }
+}
+
+/// Where the vCPU thread and the userfaultfd handler thread run while a userfaultfd fault is
+/// timed. A fault is a hand-off: the faulting thread sleeps in the kernel, the handler wakes,
+/// serves, and wakes it again. Across CPUs each wake-up is an IPI to a CPU that is idle (on
+/// this cloud VM: halted, guest_halt_poll_ns 0, so the wake is an exit to the hypervisor
+/// below); on one CPU it is a context switch. Left to the scheduler (`free`), the mix of the
+/// two varies from run to run; pinned, each is one path.
+enum UffdPlacement: String, CaseIterable, Sendable {
+    /// Neither thread pinned (the scheduler places them, as the KVM engine's pager is).
+    case free
+    /// Both on the lowest allowed CPU.
+    case same = "same_cpu"
+    /// The vCPU thread on the lowest allowed CPU, the handler on the next.
+    case cross = "cross_cpu"
+
+    static func available() -> [UffdPlacement] {
+        allowedCPUs().count >= 2 ? [.free, .same, .cross] : (allowedCPUs().count == 1 ? [.free, .same] : [.free])
+    }
+
+    var what: String {
+        let c = allowedCPUs()
+        switch self {
+        case .free: return "neither thread pinned"
+        case .same: return "the vCPU thread and the handler thread both pinned to CPU \(c.first ?? 0)"
+        case .cross: return "the vCPU thread pinned to CPU \(c.first ?? 0), the handler thread to CPU \(c.dropFirst().first ?? 1)"
+        }
+    }
+
+    /// (vCPU thread's mask, handler's mask); nil: unpinned (the caller's own mask).
+    func masks(_ allowed: UInt64) -> (UInt64?, UInt64?) {
+        let c = (0..<64).filter { allowed & (1 << UInt64($0)) != 0 }
+        switch self {
+        case .free: return (nil, nil)
+        case .same: return c.isEmpty ? (nil, nil) : (1 << UInt64(c[0]), 1 << UInt64(c[0]))
+        case .cross: return c.count < 2 ? (nil, nil) : (1 << UInt64(c[0]), 1 << UInt64(c[1]))
+        }
     }
 }
 
@@ -309,11 +347,15 @@ final class Session {
         let host = try Mapping(size: hostPages * 4096, flags: MAP_PRIVATE | MAP_ANONYMOUS, what: "calibration host pages")
         _ = madvise(host.base, hostPages * 4096, MADV_NOHUGEPAGE)
 
-        // VM B: userfaultfd-served first touches (zero page for reads, copy for writes).
-        var cb = GuestConfig(dataSize: (UInt64(2 * touchPages) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
+        // VM B: userfaultfd-served first touches (zero page for reads, copy for writes), in
+        // three thread placements (see `UffdPlacement`): pages [0, 3 touchPages) read,
+        // [3 touchPages, 6 touchPages) written.
+        let uffdPlacements = UffdPlacement.available()
+        let uffdSpan = uffdPlacements.count * (touchPages + 2 * (rounds + 1))
+        var cb = GuestConfig(dataSize: (UInt64(2 * uffdSpan) * 4096 + (2 << 20) - 1) / (2 << 20) * (2 << 20))
         cb.listCapacity = max(chunk * f, 64) * 4
         let b = try GuestVM(kvm: kvm, config: cb)
-        let server = try UffdServer(region: b.data, zeroPages: 0..<touchPages, realtime: realtime)
+        let server = try UffdServer(region: b.data, zeroPages: 0..<uffdSpan, realtime: realtime)
         try server.start()
         defer { server.stop() }
         let sb = try StatProbe(b)
@@ -363,10 +405,18 @@ final class Session {
         bench("uffd_zero_read", path: "pf_fixed", "guest read of a page a userfaultfd handler serves with UFFDIO_ZEROPAGE")
         bench("uffd_copy_write", path: "pf_fixed", "guest write to a page a userfaultfd handler serves with UFFDIO_COPY")
         bench("uffd_service", path: nil, "the userfaultfd handler's own time per fault (message read to UFFDIO_COPY/ZEROPAGE done)")
+        for pl in uffdPlacements where pl != .free {
+            bench("uffd_zero_read_" + pl.rawValue, path: "pf_fixed", "as uffd_zero_read, \(pl.what)")
+            bench("uffd_copy_write_" + pl.rawValue, path: "pf_fixed", "as uffd_copy_write, \(pl.what)")
+        }
         bench("wp_fault_after_harvest", path: "pf_fixed", "guest write to a page whose dirty bit was harvested (KVM_GET_DIRTY_LOG re-protected it)")
         bench("bitmap_empty_1gib", path: nil, "KVM_GET_DIRTY_LOG on a 1 GiB slot with no page dirty")
         bench("bitmap_per_dirty_page", path: nil, "(KVM_GET_DIRTY_LOG with \(bitmapPages) dirty pages - with none) / \(bitmapPages), 1 GiB slot")
         bench("ring_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - one empty harvest + reset) / \(dirtyPages)")
+        bench("bitmap_slope_per_page", path: nil, "(KVM_GET_DIRTY_LOG with \(bitmapPages) dirty pages - with \(bitmapPages / 2), right after) / \(bitmapPages - bitmapPages / 2), 1 GiB slot: the per-page cost without what a harvest costs once when any page is dirty")
+        bench("bitmap_dirty_fixed", path: nil, "KVM_GET_DIRTY_LOG with \(bitmapPages / 2) dirty pages - with none - \(bitmapPages / 2) x bitmap_slope_per_page: what a harvest costs once when any page is dirty (the write-protect's TLB flush), 1 GiB slot")
+        bench("ring_slope_per_entry", path: nil, "(harvest + KVM_RESET_DIRTY_RINGS of \(dirtyPages) entries - of \(dirtyPages / 2)) / \(dirtyPages - dirtyPages / 2)")
+        bench("ring_dirty_fixed", path: nil, "harvest + reset of \(dirtyPages / 2) entries - an empty one - \(dirtyPages / 2) x ring_slope_per_entry: what a non-empty ring harvest costs once")
         bench("ring_empty", path: nil, "harvest + KVM_RESET_DIRTY_RINGS with no entry: a batch of \(ringEmptyBatch) calls timed together, / \(ringEmptyBatch)")
         let ksmMissing = KSM.unavailableReason()
         if ksmMissing == nil {
@@ -486,22 +536,37 @@ final class Session {
         }
 
         var nextB = 0
+        let callerMask = currentAffinityMask()
+        /// One batch of userfaultfd-served reads and writes per placement: the vCPU thread (this
+        /// one) and the handler thread pinned as `UffdPlacement` says, two unrecorded faults
+        /// after each change (the threads settle on their CPUs), then the batch.
         func uffdRound(_ k: Int, record: Bool) throws(KVMError) {
-            let first = nextB
-            nextB += k
             let bb = b.layout.dataVirtual.rawValue
-            server.resetSamples()
-            let za = try sb.read()
-            let zt = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_READ, count: k, base: bb + UInt64(first) * 4096)
-            let zd = try sb.delta(since: za)
-            let ca = try sb.read()
-            let ct = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: k, base: bb + UInt64(touchPages + first) * 4096)
-            let cdl = try sb.delta(since: ca)
-            if let e = server.error { throw e }
-            guard record else { return }
-            acc["uffd_zero_read"]!.add(zt.map { Double($0) / perNano }, counters: zd)
-            acc["uffd_copy_write"]!.add(ct.map { Double($0) / perNano }, counters: cdl)
-            acc["uffd_service"]!.add(server.takeSamples())
+            for pl in uffdPlacements {
+                let (mine, handler) = pl.masks(callerMask ?? ~0)
+                if let m = mine { setAffinityMask(m) } else if let m = callerMask { setAffinityMask(m) }
+                server.pin(handler, allowed: callerMask ?? ~0)
+                let settle = 2
+                let first = nextB
+                nextB += k + settle
+                _ = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_READ, count: settle, base: bb + UInt64(first) * 4096)
+                server.resetSamples()
+                let za = try sb.read()
+                let zt = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_READ, count: k, base: bb + UInt64(first + settle) * 4096)
+                let zd = try sb.delta(since: za)
+                let ca = try sb.read()
+                let ct = try b.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: k, base: bb + UInt64(uffdSpan + first + settle) * 4096)
+                let cdl = try sb.delta(since: ca)
+                if let e = server.error { throw e }
+                let service = server.takeSamples()
+                guard record else { continue }
+                let suffix = pl == .free ? "" : "_" + pl.rawValue
+                acc["uffd_zero_read" + suffix]!.add(zt.map { Double($0) / perNano }, counters: zd)
+                acc["uffd_copy_write" + suffix]!.add(ct.map { Double($0) / perNano }, counters: cdl)
+                if pl == .free { acc["uffd_service"]!.add(service) }
+            }
+            if let m = callerMask { setAffinityMask(m) }
+            server.pin(nil, allowed: callerMask ?? ~0)
         }
 
         var dirtyPrimed = false
@@ -525,15 +590,24 @@ final class Session {
                 guard full.pages.count == bitmapPages, empty.pages.isEmpty else {
                     throw KVMError.invalid("dirty bitmap: \(full.pages.count) pages dirty after \(bitmapPages) guest writes, then \(empty.pages.count)")
                 }
+                // Half the pages: the slope between two non-empty harvests leaves out what a
+                // harvest costs once when anything is dirty (see bitmap_slope_per_page).
+                _ = try c.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: bitmapPages / 2, base: cBase)
+                let half = try bitmap.harvest()
+                guard half.pages.count == bitmapPages / 2 else {
+                    throw KVMError.invalid("dirty bitmap: \(half.pages.count) pages dirty after \(bitmapPages / 2) guest writes")
+                }
                 _ = try d.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: dirtyPages, base: dBase)
                 let rf = try ring.finish()
+                _ = try d.calibrateEvents(op: MEMVIRT_CAL_TOUCH_WRITE, count: dirtyPages / 2, base: dBase)
+                let rh = try ring.finish()
                 // Empty harvests: one call is ~0.3 us, near the clock's own cost, so a batch
                 // is timed together.
                 let e0 = monotonicNanoseconds()
                 for _ in 0..<ringEmptyBatch { try ring.harvest(d.vcpus[0]) }
                 let emptyPerCall = Double(monotonicNanoseconds() - e0) / Double(ringEmptyBatch)
                 let re = try ring.finish()
-                guard rf.pages.count == dirtyPages, re.entries == 0 else {
+                guard rf.pages.count == dirtyPages, rh.pages.count == dirtyPages / 2, re.entries == 0 else {
                     throw KVMError.invalid("dirty ring: \(rf.pages.count) pages harvested after \(dirtyPages) guest writes, then \(re.entries)")
                 }
                 guard record else { continue }
@@ -544,6 +618,14 @@ final class Session {
                 let rn = Double(rf.harvestNanos + rf.resetNanos)
                 acc["ring_per_entry"]!.add([(rn - emptyPerCall) / Double(dirtyPages)])
                 acc["ring_empty"]!.add([emptyPerCall])
+                let rhn = Double(rh.harvestNanos + rh.resetNanos)
+                let fullN = Double(full.harvestNanos), halfN = Double(half.harvestNanos), emptyN = Double(empty.harvestNanos)
+                let bSlope = (fullN - halfN) / Double(bitmapPages - bitmapPages / 2)
+                acc["bitmap_slope_per_page"]!.add([bSlope])
+                acc["bitmap_dirty_fixed"]!.add([halfN - emptyN - bSlope * Double(bitmapPages / 2)])
+                let rSlope = (rn - rhn) / Double(dirtyPages - dirtyPages / 2)
+                acc["ring_slope_per_entry"]!.add([rSlope])
+                acc["ring_dirty_fixed"]!.add([rhn - emptyPerCall - rSlope * Double(dirtyPages / 2)])
             }
         }
 
@@ -607,6 +689,38 @@ final class Session {
                 ksmProblem = "\(error)"
             }
         }
+        // Async PF: a VM of its own (a guest kernel with two threads) per round, taking the
+        // round's share of faults, so these hand-offs see the same stretches of the host as
+        // the rest (one phase after the rounds caught one host speed: -31% between runs).
+        var apfFaults = 0
+        var report0Notes: [(String, String)] = []
+        var apfRoundProblem: String? = nil
+        var apfStalls: [String] = []
+        var apfStopped = false
+        /// A round's async-PF VM sometimes stalls (its faulting thread finishes no more reads
+        /// after the first one to three: 1-3 of 16 round VMs under load 3-7); that round is
+        /// taken again in a new VM and the stall recorded. After `apfMaxStalls` stalls the phase
+        /// ends for the remaining rounds (its parameters keep the rounds already taken).
+        func apfRound(_ k: Int) throws(KVMError) {
+            while !apfStopped {
+                let p: APFPhaseResult
+                do { p = try apfPhase(samples: k, warm: Self.apfWarmPerRound) } catch {
+                    apfStalls.append("\(error)")
+                    apfStopped = apfStalls.count >= Self.apfMaxStalls
+                    continue
+                }
+                let ev = p.phaseFaults
+                acc["apf_not_present"]!.add(p.notPresentHandling, events: ev, counters: p.counters)
+                acc["apf_page_ready"]!.add(p.ready, events: ev, counters: p.counters)
+                acc["apf_ready_to_exit"]!.add(p.readyToExit, events: ev, counters: p.counters)
+                acc["apf_ready_handling"]!.add(p.readyHandling, events: ev, counters: p.counters)
+                acc["apf_fault_total"]!.add(p.faultTotal, events: ev, counters: p.counters)
+                acc["apf_kvm_legs"]!.add(p.kvmLegs, events: ev, counters: p.counters)
+                apfFaults += p.faults
+                if let why = p.problem, apfRoundProblem == nil { apfRoundProblem = why }
+                return
+            }
+        }
         var left = n
         while left > 0 {
             let k = min(chunk, left)
@@ -621,6 +735,7 @@ final class Session {
             acc["host_loop"]!.add(hl)
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
+            if apfMissing == nil { try apfRound(k) }
             if let pool = ksm {
                 let (t, diffs, dl) = try pool.breakNext(k * f)
                 acc["ksm_cow_break"]!.add(t, counters: dl)
@@ -634,17 +749,12 @@ final class Session {
         }
         server.stop()
         if let e = server.error { throw e }
-        var apfProblem = apfMissing
-        if apfMissing == nil {
-            let p = try apfPhase(samples: n, warm: warm)
-            let ev = p.phaseFaults
-            acc["apf_not_present"]!.add(p.notPresentHandling, events: ev, counters: p.counters)
-            acc["apf_page_ready"]!.add(p.ready, events: ev, counters: p.counters)
-            acc["apf_ready_to_exit"]!.add(p.readyToExit, events: ev, counters: p.counters)
-            acc["apf_ready_handling"]!.add(p.readyHandling, events: ev, counters: p.counters)
-            acc["apf_fault_total"]!.add(p.faultTotal, events: ev, counters: p.counters)
-            acc["apf_kvm_legs"]!.add(p.kvmLegs, events: ev, counters: p.counters)
-            if let why = p.problem { apfProblem = why } else if p.faults < n { apfProblem = "only \(p.faults) of \(n) faulting reads had their four timestamps in order (not present, copy, ready)" }
+        var apfProblem = apfMissing ?? apfRoundProblem
+        if !apfStalls.isEmpty {
+            report0Notes.append(("async PF (apf_*) rounds retried", "\(apfStalls.count) round VM(s) stalled and were taken again\(apfStopped ? "; the phase stopped at \(Self.apfMaxStalls) stalls" : ""): " + apfStalls.joined(separator: "; ")))
+        }
+        if apfMissing == nil, apfFaults < n, apfProblem == nil {
+            apfProblem = "only \(apfFaults) of \(n) faulting reads had their four timestamps in order (not present, copy, ready)"
         }
 
         let measurements = order.compactMap { acc[$0]!.result() }
@@ -656,6 +766,7 @@ final class Session {
         if let why = ksmProblem { report.omitted.append(("HostCosts.pageCopy", "ksm_cow_break: " + why)) }
         if let why = hypercallProblem { report.omitted.append(("exit_hypercall (reported only)", why)) }
         if let why = apfProblem { report.omitted.append(("async PF (apf_*)", why)) }
+        report.omitted += report0Notes
         if let ref = report.measurement("cpl0_instruction") {
             let steal1 = HostStealTime.read()
             let loop = report.measurement("host_loop")
@@ -671,6 +782,10 @@ final class Session {
     }
 
     static let hostLoopIterations = 200_000
+    /// Unrecorded async faults at the start of each round's async-PF VM (its guest kernel's
+    /// first faults map code and stacks).
+    static let apfWarmPerRound = 4
+    static let apfMaxStalls = 6
     var sink: UInt64 = 0
 
     /// Nanoseconds of a dependent square-and-add chain (no closed form for the compiler to

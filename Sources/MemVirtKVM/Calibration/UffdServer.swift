@@ -18,6 +18,9 @@ final class UffdServer: @unchecked Sendable {
     private var lock = pthread_mutex_t()
     private var samples: [Double] = []
     private var failure: KVMError?
+    /// The handler thread's id (set when it starts), for pinning it from outside while it
+    /// waits in ppoll.
+    private var handlerThread: Int32?
 
     let realtime: Bool
 
@@ -68,6 +71,17 @@ final class UffdServer: @unchecked Sendable {
         return s
     }
 
+    /// Restricts the handler thread to the CPUs of `mask` (0-63); `nil`: every CPU in
+    /// `allowed`. Called while the thread waits for a fault (between batches). False when
+    /// refused or the thread has not started.
+    @discardableResult func pin(_ mask: UInt64?, allowed: UInt64) -> Bool {
+        pthread_mutex_lock(&lock)
+        let t = handlerThread
+        pthread_mutex_unlock(&lock)
+        guard let t else { return false }
+        return setAffinityMask(mask ?? allowed, tid: t)
+    }
+
     private func fail(_ e: KVMError) {
         pthread_mutex_lock(&lock); failure = e; pthread_mutex_unlock(&lock)
     }
@@ -78,6 +92,7 @@ final class UffdServer: @unchecked Sendable {
         var msgs = [UInt8](repeating: 0, count: msgSize * 16)
         let base = region.hostAddress.rawValue
         if realtime { enterRealtimeScheduling() }
+        pthread_mutex_lock(&lock); handlerThread = ckvm_gettid(); pthread_mutex_unlock(&lock)
         while true {
             let n = ckvm_ppoll_ns(&fds, 2, -1)
             if n < 0 { if n == -EINTR { continue }; fail(.call("ppoll(userfaultfd)", Errno(rawValue: -n))); return }

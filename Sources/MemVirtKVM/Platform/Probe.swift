@@ -9,10 +9,12 @@ public struct KVMProbe: Sendable {
     public var apiVersion: Int
     public var capabilities: [(String, Int)]
     /// Nanoseconds per page: the guest's first write to a fresh page (KVM fault + host page),
-    /// the median over the pages of each write timed by the guest's TSC: the method
-    /// `kvm calibrate` uses for its first touch (`KVMCalibration.firstTouchSamples`).
+    /// each write timed by the guest's TSC (the method `kvm calibrate` uses for its first
+    /// touch, `KVMCalibration.firstTouchSamples`), in `firstTouchBatches` batches spread over
+    /// ~`batchGapNanos` x batches (~0.3 s): the median of the batches' medians. One batch of all pages
+    /// (~130 ms) caught this host's slow stretches whole (41.5 vs 30.4 us in two probes).
     public var firstTouchNanos: Double
-    /// The mean of the same per-page times (outliers included: shadow-page creation, host
+    /// The mean of all per-page times (outliers included: shadow-page creation, host
     /// preemption).
     public var firstTouchMeanNanos: Double
     /// Nanoseconds per page: the same pages written again (mapped: no exit).
@@ -27,6 +29,11 @@ public struct KVMProbe: Sendable {
     /// Nanoseconds per CPL0 instruction (emulated on PVM; native with VMX/SVM).
     public var emulatedInstructionNanos: Double
     public var pages: Int
+    /// Each batch's median first touch, in order, and its CPL0 reference (one emulated
+    /// instruction, timed right after the batch: the host's speed at that moment, as
+    /// `kvm calibrate` records per round).
+    public var firstTouchBatchMedians: [Double] = []
+    public var referenceBatchNanos: [Double] = []
 
     public static func run(pages: Int = 4096) throws(KVMError) -> KVMProbe {
         try onDedicatedThread(name: "memvirt-probe") { () throws(KVMError) in try measure(pages: pages) }
@@ -44,17 +51,29 @@ public struct KVMProbe: Sendable {
         var config = GuestConfig(dataSize: size)
         config.listCapacity = pages
         let g = try GuestVM(kvm: kvm, config: config)
-        let firstSamples = try KVMCalibration.firstTouchSamples(g, firstPage: 0, pages: pages)
-        guard let firstSummary = CalibratedCost.summarize(parameter: "first_touch", nanos: firstSamples, method: "") else {
-            throw KVMError.invalid("probe: no first-touch samples (pages \(pages))")
+        _ = try g.timeCPL0Loop(vcpu: 0, iterations: 1)
+        let batches = min(firstTouchBatches, pages / 64)
+        var firstSamples: [Double] = []
+        var batchMedians: [Double] = [], references: [Double] = []
+        for i in 0..<batches {
+            let lo = i * pages / batches, hi = (i + 1) * pages / batches
+            if i > 0 { usleepNanos(batchGapNanos) }
+            let s = try KVMCalibration.firstTouchSamples(g, firstPage: lo, pages: hi - lo)
+            firstSamples += s
+            batchMedians.append(medianOf(s))
+            let short = try g.timeCPL0Loop(vcpu: 0, iterations: 1)
+            let long = try g.timeCPL0Loop(vcpu: 0, iterations: 501)
+            references.append(Double(long > short ? long - short : 0) / 1000)
         }
-        let first = firstSummary.medianNanos
+        guard !firstSamples.isEmpty else { throw KVMError.invalid("probe: no first-touch samples (pages \(pages))") }
+        let first = medianOf(batchMedians)
         let firstMean = firstSamples.reduce(0, +) / Double(firstSamples.count)
         let again = try touch(g, pages: pages)
 
         // Exit round trip.
         var m = GuestVM.command(MEMVIRT_CMD_PING)
-        let pings: UInt64 = 20_000
+        // 5,000: at ~30-90 us each, 20,000 took most of the probe (up to 1.8 s) for a mean.
+        let pings: UInt64 = 5_000
         m.count = pings
         try g.setMailbox(0, m)
         let o = try g.execute(vcpu: 0)
@@ -83,8 +102,13 @@ public struct KVMProbe: Sendable {
             platform: kvm.platform, apiVersion: kvm.apiVersion, capabilities: caps,
             firstTouchNanos: first, firstTouchMeanNanos: firstMean, retouchNanos: again, userfaultfdNanos: uffd,
             userfaultfdServiceP50: rep.serviceNanos.valueAtPercentile(50), userfaultfdServiceP99: rep.serviceNanos.valueAtPercentile(99),
-            exitRoundTripNanos: exitNanos, emulatedInstructionNanos: emuNanos, pages: pages)
+            exitRoundTripNanos: exitNanos, emulatedInstructionNanos: emuNanos, pages: pages,
+            firstTouchBatchMedians: batchMedians, referenceBatchNanos: references)
     }
+
+    /// First-touch batches and the pause between them (the batches span ~0.3 s of the host).
+    static let firstTouchBatches = 16
+    static let batchGapNanos: UInt64 = 20_000_000
 
     /// Nanoseconds per page for one write to each of `pages` pages, timed between two MARKs.
     static func touch(_ g: GuestVM, pages: Int) throws(KVMError) -> Double {
@@ -104,7 +128,11 @@ public struct KVMProbe: Sendable {
             ("api_version", .int(Int64(apiVersion))),
             ("capabilities", .object(capabilities.map { ($0.0, .int(Int64($0.1))) })),
             ("pages", .int(Int64(pages))),
-            ("first_touch_us", us(firstTouchNanos)), ("first_touch_mean_us", us(firstTouchMeanNanos)), ("retouch_us", us(retouchNanos)),
+            ("first_touch_us", us(firstTouchNanos)), ("first_touch_mean_us", us(firstTouchMeanNanos)),
+            ("first_touch_batch_medians_us", .array(firstTouchBatchMedians.map { us($0) })),
+            ("first_touch_batch_min_us", us(firstTouchBatchMedians.min() ?? 0)), ("first_touch_batch_max_us", us(firstTouchBatchMedians.max() ?? 0)),
+            ("cpl0_reference_batch_ns", .array(referenceBatchNanos.map { .double(($0 * 10).rounded() / 10) })),
+            ("retouch_us", us(retouchNanos)),
             ("userfaultfd_fault_us", us(userfaultfdNanos)),
             ("userfaultfd_service_p50_us", us(Double(userfaultfdServiceP50))),
             ("userfaultfd_service_p99_us", us(Double(userfaultfdServiceP99))),
@@ -118,7 +146,10 @@ public struct KVMProbe: Sendable {
         var s = "platform \(platform.rawValue) (\(platform.pagingMode) paging), KVM API \(apiVersion)\n"
         s += "capabilities: " + capabilities.map { $0.1 > 0 ? ($0.1 == 1 ? $0.0 : "\($0.0)=\($0.1)") : "!\($0.0)" }.joined(separator: " ") + "\n"
         s += "per page over \(pages) pages:\n"
-        s += "  first touch            \(us(firstTouchNanos))  (median of per-page guest TSC times; mean \(us(firstTouchMeanNanos)))\n"
+        s += "  first touch            \(us(firstTouchNanos))  (median of \(firstTouchBatchMedians.count) batches' medians of per-page guest TSC times, batches \(us(firstTouchBatchMedians.min() ?? 0)) to \(us(firstTouchBatchMedians.max() ?? 0)); mean \(us(firstTouchMeanNanos)))\n"
+        if let lo = referenceBatchNanos.min(), let hi = referenceBatchNanos.max() {
+            s += "  CPL0 reference per batch \(formatFixed(lo, digits: 1)) to \(formatFixed(hi, digits: 1)) ns (the host's speed; kvm calibrate records the same per round)\n"
+        }
         s += "  re-touch               \(us(retouchNanos))\n"
         s += "  userfaultfd-served     \(us(userfaultfdNanos))  (pager service p50 \(us(Double(userfaultfdServiceP50))), p99 \(us(Double(userfaultfdServiceP99))))\n"
         s += "exit round trip (out)    \(us(exitRoundTripNanos))\n"
