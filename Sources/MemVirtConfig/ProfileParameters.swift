@@ -79,6 +79,8 @@ public struct ProfileParameter: Sendable {
             .init("CostModel.faultInjection", "cost_model", "fault_injection", .cycles, { $0.costs.faultInjection }, { $0.costs.faultInjection = $1 }),
             .init("CostModel.diskRead4K", "cost_model", "disk_read_4k", .cycles, { $0.costs.diskRead4K }, { $0.costs.diskRead4K = $1 }),
             .init("CostModel.exitsPerDiskIO", "cost_model", "exits_per_disk_io", .count, { $0.costs.exitsPerDiskIO }, { $0.costs.exitsPerDiskIO = $1 }),
+            .init("CostModel.hostDemandZero4K", "cost_model", "host_demand_zero_4k", .cycles, { $0.costs.hostDemandZero4K }, { $0.costs.hostDemandZero4K = $1 }),
+            .init("CostModel.hostZeroPageCopy", "cost_model", "host_zero_page_copy", .cycles, { $0.costs.hostZeroPageCopy }, { $0.costs.hostZeroPageCopy = $1 }),
             .init("HostCosts.swapCacheHit", "host", "swap_cache_hit", .cycles, { $0.host.swapCacheHit }, { $0.host.swapCacheHit = $1 }),
             .init("HostCosts.swapInSubmit", "host", "swap_in_submit", .cycles, { $0.host.swapInSubmit }, { $0.host.swapInSubmit = $1 }),
             .init("HostCosts.reclaimScan", "host", "reclaim_scan", .cycles, { $0.host.reclaimScan }, { $0.host.reclaimScan = $1 }),

@@ -19,6 +19,9 @@ struct ValidateCommand: ParsableCommand {
     @Flag(name: .long, help: "Smaller cases (4 MiB, 100,000 accesses; under a minute).")
     var quick = false
 
+    @Option(name: .long, help: "Runs of each case's KVM side, round-robin over the cases; the measured time is their median (default: \(Validation.fullRepeats), 1 with --quick).")
+    var repeats: Int?
+
     @Option(name: .long, help: "Machine profile (name or file) whose costs and clock the model uses (default: this host calibrated now by `kvm calibrate`, quick with --quick; see `memvirt profile list`).")
     var profile: String?
 
@@ -30,6 +33,8 @@ struct ValidateCommand: ParsableCommand {
 
     func run() throws {
         try reportingErrors(json: json) {
+            let k = repeats ?? Validation.repeats(quick: quick)
+            guard k >= 1 && k <= 50 else { throw CLIError("--repeats: \(k) is out of range (allowed: 1...50)") }
             if let why = KVM.unavailableReason { throw CLIError("validate needs a usable /dev/kvm: \(why)") }
             let showProgress = !quiet
             let machine: MachineProfile
@@ -43,7 +48,7 @@ struct ValidateCommand: ParsableCommand {
             let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
             }
-            let results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, progress: progress)
+            let results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, repeats: k, progress: progress)
             let report = Validation.report(results, profile: machine.summaryJSON)
             print(json ? report.json.rendered() : report.text)
         }

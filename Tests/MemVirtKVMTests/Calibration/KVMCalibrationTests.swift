@@ -14,6 +14,7 @@ let calibratableParameters: Set<String> = [
     "DirtyTrackingCosts.writeProtectFault", "DirtyTrackingCosts.bitmapPerGiB", "DirtyTrackingCosts.bitmapPerDirtyPage",
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
     "GuestSchedulingCosts.apfNotPresentHandler", "GuestSchedulingCosts.apfReadyHandler", "GuestSchedulingCosts.pageReadyDelay",
+    "CostModel.hostDemandZero4K", "CostModel.hostZeroPageCopy",
 ]
 
 /// The async-PF phase's measurements, in order.
@@ -29,7 +30,7 @@ struct KVMCalibrationTests {
         let seconds = Double(monotonicNanoseconds() - t0) / 1e9
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
-        let expected = ["first_touch", "first_touch_read", "host_first_touch", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
+        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
                         "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp", "exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service", "wp_fault_after_harvest", "bitmap_empty_1gib",
                         "bitmap_per_dirty_page", "ring_per_entry", "ring_empty"] + (r.measurement("ksm_cow_break") != nil ? ["ksm_cow_break", "pair_ksm_minus_touch"] : [])
@@ -48,6 +49,9 @@ struct KVMCalibrationTests {
         // The intended paths, from KVM's own counters (per timed event).
         #expect(abs(per("first_touch", "pf_fixed") - 1) < 0.1, "first_touch pf_fixed/event \(per("first_touch", "pf_fixed"))")
         #expect(abs(per("refault_after_zap", "pf_fixed") - 1) < 0.1)
+        // The zero page's copy-on-write: a stale fault retried, then fixed (MemoryCalibration.swift).
+        #expect(abs(per("zero_page_cow_write", "pf_fixed") - 1) < 0.1, "zero_page_cow_write pf_fixed/event \(per("zero_page_cow_write", "pf_fixed"))")
+        #expect(abs(per("zero_page_cow_write", "pf_taken") - 2) < 0.2, "zero_page_cow_write pf_taken/event \(per("zero_page_cow_write", "pf_taken"))")
         #expect(per("exit_pio", "vmm_io_exits") == 1)
         #expect(per("exit_mmio", "vmm_mmio_exits") == 1)
         #expect(abs(per("exit_mmio", "mmio_exits") - 1) < 0.1)
