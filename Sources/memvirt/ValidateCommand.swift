@@ -49,7 +49,15 @@ struct ValidateCommand: ParsableCommand {
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
             }
             let results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, repeats: k, progress: progress)
-            let report = Validation.report(results, profile: machine.summaryJSON)
+            // The profile's summary and every cost the model used (cycles, nanoseconds or counts as
+            // the profile's units), so a run's prediction can be traced to its calibration.
+            var profileJSON = machine.summaryJSON
+            if case .object(var kv) = profileJSON {
+                kv.append(("clock_ghz", .double(machine.clockGHz)))
+                kv.append(("costs", .object(ProfileParameter.all.map { ($0.section + "." + $0.key, .double(machine.value($0))) })))
+                profileJSON = .object(kv)
+            }
+            let report = Validation.report(results, profile: profileJSON)
             print(json ? report.json.rendered() : report.text)
         }
     }
