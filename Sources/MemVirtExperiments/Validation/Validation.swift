@@ -122,7 +122,8 @@ public struct Validation: Experiment {
         }
     }
 
-    /// Folds `k` results of one case (one per repeat, same case, same model) into one: the
+    /// Folds `k` results of one case (one per repeat) into one: the predicted time the median
+    /// of the repeats' predictions (equal where one model ran), the
     /// measured time the median of the repeats' times (`measuredSecondsRuns` keeps each), the
     /// counters those of the median repeat, and any judged counter that differs across repeats
     /// named in `unrepeatableCounters`.
@@ -133,6 +134,8 @@ public struct Validation: Experiment {
         r.measuredSeconds = median(times)
         r.measuredWallSeconds = median(runs.map(\.measuredWallSeconds))
         r.measuredSecondsRuns = times
+        // The host and guest-op cases model each repeat with that round's profile.
+        r.predictedSeconds = median(runs.map(\.predictedSeconds))
         r.readSumEqual = runs.allSatisfy(\.readSumEqual)
         let judged = Set(r.rows.filter(\.deterministic).map(\.stat))
         r.unrepeatableCounters = unrepeatable(runs.map { Dictionary($0.rows.map { ($0.stat, $0.kvm) }, uniquingKeysWith: { a, _ in a }) }, judged: judged)
@@ -147,12 +150,22 @@ public struct Validation: Experiment {
     /// (it is deterministic); the host and guest-op cases run whole each time (their engines
     /// own both sides).
     public func runCases(machine: ReproductionMachine, repeats: Int? = nil, progress: @Sendable (String) -> Void) throws -> [CaseResult] {
-        let repeats = repeats ?? self.repeats
+        try runRounds(repeats: repeats ?? self.repeats, machineForRound: { _ in machine }, modelMachine: { machine }, progress: progress)
+    }
+
+    /// The rounds of `runCases`: before round r, `machineForRound(r)` gives the profile that
+    /// round's host and guest-op cases model with (a calibration taken just before it, or the
+    /// same one throughout); the prebuilt and dirty-log models run once after the rounds with
+    /// `modelMachine()` (e.g. the median of the rounds' calibrations).
+    func runRounds(repeats: Int, machineForRound: (Int) throws -> ReproductionMachine, modelMachine: () throws -> ReproductionMachine,
+                   progress: @Sendable (String) -> Void) throws -> [CaseResult] {
         guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
         guard repeats >= 1 else { throw InputError("validate: repeats must be at least 1 (got \(repeats))") }
         var runs = [[CaseResult]](repeating: [], count: cases.count)
-        var models = [ModelSide?](repeating: nil, count: cases.count)
+        var kvmSides = [[KVMSide]](repeating: [], count: cases.count)
+        var ringBytes = [UInt64?](repeating: nil, count: cases.count)
         for round in 0..<repeats {
+            let machine = try machineForRound(round)
             let tag = repeats > 1 ? " (repeat \(round + 1)/\(repeats))" : ""
             for (i, c) in cases.enumerated() {
                 if case .host(let h) = c.kind {
@@ -166,12 +179,17 @@ public struct Validation: Experiment {
                     continue
                 }
                 progress("\(Self.name): \(c.name) on /dev/kvm\(tag)")
-                let (kvm, ringBytes) = try ValidationEngines.runKVM(c)
-                if models[i] == nil {
-                    progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
-                    models[i] = try ValidationEngines.runModel(c, machine: machine, ringBytes: ringBytes)
-                }
-                runs[i].append(Self.compare(c, model: models[i]!, kvm: kvm))
+                let (kvm, ring) = try ValidationEngines.runKVM(c)
+                kvmSides[i].append(kvm)
+                if ringBytes[i] == nil { ringBytes[i] = ring }
+            }
+        }
+        if kvmSides.contains(where: { !$0.isEmpty }) {
+            let machine = try modelMachine()
+            for (i, c) in cases.enumerated() where !kvmSides[i].isEmpty {
+                progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
+                let model = try ValidationEngines.runModel(c, machine: machine, ringBytes: ringBytes[i])
+                runs[i] = kvmSides[i].map { Self.compare(c, model: model, kvm: $0) }
             }
         }
         return zip(cases, runs).map { Self.combine($0, $1) }

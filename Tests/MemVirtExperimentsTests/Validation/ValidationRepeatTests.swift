@@ -1,3 +1,4 @@
+import MemVirtConfig
 import MemVirtCore
 @testable import MemVirtExperiments
 import MemVirtModel
@@ -85,5 +86,25 @@ struct ValidationRepeatTests {
         guard case .object(let un)? = value("unrepeatable_counters") else { Issue.record("unrepeatable_counters"); return }
         #expect(un.map(\.0) == ["pf_fixed"])
         #expect(report.text.contains("2.000 1.000 3.000"))
+    }
+
+    @Test("several calibrations as one profile: each parameter the median of the profiles' values")
+    func medianProfile() throws {
+        let base = try MachineProfile.load("pvm-shadow")
+        var a = base, b = base, c = base
+        a.costs.costs.vmExitRoundTrip = 87_000
+        b.costs.costs.vmExitRoundTrip = 115_000  // a calibration in a slow stretch
+        c.costs.costs.vmExitRoundTrip = 88_000
+        a.costs.costs.hostZeroPageCopy = 13_000
+        b.costs.costs.hostZeroPageCopy = 12_000
+        c.costs.costs.hostZeroPageCopy = 14_000
+        let m = HostCalibration.median([a, b, c])
+        #expect(m.costs.costs.vmExitRoundTrip == 88_000)
+        #expect(m.costs.costs.hostZeroPageCopy == 13_000)
+        // Every other parameter, equal in all three, unchanged.
+        for p in ProfileParameter.all where !["CostModel.vmExitRoundTrip", "CostModel.hostZeroPageCopy"].contains(p.name) {
+            #expect(m.value(p) == base.value(p), "\(p.name)")
+        }
+        #expect(HostCalibration.median([a]).costs == a.costs)
     }
 }
