@@ -73,7 +73,14 @@ extension Validation {
         let k = repeats ?? self.repeats
         let results = try runRounds(repeats: k, machineForRound: { r in
             progress("calibrating this host (kvm calibrate\(quick ? " --quick" : ""))\(k > 1 ? ", before repeat \(r + 1)/\(k)" : "")")
-            calibrations.append(try HostCalibration.calibrate(quick: quick).profile)
+            do {
+                calibrations.append(try HostCalibration.calibrate(quick: quick).profile)
+            } catch where !calibrations.isEmpty {
+                // A later round's calibration failed (e.g. a benchmark timed out on a loaded
+                // host): this round models with the median of those taken so far.
+                progress("calibration before repeat \(r + 1) failed (\(error)); this round uses the median of the \(calibrations.count) taken before")
+                return HostCalibration.median(calibrations).validationMachine
+            }
             return calibrations.last!.validationMachine
         }, modelMachine: { HostCalibration.median(calibrations).validationMachine }, progress: progress)
         return (results, HostCalibration.median(calibrations), calibrations)
