@@ -44,6 +44,13 @@ public struct ProfileParameter: Sendable {
         self.set = set
     }
 
+    /// Parameters a profile file may lack because it was written before they existed (the
+    /// model's default is used, marked inherited with this source).
+    public static let addedLater: [String: String] = [
+        "CostModel.hostDemandZero4K": "2,000 cycles (will-it-scale page_fault1, ~0.7 us; the guest's demand-zero figure)",
+        "CostModel.hostZeroPageCopy": "2,000 cycles (wp_page_copy of the zero pfn: a demand-zero fault's allocation and clear)",
+    ]
+
     /// The `[costs.*]` sections in file order.
     public static let sections = ["cost_model", "host", "guest_scheduling", "dirty_tracking"]
 

@@ -107,4 +107,21 @@ struct ValidationRepeatTests {
         }
         #expect(HostCalibration.median([a]).costs == a.costs)
     }
+
+    @Test("a profile written before host_demand_zero_4k and host_zero_page_copy existed still loads, with their defaults marked inherited")
+    func olderProfileLoads() throws {
+        var p = try MachineProfile.load("pvm-shadow")
+        p.costs.costs.hostDemandZero4K = 5_000
+        p.costs.costs.hostZeroPageCopy = 13_000
+        let full = p.toTOML()
+        let old = full.split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !$0.hasPrefix("host_demand_zero_4k") && !$0.hasPrefix("host_zero_page_copy") }.joined(separator: "\n")
+        #expect(old != full)
+        let q = try MachineProfile.decode(old, file: "old.toml")
+        #expect(q.costs.costs.hostDemandZero4K == 2_000 && q.costs.costs.hostZeroPageCopy == 2_000)
+        if case .inherited(let s)? = q.provenance["CostModel.hostZeroPageCopy"] { #expect(s.contains("written before")) } else { Issue.record("not inherited") }
+        // Written with them, they round-trip.
+        let r = try MachineProfile.decode(full, file: "new.toml")
+        #expect(r.costs.costs.hostDemandZero4K == 5_000 && r.costs.costs.hostZeroPageCopy == 13_000)
+    }
 }
