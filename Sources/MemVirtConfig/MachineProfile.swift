@@ -207,6 +207,11 @@ extension MachineProfile {
             let t = try costsTable.required(try costsTable.table(section), section)
             try t.check(allowed: params.map(\.key))
             for p in params {
+                if let since = ProfileParameter.addedLater[p.name], try t.table(p.key) == nil {
+                    // A profile written before this parameter existed: the model's default.
+                    provenance[p.name] = .inherited("not in this file (written before the parameter existed): the default, " + since)
+                    continue
+                }
                 let e = try t.required(try t.table(p.key), p.key)
                 let (v, prov) = try decodeEntry(e, p)
                 p.set(&costs, v)

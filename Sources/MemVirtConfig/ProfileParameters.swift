@@ -44,6 +44,13 @@ public struct ProfileParameter: Sendable {
         self.set = set
     }
 
+    /// Parameters a profile file may lack because it was written before they existed (the
+    /// model's default is used, marked inherited with this source).
+    public static let addedLater: [String: String] = [
+        "CostModel.hostDemandZero4K": "2,000 cycles (will-it-scale page_fault1, ~0.7 us; the guest's demand-zero figure)",
+        "CostModel.hostZeroPageCopy": "2,000 cycles (wp_page_copy of the zero pfn: a demand-zero fault's allocation and clear)",
+    ]
+
     /// The `[costs.*]` sections in file order.
     public static let sections = ["cost_model", "host", "guest_scheduling", "dirty_tracking"]
 
@@ -83,6 +90,8 @@ public struct ProfileParameter: Sendable {
             .init("CostModel.stringStoreElement", "cost_model", "string_store_element", .cycles, { $0.costs.stringStoreElement }, { $0.costs.stringStoreElement = $1 }),
             .init("CostModel.diskRead4K", "cost_model", "disk_read_4k", .cycles, { $0.costs.diskRead4K }, { $0.costs.diskRead4K = $1 }),
             .init("CostModel.exitsPerDiskIO", "cost_model", "exits_per_disk_io", .count, { $0.costs.exitsPerDiskIO }, { $0.costs.exitsPerDiskIO = $1 }),
+            .init("CostModel.hostDemandZero4K", "cost_model", "host_demand_zero_4k", .cycles, { $0.costs.hostDemandZero4K }, { $0.costs.hostDemandZero4K = $1 }),
+            .init("CostModel.hostZeroPageCopy", "cost_model", "host_zero_page_copy", .cycles, { $0.costs.hostZeroPageCopy }, { $0.costs.hostZeroPageCopy = $1 }),
             .init("HostCosts.swapCacheHit", "host", "swap_cache_hit", .cycles, { $0.host.swapCacheHit }, { $0.host.swapCacheHit = $1 }),
             .init("HostCosts.swapInSubmit", "host", "swap_in_submit", .cycles, { $0.host.swapInSubmit }, { $0.host.swapInSubmit = $1 }),
             .init("HostCosts.reclaimScan", "host", "reclaim_scan", .cycles, { $0.host.reclaimScan }, { $0.host.reclaimScan = $1 }),

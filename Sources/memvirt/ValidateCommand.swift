@@ -19,6 +19,9 @@ struct ValidateCommand: ParsableCommand {
     @Flag(name: .long, help: "Smaller cases (4 MiB, 100,000 accesses; under a minute).")
     var quick = false
 
+    @Option(name: .long, help: "Runs of each case's KVM side, round-robin over the cases; the measured time is their median (default: \(Validation.fullRepeats), 1 with --quick).")
+    var repeats: Int?
+
     @Option(name: .long, help: "Machine profile (name or file) whose costs and clock the model uses (default: this host calibrated now by `kvm calibrate`, quick with --quick; see `memvirt profile list`).")
     var profile: String?
 
@@ -30,21 +33,40 @@ struct ValidateCommand: ParsableCommand {
 
     func run() throws {
         try reportingErrors(json: json) {
+            let k = repeats ?? Validation.repeats(quick: quick)
+            guard k >= 1 && k <= 50 else { throw CLIError("--repeats: \(k) is out of range (allowed: 1...50)") }
             if let why = KVM.unavailableReason { throw CLIError("validate needs a usable /dev/kvm: \(why)") }
             let showProgress = !quiet
-            let machine: MachineProfile
-            if let profile {
-                machine = try MachineProfile.load(profile)
-            } else {
-                // The model's costs measured on this host in this run, never fitted to the cases.
-                if showProgress { printError("  calibrating this host (kvm calibrate\(quick ? " --quick" : ""))") }
-                machine = try HostCalibration.calibrate(quick: quick).profile
-            }
             let progress: @Sendable (String) -> Void = { msg in
                 if showProgress { FileHandle.standardError.write(Data("  \(msg)\n".utf8)) }
             }
-            let results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, progress: progress)
-            let report = Validation.report(results, profile: machine.summaryJSON)
+            let machine: MachineProfile
+            let results: [Validation.CaseResult]
+            var calibrations: [MachineProfile] = []
+            if let profile {
+                machine = try MachineProfile.load(profile)
+                results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, repeats: k, progress: progress)
+            } else {
+                // The model's costs measured on this host in this run (a calibration before
+                // each round of the repeats, their per-parameter median), never fitted to the cases.
+                let run = try Validation(quick: quick).runCalibrated(quick: quick, repeats: k, progress: progress)
+                results = run.results
+                machine = run.profile
+                calibrations = run.calibrations
+            }
+            // The profile's summary and every cost the model used (cycles, nanoseconds or counts as
+            // the profile's units), so a run's prediction can be traced to its calibration.
+            var profileJSON = machine.summaryJSON
+            if case .object(var kv) = profileJSON {
+                kv.append(("clock_ghz", .double(machine.clockGHz)))
+                kv.append(("costs", .object(ProfileParameter.all.map { ($0.section + "." + $0.key, .double(machine.value($0))) })))
+                if calibrations.count > 1 {
+                    // Each calibration's value of every parameter, in round order (the costs above are their medians).
+                    kv.append(("calibrations", .object(ProfileParameter.all.map { p in (p.section + "." + p.key, .array(calibrations.map { .double($0.value(p)) })) })))
+                }
+                profileJSON = .object(kv)
+            }
+            let report = Validation.report(results, profile: profileJSON)
             print(json ? report.json.rendered() : report.text)
         }
     }

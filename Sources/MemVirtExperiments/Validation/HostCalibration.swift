@@ -40,4 +40,49 @@ public enum HostCalibration {
                                                host: ProcessInfo.processInfo.hostName)
         return (profile, report)
     }
+
+    /// Several calibrations of this host as one profile: each parameter the median of the
+    /// profiles' values (a calibration that landed in one of the host's slow stretches moves
+    /// no parameter); name, provenance texts and conditions those of the first.
+    public static func median(_ profiles: [MachineProfile]) -> MachineProfile {
+        precondition(!profiles.isEmpty, "median of no profiles")
+        guard profiles.count > 1 else { return profiles[0] }
+        var p = profiles[0]
+        for param in ProfileParameter.all { param.set(&p.costs, Validation.median(profiles.map { $0.value(param) })) }
+        p.description += "; each parameter the median of \(profiles.count) calibrations taken in one run"
+        return p
+    }
+}
+
+extension MachineProfile {
+    /// The profile as the model's machine (the costs, TLB geometry and cost tables).
+    var validationMachine: ReproductionMachine {
+        ReproductionMachine(name: name, costs: costModel, tlb: tlb, host: costs.host, scheduling: costs.scheduling, dirty: costs.dirty)
+    }
+}
+
+extension Validation {
+    /// The whole `validate` run on this host without a given profile: a calibration before
+    /// each round of the repeats (calibrate, all cases, calibrate, all cases, ...), so a slow
+    /// stretch of the host moves one calibration of k rather than every prediction; the
+    /// prebuilt and dirty-log models use the per-parameter median of the k calibrations
+    /// (`HostCalibration.median`), each host and guest-op repeat the calibration just before
+    /// it. Returns the results and the median profile.
+    public func runCalibrated(quick: Bool, repeats: Int? = nil, progress: @Sendable (String) -> Void) throws -> (results: [CaseResult], profile: MachineProfile, calibrations: [MachineProfile]) {
+        var calibrations: [MachineProfile] = []
+        let k = repeats ?? self.repeats
+        let results = try runRounds(repeats: k, machineForRound: { r in
+            progress("calibrating this host (kvm calibrate\(quick ? " --quick" : ""))\(k > 1 ? ", before repeat \(r + 1)/\(k)" : "")")
+            do {
+                calibrations.append(try HostCalibration.calibrate(quick: quick).profile)
+            } catch where !calibrations.isEmpty {
+                // A later round's calibration failed (e.g. a benchmark timed out on a loaded
+                // host): this round models with the median of those taken so far.
+                progress("calibration before repeat \(r + 1) failed (\(error)); this round uses the median of the \(calibrations.count) taken before")
+                return HostCalibration.median(calibrations).validationMachine
+            }
+            return calibrations.last!.validationMachine
+        }, modelMachine: { HostCalibration.median(calibrations).validationMachine }, progress: progress)
+        return (results, HostCalibration.median(calibrations), calibrations)
+    }
 }

@@ -33,9 +33,17 @@ public struct Validation: Experiment {
     public static let deterministic: Set<String> = ["pf_fixed", "pf_taken", "pf_guest", "pf_emulate", "mmu_pte_write", "invlpg", "dirty_pages"]
 
     public var cases: [ValidationCase]
+    /// Runs of each case's KVM side (`runCases`' default).
+    public var repeats: Int
 
-    public init(quick: Bool) { cases = ValidationCase.all(quick: quick) }
-    public init(cases: [ValidationCase]) { self.cases = cases }
+    public init(quick: Bool) {
+        cases = ValidationCase.all(quick: quick)
+        repeats = Self.repeats(quick: quick)
+    }
+    public init(cases: [ValidationCase], repeats: Int = 1) {
+        self.cases = cases
+        self.repeats = repeats
+    }
 
     /// One counter of one case.
     public struct Row: Sendable {
@@ -58,8 +66,18 @@ public struct Validation: Experiment {
         /// The KVM engine's CPU time (user + system of the process) over the measured phase:
         /// the time the vCPU thread ran, without the time it waited for a core on a shared host.
         public var measuredSeconds: Double
-        /// Wall time of the same phase.
+        /// Wall time of the same phase (the median over the repeats).
         public var measuredWallSeconds: Double
+        /// Each repeat's CPU time, in the order run (`measuredSeconds` is their median).
+        public var measuredSecondsRuns: [Double] = []
+        /// Judged counters whose KVM values differ across repeats, with each repeat's value
+        /// (empty: KVM counted the same in every repeat, as a deterministic counter must).
+        public var unrepeatableCounters: [(String, [UInt64])] = []
+        /// (max - min) / median of the repeats' times (0 for one run).
+        public var measuredSpread: Double {
+            guard measuredSecondsRuns.count > 1, measuredSeconds > 0 else { return 0 }
+            return (measuredSecondsRuns.max()! - measuredSecondsRuns.min()!) / measuredSeconds
+        }
         public var readSumEqual: Bool
         public var note: String
         public var modelBreakdown: [(String, Double)]
@@ -73,28 +91,108 @@ public struct Validation: Experiment {
         public var withinTolerance: Bool { readSumEqual && timeWithinTolerance && countersWithinTolerance }
     }
 
-    /// Runs every case on both engines.
-    public func runCases(machine: ReproductionMachine, progress: @Sendable (String) -> Void) throws -> [CaseResult] {
-        guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
-        var out: [CaseResult] = []
-        for c in cases {
-            if case .host(let h) = c.kind {
-                progress("\(Self.name): \(c.name) on /dev/kvm and in the model (shadow, \(machine.name))")
-                let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine)
-                out.append(Self.compare(c, model: model, kvm: kvm))
-                continue
-            }
-            if case .guestOps(let script) = c.kind {
-                out.append(try ValidationGuestOps.run(c, script: script, machine: machine, progress: progress))
-                continue
-            }
-            progress("\(Self.name): \(c.name) on /dev/kvm")
-            let (kvm, ringBytes) = try ValidationEngines.runKVM(c)
-            progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
-            let model = try ValidationEngines.runModel(c, machine: machine, ringBytes: ringBytes)
-            out.append(Self.compare(c, model: model, kvm: kvm))
+    /// How many times each case's KVM side runs in a full run (`repeats(quick:)`).
+    public static let fullRepeats = 3
+
+    /// Repeats of each case's KVM side: 1 with `--quick` (its test stays short), else `fullRepeats`.
+    public static func repeats(quick: Bool) -> Int { quick ? 1 : fullRepeats }
+
+    /// The median of `xs` (the mean of the two middle values for an even count; 0 when empty).
+    public static func median(_ xs: [Double]) -> Double {
+        guard !xs.isEmpty else { return 0 }
+        let s = xs.sorted()
+        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+    }
+
+    /// The index of the repeat whose time is the median (the lower middle one for an even
+    /// count): its counters stand for the case.
+    public static func medianIndex(_ xs: [Double]) -> Int {
+        guard !xs.isEmpty else { return 0 }
+        let order = xs.indices.sorted { xs[$0] < xs[$1] || (xs[$0] == xs[$1] && $0 < $1) }
+        return order[(order.count - 1) / 2]
+    }
+
+    /// The stats among `judged` whose values are not the same in every repeat, with each
+    /// repeat's values (the deterministic counters must be equal across repeats).
+    public static func unrepeatable(_ runs: [[String: UInt64]], judged: Set<String>) -> [(String, [UInt64])] {
+        guard let first = runs.first else { return [] }
+        return judged.sorted().compactMap { s in
+            let vs = runs.map { $0[s] ?? 0 }
+            return vs.allSatisfy({ $0 == (first[s] ?? 0) }) ? nil : (s, vs)
         }
-        return out
+    }
+
+    /// Folds `k` results of one case (one per repeat) into one: the predicted time the median
+    /// of the repeats' predictions (equal where one model ran), the
+    /// measured time the median of the repeats' times (`measuredSecondsRuns` keeps each), the
+    /// counters those of the median repeat, and any judged counter that differs across repeats
+    /// named in `unrepeatableCounters`.
+    public static func combine(_ c: ValidationCase, _ runs: [CaseResult]) -> CaseResult {
+        precondition(!runs.isEmpty, "combine needs at least one run")
+        let times = runs.map(\.measuredSeconds)
+        var r = runs[medianIndex(times)]
+        r.measuredSeconds = median(times)
+        r.measuredWallSeconds = median(runs.map(\.measuredWallSeconds))
+        r.measuredSecondsRuns = times
+        // The host and guest-op cases model each repeat with that round's profile.
+        r.predictedSeconds = median(runs.map(\.predictedSeconds))
+        r.readSumEqual = runs.allSatisfy(\.readSumEqual)
+        let judged = Set(r.rows.filter(\.deterministic).map(\.stat))
+        r.unrepeatableCounters = unrepeatable(runs.map { Dictionary($0.rows.map { ($0.stat, $0.kvm) }, uniquingKeysWith: { a, _ in a }) }, judged: judged)
+        r.explanation = explanation(c, r)
+        return r
+    }
+
+    /// Runs every case on both engines, each case's KVM side `repeats` times round-robin (all
+    /// cases once, then all again: a slow stretch of the host lands on one repeat of several
+    /// cases, not on every repeat of one), the measured time the median of the repeats
+    /// (`repeats` nil: `self.repeats`). The prebuilt and dirty-log cases run their model once
+    /// (it is deterministic); the host and guest-op cases run whole each time (their engines
+    /// own both sides).
+    public func runCases(machine: ReproductionMachine, repeats: Int? = nil, progress: @Sendable (String) -> Void) throws -> [CaseResult] {
+        try runRounds(repeats: repeats ?? self.repeats, machineForRound: { _ in machine }, modelMachine: { machine }, progress: progress)
+    }
+
+    /// The rounds of `runCases`: before round r, `machineForRound(r)` gives the profile that
+    /// round's host and guest-op cases model with (a calibration taken just before it, or the
+    /// same one throughout); the prebuilt and dirty-log models run once after the rounds with
+    /// `modelMachine()` (e.g. the median of the rounds' calibrations).
+    func runRounds(repeats: Int, machineForRound: (Int) throws -> ReproductionMachine, modelMachine: () throws -> ReproductionMachine,
+                   progress: @Sendable (String) -> Void) throws -> [CaseResult] {
+        guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
+        guard repeats >= 1 else { throw InputError("validate: repeats must be at least 1 (got \(repeats))") }
+        var runs = [[CaseResult]](repeating: [], count: cases.count)
+        var kvmSides = [[KVMSide]](repeating: [], count: cases.count)
+        var ringBytes = [UInt64?](repeating: nil, count: cases.count)
+        for round in 0..<repeats {
+            let machine = try machineForRound(round)
+            let tag = repeats > 1 ? " (repeat \(round + 1)/\(repeats))" : ""
+            for (i, c) in cases.enumerated() {
+                if case .host(let h) = c.kind {
+                    progress("\(Self.name): \(c.name) on /dev/kvm and in the model (shadow, \(machine.name))\(tag)")
+                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine)
+                    runs[i].append(Self.compare(c, model: model, kvm: kvm))
+                    continue
+                }
+                if case .guestOps(let script) = c.kind {
+                    runs[i].append(try ValidationGuestOps.run(c, script: script, machine: machine, progress: { progress($0 + tag) }))
+                    continue
+                }
+                progress("\(Self.name): \(c.name) on /dev/kvm\(tag)")
+                let (kvm, ring) = try ValidationEngines.runKVM(c)
+                kvmSides[i].append(kvm)
+                if ringBytes[i] == nil { ringBytes[i] = ring }
+            }
+        }
+        if kvmSides.contains(where: { !$0.isEmpty }) {
+            let machine = try modelMachine()
+            for (i, c) in cases.enumerated() where !kvmSides[i].isEmpty {
+                progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
+                let model = try ValidationEngines.runModel(c, machine: machine, ringBytes: ringBytes[i])
+                runs[i] = kvmSides[i].map { Self.compare(c, model: model, kvm: $0) }
+            }
+        }
+        return zip(cases, runs).map { Self.combine($0, $1) }
     }
 
     static func compare(_ c: ValidationCase, model: ModelSide, kvm: KVMSide) -> CaseResult {
@@ -115,6 +213,7 @@ public struct Validation: Experiment {
         }
         var r = CaseResult(name: c.name, rows: rows, predictedSeconds: model.seconds, measuredSeconds: kvm.seconds, measuredWallSeconds: kvm.wallSeconds,
                            readSumEqual: model.readSum == kvm.readSum, note: note(c), modelBreakdown: model.breakdown)
+        r.measuredSecondsRuns = [kvm.seconds]
         r.explanation = explanation(c, r)
         return r
     }
@@ -151,11 +250,17 @@ public struct Validation: Experiment {
             }
             parts.append(s)
         }
+        for (stat, vs) in r.unrepeatableCounters {
+            parts.append("\(stat) differs across KVM's repeats (\(vs.map { formatGrouped($0) }.joined(separator: ", "))): not deterministic in this case; the median repeat's value is shown")
+        }
         if !r.readSumEqual { parts.append("read_sum differs: the model's data differ from the guest's (content lost or different across an eviction, a merge or a copy)") }
         if !r.timeWithinTolerance {
             let total = r.modelBreakdown.map(\.1).reduce(0, +)
             let top = r.modelBreakdown.sorted { $0.1 > $1.1 }.prefix(3).map { "\($0.0) \(formatFixed(total > 0 ? $0.1 / total * 100 : 0, digits: 0))%" }
             var s = "time: predicted \(formatFixed(r.predictedSeconds, digits: 4)) s vs measured \(formatFixed(r.measuredSeconds, digits: 4)) s (\(formatSignedPercent(r.timeError)))"
+            if r.measuredSecondsRuns.count > 1 {
+                s += "; measured the median of \(r.measuredSecondsRuns.count) repeats (\(r.measuredSecondsRuns.map { formatFixed($0, digits: 3) }.joined(separator: ", ")) s, spread \(formatFixed(r.measuredSpread * 100, digits: 1))%)"
+            }
             s += "; the model's largest costs: " + top.joined(separator: ", ")
             let perExit = r.rows.first { $0.stat == "exits" }.map { $0.kvm > 0 ? r.measuredSeconds / Double($0.kvm) * 1e6 : 0 }
             if let p = perExit, p > 0 { s += "; KVM's measured time per exit \(formatFixed(p, digits: 1)) us" }
@@ -171,7 +276,7 @@ public struct Validation: Experiment {
     static func modelled(_ c: ValidationCase) -> String {
         switch c.kind {
         case .prebuilt, .dirtyLog:
-            "the shadow MMU's faults with read-only sptes for clean gptes, no prefetch of unaccessed gptes, the host zero page and its copy-on-write retry\(c.kind == .prebuilt ? "" : ", dirty logging by write protection")"
+            "the shadow MMU's faults with read-only sptes for clean gptes, no prefetch of unaccessed gptes, the host zero page and its copy-on-write retry (hostZeroPageCopy), the host's demand-zero (hostDemandZero4K)\(c.kind == .prebuilt ? "" : ", dirty logging by write protection")"
         case .host(let h): ValidationHostCases.modelled(h)
         case .guestOps:
             "the guest kernel's own #PF handler, PTE writes, INVLPGs and CR3 loads through the shadow MMU: unsync leaf tables synced on INVLPG and CR3 loads (kvm_sync_spte, kvm_mmu_sync_roots), emulated stores counted by kvm_mmu_track_write (one per CPL0 stub; a string store into a shadowed table frame retried natively after kvm_mmu_unprotect_gfn_and_retry, or emulated per 8-byte element when the frame is a root in use), flooding never on level 1 (detect_write_flooding), unsync children zapped with their parent (mmu_zap_unsync_children), the direct map's prefetch (__direct_pte_prefetch), each CPL0 stub charged whole as `kvm calibrate` times it from CPL3 (#PF: faultInjection; INVLPG: invlpgStub; CR3: cr3Stub, cr3SwitchStub), with the second exit its IRET takes on kvm_pvm"
@@ -182,7 +287,7 @@ public struct Validation: Experiment {
     static func note(_ c: ValidationCase) -> String {
         switch c.kind {
         case .prebuilt:
-            "Guest tables built before the run, A/D clear: a read maps a read-only spte and a later write faults again (FNAME(protect_clean_gpte)); no SPTE prefetch, as KVM prefetches only accessed gptes (FNAME(prefetch_invalid_gpte)). A page read before it is written is mapped on the host's zero page and copied on the write, whose mmu notifier zaps the spte and retries the fault (pf_taken and tlb_flush one more than pf_fixed per such page; ShadowPaging.Options.hostZeroPage). KVM's pf_fixed, pages_4k and mmu_cache_miss also count the guest runtime's own first touches (code, stack, mailbox: a few pages and 4 shadow tables), which the model does not run."
+            "Guest tables built before the run, A/D clear: a read maps a read-only spte and a later write faults again (FNAME(protect_clean_gpte)); no SPTE prefetch, as KVM prefetches only accessed gptes (FNAME(prefetch_invalid_gpte)). A page read before it is written is mapped on the host's zero page and copied on the write, whose mmu notifier zaps the spte and retries the fault (pf_taken and tlb_flush one more than pf_fixed per such page; ShadowPaging.Options.hostZeroPage): two faults and CostModel.hostZeroPageCopy (kvm calibrate's zero_page_cow_write less two first reads); a page first written costs a fault and the host's demand-zero, CostModel.hostDemandZero4K (host_first_touch). KVM's pf_fixed, pages_4k and mmu_cache_miss also count the guest runtime's own first touches (code, stack, mailbox: a few pages and 4 shadow tables), which the model does not run."
         case .dirtyLog(let m):
             "Dirty logging on the data slot from the start, one harvest (\(m.rawValue)) after the run; dirty_pages counts data-slot pages in both engines."
         case .host(let h): ValidationHostCases.note(h, c)
@@ -205,10 +310,12 @@ public struct Validation: Experiment {
     /// `profile`: the profile's summary for the JSON (nil: the caller adds it, as `reproduce` does).
     public static func report(_ results: [CaseResult], profile: JSONValue?) -> ExperimentReport {
         var tables: [TextTable] = []
-        var summary = TextTable(title: "cases", header: ["case", "predicted s", "measured CPU s", "wall s", "time error", "counters", "read_sum", "verdict"])
+        var summary = TextTable(title: "cases", header: ["case", "predicted s", "measured CPU s", "repeats", "spread", "wall s", "time error", "counters", "read_sum", "verdict"])
         var casesJSON: [JSONValue] = []
         for r in results {
             summary.add([r.name, formatFixed(r.predictedSeconds, digits: 4), formatFixed(r.measuredSeconds, digits: 4),
+                         r.measuredSecondsRuns.map { formatFixed($0, digits: 3) }.joined(separator: " "),
+                         r.measuredSecondsRuns.count > 1 ? formatFixed(r.measuredSpread * 100, digits: 1) + "%" : "-",
                          formatFixed(r.measuredWallSeconds, digits: 4),
                          formatSignedPercent(r.timeError), r.countersWithinTolerance ? "within 2%" : "DIFFER",
                          r.readSumEqual ? "equal" : "DIFFERENT", r.withinTolerance ? "ok" : "MISS"])
@@ -225,7 +332,11 @@ public struct Validation: Experiment {
             tables.append(t)
             casesJSON.append(.object([
                 ("name", .string(r.name)), ("counters", .object(counters)),
-                ("predicted_seconds", .double(r.predictedSeconds)), ("measured_seconds", .double(r.measuredSeconds)), ("measured_wall_seconds", .double(r.measuredWallSeconds)),
+                ("predicted_seconds", .double(r.predictedSeconds)), ("measured_seconds", .double(r.measuredSeconds)),
+                ("measured_seconds_runs", .array(r.measuredSecondsRuns.map { .double($0) })), ("measured_spread", .double(r.measuredSpread)),
+                ("measured_wall_seconds", .double(r.measuredWallSeconds)),
+                ("counters_repeatable", .bool(r.unrepeatableCounters.isEmpty)),
+                ("unrepeatable_counters", .object(r.unrepeatableCounters.map { ($0.0, .array($0.1.map { .uint($0) })) })),
                 ("time_error", .double(r.timeError)), ("time_within_tolerance", .bool(r.timeWithinTolerance)),
                 ("counters_within_tolerance", .bool(r.countersWithinTolerance)), ("read_sum_equal", .bool(r.readSumEqual)),
                 ("within_tolerance", .bool(r.withinTolerance)), ("note", .string(r.note)),
@@ -240,6 +351,7 @@ public struct Validation: Experiment {
             notes: [
                 "Tolerances: deterministic counters (\(deterministic.sorted().joined(separator: ", "))) within \(Int(counterTolerance * 100))% of KVM's; predicted time within \(Int(timeTolerance * 100))% of measured. mean_abs_time_error \(formatFixed(mean * 100, digits: 1))%; all within tolerance: \(all).",
                 "Model: shadow paging with the profile's costs, nothing fitted; predicted time = the ledger's cycles for the run over the profile's clock. KVM: the process's CPU time (user + system, getrusage) over KVMRunner's measured phase (the guest command, first entry to the last exit); its wall time is shown beside it, and exceeds it when the host's cores are shared.",
+                "Measured time: each case's KVM side ran \(results.map(\.measuredSecondsRuns.count).max() ?? 1) time(s), round-robin over the cases (all cases once, then again), and the median repeat's time is the measured one (repeats: each run's CPU s; spread: (max - min) / median). Judged counters equal in every repeat: \(results.allSatisfy { $0.unrepeatableCounters.isEmpty })\(results.filter { !$0.unrepeatableCounters.isEmpty }.map { "; " + $0.name + ": " + $0.unrepeatableCounters.map { "\($0.0) " + $0.1.map(String.init).joined(separator: "/") }.joined(separator: ", ") }.joined()).",
             ] + results.map { "\($0.name): \($0.note)" }
               + results.filter { !$0.withinTolerance }.map { "MISS \($0.name): \($0.explanation)" },
             json: .object([

@@ -159,6 +159,15 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         add("HostCosts.pageCopy", "ksm_cow_break", minus: [("first_touch", 1), ("host_first_touch", -1)],
             "The host's copy-on-write break beyond the KVM fault it sits in (a first touch less the host's demand-zero).")
     }
+    // The host's own demand-zero fault, charged wherever the model backs a guest frame with a
+    // new host page (the figure the first-touch derivations above take out).
+    add("CostModel.hostDemandZero4K", "host_first_touch", "The host kernel's demand-zero fault on a 4 KiB page (do_anonymous_page), as the hypervisor's GUP takes it.")
+    // The zero page's copy-on-write inside a write fault (MemoryCalibration.swift): the model
+    // charges two shadow faults (exit + handler each, as a first read) and this.
+    if m(KVMCalibration.zeroPageCOWBenchmark) != nil {
+        add("CostModel.hostZeroPageCopy", KVMCalibration.zeroPageCOWBenchmark, minus: [("first_touch_read", 2)],
+            "The host's copy of its zero page inside a write fault beyond the two faults it costs (wp_page_copy, the mmu-notifier invalidation's zap and TLB flush, the stale fault's retry): the model charges two shadow faults (each as a first read: exit + handler) and this.")
+    }
     add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
     // userfaultfd: the handler on the vCPU thread's CPU (both pinned), where the two wake-ups
     // are context switches; across CPUs each is also an IPI to a halted CPU, whose cost and

@@ -384,6 +384,7 @@ final class Session {
         let firstTouchName = nested ? "EPT violation" : "shadow page fault"
         bench("first_touch", path: "pf_fixed", "guest write to a fresh 4 KiB page (\(firstTouchName) fixed by KVM, host page allocated), timed by the guest TSC")
         bench("first_touch_read", path: "pf_fixed", "guest read of a fresh 4 KiB page (KVM fault, the host maps its zero page)")
+        bench(KVMCalibration.zeroPageCOWBenchmark, path: "pf_fixed", KVMCalibration.zeroPageCOWMethod)
         bench("host_first_touch", path: nil, "the VMM's own first write to a fresh private anonymous page (host demand-zero fault), monotonic clock")
         bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
@@ -462,6 +463,10 @@ final class Session {
             let ra = try sa.read()
             let rt = try KVMCalibration.firstTouchSamples(a, firstPage: touchPages + first, pages: k, write: false)
             let rd = try sa.delta(since: ra)
+            // The same pages written: the host's zero page copied (MemoryCalibration.swift).
+            let ca = try sa.read()
+            let ct = try KVMCalibration.zeroPageCOWSamples(a, firstPage: touchPages + first, pages: k)
+            let cd = try sa.delta(since: ca)
             // The host's own demand-zero fault, page by page.
             var hs: [Double] = []
             for i in first..<(first + k) {
@@ -486,6 +491,7 @@ final class Session {
             guard record else { return }
             acc["first_touch"]!.add(ft, counters: fd)
             acc["first_touch_read"]!.add(rt, counters: rd)
+            acc[KVMCalibration.zeroPageCOWBenchmark]!.add(ct, counters: cd)
             acc["host_first_touch"]!.add(hs)
             acc["dontneed"]!.add(ds, counters: dd)
             acc["refault_after_zap"]!.add(zt, counters: zd)

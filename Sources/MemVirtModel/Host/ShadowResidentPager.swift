@@ -152,7 +152,7 @@ extension ShadowPaging {
         guard let frame = hostFrames.allocate(.size4K) else { preconditionFailure("host memory exhausted") }
         host.zero(frame, bytes: 4096)
         hostFaults &+= 1
-        cpuForGuestWrites?.ledger.charge(.hostFaults, cpuForGuestWrites!.costs.demandZero(.size4K))
+        cpuForGuestWrites?.ledger.charge(.hostFaults, cpuForGuestWrites!.costs.hostDemandZero(.size4K))
         p2m.write64(gfn << 3, frame)
         gfnOfHost[frame >> 12] = gfn
         return frame

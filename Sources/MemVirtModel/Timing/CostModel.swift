@@ -115,6 +115,24 @@ public struct CostModel: Sendable, Hashable {
     /// emulation. Estimate 1,000 cycles, as `shadowPTEWrite` (what the model charged per element
     /// before it was measured); `kvm calibrate` measures it (string_root_per_element).
     public var stringStoreElement: Double = 1_000
+    /// The host kernel's demand-zero fault on a 4 KiB page of guest memory (the hypervisor's
+    /// GUP faults it in: handle_mm_fault -> do_anonymous_page, allocate and clear): charged
+    /// where the model backs a guest frame with a new host page (ShadowPaging.hostAddress,
+    /// nested paging's host faults). 2,000 cycles as the guest's own (will-it-scale
+    /// page_fault1, ~0.7 us); `kvm calibrate` measures it on the host (host_first_touch: the
+    /// VMM's own first write to a fresh private anonymous page), the same figure its
+    /// shadowFaultHandler and pageCopy derivations take out of a first touch.
+    public var hostDemandZero4K: Double = 2_000
+    /// The host's copy-on-write of its zero page inside a hypervisor write fault, beyond the
+    /// two faults it costs (the write exits, KVM's GUP for write runs do_wp_page ->
+    /// wp_page_copy, which allocates a zeroed page for the zero pfn, and the mmu-notifier
+    /// invalidation zaps the spte and flushes TLBs, kvm_flush_remote_tlbs; the fault is stale
+    /// and retried): 2,000 cycles, a demand-zero fault's allocation and clear
+    /// (mm/memory.c: wp_page_copy of the zero pfn takes vma_alloc_zeroed_movable_folio), the
+    /// invalidation and flush not counted. `kvm calibrate` measures the whole event
+    /// (zero_page_cow_write: a guest write to a page it read before, minus two first reads).
+    /// Charged where the model copies the zero page (ShadowPaging, options.hostZeroPage).
+    public var hostZeroPageCopy: Double = 2_000
     /// The categories that are the virtualization layer's (what a hypervisor adds).
     public static let virtualizationCategories: Set<String> = ["vm_exits", "hypervisor_faults", "emulation", "shadow_sync", "host_faults"]
     /// A 4 KiB read from the guest's disk for a hard (major) fault: ~80 us for a datacenter
@@ -174,6 +192,10 @@ public struct CostModel: Sendable, Hashable {
 
     /// The presets by name.
     public static let presets: [String: CostModel] = ["bare-metal": bareMetal, "vmx-ept": vmxEPT, "pvm-shadow": pvmShadow]
+
+    /// The host's demand-zero fault for a host page of `size` (4 KiB: `hostDemandZero4K`;
+    /// huge host pages: the guest's clear of the same size, a clear_huge_page either way).
+    public func hostDemandZero(_ size: PageSize) -> Double { size == .size4K ? hostDemandZero4K : demandZero(size) }
 
     public func demandZero(_ size: PageSize) -> Double {
         switch size {

@@ -39,7 +39,7 @@ extension NestedPaging {
         defer { deferIO = saved }
         cpu.ledger.charge(.hypervisorFaults, cpu.costs.eptViolationHandler)
         guard case .map(let frame, let writable, let kind, _) = hostMemory.fault(owner: ownerIndex, gfn: gpa >> 12, write: false, now: now) else { return false }
-        if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
+        if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.hostDemandZero4K) }
         cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
         _ = installEPT((gpa >> 12) << 12, size: .size4K, leaf: hostLeaf(gfn: gpa >> 12, frame: frame, writable: writable, write: false))
         return true

@@ -269,7 +269,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
             guard let frame = hostMemory.allocateUntracked(size) else { throw exhausted("backing \(GuestPhysicalAddress(gpa))") }
             host.zero(frame, bytes: size.bytes)
             untrackedFaults &+= 1
-            cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(size))
+            cpu.ledger.charge(.hostFaults, cpu.costs.hostDemandZero(size))
             var flags: EPTEntry.Flags = mmio ? [.write] : .readWriteExecute
             if size != .size4K { flags.insert(.pageSize) }
             guard installEPT(gpa & ~size.offsetMask, size: size, leaf: EPTEntry(frameAddress: frame, flags: flags, memoryType: .writeBack)) else {
@@ -284,7 +284,7 @@ public final class NestedPaging: PagingMode, HostMappingOwner {
         while true {
             switch hostMemory.fault(owner: ownerIndex, gfn: gfn, write: write, now: t) {
             case .map(let frame, let writable, let kind, let readyAt):
-                if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K)) }
+                if kind == .fresh { cpu.ledger.charge(.hostFaults, cpu.costs.hostDemandZero4K) }
                 cpu.ledger.charge(.hostFaults, hostMemory.takeCycles())
                 if readyAt > t { hostWait(until: readyAt, from: t) }
                 guard installEPT(gfn << 12, size: .size4K, leaf: hostLeaf(gfn: gfn, frame: frame, writable: writable, write: write)) else {

@@ -114,7 +114,7 @@ extension ShadowPaging {
         if options.hostZeroPage && hostPageSize == .size4K {
             if write, zeroPageMapped.remove(dataGfn) != nil {
                 hostFaults &+= 1
-                cpu.ledger.charge(.hostFaults, cpu.costs.demandZero(.size4K))
+                cpu.ledger.charge(.hostFaults, cpu.costs.hostZeroPageCopy)
                 for a in rmap[dataGfn] ?? [] {
                     let e = host.read64(a)
                     if e & 1 != 0 {

@@ -176,7 +176,7 @@ public final class ShadowPaging: PagingMode {
             guard let frame = hostFrames.allocate(size) else { preconditionFailure("host memory exhausted") }
             host.zero(frame, bytes: size.bytes)
             hostFaults &+= 1
-            if !backingZeroPageMap { cpuForGuestWrites?.ledger.charge(.hostFaults, cpuForGuestWrites!.costs.demandZero(size)) }
+            if !backingZeroPageMap { cpuForGuestWrites?.ledger.charge(.hostFaults, cpuForGuestWrites!.costs.hostDemandZero(size)) }
             let first = (gpa & ~size.offsetMask) >> 12
             for i in 0..<size.frames { p2m.write64((first + i) << 3, frame + (i << 12)) }
             page = p2m.read64(gfn << 3)

@@ -38,4 +38,32 @@ struct ValidationModelTests {
         // The same reads as the stream's own replay (GuestDataRules).
         #expect(model.readSum == (try GuestDataRules.replay(spec)).readSum)
     }
+
+    @Test("host_faults cycles: hostDemandZero4K per page first written, hostZeroPageCopy per page read then written, nothing per page only read",
+          arguments: [WorkloadSpec.Pattern.uniform, .gups, .sequential])
+    func hostFaultCosts(_ pattern: WorkloadSpec.Pattern) throws {
+        let spec = WorkloadSpec(pattern: pattern, footprint: .mib(2), accesses: 20_000, writeRatio: 0.3, seed: 9)
+        let c = ValidationCase(name: "t", spec: spec, kind: .prebuilt)
+        var machine = ReproductionMachine.pvmShadow
+        // Distinct values, so each count's share of the category is identifiable.
+        machine.costs.hostDemandZero4K = 1_234
+        machine.costs.hostZeroPageCopy = 56_789
+        machine.costs.guestDemandZero4K = 7  // the guest's own demand-zero: not the host's
+        let model = try ValidationEngines.runModel(c, machine: machine, ringBytes: nil)
+        var g = try AccessGenerator(spec: spec, thread: 0)
+        let rmw: Bool = { if case .gups = pattern { true } else { false } }()
+        var firstWasRead: [UInt64: Bool] = [:]
+        var written = Set<UInt64>()
+        for _ in 0..<spec.accesses {
+            let a = g.next()
+            let page = a.address.rawValue >> 12
+            if firstWasRead[page] == nil { firstWasRead[page] = a.kind != .write || rmw }
+            if a.kind == .write { written.insert(page) }
+        }
+        let firstWritten = Double(firstWasRead.filter { !$0.value }.count)
+        let readThenWritten = Double(firstWasRead.filter { $0.value && written.contains($0.key) }.count)
+        #expect(readThenWritten > 0)
+        let hostFaults = model.breakdown.first { $0.0 == "host_faults" }?.1 ?? 0
+        #expect(hostFaults == firstWritten * 1_234 + readThenWritten * 56_789, "host_faults \(hostFaults): \(firstWritten) first writes, \(readThenWritten) zero-page copies")
+    }
 }

@@ -32,6 +32,9 @@ struct ValidationTests {
             #expect(measured > 0, "\(name): KVM measured no time")
             #expect(predicted > 0, "\(name): the model predicted no time")
             #expect(abs(err - (predicted - measured) / measured) < 1e-9, "\(name): time_error is (predicted - measured) / measured")
+            // --quick runs each case's KVM side once: its one repeat is the measured time.
+            guard case .array(let runs)? = value("measured_seconds_runs") else { Issue.record("\(name): measured_seconds_runs missing"); continue }
+            #expect(runs.count == 1 && runs.first.map { if case .double(let x) = $0 { x == measured } else { false } } == true, "\(name): runs \(runs)")
             guard case .object(let counters)? = value("counters") else { Issue.record("\(name): no counters"); continue }
             #expect(counters.contains { $0.0 == "pf_fixed" }, "\(name): pf_fixed missing")
             for (stat, row) in counters {

@@ -15,6 +15,7 @@ let calibratableParameters: Set<String> = [
     "DirtyTrackingCosts.writeProtectFault", "DirtyTrackingCosts.bitmapPerGiB", "DirtyTrackingCosts.bitmapPerDirtyPage",
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
     "GuestSchedulingCosts.apfNotPresentHandler", "GuestSchedulingCosts.apfReadyHandler", "GuestSchedulingCosts.pageReadyDelay",
+    "CostModel.hostDemandZero4K", "CostModel.hostZeroPageCopy",
 ]
 
 /// The async-PF phase's measurements, in order.
@@ -30,7 +31,7 @@ struct KVMCalibrationTests {
         let seconds = Double(monotonicNanoseconds() - t0) / 1e9
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
-        let expected = ["first_touch", "first_touch_read", "host_first_touch", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
+        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
                         "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp"] + stubBenchmarks(r) + ["exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service"]
                         + (r.measurement("uffd_zero_read_same_cpu") != nil ? ["uffd_zero_read_same_cpu", "uffd_copy_write_same_cpu"] : [])
@@ -54,6 +55,9 @@ struct KVMCalibrationTests {
         // The intended paths, from KVM's own counters (per timed event).
         #expect(abs(per("first_touch", "pf_fixed") - 1) < 0.1, "first_touch pf_fixed/event \(per("first_touch", "pf_fixed"))")
         #expect(abs(per("refault_after_zap", "pf_fixed") - 1) < 0.1)
+        // The zero page's copy-on-write: a stale fault retried, then fixed (MemoryCalibration.swift).
+        #expect(abs(per("zero_page_cow_write", "pf_fixed") - 1) < 0.1, "zero_page_cow_write pf_fixed/event \(per("zero_page_cow_write", "pf_fixed"))")
+        #expect(abs(per("zero_page_cow_write", "pf_taken") - 2) < 0.2, "zero_page_cow_write pf_taken/event \(per("zero_page_cow_write", "pf_taken"))")
         #expect(per("exit_pio", "vmm_io_exits") == 1)
         #expect(per("exit_mmio", "vmm_mmio_exits") == 1)
         #expect(abs(per("exit_mmio", "mmio_exits") - 1) < 0.1)
