@@ -262,12 +262,13 @@ extension ShadowPaging {
             return
         }
         if options.guestDirectMap {
+            directMapLinkRoot(gfn, write: true)
             // The write's walk sets D in the map's 2 MiB entry. An absent spte: FNAME(fetch)
             // installs it read-only (the gfn is shadowed) and prefetches around it, and the
             // write goes on to unsync or emulation below.
             directMapDirty.insert(gfn >> 9)
             if directMap[gfn] == nil {
-                directMap[gfn] = false
+                installDirectMapSPTE(gfn, writable: false)
                 directMapPrefetch(gfn)
             }
         }
@@ -284,7 +285,7 @@ extension ShadowPaging {
                 pages[i].unsync = true
                 unsyncCount += 1
             }
-            if options.guestDirectMap { directMap[gfn] = true }
+            if options.guestDirectMap { installDirectMapSPTE(gfn, writable: true) }
             host.write64(hostAddress(gpa), value)
             return
         }
@@ -298,21 +299,63 @@ extension ShadowPaging {
     /// a read fault gets a read-only spte (FNAME(protect_clean_gpte)); after it, a writable
     /// one unless the gfn is a write-protected table (make_spte -> mmu_try_to_unsync_pages).
     func directMapRead(_ gfn: UInt64) {
+        directMapLinkRoot(gfn, write: false)
         guard directMap[gfn] == nil, let cpu = cpuForGuestWrites else { return }
         directMapFault(cpu)
-        directMap[gfn] = directMapDirty.contains(gfn >> 9) && !(byGfn[gfn] != nil && isWriteProtected(gfn))
+        installDirectMapSPTE(gfn, writable: directMapDirty.contains(gfn >> 9) && !(byGfn[gfn] != nil && isWriteProtected(gfn)))
         directMapPrefetch(gfn)
     }
 
     /// The guest's kernel writes `gfn` (not a write-protected table) through its direct map:
     /// a missing or read-only spte faults and is made writable.
     func directMapWrite(_ gfn: UInt64) {
+        directMapLinkRoot(gfn, write: true)
         guard directMap[gfn] != true, let cpu = cpuForGuestWrites else { return }
         let wasAbsent = directMap[gfn] == nil
         directMapFault(cpu)
         directMapDirty.insert(gfn >> 9)
-        directMap[gfn] = true
+        installDirectMapSPTE(gfn, writable: true)
         if wasAbsent { directMapPrefetch(gfn) }
+    }
+
+    /// A direct-map spte installed (make_spte): W as given, and the spte's D bit with it.
+    func installDirectMapSPTE(_ gfn: UInt64, writable: Bool) {
+        directMap[gfn] = writable
+        directMapProtectedDirty.remove(gfn)
+    }
+
+    /// The kernel's first access through its direct map under a shadow root that has not
+    /// linked the map yet (a root built for a new space): the map's entry in the new root is
+    /// empty, so the access faults whatever its leaf spte, and FNAME(fetch) links the map's
+    /// existing shadow pages (kvm_mmu_get_shadow_page finds them) down to the leaf, where
+    /// mmu_set_spte rewrites the spte from the guest walk. An absent leaf, or one the access
+    /// must change anyway (a write to a read-only spte), is that access's own fault (counted
+    /// by the caller). Otherwise the rewrite is RET_PF_SPURIOUS (`pf_spurious`) when make_spte
+    /// gives the same spte, or fixed (`pf_fixed`, with FNAME(pte_prefetch)) when it differs: a
+    /// read of a frame whose writable spte was write-protected for a shadowed table (W gone,
+    /// D left) gets a clean read-only spte. Seen on kvm_pvm: after each fork the kernel's first
+    /// access under the child's new root, a read of the child's PDPT frame, is a fault fixed at
+    /// the same sptep (docs/validate.md, guest-fork-cow-exit's pf_fixed).
+    func directMapLinkRoot(_ gfn: UInt64, write: Bool) {
+        guard currentRoot >= 0, let cpu = cpuForGuestWrites, directMapLinkedRoots.insert(currentRoot).inserted,
+              let present = directMap[gfn] else { return }
+        let newWritable = directMapDirty.contains(gfn >> 9) && !(byGfn[gfn] != nil && isWriteProtected(gfn))
+        // make_spte sets D with W; spte_write_protect keeps D.
+        let oldDirty = present || directMapProtectedDirty.contains(gfn)
+        if write {
+            // A write to a writable spte rewrites it unchanged; to a read-only one it faults anyway.
+            guard present else { return }
+        } else if present != newWritable || oldDirty != newWritable {
+            directMapFault(cpu)
+            installDirectMapSPTE(gfn, writable: newWritable)
+            directMapPrefetch(gfn)
+            return
+        }
+        cpu.counters.add(.exits, 1)
+        cpu.counters.add(.pfTaken, 1)
+        cpu.counters.add(.pfSpurious, 1)
+        cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
+        cpu.ledger.charge(.hypervisorFaults, cpu.costs.shadowFaultHandler)
     }
 
     func directMapFault(_ cpu: ModelCPU) {
@@ -340,7 +383,7 @@ extension ShadowPaging {
             var mapped = 0
             for g in run {
                 guard g < guestCapacity >> 12, backedPage(g) != nil, !zeroPageMapped.contains(g) else { break }
-                directMap[g] = directMapDirty.contains(g >> 9) && !(byGfn[g] != nil && isWriteProtected(g))
+                installDirectMapSPTE(g, writable: directMapDirty.contains(g >> 9) && !(byGfn[g] != nil && isWriteProtected(g)))
                 mapped += 1
             }
             return mapped > 0
@@ -394,8 +437,9 @@ extension ShadowPaging {
     /// frame) to `gfn`. If the gfn is a shadowed table its first store faults:
     /// - only leaf (level-1) shadow pages: they go unsync (mmu_try_to_unsync_pages), one fault,
     ///   and the string runs natively;
-    /// - an upper-level page (write-tracked, kvm_gfn_is_write_tracked): the fault is emulated
-    ///   (`pf_emulate`), the whole string in the emulator.
+    /// - an upper-level page (write-tracked, kvm_gfn_is_write_tracked): the fault goes to the
+    ///   emulator (`pf_emulate`), which unprotects the gfn and lets the string run again
+    ///   natively, or, for a root in use, runs the whole string itself (below).
     func stringWrite(_ gfn: UInt64) {
         guard let cpu = cpuForGuestWrites, byGfn[gfn] != nil, isWriteProtected(gfn) else {
             if options.guestDirectMap { directMapWrite(gfn) }
@@ -414,9 +458,10 @@ extension ShadowPaging {
         cpu.ledger.charge(.vmExits, cpu.costs.vmExitRoundTrip)
         cpu.ledger.charge(.emulation, cpu.costs.instructionEmulation)
         if options.guestDirectMap {
+            directMapLinkRoot(gfn, write: true)
             directMapDirty.insert(gfn >> 9)
             if directMap[gfn] == nil {
-                directMap[gfn] = false
+                installDirectMapSPTE(gfn, writable: false)
                 directMapPrefetch(gfn)
             }
         }
@@ -442,6 +487,12 @@ extension ShadowPaging {
             }
             if i != currentRoot { zap(i, cpu: cpu) }
         }
+        // The retried string's native stores: the frame's direct-map spte is still read-only
+        // (write-protected while it was a table), so the first one faults; the gfn is no longer
+        // write-tracked (unaccount_shadowed with its last shadow page), so FNAME(page_fault)
+        // maps it writable (`pf_fixed`). In the trace: the prepare_zap, then a fault at the
+        // frame's direct-map address and a writable set_spte.
+        if !rootInUse && options.guestDirectMap { directMapWrite(gfn) }
     }
 
     /// Bytes per emulated write when KVM emulates a guest string store: the emulator runs

@@ -128,6 +128,13 @@ public final class ShadowPaging: PagingMode {
     var directMap: [UInt64: Bool] = [:]
     /// 2 MiB pages of the direct map whose guest entry has D set (gfn >> 9).
     var directMapDirty: Set<UInt64> = []
+    /// With `options.guestDirectMap`: gfns whose direct-map spte is read-only because a table
+    /// was shadowed there after it was writable (spte_write_protect clears W but leaves the
+    /// spte's D bit, which make_spte sets with W), so a refault's spte differs from it.
+    var directMapProtectedDirty: Set<UInt64> = []
+    /// With `options.guestDirectMap`: shadow roots whose entry for the direct map is linked
+    /// (a new root has none until the kernel's first access through the map faults).
+    var directMapLinkedRoots: Set<Int> = []
     /// Log-dirty state while a migration tracks dirty pages (ShadowDirtyTracking.swift).
     var logDirty: ShadowLogDirty?
     /// The tracking totals of the last logging session, kept after it stops.
@@ -245,6 +252,7 @@ public final class ShadowPaging: PagingMode {
         }
         if directMap[gfn] == true {
             directMap[gfn] = false
+            directMapProtectedDirty.insert(gfn)
             flushed = true
         }
         if flushed { flushTLBs(cpu) }
@@ -295,6 +303,7 @@ public final class ShadowPaging: PagingMode {
         }
         if sp.unsync { unsyncCount -= 1 }
         cachedRoots.removeAll { $0 == i }
+        directMapLinkedRoots.remove(i)
         byTable[sp.table] = nil
         hostFrames.free(sp.table, .size4K)
         unlink(i)
