@@ -169,6 +169,10 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             "The host's copy of its zero page inside a write fault beyond the two faults it costs (wp_page_copy, the mmu-notifier invalidation's zap and TLB flush, the stale fault's retry): the model charges two shadow faults (each as a first read: exit + handler) and this.")
     }
     add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
+    if m("store_write") != nil, m("store_read") != nil {
+        add("HostCosts.storeWritePerPage", "store_write", "The userfaultfd pager's write of an evicted page to its store (a 4 KiB pwrite into the page cache).")
+        add("HostCosts.storeReadPerPage", "store_read", "The pager's read of a page back from its store (a 4 KiB pread from the page cache).")
+    }
     // userfaultfd: the handler on the vCPU thread's CPU (both pinned), where the two wake-ups
     // are context switches; across CPUs each is also an IPI to a halted CPU, whose cost and
     // whose mix with the same-CPU path (the scheduler's choice, unpinned) vary from run to run:

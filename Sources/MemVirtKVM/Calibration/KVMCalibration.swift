@@ -386,6 +386,8 @@ final class Session {
         bench("first_touch_read", path: "pf_fixed", "guest read of a fresh 4 KiB page (KVM fault, the host maps its zero page)")
         bench(KVMCalibration.zeroPageCOWBenchmark, path: "pf_fixed", KVMCalibration.zeroPageCOWMethod)
         bench("host_first_touch", path: nil, "the VMM's own first write to a fresh private anonymous page (host demand-zero fault), monotonic clock")
+        bench("store_write", path: nil, "pwrite(2) of one 4 KiB page to the pager's store (an unlinked O_TMPFILE in /tmp, 256 page slots written before the rounds, one at random: a rewrite of a cached page), monotonic clock")
+        bench("store_read", path: nil, "pread(2) of one 4 KiB page from the pager's store (page cache), monotonic clock")
         bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
         bench("host_loop", path: nil, "the VMM thread's own native loop, \(Self.hostLoopIterations) dependent square-and-adds (x = x * x + i), the whole loop, monotonic clock (no KVM: a reference for the host CPU's own speed beside the CPL0 one)")
@@ -452,6 +454,20 @@ final class Session {
             hypercallProblem = why
         }
 
+        // The userfaultfd pager's store (Pager.swift): an unlinked O_TMPFILE in the pager's
+        // directory, written and read a 4 KiB page per call as the pager evicts and refaults.
+        // Its 256 page slots (1 MiB) are written once before the rounds, so every timed write
+        // rewrites a cached page and every read reads one, as the pager's are once each page
+        // was evicted once.
+        let store = try FileDescriptor.open(PagerOptions().storeDirectory, 0o20_200_000 | O_RDWR, mode: 0o600)
+        let storeBuffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { storeBuffer.deallocate() }
+        memset(storeBuffer, 0x5a, 4096)
+        let storeSlots = 256
+        for slot in 0..<storeSlots where pwrite(store.raw, storeBuffer, 4096, off_t(slot * 4096)) != 4096 {
+            throw KVMError.call("pwrite(calibration page store, slot \(slot))", lastErrno())
+        }
+        var storeRandom = SplitMix64(seed: 0x5707e)
         // Warm-up: code, stack, mailbox and output pages mapped; shadow tables built.
         var next = 0  // next fresh page of the touch regions
         func touchRound(_ k: Int, record: Bool) throws(KVMError) {
@@ -485,6 +501,21 @@ final class Session {
                 ds.append(Double(monotonicNanoseconds() - h0))
             }
             let dd = try sa.delta(since: da)
+            // The pager's store: a page written (an eviction), then a page read back (a refault).
+            var sw: [Double] = [], sr: [Double] = []
+            for _ in 0..<k {
+                let off = off_t(Int(storeRandom.next() % UInt64(storeSlots)) * 4096)
+                let w0 = monotonicNanoseconds()
+                if pwrite(store.raw, storeBuffer, 4096, off) != 4096 { throw KVMError.call("pwrite(calibration page store)", lastErrno()) }
+                sw.append(Double(monotonicNanoseconds() - w0))
+            }
+            for _ in 0..<k {
+                let off = off_t(Int(storeRandom.next() % UInt64(storeSlots)) * 4096)
+                let r0 = monotonicNanoseconds()
+                let n = pread(store.raw, storeBuffer, 4096, off)
+                sr.append(Double(monotonicNanoseconds() - r0))
+                if n < 0 { throw KVMError.call("pread(calibration page store)", lastErrno()) }
+            }
             let za = try sa.read()
             let zt = try KVMCalibration.firstTouchSamples(a, firstPage: first, pages: k)
             let zd = try sa.delta(since: za)
@@ -494,6 +525,8 @@ final class Session {
             acc[KVMCalibration.zeroPageCOWBenchmark]!.add(ct, counters: cd)
             acc["host_first_touch"]!.add(hs)
             acc["dontneed"]!.add(ds, counters: dd)
+            acc["store_write"]!.add(sw)
+            acc["store_read"]!.add(sr)
             acc["refault_after_zap"]!.add(zt, counters: zd)
         }
 

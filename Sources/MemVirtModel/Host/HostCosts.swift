@@ -86,10 +86,11 @@ public struct HostCosts: Sendable, Hashable {
     /// O_TMPFILE's page cache): ~3,800 cycles (1.24-1.30 us median at 3 GHz: measured on this
     /// host, 2026-12-04, 8,192 random-offset 4 KiB pwrite(2) rewrites of an O_TMPFILE in /tmp
     /// (ext4), CLOCK_MONOTONIC around each call; `memvirt validate`'s pager case reports the
-    /// pager's own time per write beside it).
+    /// pager's own time per write beside it). `kvm calibrate` measures it (store_write).
     public var storeWritePerPage: Double = 3_800
     /// The pager's read of one 4 KiB page back from its store (pread from the page cache):
-    /// ~2,500 cycles (0.72-0.94 us median at 3 GHz, the same measurement).
+    /// ~2,500 cycles (0.72-0.94 us median at 3 GHz, the same measurement). `kvm calibrate`
+    /// measures it (store_read).
     public var storeReadPerPage: Double = 2_500
 
     // KSM (Documentation/admin-guide/mm/ksm.rst defaults: pages_to_scan 100, sleep_millisecs 20).

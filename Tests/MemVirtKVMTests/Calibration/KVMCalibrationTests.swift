@@ -11,7 +11,7 @@ let calibratableParameters: Set<String> = [
     "CostModel.cr3SwitchHandler", "CostModel.faultInjection", "CostModel.shadowPTEWrite", "CostModel.invlpg",
     "CostModel.cr3Write", "CostModel.guestExceptionRoundTrip",
     "CostModel.invlpgStub", "CostModel.cr3Stub", "CostModel.cr3SwitchStub", "CostModel.stringStoreElement",
-    "HostCosts.dontneedPerPage", "HostCosts.userfaultfdZeroPage", "HostCosts.userfaultfdCopy",
+    "HostCosts.dontneedPerPage", "HostCosts.storeWritePerPage", "HostCosts.storeReadPerPage", "HostCosts.userfaultfdZeroPage", "HostCosts.userfaultfdCopy",
     "DirtyTrackingCosts.writeProtectFault", "DirtyTrackingCosts.bitmapPerGiB", "DirtyTrackingCosts.bitmapPerDirtyPage",
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
     "GuestSchedulingCosts.apfNotPresentHandler", "GuestSchedulingCosts.apfReadyHandler", "GuestSchedulingCosts.pageReadyDelay",
@@ -31,7 +31,7 @@ struct KVMCalibrationTests {
         let seconds = Double(monotonicNanoseconds() - t0) / 1e9
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
-        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
+        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "store_write", "store_read", "dontneed", "refault_after_zap", "host_loop", "exit_pio",
                         "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp"] + stubBenchmarks(r) + ["exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service"]
                         + (r.measurement("uffd_zero_read_same_cpu") != nil ? ["uffd_zero_read_same_cpu", "uffd_copy_write_same_cpu"] : [])
