@@ -131,12 +131,12 @@ struct KVMCalibrationTests {
         } else {
             #expect(r.omitted.contains { $0.0 == handler })
         }
-        // userfaultfd: where this process may use a CPU, both threads pinned to it is the
-        // charged placement (quick: 2 rounds, the difference of overall medians); every
-        // placement's faults went through KVM's fault path once.
-        if r.measurement("uffd_zero_read_same_cpu") != nil {
-            for (param, fault, plain) in [("HostCosts.userfaultfdZeroPage", "uffd_zero_read_same_cpu", "first_touch_read"),
-                                          ("HostCosts.userfaultfdCopy", "uffd_copy_write_same_cpu", "first_touch")] {
+        // userfaultfd: the unpinned placement (as the KVM engine's pager runs) is the charged
+        // one (quick: 2 rounds, the difference of overall medians); every placement's faults
+        // went through KVM's fault path once.
+        do {
+            for (param, fault, plain) in [("HostCosts.userfaultfdZeroPage", "uffd_zero_read", "first_touch_read"),
+                                          ("HostCosts.userfaultfdCopy", "uffd_copy_write", "first_touch")] {
                 let d = r.measurement(fault)!.summary.medianNanos - r.measurement(plain)!.summary.medianNanos
                 if let c = r.cost(param) {
                     #expect(abs(c.medianNanos - d) < 1e-6, "\(param) \(c.medianNanos) vs \(d)")
@@ -145,7 +145,8 @@ struct KVMCalibrationTests {
                     #expect(r.bounds.contains { $0.parameter == param } || r.omitted.contains { $0.0 == param })
                 }
             }
-            #expect(abs(per("uffd_zero_read_same_cpu", "pf_fixed") - 1) < 0.2)
+            #expect(abs(per("uffd_zero_read", "pf_fixed") - 1) < 0.2)
+            if r.measurement("uffd_zero_read_same_cpu") != nil { #expect(abs(per("uffd_zero_read_same_cpu", "pf_fixed") - 1) < 0.2) }
         }
         // The first touch agrees with the probe's (same method, another VM): a generous band here,
         // the 10% check is the full run's (docs/calibrate.md).
