@@ -15,6 +15,19 @@ public struct CalibratedCost: Sendable, Hashable, Codable {
     /// How it was measured, one line (the guest operation, what was subtracted, the KVM counter
     /// that confirmed each sample took the intended path).
     public var method: String
+    /// Where the host ran at two speeds during the calibration (kvm_pvm's host is a VM whose
+    /// exits and emulated CPL0 were ~1.4x slower in some rounds, its native loop not): the
+    /// parameter in the slow rounds (`medianNanos` is at the host's base speed), and the
+    /// fraction of rounds that were slow. nil where the rounds showed one speed.
+    public var slowStateNanos: Double? = nil
+    public var slowRoundFraction: Double? = nil
+
+    /// The expected cost over the calibration's mix of host speeds: what a long run on this
+    /// host pays per event on average (the base-speed median where the host showed one speed).
+    public var expectedNanos: Double {
+        guard let s = slowStateNanos, let f = slowRoundFraction else { return medianNanos }
+        return medianNanos * (1 - f) + s * f
+    }
 
     public init(parameter: String, medianNanos: Double, p10Nanos: Double, p90Nanos: Double, samples: Int, method: String) {
         self.parameter = parameter

@@ -20,6 +20,17 @@ public enum HostCalibration {
     /// Runs the calibration (`quick`: 30 samples per benchmark) and applies it to `base`
     /// (default: `defaultBase()`). Throws where /dev/kvm is unusable or the base is unknown.
     public static func calibrate(quick: Bool, base: String? = nil) throws -> (profile: MachineProfile, report: CalibrationReport) {
+        let (profile, report, _) = try calibrateWithExpected(quick: quick, base: base)
+        return (profile, report)
+    }
+
+    /// As `calibrate`, and beside the profile (each measured parameter at the host's base
+    /// speed) the profile a long run on this host is expected to pay: where the host ran at
+    /// two speeds during the calibration, each parameter the mix of its base-speed and
+    /// slow-round medians in the calibration's share of slow rounds
+    /// (`CalibratedCost.expectedNanos`). `validate` predicts with this one: its cases run for
+    /// seconds, across the host's changes of speed.
+    public static func calibrateWithExpected(quick: Bool, base: String? = nil) throws -> (profile: MachineProfile, report: CalibrationReport, expected: MachineProfile) {
         // The base is loaded first, so a bad name fails before the measuring.
         let baseProfile = try MachineProfile.load(base ?? defaultBase())
         let report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick))
@@ -38,7 +49,20 @@ public enum HostCalibration {
         }
         let profile = try baseProfile.applying(calibration: report.costs, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
                                                host: ProcessInfo.processInfo.hostName)
-        return (profile, report)
+        let mixed = report.costs.map { c in
+            var e = c
+            if c.slowStateNanos != nil {
+                e.medianNanos = c.expectedNanos
+                e.p10Nanos = min(e.p10Nanos, e.medianNanos)
+                e.p90Nanos = max(e.p90Nanos, e.medianNanos)
+                e.method += "; expected over the host's two speeds: \(formatFixed((c.slowRoundFraction ?? 0) * 100, digits: 0))% slow rounds at \(formatFixed(c.slowStateNanos! / 1e3, digits: 3)) us"
+            }
+            return e
+        }
+        var expected = try baseProfile.applying(calibration: mixed, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
+                                                host: ProcessInfo.processInfo.hostName)
+        if mixed != report.costs { expected.description += "; each measured parameter the mix of the host's two speeds seen in the calibration" }
+        return (profile, report, expected)
     }
 
     /// Several calibrations of this host as one profile: each parameter the median of the
@@ -74,7 +98,7 @@ extension Validation {
         let results = try runRounds(repeats: k, machineForRound: { r in
             progress("calibrating this host (kvm calibrate\(quick ? " --quick" : ""))\(k > 1 ? ", before repeat \(r + 1)/\(k)" : "")")
             do {
-                calibrations.append(try HostCalibration.calibrate(quick: quick).profile)
+                calibrations.append(try HostCalibration.calibrateWithExpected(quick: quick).expected)
             } catch where !calibrations.isEmpty {
                 // A later round's calibration failed (e.g. a benchmark timed out on a loaded
                 // host): this round models with the median of those taken so far.

@@ -83,6 +83,7 @@ public struct CalibrationReport: Sendable {
         func cost(_ c: CalibratedCost) -> [(String, JSONValue)] {
             [("parameter", .string(c.parameter)), ("median_ns", r(c.medianNanos)), ("p10_ns", r(c.p10Nanos)),
              ("p90_ns", r(c.p90Nanos)), ("samples", .int(Int64(c.samples))), ("method", .string(c.method))]
+            + (c.slowStateNanos.map { [("slow_state_ns", r($0)), ("slow_round_fraction", .double(c.slowRoundFraction ?? 0)), ("expected_ns", r(c.expectedNanos))] } ?? [])
         }
         let boundsJSON: [JSONValue] = bounds.map { b in
             let kv: [(String, JSONValue)] = [

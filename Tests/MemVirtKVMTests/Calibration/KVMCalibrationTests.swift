@@ -223,6 +223,44 @@ struct KVMCalibrationTests {
         #expect(r.bounds.first { $0.parameter == "CostModel.faultInjection" } == nil)
     }
 
+    @Test("two host speeds: a parameter at the base speed, the slow rounds and their share kept beside it")
+    func hostSpeedStates() {
+        // Six rounds; the CPL0 reference shows rounds 1 and 4 slow (> 1.25x the fastest). 150
+        // samples a round (the pooled spread, both speeds, still leaves faultInjection above
+        // its limit of quantification).
+        func meas(_ name: String, _ rounds: [Double], path: String? = nil) -> CalibrationMeasurement {
+            let all = rounds.flatMap { m in (0..<50).flatMap { _ in [m - 50, m, m + 50] } }
+            return CalibrationMeasurement(name: name, summary: CalibratedCost.summarize(parameter: name, nanos: all, method: name)!,
+                                          countersPerEvent: path.map { [($0, 1.0)] } ?? [], pathCounter: path, pathConfirmed: true,
+                                          roundMedians: rounds)
+        }
+        let reference: [Double] = [390, 600, 392, 391, 610, 389]
+        let slow = reference.map { $0 > 1.25 * 389 }
+        let exit: [Double] = [30_000, 42_000, 30_100, 29_900, 42_500, 30_050]
+        // guest #PF = exit + 2 CPL0 instructions + the injection: 4,000 ns at base speed, 5,600 slow.
+        let pf = (0..<6).map { exit[$0] + 2 * reference[$0] + (slow[$0] ? 5_600 : 4_000) }
+        var r = CalibrationReport(platform: .pvm, pagingMode: "shadow", tscKHz: 1, quick: false, date: "", seconds: 0, measurements: [
+            meas("wp_fault_after_harvest", exit, path: "pf_fixed"), meas("cpl0_instruction", reference), meas("guest_pf", pf, path: "pf_guest"),
+            meas("host_first_touch", Array(repeating: 1_700, count: 6)), meas("first_touch", exit.map { $0 + 1_700 }, path: "pf_fixed"),
+        ], costs: [], omitted: [], realtime: true)
+        derive(&r, nested: false, pvm: true)
+        let e = r.cost("CostModel.vmExitRoundTrip")
+        #expect(e?.medianNanos == 30_025)  // median of 30,000, 30,100, 29,900, 30,050
+        #expect(e?.slowStateNanos == 42_250)
+        #expect(e?.slowRoundFraction == 2.0 / 6)
+        #expect(abs((e?.expectedNanos ?? 0) - (30_025 * 4 + 42_250 * 2) / 6) < 1e-9)
+        let fi = r.cost("CostModel.faultInjection")
+        #expect(abs((fi?.medianNanos ?? 0) - 4_000) < 1e-9, "\(String(describing: fi))")
+        #expect(abs((fi?.slowStateNanos ?? 0) - 5_600) < 1e-9)
+        // One speed: no state kept, the parameter as before (the median over all rounds).
+        var one = CalibrationReport(platform: .pvm, pagingMode: "shadow", tscKHz: 1, quick: false, date: "", seconds: 0, measurements: [
+            meas("wp_fault_after_harvest", exit, path: "pf_fixed"), meas("cpl0_instruction", [390, 391, 392, 389, 390, 391]),
+        ], costs: [], omitted: [], realtime: true)
+        derive(&one, nested: false, pvm: true)
+        #expect(one.cost("CostModel.vmExitRoundTrip")?.slowStateNanos == nil)
+        #expect(one.cost("CostModel.vmExitRoundTrip")?.medianNanos == one.measurement("wp_fault_after_harvest")?.summary.medianNanos)
+    }
+
     @Test("bad options are refused with a message naming them")
     func badOptions() {
         var o = KVMCalibrationOptions(quick: true)
