@@ -33,6 +33,13 @@ public struct KVMProbe: Sendable {
     /// instruction, timed right after the batch: the host's speed at that moment, as
     /// `kvm calibrate` records per round).
     public var firstTouchBatchMedians: [Double] = []
+    /// The first touch at the host's base speed: the median of the batch medians whose CPL0
+    /// reference was within 1.25x of the fastest batch's (as `kvm calibrate` takes its
+    /// parameters; on kvm_pvm the host, itself a VM, runs exits and emulated CPL0 ~1.4x slower
+    /// at times). `firstTouchNanos` where fewer than 3 batches ran at the base speed.
+    public var firstTouchBaseNanos: Double = 0
+    /// Batches whose reference was slow (above 1.25x the fastest).
+    public var slowBatches = 0
     public var referenceBatchNanos: [Double] = []
 
     public static func run(pages: Int = 4096) throws(KVMError) -> KVMProbe {
@@ -98,12 +105,20 @@ public struct KVMProbe: Sendable {
         if let e = pager.error { throw e }
         let rep = pager.report()
 
-        return KVMProbe(
+        var probe = KVMProbe(
             platform: kvm.platform, apiVersion: kvm.apiVersion, capabilities: caps,
             firstTouchNanos: first, firstTouchMeanNanos: firstMean, retouchNanos: again, userfaultfdNanos: uffd,
             userfaultfdServiceP50: rep.serviceNanos.valueAtPercentile(50), userfaultfdServiceP99: rep.serviceNanos.valueAtPercentile(99),
             exitRoundTripNanos: exitNanos, emulatedInstructionNanos: emuNanos, pages: pages,
             firstTouchBatchMedians: batchMedians, referenceBatchNanos: references)
+        if let lo = references.min(), lo > 0, references.count == batchMedians.count {
+            let base = zip(batchMedians, references).filter { $0.1 <= 1.25 * lo }.map(\.0)
+            probe.slowBatches = batchMedians.count - base.count
+            probe.firstTouchBaseNanos = base.count >= 3 ? medianOf(base) : first
+        } else {
+            probe.firstTouchBaseNanos = first
+        }
+        return probe
     }
 
     /// First-touch batches and the pause between them (the batches span ~0.3 s of the host).
@@ -129,6 +144,7 @@ public struct KVMProbe: Sendable {
             ("capabilities", .object(capabilities.map { ($0.0, .int(Int64($0.1))) })),
             ("pages", .int(Int64(pages))),
             ("first_touch_us", us(firstTouchNanos)), ("first_touch_mean_us", us(firstTouchMeanNanos)),
+            ("first_touch_base_speed_us", us(firstTouchBaseNanos)), ("slow_batches", .int(Int64(slowBatches))),
             ("first_touch_batch_medians_us", .array(firstTouchBatchMedians.map { us($0) })),
             ("first_touch_batch_min_us", us(firstTouchBatchMedians.min() ?? 0)), ("first_touch_batch_max_us", us(firstTouchBatchMedians.max() ?? 0)),
             ("cpl0_reference_batch_ns", .array(referenceBatchNanos.map { .double(($0 * 10).rounded() / 10) })),
@@ -146,6 +162,7 @@ public struct KVMProbe: Sendable {
         var s = "platform \(platform.rawValue) (\(platform.pagingMode) paging), KVM API \(apiVersion)\n"
         s += "capabilities: " + capabilities.map { $0.1 > 0 ? ($0.1 == 1 ? $0.0 : "\($0.0)=\($0.1)") : "!\($0.0)" }.joined(separator: " ") + "\n"
         s += "per page over \(pages) pages:\n"
+        s += "  first touch, base speed \(us(firstTouchBaseNanos))  (the batches whose CPL0 reference was within 1.25x of the fastest; \(slowBatches) of \(firstTouchBatchMedians.count) batches slow)\n"
         s += "  first touch            \(us(firstTouchNanos))  (median of \(firstTouchBatchMedians.count) batches' medians of per-page guest TSC times, batches \(us(firstTouchBatchMedians.min() ?? 0)) to \(us(firstTouchBatchMedians.max() ?? 0)); mean \(us(firstTouchMeanNanos)))\n"
         if let lo = referenceBatchNanos.min(), let hi = referenceBatchNanos.max() {
             s += "  CPL0 reference per batch \(formatFixed(lo, digits: 1)) to \(formatFixed(hi, digits: 1)) ns (the host's speed; kvm calibrate records the same per round)\n"
