@@ -22,6 +22,9 @@ struct ValidateCommand: ParsableCommand {
     @Option(name: .long, help: "Runs of each case's KVM side, round-robin over the cases; the measured time is their median (default: \(Validation.fullRepeats), 1 with --quick).")
     var repeats: Int?
 
+    @Option(name: .customLong("case"), help: "Run only this case (repeatable; default: all). An unknown name lists the cases.")
+    var cases: [String] = []
+
     @Option(name: .long, help: "Machine profile (name or file) whose costs and clock the model uses (default: this host calibrated now by `kvm calibrate`, quick with --quick; see `memvirt profile list`).")
     var profile: String?
 
@@ -45,11 +48,11 @@ struct ValidateCommand: ParsableCommand {
             var calibrations: [MachineProfile] = []
             if let profile {
                 machine = try MachineProfile.load(profile)
-                results = try Validation(quick: quick).runCases(machine: machine.reproductionMachine, repeats: k, progress: progress)
+                results = try Validation(quick: quick, only: cases).runCases(machine: machine.reproductionMachine, repeats: k, progress: progress)
             } else {
                 // The model's costs measured on this host in this run (a calibration before
                 // each round of the repeats, their per-parameter median), never fitted to the cases.
-                let run = try Validation(quick: quick).runCalibrated(quick: quick, repeats: k, progress: progress)
+                let run = try Validation(quick: quick, only: cases).runCalibrated(quick: quick, repeats: k, progress: progress)
                 results = run.results
                 machine = run.profile
                 calibrations = run.calibrations

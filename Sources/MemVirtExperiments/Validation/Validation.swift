@@ -40,6 +40,17 @@ public struct Validation: Experiment {
         cases = ValidationCase.all(quick: quick)
         repeats = Self.repeats(quick: quick)
     }
+    /// Only the cases named in `only` (all when empty), in the run's order; an unknown name is
+    /// an error that lists the allowed ones.
+    public init(quick: Bool, only: [String]) throws {
+        self.init(quick: quick)
+        guard !only.isEmpty else { return }
+        let names = cases.map(\.name)
+        if let bad = only.first(where: { !names.contains($0) }) {
+            throw InputError("--case: no case named \"\(bad)\" (allowed: \(names.joined(separator: ", ")))")
+        }
+        cases = cases.filter { only.contains($0.name) }
+    }
     public init(cases: [ValidationCase], repeats: Int = 1) {
         self.cases = cases
         self.repeats = repeats
@@ -81,6 +92,27 @@ public struct Validation: Experiment {
         public var readSumEqual: Bool
         public var note: String
         public var modelBreakdown: [(String, Double)]
+        /// Workload cases (prebuilt tables, dirty logging): the guest runtime's loop run
+        /// natively in this process, outside any VM, right after the case's KVM run
+        /// (`NativeGuestLoop`; the median of its runs, then of the repeats). Nil for the
+        /// host and guest-op cases, whose model runs the whole phase itself.
+        public var nativeSeconds: Double? = nil
+        /// The model's own time for the whole phase, cycles over the clock, native part included
+        /// (= `predictedSeconds` where there is no native measurement).
+        public var modelOnlySeconds: Double = 0
+        /// The model's cycles for what a native run of the stream also does (data accesses, TLB
+        /// hits, page walks, A/D writes, compute: `CostCategory.native`), in seconds.
+        public var modelNativeSeconds: Double = 0
+        /// The virtualization overhead the model predicts: `modelOnlySeconds - modelNativeSeconds`.
+        public var predictedOverheadSeconds: Double { modelOnlySeconds - modelNativeSeconds }
+        /// The overhead measured: KVM's time less the native loop's (nil without one).
+        public var measuredOverheadSeconds: Double? { nativeSeconds.map { measuredSeconds - $0 } }
+        /// (predicted - measured) / measured overhead: how well the model predicts what the VM
+        /// adds to the native run (nil without a native measurement).
+        public var overheadError: Double? {
+            guard let m = measuredOverheadSeconds, m > 0 else { return nil }
+            return (predictedOverheadSeconds - m) / m
+        }
         /// Why the case misses a tolerance (empty when it does not): each judged counter out of
         /// tolerance with the mechanism behind it, the time error with the model's largest
         /// costs, and what the model already reproduces for the case (`Validation.explanation`).
@@ -136,6 +168,10 @@ public struct Validation: Experiment {
         r.measuredSecondsRuns = times
         // The host and guest-op cases model each repeat with that round's profile.
         r.predictedSeconds = median(runs.map(\.predictedSeconds))
+        r.modelOnlySeconds = median(runs.map(\.modelOnlySeconds))
+        r.modelNativeSeconds = median(runs.map(\.modelNativeSeconds))
+        let natives = runs.compactMap(\.nativeSeconds)
+        r.nativeSeconds = natives.isEmpty ? nil : median(natives)
         r.readSumEqual = runs.allSatisfy(\.readSumEqual)
         let judged = Set(r.rows.filter(\.deterministic).map(\.stat))
         r.unrepeatableCounters = unrepeatable(runs.map { Dictionary($0.rows.map { ($0.stat, $0.kvm) }, uniquingKeysWith: { a, _ in a }) }, judged: judged)
@@ -211,8 +247,17 @@ public struct Validation: Experiment {
             guard let k = kvm.extra[s] else { continue }
             rows.append(Row(stat: s, model: m, kvm: k, deterministic: c.judgedExtras.contains(s)))
         }
-        var r = CaseResult(name: c.name, rows: rows, predictedSeconds: model.seconds, measuredSeconds: kvm.seconds, measuredWallSeconds: kvm.wallSeconds,
-                           readSumEqual: model.readSum == kvm.readSum, note: note(c), modelBreakdown: model.breakdown)
+        // With a native run of the same loop: the native time measured plus the overhead the model
+        // predicts (its cycles less what the native loop also does); the model alone has no data
+        // cache and does not run the guest runtime's sampler, which the native run measures.
+        let overhead = model.seconds - model.nativeSeconds
+        let predicted = kvm.nativeSeconds.map { $0 + overhead } ?? model.seconds
+        var r = CaseResult(name: c.name, rows: rows, predictedSeconds: predicted, measuredSeconds: kvm.seconds, measuredWallSeconds: kvm.wallSeconds,
+                           readSumEqual: model.readSum == kvm.readSum && (kvm.nativeReadSum.map { $0 == kvm.readSum } ?? true),
+                           note: note(c), modelBreakdown: model.breakdown)
+        r.nativeSeconds = kvm.nativeSeconds
+        r.modelOnlySeconds = model.seconds
+        r.modelNativeSeconds = model.nativeSeconds
         r.measuredSecondsRuns = [kvm.seconds]
         r.explanation = explanation(c, r)
         return r
@@ -310,14 +355,14 @@ public struct Validation: Experiment {
     /// `profile`: the profile's summary for the JSON (nil: the caller adds it, as `reproduce` does).
     public static func report(_ results: [CaseResult], profile: JSONValue?) -> ExperimentReport {
         var tables: [TextTable] = []
-        var summary = TextTable(title: "cases", header: ["case", "predicted s", "measured CPU s", "repeats", "spread", "wall s", "time error", "counters", "read_sum", "verdict"])
+        var summary = TextTable(title: "cases", header: ["case", "predicted s", "native s", "measured CPU s", "repeats", "spread", "wall s", "time error", "overhead error", "counters", "read_sum", "verdict"])
         var casesJSON: [JSONValue] = []
         for r in results {
-            summary.add([r.name, formatFixed(r.predictedSeconds, digits: 4), formatFixed(r.measuredSeconds, digits: 4),
+            summary.add([r.name, formatFixed(r.predictedSeconds, digits: 4), r.nativeSeconds.map { formatFixed($0, digits: 4) } ?? "-", formatFixed(r.measuredSeconds, digits: 4),
                          r.measuredSecondsRuns.map { formatFixed($0, digits: 3) }.joined(separator: " "),
                          r.measuredSecondsRuns.count > 1 ? formatFixed(r.measuredSpread * 100, digits: 1) + "%" : "-",
                          formatFixed(r.measuredWallSeconds, digits: 4),
-                         formatSignedPercent(r.timeError), r.countersWithinTolerance ? "within 2%" : "DIFFER",
+                         formatSignedPercent(r.timeError), r.overheadError.map(formatSignedPercent) ?? "-", r.countersWithinTolerance ? "within 2%" : "DIFFER",
                          r.readSumEqual ? "equal" : "DIFFERENT", r.withinTolerance ? "ok" : "MISS"])
             var t = TextTable(title: r.name, header: ["stat", "model", "kvm", "model/kvm", "judged", "verdict"])
             var counters: [(String, JSONValue)] = []
@@ -342,6 +387,12 @@ public struct Validation: Experiment {
                 ("within_tolerance", .bool(r.withinTolerance)), ("note", .string(r.note)),
                 ("explanation", r.explanation.isEmpty ? .null : .string(r.explanation)),
                 ("model_cycles", .object(r.modelBreakdown.map { ($0.0, .double($0.1)) })),
+                ("predicted_seconds_model_only", .double(r.modelOnlySeconds)),
+                ("model_native_seconds", .double(r.modelNativeSeconds)),
+                ("native_seconds", r.nativeSeconds.map { .double($0) } ?? .null),
+                ("predicted_overhead_seconds", .double(r.predictedOverheadSeconds)),
+                ("measured_overhead_seconds", r.measuredOverheadSeconds.map { .double($0) } ?? .null),
+                ("overhead_error", r.overheadError.map { .double($0) } ?? .null),
             ]))
         }
         let mean = meanAbsTimeError(results)
@@ -350,7 +401,7 @@ public struct Validation: Experiment {
             name: name, title: Self.summary, tables: [summary] + tables,
             notes: [
                 "Tolerances: deterministic counters (\(deterministic.sorted().joined(separator: ", "))) within \(Int(counterTolerance * 100))% of KVM's; predicted time within \(Int(timeTolerance * 100))% of measured. mean_abs_time_error \(formatFixed(mean * 100, digits: 1))%; all within tolerance: \(all).",
-                "Model: shadow paging with the profile's costs, nothing fitted; predicted time = the ledger's cycles for the run over the profile's clock. KVM: the process's CPU time (user + system, getrusage) over KVMRunner's measured phase (the guest command, first entry to the last exit); its wall time is shown beside it, and exceeds it when the host's cores are shared.",
+                "Model: shadow paging with the profile's costs, nothing fitted; predicted time = the ledger's cycles for the run over the profile's clock. For the workload cases (prebuilt tables, dirty logging) the guest runtime's own loop is also run natively in this process right after each KVM run (native s: the same C function over a pre-touched 4 KiB-page buffer, no VM), and the predicted time is that native time plus the overhead the model predicts (its cycles less its own native part: data access, TLB, walks, compute; predicted_seconds_model_only keeps the model alone); overhead error compares the model's overhead with KVM's time less the native one. KVM: the process's CPU time (user + system, getrusage) over KVMRunner's measured phase (the guest command, first entry to the last exit); its wall time is shown beside it, and exceeds it when the host's cores are shared.",
                 "Measured time: each case's KVM side ran \(results.map(\.measuredSecondsRuns.count).max() ?? 1) time(s), round-robin over the cases (all cases once, then again), and the median repeat's time is the measured one (repeats: each run's CPU s; spread: (max - min) / median). Judged counters equal in every repeat: \(results.allSatisfy { $0.unrepeatableCounters.isEmpty })\(results.filter { !$0.unrepeatableCounters.isEmpty }.map { "; " + $0.name + ": " + $0.unrepeatableCounters.map { "\($0.0) " + $0.1.map(String.init).joined(separator: "/") }.joined(separator: ", ") }.joined()).",
             ] + results.map { "\($0.name): \($0.note)" }
               + results.filter { !$0.withinTolerance }.map { "MISS \($0.name): \($0.explanation)" },

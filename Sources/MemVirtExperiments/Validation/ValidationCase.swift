@@ -65,6 +65,8 @@ struct ModelSide {
     var breakdown: [(String, Double)]
     /// The case's own counters beyond `counters` (the pager's, KSM's), by name.
     var extra: [(String, UInt64)] = []
+    /// The part of `seconds` a native run of the stream also spends (`CostCategory.native`).
+    var nativeSeconds: Double = 0
 }
 
 /// What the KVM engine measured for a case.
@@ -79,6 +81,10 @@ struct KVMSide {
     var userspaceExits: UInt64
     /// The case's own counters beyond KVM's stats (the pager's, KSM's), by name.
     var extra: [String: UInt64] = [:]
+    /// The guest runtime's loop run natively (`NativeGuestLoop`) after the KVM run, median of
+    /// its runs, and the first run's read_sum (the guest's when the stream is the same).
+    var nativeSeconds: Double? = nil
+    var nativeReadSum: UInt64? = nil
 }
 
 enum ValidationEngines {
@@ -137,9 +143,12 @@ enum ValidationEngines {
                 dirty = UInt64(m.mode.harvest(cpu: m.cpu).filter { dataGfns.contains($0) }.count)
             }
             let counters = m.finish()
-            let cycles = m.cpu.ledger.total
-            return ModelSide(counters: counters, cycles: cycles, seconds: cycles / (config.costs.clockGHz * 1e9), readSum: m.checksum,
-                             dirtyPages: dirty, breakdown: m.cpu.ledger.breakdown)
+            let ledger = m.cpu.ledger
+            let hz = config.costs.clockGHz * 1e9
+            var side = ModelSide(counters: counters, cycles: ledger.total, seconds: ledger.total / hz, readSum: m.checksum,
+                                 dirtyPages: dirty, breakdown: ledger.breakdown)
+            side.nativeSeconds = CostCategory.native.map { ledger.cycles[$0.rawValue] }.reduce(0, +) / hz
+            return side
         })
     }
 
@@ -158,7 +167,13 @@ enum ValidationEngines {
         do { r = try KVMRunner.run(c.spec, options: o) } catch { throw InputError("validate: case \(c.name): the KVM run failed: \(error)") }
         var ringBytes: UInt64? = nil
         if o.dirtyLog == .ring, let kvm = try? KVM() { ringBytes = UInt64(max(0, min(kvm.check(.dirtyLogRing), 1 << 20))) }
-        return (kvmSide(r), ringBytes)
+        var side = kvmSide(r)
+        // The same loop natively, right after (the host at the same speed, as far as it can be).
+        let native: NativeGuestLoop.Measurement
+        do { native = try NativeGuestLoop.measure(c.spec) } catch { throw InputError("validate: case \(c.name): the native loop failed: \(error)") }
+        side.nativeSeconds = native.medianSeconds
+        side.nativeReadSum = native.readSum
+        return (side, ringBytes)
     }
 
     /// What a `KVMRunner` run measured, as one side of a case.

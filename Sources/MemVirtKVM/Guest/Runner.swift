@@ -78,6 +78,13 @@ public enum KVMRunner {
 
     /// The per-thread mailbox and lookup table for `spec`'s stream `thread`.
     static func prepare(_ spec: WorkloadSpec, thread: Int, layout: GuestLayout) throws(KVMError) -> (memvirt_mailbox, [UInt8]) {
+        try prepare(spec, thread: thread, base: layout.dataVirtual.rawValue, table: layout.tables + layout.tableStride * UInt64(thread))
+    }
+
+    /// The same, with the workload memory at `base` and the lookup table at `table` (addresses
+    /// the code that runs the mailbox sees: guest-virtual in a VM, this process's own for
+    /// `NativeGuestLoop`).
+    static func prepare(_ spec: WorkloadSpec, thread: Int, base: UInt64, table tableAddress: UInt64) throws(KVMError) -> (memvirt_mailbox, [UInt8]) {
         var m = GuestVM.command(MEMVIRT_CMD_WORKLOAD)
         var rng = SplitMix64(seed: SplitMix64.derive(seed: spec.seed, stream: UInt64(thread)))
         var table: [UInt8] = []
@@ -100,14 +107,14 @@ public enum KVMRunner {
         case .gups: m.pattern = 5
         case .lackey: throw KVMError.invalid("the KVM engine runs synthetic workloads; a lackey trace is for the model engine")
         }
-        m.base = layout.dataVirtual.rawValue
+        m.base = base
         m.footprint = spec.footprint.rawValue
         m.accesses = spec.accesses
         m.rng_state = rng.state
         m.write_threshold = spec.writeThreshold
         m.compute = spec.computePerAccess
         m.salt = UInt64(thread) << 56
-        m.table = layout.tables + layout.tableStride * UInt64(thread)
+        m.table = tableAddress
         return (m, table)
     }
 

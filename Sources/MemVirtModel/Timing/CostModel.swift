@@ -211,6 +211,11 @@ public enum CostCategory: Int, CaseIterable, Sendable {
     case dataAccess, l2TLB, pageWalk, adWrites, compute, guestFaults, guestKernel
     case vmExits, hypervisorFaults, emulation, shadowSync, hostFaults, diskIO
 
+    /// What a run of the same access stream also costs with no virtualization at all: the
+    /// accesses, TLB hits, page walks (shadow paging's walk is the native 4-level one), A/D
+    /// writes and compute. The rest is what the hypervisor and the host add.
+    public static let native: [CostCategory] = [.dataAccess, .l2TLB, .pageWalk, .adWrites, .compute]
+
     public var name: String {
         switch self {
         case .dataAccess: "data_access"

@@ -63,6 +63,12 @@ struct ValidationTests {
                 // Prebuilt tables: no guest fault, no table write, no INVLPG in either engine.
                 #expect(row.model == 0 && row.kvm == 0, "\(r.name).\(row.stat): model \(row.model) kvm \(row.kvm)")
             }
+            // The workload cases ran the guest's loop natively too: a time, and the predicted time
+            // is that native time plus the model's overhead (its cycles less its native part).
+            let native = try #require(r.nativeSeconds, "\(r.name): no native run")
+            #expect(native > 0, "\(r.name): native \(native)")
+            #expect(r.modelNativeSeconds >= 0 && r.modelNativeSeconds < r.modelOnlySeconds, "\(r.name): model native \(r.modelNativeSeconds) of \(r.modelOnlySeconds)")
+            #expect(abs(r.predictedSeconds - (native + r.modelOnlySeconds - r.modelNativeSeconds)) < 1e-9, "\(r.name): predicted \(r.predictedSeconds)")
             if let d = r.rows.first(where: { $0.stat == "dirty_pages" }) {
                 #expect(d.withinTolerance, "\(r.name): dirty pages model \(d.model) kvm \(d.kvm)")
             }
