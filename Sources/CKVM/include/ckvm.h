@@ -98,6 +98,11 @@ static inline int64_t ckvm_get_affinity(int tid) {
     int r = (int)syscall(SYS_sched_getaffinity, tid, sizeof m, &m);
     return r < 0 ? -errno : (int64_t)(m & 0x7fffffffffffffffULL);
 }
+/// The CPU the calling thread runs on (getcpu), or -1.
+static inline int ckvm_current_cpu(void) {
+    unsigned cpu = 0;
+    return syscall(SYS_getcpu, &cpu, (void *)0, (void *)0) == 0 ? (int)cpu : -1;
+}
 static inline int ckvm_set_affinity(int tid, uint64_t mask) { CKVM_CALL((int)syscall(SYS_sched_setaffinity, tid, sizeof mask, &mask)); }
 static inline int ckvm_gettid(void) { return (int)syscall(SYS_gettid); }
 

@@ -31,6 +31,25 @@ public enum HostCalibration {
     /// (`CalibratedCost.expectedNanos`). `validate` predicts with this one: its cases run for
     /// seconds, across the host's changes of speed.
     public static func calibrateWithExpected(quick: Bool, base: String? = nil) throws -> (profile: MachineProfile, report: CalibrationReport, expected: MachineProfile) {
+        let r = try calibrateStates(quick: quick, base: base)
+        return (r.profile, r.report, r.expected)
+    }
+
+    /// One calibration priced at each of the host's speeds: `profile` at the base speed,
+    /// `expected` at the calibration's mix, `slow` with every parameter that moved between the
+    /// states at its slow-round median (nil when the calibration saw no slow round), and the
+    /// CPL0 reference (cpl0_instruction) in each state (`HostSpeedBracket` classifies a run's
+    /// ends by it).
+    public struct States {
+        public var profile: MachineProfile
+        public var report: CalibrationReport
+        public var expected: MachineProfile
+        public var slow: MachineProfile?
+        public var fastReferenceNanos: Double?
+        public var slowReferenceNanos: Double?
+    }
+
+    public static func calibrateStates(quick: Bool, base: String? = nil) throws -> States {
         // The base is loaded first, so a bad name fails before the measuring.
         let baseProfile = try MachineProfile.load(base ?? defaultBase())
         let report = try KVMCalibration.run(KVMCalibrationOptions(quick: quick))
@@ -49,20 +68,35 @@ public enum HostCalibration {
         }
         let profile = try baseProfile.applying(calibration: report.costs, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
                                                host: ProcessInfo.processInfo.hostName)
-        let mixed = report.costs.map { c in
-            var e = c
-            if c.slowStateNanos != nil {
-                e.medianNanos = c.expectedNanos
-                e.p10Nanos = min(e.p10Nanos, e.medianNanos)
-                e.p90Nanos = max(e.p90Nanos, e.medianNanos)
-                e.method += "; expected over the host's two speeds: \(formatFixed((c.slowRoundFraction ?? 0) * 100, digits: 0))% slow rounds at \(formatFixed(c.slowStateNanos! / 1e3, digits: 3)) us"
+        // Each parameter that moved between the states at `value(c)`, the rest as measured.
+        func priced(_ value: (CalibratedCost) -> Double, _ how: (CalibratedCost) -> String) -> [CalibratedCost] {
+            report.costs.map { c in
+                var e = c
+                if c.slowStateNanos != nil {
+                    e.medianNanos = value(c)
+                    e.p10Nanos = min(e.p10Nanos, e.medianNanos)
+                    e.p90Nanos = max(e.p90Nanos, e.medianNanos)
+                    e.method += how(c)
+                }
+                return e
             }
-            return e
+        }
+        let mixed = priced(\.expectedNanos) { c in
+            "; expected over the host's two speeds: \(formatFixed((c.slowRoundFraction ?? 0) * 100, digits: 0))% slow rounds at \(formatFixed(c.slowStateNanos! / 1e3, digits: 3)) us"
         }
         var expected = try baseProfile.applying(calibration: mixed, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
                                                 host: ProcessInfo.processInfo.hostName)
         if mixed != report.costs { expected.description += "; each measured parameter the mix of the host's two speeds seen in the calibration" }
-        return (profile, report, expected)
+        let reference = report.costs.first { $0.parameter == "CostModel.instructionEmulation" }
+        var slow: MachineProfile? = nil
+        if reference?.slowStateNanos != nil {
+            let slowCosts = priced({ $0.slowStateNanos! }) { _ in "; the host's slow state (its slow-round median)" }
+            slow = try baseProfile.applying(calibration: slowCosts, bounds: bounds, conditions: conditions, date: String(report.date.prefix(10)),
+                                            host: ProcessInfo.processInfo.hostName)
+            slow!.description += "; each parameter that moved between the host's two speeds at its slow-round median"
+        }
+        return States(profile: profile, report: report, expected: expected, slow: slow,
+                      fastReferenceNanos: reference?.medianNanos, slowReferenceNanos: reference?.slowStateNanos)
     }
 
     /// Several calibrations of this host as one profile: each parameter the median of the
@@ -94,11 +128,14 @@ extension Validation {
     /// it. Returns the results and the median profile.
     public func runCalibrated(quick: Bool, repeats: Int? = nil, progress: @Sendable (String) -> Void) throws -> (results: [CaseResult], profile: MachineProfile, calibrations: [MachineProfile]) {
         var calibrations: [MachineProfile] = []
+        var states: [HostCalibration.States] = []
         let k = repeats ?? self.repeats
         let results = try runRounds(repeats: k, machineForRound: { r in
             progress("calibrating this host (kvm calibrate\(quick ? " --quick" : ""))\(k > 1 ? ", before repeat \(r + 1)/\(k)" : "")")
             do {
-                calibrations.append(try HostCalibration.calibrateWithExpected(quick: quick).expected)
+                let st = try HostCalibration.calibrateStates(quick: quick)
+                states.append(st)
+                calibrations.append(st.expected)
             } catch where !calibrations.isEmpty {
                 // A later round's calibration failed (e.g. a benchmark timed out on a loaded
                 // host): this round models with the median of those taken so far.
@@ -106,7 +143,32 @@ extension Validation {
                 return HostCalibration.median(calibrations).validationMachine
             }
             return calibrations.last!.validationMachine
-        }, modelMachine: { HostCalibration.median(calibrations).validationMachine }, progress: progress)
+        }, modelMachine: { HostCalibration.median(calibrations).validationMachine },
+        stateMachines: { HostStateMachines(states) }, progress: progress)
         return (results, HostCalibration.median(calibrations), calibrations)
+    }
+}
+
+/// The model's machines for the host's two speeds over a run's calibrations: the base-speed
+/// profiles' median, the slow profiles' median (of the calibrations that saw a slow round) and
+/// the CPL0 reference in each state (medians), so a case run bracketed by `HostSpeedBracket`
+/// is priced at the share of the slow state its ends show. Nil when no calibration saw the
+/// slow state.
+struct HostStateMachines {
+    var fast: ReproductionMachine
+    var slow: ReproductionMachine
+    var fastReferenceNanos: Double
+    var slowReferenceNanos: Double
+
+    init?(_ states: [HostCalibration.States]) {
+        let slows = states.compactMap(\.slow)
+        let fastRefs = states.compactMap(\.fastReferenceNanos)
+        let slowRefs = states.compactMap(\.slowReferenceNanos)
+        guard !slows.isEmpty, !fastRefs.isEmpty, !slowRefs.isEmpty else { return nil }
+        fast = HostCalibration.median(states.map(\.profile)).validationMachine
+        slow = HostCalibration.median(slows).validationMachine
+        fastReferenceNanos = Validation.median(fastRefs)
+        slowReferenceNanos = Validation.median(slowRefs)
+        guard slowReferenceNanos > fastReferenceNanos else { return nil }
     }
 }

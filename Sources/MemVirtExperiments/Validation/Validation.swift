@@ -81,6 +81,9 @@ public struct Validation: Experiment {
         public var measuredWallSeconds: Double
         /// Each repeat's CPU time, in the order run (`measuredSeconds` is their median).
         public var measuredSecondsRuns: [Double] = []
+        /// Each repeat's prediction, in the same order (`predictedSeconds` is the median
+        /// repeat's).
+        public var predictedSecondsRuns: [Double] = []
         /// Judged counters whose KVM values differ across repeats, with each repeat's value
         /// (empty: KVM counted the same in every repeat, as a deterministic counter must).
         public var unrepeatableCounters: [(String, [UInt64])] = []
@@ -97,6 +100,12 @@ public struct Validation: Experiment {
         /// (`NativeGuestLoop`; the median of its runs, then of the repeats). Nil for the
         /// host and guest-op cases, whose model runs the whole phase itself.
         public var nativeSeconds: Double? = nil
+        /// Workload cases priced at the host's two speeds: each repeat's share of the slow state
+        /// (from its `HostSpeedBracket`, in round order), the brackets, and the CPL0 reference
+        /// of each state (the calibrations' medians). Empty / nil otherwise.
+        public var hostSlowShares: [Double] = []
+        public var hostSpeedReferences: [HostSpeedBracket] = []
+        public var stateReferenceNanos: (fast: Double, slow: Double)? = nil
         /// The model's own time for the whole phase, cycles over the clock, native part included
         /// (= `predictedSeconds` where there is no native measurement).
         public var modelOnlySeconds: Double = 0
@@ -154,8 +163,8 @@ public struct Validation: Experiment {
         }
     }
 
-    /// Folds `k` results of one case (one per repeat) into one: the predicted time the median
-    /// of the repeats' predictions (equal where one model ran), the
+    /// Folds `k` results of one case (one per repeat) into one: the predicted time that of the
+    /// median repeat (each repeat is priced for its own conditions), the
     /// measured time the median of the repeats' times (`measuredSecondsRuns` keeps each), the
     /// counters those of the median repeat, and any judged counter that differs across repeats
     /// named in `unrepeatableCounters`.
@@ -166,12 +175,20 @@ public struct Validation: Experiment {
         r.measuredSeconds = median(times)
         r.measuredWallSeconds = median(runs.map(\.measuredWallSeconds))
         r.measuredSecondsRuns = times
-        // The host and guest-op cases model each repeat with that round's profile.
-        r.predictedSeconds = median(runs.map(\.predictedSeconds))
-        r.modelOnlySeconds = median(runs.map(\.modelOnlySeconds))
-        r.modelNativeSeconds = median(runs.map(\.modelNativeSeconds))
-        let natives = runs.compactMap(\.nativeSeconds)
-        r.nativeSeconds = natives.isEmpty ? nil : median(natives)
+        // Each repeat has its own prediction (the host and guest-op cases model it with that
+        // round's calibration; the workload cases price it at its own share of the host's slow
+        // state): the prediction set beside the median time is that of the same repeat (the
+        // mean of the two middle ones for an even count, as the median time is).
+        let order = times.indices.sorted { times[$0] < times[$1] || (times[$0] == times[$1] && $0 < $1) }
+        let middle = order.count % 2 == 1 ? [order[order.count / 2]] : [order[order.count / 2 - 1], order[order.count / 2]]
+        func paired(_ f: (CaseResult) -> Double) -> Double { middle.map { f(runs[$0]) }.reduce(0, +) / Double(middle.count) }
+        r.predictedSecondsRuns = runs.map(\.predictedSeconds)
+        r.predictedSeconds = paired(\.predictedSeconds)
+        r.modelOnlySeconds = paired(\.modelOnlySeconds)
+        r.modelNativeSeconds = paired(\.modelNativeSeconds)
+        r.hostSlowShares = runs.flatMap(\.hostSlowShares)
+        r.hostSpeedReferences = runs.flatMap(\.hostSpeedReferences)
+        r.nativeSeconds = runs.allSatisfy { $0.nativeSeconds != nil } ? paired { $0.nativeSeconds! } : nil
         r.readSumEqual = runs.allSatisfy(\.readSumEqual)
         let judged = Set(r.rows.filter(\.deterministic).map(\.stat))
         r.unrepeatableCounters = unrepeatable(runs.map { Dictionary($0.rows.map { ($0.stat, $0.kvm) }, uniquingKeysWith: { a, _ in a }) }, judged: judged)
@@ -193,7 +210,12 @@ public struct Validation: Experiment {
     /// round's host and guest-op cases model with (a calibration taken just before it, or the
     /// same one throughout); the prebuilt and dirty-log models run once after the rounds with
     /// `modelMachine()` (e.g. the median of the rounds' calibrations).
+    /// `stateMachines`: the machines for the host's two speeds (from the rounds'
+    /// calibrations); with them, each workload case's run is priced at the share of the slow
+    /// state its `HostSpeedBracket` shows (the model's time is linear in its costs: its counts
+    /// do not depend on them), else at `modelMachine()`'s costs.
     func runRounds(repeats: Int, machineForRound: (Int) throws -> ReproductionMachine, modelMachine: () throws -> ReproductionMachine,
+                   stateMachines: () throws -> HostStateMachines? = { nil },
                    progress: @Sendable (String) -> Void) throws -> [CaseResult] {
         guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
         guard repeats >= 1 else { throw InputError("validate: repeats must be at least 1 (got \(repeats))") }
@@ -222,7 +244,22 @@ public struct Validation: Experiment {
         }
         if kvmSides.contains(where: { !$0.isEmpty }) {
             let machine = try modelMachine()
+            let states = try stateMachines()
             for (i, c) in cases.enumerated() where !kvmSides[i].isEmpty {
+                if let st = states, kvmSides[i].allSatisfy({ $0.hostSpeed != nil }) {
+                    progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name)) at the host's base and slow speeds")
+                    let fast = try ValidationEngines.runModel(c, machine: st.fast, ringBytes: ringBytes[i])
+                    let slow = try ValidationEngines.runModel(c, machine: st.slow, ringBytes: ringBytes[i])
+                    runs[i] = kvmSides[i].map { k in
+                        let share = k.hostSpeed!.slowShare(fastNanos: st.fastReferenceNanos, slowNanos: st.slowReferenceNanos)
+                        var r = Self.compare(c, model: fast.mixed(with: slow, share: share), kvm: k)
+                        r.hostSlowShares = [share]
+                        r.stateReferenceNanos = (st.fastReferenceNanos, st.slowReferenceNanos)
+                        r.explanation = Self.explanation(c, r)
+                        return r
+                    }
+                    continue
+                }
                 progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name))")
                 let model = try ValidationEngines.runModel(c, machine: machine, ringBytes: ringBytes[i])
                 runs[i] = kvmSides[i].map { Self.compare(c, model: model, kvm: $0) }
@@ -256,6 +293,7 @@ public struct Validation: Experiment {
                            readSumEqual: model.readSum == kvm.readSum && (kvm.nativeReadSum.map { $0 == kvm.readSum } ?? true),
                            note: note(c), modelBreakdown: model.breakdown)
         r.nativeSeconds = kvm.nativeSeconds
+        r.hostSpeedReferences = kvm.hostSpeed.map { [$0] } ?? []
         r.modelOnlySeconds = model.seconds
         r.modelNativeSeconds = model.nativeSeconds
         r.measuredSecondsRuns = [kvm.seconds]
@@ -379,6 +417,7 @@ public struct Validation: Experiment {
                 ("name", .string(r.name)), ("counters", .object(counters)),
                 ("predicted_seconds", .double(r.predictedSeconds)), ("measured_seconds", .double(r.measuredSeconds)),
                 ("measured_seconds_runs", .array(r.measuredSecondsRuns.map { .double($0) })), ("measured_spread", .double(r.measuredSpread)),
+                ("predicted_seconds_runs", .array(r.predictedSecondsRuns.map { .double($0) })),
                 ("measured_wall_seconds", .double(r.measuredWallSeconds)),
                 ("counters_repeatable", .bool(r.unrepeatableCounters.isEmpty)),
                 ("unrepeatable_counters", .object(r.unrepeatableCounters.map { ($0.0, .array($0.1.map { .uint($0) })) })),
@@ -393,6 +432,9 @@ public struct Validation: Experiment {
                 ("predicted_overhead_seconds", .double(r.predictedOverheadSeconds)),
                 ("measured_overhead_seconds", r.measuredOverheadSeconds.map { .double($0) } ?? .null),
                 ("overhead_error", r.overheadError.map { .double($0) } ?? .null),
+                ("host_slow_share_runs", .array(r.hostSlowShares.map { .double($0) })),
+                ("cpl0_reference_ns_runs", .array(r.hostSpeedReferences.map { .object([("cpu", .int(Int64($0.cpu))), ("before", .double($0.beforeNanos)), ("after", .double($0.afterNanos))]) })),
+                ("cpl0_reference_ns_states", r.stateReferenceNanos.map { .object([("base", .double($0.fast)), ("slow", .double($0.slow))]) } ?? .null),
             ]))
         }
         let mean = meanAbsTimeError(results)

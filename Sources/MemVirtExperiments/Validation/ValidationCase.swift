@@ -67,6 +67,20 @@ struct ModelSide {
     var extra: [(String, UInt64)] = []
     /// The part of `seconds` a native run of the stream also spends (`CostCategory.native`).
     var nativeSeconds: Double = 0
+
+    /// This run's prediction priced `share` of the way from its costs to `slow`'s (the same
+    /// case run on another machine: the same counts, other costs). The ledger is a sum of
+    /// counts times costs, so the mix of the two runs is the run at the mixed costs.
+    func mixed(with slow: ModelSide, share: Double) -> ModelSide {
+        func mix(_ a: Double, _ b: Double) -> Double { a + share * (b - a) }
+        var m = self
+        m.cycles = mix(cycles, slow.cycles)
+        m.seconds = mix(seconds, slow.seconds)
+        m.nativeSeconds = mix(nativeSeconds, slow.nativeSeconds)
+        let other = Dictionary(slow.breakdown, uniquingKeysWith: { a, _ in a })
+        m.breakdown = breakdown.map { ($0.0, mix($0.1, other[$0.0] ?? 0)) }
+        return m
+    }
 }
 
 /// What the KVM engine measured for a case.
@@ -85,6 +99,8 @@ struct KVMSide {
     /// its runs, and the first run's read_sum (the guest's when the stream is the same).
     var nativeSeconds: Double? = nil
     var nativeReadSum: UInt64? = nil
+    /// The host's speed on the run's CPU before and after its phase (workload cases).
+    var hostSpeed: HostSpeedBracket? = nil
 }
 
 enum ValidationEngines {
@@ -156,6 +172,7 @@ enum ValidationEngines {
     static func runKVM(_ c: ValidationCase) throws -> (KVMSide, ringBytes: UInt64?) {
         var o = KVMRunOptions()
         o.pageSize = c.pageSize
+        o.hostSpeedReference = true
         switch c.kind {
         case .prebuilt: break
         case .dirtyLog(.bitmap): o.dirtyLog = .bitmap
@@ -171,6 +188,7 @@ enum ValidationEngines {
         // The same loop natively, right after (the host at the same speed, as far as it can be).
         let native: NativeGuestLoop.Measurement
         do { native = try NativeGuestLoop.measure(c.spec) } catch { throw InputError("validate: case \(c.name): the native loop failed: \(error)") }
+        side.hostSpeed = r.hostSpeed
         side.nativeSeconds = native.medianSeconds
         side.nativeReadSum = native.readSum
         return (side, ringBytes)

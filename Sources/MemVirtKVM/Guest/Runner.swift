@@ -31,6 +31,9 @@ public struct KVMRunOptions: Sendable {
     public var maxRunNanos: UInt64? = nil
     /// Refuse the run when it would need more host memory than this (`--memory-limit`).
     public var memoryLimit: UInt64? = nil
+    /// One vCPU: pin the run to the CPU the caller is on and time the host's speed there just
+    /// before and just after the measured phase (`HostSpeedBracket`, outside the stats window).
+    public var hostSpeedReference = false
 
     public init() {}
 }
@@ -62,6 +65,8 @@ public struct KVMRunReport: Sendable {
     public var dirty: DirtyHarvest?
     /// With `mergeable`: KSM's counters around the run.
     public var ksm: JSONValue? = nil
+    /// With `hostSpeedReference`: the host's speed on the run's CPU before and after.
+    public var hostSpeed: HostSpeedBracket? = nil
 }
 
 /// Runs a `WorkloadSpec` in a real VM: one vCPU per thread, each drawing its own stream.
@@ -216,6 +221,13 @@ public enum KVMRunner {
         }
         defer { pager?.stop() }
 
+        // The host's speed on the run's CPU, before the stats window opens (its CPL0 loops
+        // count in insn_emulation and exits).
+        if o.hostSpeedReference && spec.threads != 1 { throw KVMError.invalid("the host-speed reference brackets a one-vCPU run (threads \(spec.threads))") }
+        let pin = o.hostSpeedReference ? HostSpeedBracket.pinToCurrentCPU() : nil
+        defer { if let pin { setAffinityMask(pin.restore) } }
+        let speedBefore = o.hostSpeedReference ? try HostSpeedBracket.reference(g) : nil
+
         let vmStats = try g.vm.stats()
         let vcpuStats = try g.vcpus.map { (v) throws(KVMError) in try v.stats() }
         let vmBefore = try vmStats.read()
@@ -257,6 +269,10 @@ public enum KVMRunner {
         let vmDelta = vmAfter.delta(since: vmBefore, descriptors: vmStats.descriptors)
         let vcpuDelta = vcpuAfter.delta(since: vcpuBefore, descriptors: vcpuStats[0].descriptors)
         let wall = Double(t1 - t0) / 1e9
+        var hostSpeed: HostSpeedBracket? = nil
+        if let before = speedBefore {
+            hostSpeed = HostSpeedBracket(cpu: pin?.cpu ?? -1, beforeNanos: before, afterNanos: try HostSpeedBracket.reference(g))
+        }
 
         var dirty: DirtyHarvest? = nil
         switch o.dirtyLog {
@@ -326,7 +342,9 @@ public enum KVMRunner {
         if let k = ksmJSON { extra.append(("ksm", k)) }
         let result = RunResult(engine: "kvm", paging: kvm.platform.pagingMode, pageSize: o.pageSize, workload: spec,
                                counters: counters, cycles: nil, wallSeconds: wall, extra: extra)
-        return KVMRunReport(result: result, guests: guests, vmStats: vmDelta, vcpuStats: vcpuDelta, pager: pagerReport, dirty: dirty, ksm: ksmJSON)
+        var report = KVMRunReport(result: result, guests: guests, vmStats: vmDelta, vcpuStats: vcpuDelta, pager: pagerReport, dirty: dirty, ksm: ksmJSON)
+        report.hostSpeed = hostSpeed
+        return report
     }
 
     /// Runs every vCPU's command on its own thread and waits for all, at most `maxRunNanos`:

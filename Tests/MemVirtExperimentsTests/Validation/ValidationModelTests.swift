@@ -1,5 +1,6 @@
 import MemVirtCore
 @testable import MemVirtExperiments
+import MemVirtKVM
 import MemVirtModel
 import Testing
 
@@ -65,5 +66,53 @@ struct ValidationModelTests {
         #expect(readThenWritten > 0)
         let hostFaults = model.breakdown.first { $0.0 == "host_faults" }?.1 ?? 0
         #expect(hostFaults == firstWritten * 1_234 + readThenWritten * 56_789, "host_faults \(hostFaults): \(firstWritten) first writes, \(readThenWritten) zero-page copies")
+    }
+}
+
+/// Pricing a workload case at the host's two speeds: the share of the slow state from a run's
+/// two ends, and the mix of two model runs, which must be the run at the mixed costs (the
+/// ledger is counts times costs, so a run on interpolated costs is the interpolated run).
+@Suite("validate: the host's two speeds")
+struct ValidationHostStateTests {
+    @Test("slow share: each end's place between the states' references, clamped, averaged")
+    func slowShare() {
+        let b = HostSpeedBracket(cpu: 0, beforeNanos: 350, afterNanos: 550)
+        #expect(abs(b.slowShare(fastNanos: 350, slowNanos: 550) - 0.5) < 1e-12)
+        #expect(abs(HostSpeedBracket(cpu: 0, beforeNanos: 300, afterNanos: 700).slowShare(fastNanos: 350, slowNanos: 550) - 0.5) < 1e-12)
+        #expect(abs(HostSpeedBracket(cpu: 0, beforeNanos: 450, afterNanos: 450).slowShare(fastNanos: 350, slowNanos: 550) - 0.5) < 1e-12)
+        #expect(HostSpeedBracket(cpu: 1, beforeNanos: 600, afterNanos: 560).slowShare(fastNanos: 350, slowNanos: 550) == 1)
+        // No slow state seen by the calibration: the base speed.
+        #expect(b.slowShare(fastNanos: 350, slowNanos: 350) == 0)
+    }
+
+    @Test("the mix of the runs at two machines' costs is the run at the mixed costs", arguments: [ValidationCase.Kind.prebuilt, .dirtyLog(.bitmap)])
+    func mixIsLinear(_ kind: ValidationCase.Kind) throws {
+        let spec = WorkloadSpec(pattern: .uniform, footprint: .mib(2), accesses: 20_000, writeRatio: 0.3, seed: 5)
+        let c = ValidationCase(name: "t", spec: spec, kind: kind)
+        let fast = ReproductionMachine.pvmShadow
+        var slow = fast
+        slow.costs.vmExitRoundTrip *= 1.4
+        slow.costs.shadowFaultHandler *= 1.5
+        slow.costs.hostDemandZero4K *= 1.3
+        slow.dirty.remoteTLBFlush *= 2
+        let share = 0.3
+        var mid = fast
+        func m(_ a: Double, _ b: Double) -> Double { a + share * (b - a) }
+        mid.costs.vmExitRoundTrip = m(fast.costs.vmExitRoundTrip, slow.costs.vmExitRoundTrip)
+        mid.costs.shadowFaultHandler = m(fast.costs.shadowFaultHandler, slow.costs.shadowFaultHandler)
+        mid.costs.hostDemandZero4K = m(fast.costs.hostDemandZero4K, slow.costs.hostDemandZero4K)
+        mid.dirty.remoteTLBFlush = m(fast.dirty.remoteTLBFlush, slow.dirty.remoteTLBFlush)
+        let a = try ValidationEngines.runModel(c, machine: fast, ringBytes: nil)
+        let b = try ValidationEngines.runModel(c, machine: slow, ringBytes: nil)
+        let direct = try ValidationEngines.runModel(c, machine: mid, ringBytes: nil)
+        let mixed = a.mixed(with: b, share: share)
+        #expect(b.cycles > a.cycles, "the slow machine costs more")
+        #expect(abs(mixed.cycles - direct.cycles) <= 1e-9 * direct.cycles, "mixed \(mixed.cycles) direct \(direct.cycles)")
+        #expect(abs(mixed.seconds - direct.seconds) <= 1e-9 * direct.seconds)
+        #expect(mixed.counters[.pfFixed] == direct.counters[.pfFixed] && mixed.counters[.pfTaken] == direct.counters[.pfTaken])
+        for (name, v) in direct.breakdown {
+            let w = mixed.breakdown.first { $0.0 == name }?.1 ?? 0
+            #expect(abs(w - v) <= 1e-9 * max(v, 1), "\(name): mixed \(w) direct \(v)")
+        }
     }
 }
