@@ -46,6 +46,7 @@ struct ValidateCommand: ParsableCommand {
             let machine: MachineProfile
             let results: [Validation.CaseResult]
             var calibrations: [MachineProfile] = []
+            var states: [HostCalibration.States] = []
             if let profile {
                 machine = try MachineProfile.load(profile)
                 results = try Validation(quick: quick, only: cases).runCases(machine: machine.reproductionMachine, repeats: k, progress: progress)
@@ -56,6 +57,7 @@ struct ValidateCommand: ParsableCommand {
                 results = run.results
                 machine = run.profile
                 calibrations = run.calibrations
+                states = run.states
             }
             // The profile's summary and every cost the model used (cycles, nanoseconds or counts as
             // the profile's units), so a run's prediction can be traced to its calibration.
@@ -66,6 +68,18 @@ struct ValidateCommand: ParsableCommand {
                 if calibrations.count > 1 {
                     // Each calibration's value of every parameter, in round order (the costs above are their medians).
                     kv.append(("calibrations", .object(ProfileParameter.all.map { p in (p.section + "." + p.key, .array(calibrations.map { .double($0.value(p)) })) })))
+                }
+                if !states.isEmpty {
+                    // Each calibration at the host's base speed and in its slow state (null: no
+                    // slow round), with the CPL0 reference of each: what the workload cases mix.
+                    kv.append(("calibration_states", .array(states.map { st in
+                        .object([
+                            ("cpl0_reference_base_ns", st.fastReferenceNanos.map { .double($0) } ?? .null),
+                            ("cpl0_reference_slow_ns", st.slowReferenceNanos.map { .double($0) } ?? .null),
+                            ("base", .object(ProfileParameter.all.map { p in (p.section + "." + p.key, .double(st.profile.value(p))) })),
+                            ("slow", st.slow.map { s in .object(ProfileParameter.all.map { p in (p.section + "." + p.key, .double(s.value(p))) }) } ?? .null),
+                        ])
+                    })))
                 }
                 profileJSON = .object(kv)
             }

@@ -126,7 +126,8 @@ extension Validation {
     /// prebuilt and dirty-log models use the per-parameter median of the k calibrations
     /// (`HostCalibration.median`), each host and guest-op repeat the calibration just before
     /// it. Returns the results and the median profile.
-    public func runCalibrated(quick: Bool, repeats: Int? = nil, progress: @Sendable (String) -> Void) throws -> (results: [CaseResult], profile: MachineProfile, calibrations: [MachineProfile]) {
+    public func runCalibrated(quick: Bool, repeats: Int? = nil, progress: @Sendable (String) -> Void) throws
+        -> (results: [CaseResult], profile: MachineProfile, calibrations: [MachineProfile], states: [HostCalibration.States]) {
         var calibrations: [MachineProfile] = []
         var states: [HostCalibration.States] = []
         let k = repeats ?? self.repeats
@@ -145,7 +146,7 @@ extension Validation {
             return calibrations.last!.validationMachine
         }, modelMachine: { HostCalibration.median(calibrations).validationMachine },
         stateMachines: { HostStateMachines(states) }, progress: progress)
-        return (results, HostCalibration.median(calibrations), calibrations)
+        return (results, HostCalibration.median(calibrations), calibrations, states)
     }
 }
 

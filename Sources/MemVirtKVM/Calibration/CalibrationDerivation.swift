@@ -16,30 +16,34 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     func med(_ n: String) -> Double? { m(n)?.summary.medianNanos }
 
     var bounds: [CalibratedBound] = []
-    /// The host's speed per round, from the emulated-CPL0 reference (cpl0_instruction): on
-    /// kvm_pvm the host is itself a VM, and in some rounds (5-9 of 16 in the runs of
-    /// 2026-12-04) everything that exits to the hypervisor below or is emulated took ~1.4x
-    /// (CPL0 ~1.6x) as long while the native loop did not move. A round is slow when its
-    /// reference is above `hostStateThreshold` x the fastest round's. Where both speeds
-    /// occur (at least 3 base-speed rounds), a parameter is its median over the base-speed
-    /// rounds (two runs agree on those within a few per cent, where the median over all
-    /// rounds moves by ~40% with the share of slow rounds), its slow-round median and the
-    /// slow share are kept beside it (`CalibratedCost.slowStateNanos`, `slowRoundFraction`):
-    /// the model's expected cost for a long run on this host is the mix (`expectedNanos`).
+    /// The host's speed per round: on kvm_pvm the host is itself a VM, and each of its CPUs
+    /// runs for a while in one of two states; in the slow one everything that exits to the
+    /// hypervisor below or is emulated takes ~1.4x (CPL0 ~1.6x) as long while native code does
+    /// not move. The state is per CPU (two `kvm probe`s at once on CPU 0 and CPU 1 saw one
+    /// slow, the other fast) and changes within a round, so a round's CPL0 reference does not
+    /// tell the state of the round's other benchmarks (session 5 classified by it: an exit's
+    /// "slow" rounds came out at its base value, 30.31 vs 30.19 us). Each benchmark's rounds are
+    /// classified by its own round medians: a round is slow when its median is above
+    /// `hostStateThreshold` x the benchmark's fastest round's (the two states are ~1.4x apart,
+    /// rounds of one state within a few per cent). Where both occur (at least 3 base-speed
+    /// rounds), a parameter is its median over the base-speed rounds, its slow-round median
+    /// and its slow share kept beside it (`CalibratedCost.slowStateNanos`,
+    /// `slowRoundFraction`): the model's expected cost for a long run is the mix
+    /// (`expectedNanos`). A benchmark the state does not move (a bitmap harvest, the native
+    /// loop) has no round above the threshold: one speed, its median over all rounds.
     let hostStateThreshold = 1.25
-    let referenceRounds = m("cpl0_instruction")?.roundMedians ?? []
-    let baseRound: [Bool]? = {
-        guard referenceRounds.count >= 3, let lo = referenceRounds.min(), lo > 0 else { return nil }
-        let base = referenceRounds.map { $0 <= hostStateThreshold * lo }
+    func baseRounds(_ rounds: [Double]) -> [Bool]? {
+        guard rounds.count >= 3, let lo = rounds.min(), lo > 0 else { return nil }
+        let base = rounds.map { $0 <= hostStateThreshold * lo }
         return base.filter { $0 }.count >= 3 && base.contains(false) ? base : nil
-    }()
-    let slowFraction = baseRound.map { b in Double(b.filter { !$0 }.count) / Double(b.count) }
-    func split(_ values: [Double]) -> (base: [Double], slow: [Double])? {
-        guard let b = baseRound, values.count == b.count else { return nil }
+    }
+    /// `values` (one per round) split by the state of `by`'s rounds.
+    func split(_ values: [Double], by rounds: [Double]) -> (base: [Double], slow: [Double])? {
+        guard let b = baseRounds(rounds), values.count == b.count else { return nil }
         return (zip(values, b).filter { $0.1 }.map(\.0), zip(values, b).filter { !$0.1 }.map(\.0))
     }
-    func stateNote(_ base: Int, _ slow: Int) -> String {
-        "; at the host's base speed: the \(base) rounds whose CPL0 reference was within \(formatFixed(hostStateThreshold, digits: 2))x of the fastest round's (\(slow) slow rounds kept beside it)"
+    func stateNote(_ name: String, _ base: Int, _ slow: Int) -> String {
+        "; at the host's base speed: the \(base) rounds whose \(name) median was within \(formatFixed(hostStateThreshold, digits: 2))x of its fastest round's (\(slow) slow rounds kept beside it)"
     }
     /// A derived parameter is measured when it is at least this many standard errors (the
     /// usual limit of quantification, 10 sigma): then two runs agree on it within ~15% (the
@@ -78,10 +82,12 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         var resolution = 0.0
         var standardError = 0.0
         var slowValue: Double? = nil
-        if minus.isEmpty, let (b, sl) = split(x.roundMedians), !sl.isEmpty {
+        var slowFraction: Double? = nil
+        if minus.isEmpty, let (b, sl) = split(x.roundMedians, by: x.roundMedians), !sl.isEmpty {
             value = medianOf(b)
             slowValue = medianOf(sl)
-            method += stateNote(b.count, sl.count)
+            slowFraction = Double(sl.count) / Double(b.count + sl.count)
+            method += stateNote(name, b.count, sl.count)
         }
         if !minus.isEmpty {
             // Per-round differences where every part has a median in every round.
@@ -90,10 +96,12 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             if rounds >= 3, partsRounds.allSatisfy({ $0.0.count == rounds }) {
                 for r in 0..<rounds { diffs.append(x.roundMedians[r] - partsRounds.reduce(0) { $0 + $1.1 * $1.0[r] }) }
             }
-            if let (b, sl) = split(diffs), !sl.isEmpty {
+            // Each round's state is that of the measurement the parts are taken from.
+            if let (b, sl) = split(diffs, by: x.roundMedians), !sl.isEmpty {
                 diffs = b
                 slowValue = medianOf(sl)
-                method += stateNote(b.count, sl.count)
+                slowFraction = Double(sl.count) / Double(b.count + sl.count)
+                method += stateNote(name, b.count, sl.count)
             }
             var seRounds = 0.0
             if !diffs.isEmpty {
