@@ -333,6 +333,7 @@ public enum ReproductionFigures {
     // MARK: - Cross-engine and KVM
 
     static func validate(_ j: JSONValue) -> ([Figure], Headline?) {
+        if !rows(j, "cases").isEmpty { return validateCases(j) }
         let rs = rows(j, "rows")
         guard !rs.isEmpty else { return ([], nil) }
         let faults = Figure(
@@ -352,6 +353,65 @@ public enum ReproductionFigures {
             text: "Both engines compute the same read sums and memory checksums on \(rs.count) workloads: \(all ? "all equal" : "SOME DIFFER"); the model's shadow pf_fixed is \(fmt(worst, 3))x KVM's at worst.",
             metric: "workloads with equal results", value: Double(rs.filter { $0["read_sum_equal"]?.asBool == true && $0["memory_equal"]?.asBool == true }.count),
             target: Double(rs.count), targetSource: "every workload equal", met: all))
+    }
+
+    /// `memvirt validate`'s JSON (`Validation`): per case the measured time (median, the
+    /// repeats' range), the prediction and the native loop; the signed time error; the judged
+    /// counters' model/KVM ratios.
+    static func validateCases(_ j: JSONValue) -> ([Figure], Headline?) {
+        let cs = rows(j, "cases")
+        let names = cs.map { s($0, "name") }
+        func range(_ c: JSONValue, _ key: String) -> (Double?, Double?) {
+            let xs = (c[key]?.asArray ?? []).compactMap(\.asDouble)
+            return (xs.min(), xs.max())
+        }
+        let timeSeries: [Series] = [
+            Series(name: "measured on /dev/kvm", points: cs.enumerated().map { i, c in
+                let (lo, hi) = range(c, "measured_seconds_runs")
+                return DataPoint(x: Double(i), y: d(c, "measured_seconds") ?? 0, low: lo, high: hi)
+            }),
+            Series(name: "predicted by the model", points: cs.enumerated().map { i, c in
+                let (lo, hi) = range(c, "predicted_seconds_runs")
+                return DataPoint(x: Double(i), y: d(c, "predicted_seconds") ?? 0, low: lo, high: hi)
+            }),
+            Series(name: "guest loop, native", points: cs.enumerated().compactMap { i, c in
+                d(c, "native_seconds").map { DataPoint(x: Double(i), y: $0) }
+            }),
+        ]
+        let time = Figure(
+            id: "time-per-case", title: "Time of each case's measured phase: model against KVM", kind: .groupedBar,
+            x: Axis("case"), y: Axis("time", unit: "s", scale: .log), series: timeSeries, categories: names,
+            caption: "Measured: the KVM engine's CPU time of the phase, the median of the repeats (whiskers: their range). Predicted, whiskers each repeat's prediction: the model's cycles over the profile's clock (workload cases: the native loop's time plus the model's overhead, priced at the run's share of the host's slow state).")
+        let error = Figure(
+            id: "time-error", title: "Predicted time against measured, per case", kind: .groupedBar,
+            x: Axis("case"), y: Axis("time error (predicted - measured) / measured", unit: "%"),
+            series: [Series(name: "time error", points: cs.enumerated().map { i, c in DataPoint(x: Double(i), y: 100 * (d(c, "time_error") ?? 0)) }),
+                     Series(name: "overhead error (workload cases)", points: cs.enumerated().compactMap { i, c in
+                         d(c, "overhead_error").map { DataPoint(x: Double(i), y: 100 * $0) } })],
+            categories: names,
+            caption: "The tolerance is within 20% on every case and a mean |error| of at most 10%; the overhead error compares the model's overhead with KVM's time less the native loop's.")
+        let judged = ["pf_fixed", "pf_taken", "pf_guest", "mmu_pte_write", "invlpg", "dirty_pages"]
+        let counters = Figure(
+            id: "counter-differences", title: "Judged counters: model against KVM", kind: .groupedBar,
+            x: Axis("case"), y: Axis("(model - KVM) / KVM", unit: "%"),
+            series: judged.compactMap { stat in
+                let pts = cs.enumerated().compactMap { i, c -> DataPoint? in
+                    guard let row = c["counters"]?[stat], row["deterministic"]?.asBool == true, let r = d(row, "ratio"),
+                          (d(row, "kvm") ?? 0) > 0 else { return nil }
+                    return DataPoint(x: Double(i), y: 100 * (r - 1))
+                }
+                return pts.isEmpty ? nil : Series(name: stat, points: pts)
+            },
+            categories: names,
+            caption: "Every deterministic counter of every case; the tolerance is within 2%.")
+        let mean = d(j, "mean_abs_time_error") ?? 0
+        let within = cs.filter { $0["time_within_tolerance"]?.asBool == true }.count
+        let countersOK = cs.allSatisfy { $0["counters_within_tolerance"]?.asBool == true }
+        let all = j["all_within_tolerance"]?.asBool ?? false
+        return ([time, error, counters], Headline(
+            text: "The model predicts KVM's time on \(within) of \(cs.count) cases within 20% (mean |error| \(fmt(100 * mean, 1))%); judged counters within 2% on \(countersOK ? "every case" : "NOT every case").",
+            metric: "mean |time error|", value: 100 * mean, unit: "%", target: 10,
+            targetSource: "issue 11: every case within 20%, mean at most 10%, counters within 2%", met: all))
     }
 
     static func kvmAPF(_ j: JSONValue) -> ([Figure], Headline?) {

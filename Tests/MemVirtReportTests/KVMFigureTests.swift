@@ -40,6 +40,32 @@ struct KVMFigureTests {
         #expect(h.map { abs($0.value - 1.171875) < 1e-9 } == true)
     }
 
+    @Test func validateCases() throws {
+        let j = try JSONReader.parse("""
+            {"name":"validate","mean_abs_time_error":0.085,"all_within_tolerance":false,"cases":[
+              {"name":"uniform","measured_seconds":1.4,"measured_seconds_runs":[1.3,1.4,1.8],"predicted_seconds":1.33,"predicted_seconds_runs":[1.25,1.33,1.7],
+               "native_seconds":0.06,"time_error":-0.05,"overhead_error":-0.052,"time_within_tolerance":true,"counters_within_tolerance":true,
+               "counters":{"pf_fixed":{"model":27891,"kvm":27895,"ratio":0.99986,"deterministic":true},"exits":{"model":1,"kvm":2,"ratio":0.5,"deterministic":false}}},
+              {"name":"async-pf-pager","measured_seconds":5.0,"measured_seconds_runs":[5.0],"predicted_seconds":3.3,"predicted_seconds_runs":[3.3],
+               "native_seconds":null,"time_error":-0.34,"overhead_error":null,"time_within_tolerance":false,"counters_within_tolerance":true,
+               "counters":{"pf_fixed":{"model":4159,"kvm":2724,"ratio":1.5268,"deterministic":false}}}]}
+            """)
+        let (figs, h) = ReproductionFigures.derive(name: "validate", json: j)
+        #expect(figs.map(\.id) == ["time-per-case", "time-error", "counter-differences"])
+        #expect(figs[0].categories == ["uniform", "async-pf-pager"])
+        #expect(figs[0].series[0].points.map(\.y) == [1.4, 5.0])
+        #expect(figs[0].series[0].points[0].low == 1.3 && figs[0].series[0].points[0].high == 1.8)
+        #expect(figs[0].series[1].points[0].low == 1.25 && figs[0].series[1].points[0].high == 1.7)
+        #expect(figs[0].series[2].points.map(\.x) == [0])  // the native loop: workload cases only
+        #expect(figs[1].series[0].points.map(\.y) == [-5, -34])
+        #expect(figs[1].series[1].points.count == 1)
+        // Only the judged (deterministic) counters: pf_fixed of uniform.
+        #expect(figs[2].series.map(\.name) == ["pf_fixed"] && figs[2].series[0].points.map(\.x) == [0])
+        #expect(abs((figs[2].series[0].points.first?.y ?? 0) - 100 * (0.99986 - 1)) < 1e-9)
+        #expect(h?.value == 8.5 && h?.target == 10 && h?.met == false)
+        #expect(h?.text.contains("1 of 2 cases") == true)
+    }
+
     @Test func migration() throws {
         let j = try JSONReader.parse("""
             {"name":"migration","engine":"kvm","targets_met":true,"cases":[
