@@ -247,6 +247,23 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         if m("wp_fault_after_harvest") != nil {
             add("GuestSchedulingCosts.pageReadyDelay", "apf_ready_to_exit", minus: [("wp_fault_after_harvest", 1)],
                 "The page's arrival (UFFDIO_COPY returned) to \"page ready\" reaching the guest kernel, less the exit the model charges on delivery (CostModel.vmExitRoundTrip, the write-protect fault): the model's pageReadyDelay + vmExitRoundTrip + apfReadyHandler then add up to apf_page_ready.")
+            add("GuestSchedulingCosts.apfFaultLegs", "apf_kvm_legs", minus: [("wp_fault_after_harvest", 1)],
+                "The faulting read's own path inside KVM_RUN beyond the shadow fault's exit (CostModel.vmExitRoundTrip, the write-protect fault): the async-PF injection, the #PF stub's exit to the VMM-side guest kernel and the woken thread's entry back to its read (PagerAsyncPF charges it on the faulting thread).")
+        }
+        if m("dontneed") != nil {
+            add("HostCosts.remoteFlushInitiator", "apf_evict_dontneed", minus: [("dontneed", 1)],
+                "kvm_flush_remote_tlbs with a vCPU in guest mode: the pager's MADV_DONTNEED of a page the guest mapped while the vCPU runs its counting thread, less the same with the vCPU out of guest mode (dontneed): KVM's kick of the vCPU and the wait for it.")
+        }
+    }
+    if m("timer_overshoot") != nil {
+        add("HostCosts.timerWakeLatency", "timer_overshoot",
+            "How late a thread sleeping on a timeout wakes (timer slack, the wake-up of a CPU that may have halted): the userfaultfd pager sleeps so until a page's store delay is over.")
+        // Its spread, from the same samples: the model draws each wake-up over median +- half
+        // of it (a fixed lateness would lock the model's fault cycle to the guest's timer).
+        if let c = costs.last, c.parameter == "HostCosts.timerWakeLatency" {
+            costs.append(CalibratedCost(parameter: "HostCosts.timerWakeSpread", medianNanos: c.p90Nanos - c.p10Nanos, p10Nanos: c.p90Nanos - c.p10Nanos,
+                                        p90Nanos: c.p90Nanos - c.p10Nanos, samples: c.samples,
+                                        method: "timer_overshoot: its p90 - p10 (\(formatFixed(c.p90Nanos / 1e3, digits: 1)) - \(formatFixed(c.p10Nanos / 1e3, digits: 1)) us) over \(c.samples) samples. How much the wake-up's lateness varies: a model that sleeps so draws each lateness uniformly over timerWakeLatency +- half of it."))
         }
     }
     r.costs = costs
