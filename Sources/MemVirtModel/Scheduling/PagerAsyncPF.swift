@@ -26,7 +26,9 @@ import MemVirtCore
 /// - `pageReadyDelay` later (the worker's wake-up, `kvm_arch_async_page_ready` prefaulting the
 ///   shadow entry, the "page ready" interrupt, `kvm_arch_async_page_present`) the vCPU takes
 ///   the interrupt (`vmExitRoundTrip`) and the guest kernel wakes the thread and runs it
-///   (`apfReadyHandler`); the read is repeated and hits.
+///   (`apfReadyHandler`); the read is repeated and hits. A tick that comes due during
+///   `pageReadyDelay` is delivered after "page ready" (the higher vector) and so takes the
+///   vCPU from the woken thread.
 ///
 /// A read of a resident page costs `readCycles` (the guest loop's PRNG step, load and compare),
 /// plus a shadow fault the first time after the page became resident without a shadow entry
@@ -181,9 +183,17 @@ public enum PagerAsyncPF {
         while t < c.duration {
             switch current {
             case .working:
-                let until = min(nextTick, readyAt ?? .infinity)
+                // From the page's arrival KVM's "page ready" is on its way (the worker's
+                // completion, kvm_arch_async_page_present_queued's request and kick; at the next
+                // entry kvm_check_async_pf_completion -> kvm_arch_async_page_present sets the
+                // interrupt): a tick that comes due in that span (pageReadyDelay) finds it
+                // pending and is injected after it (vector 33 above the timer's 32), so it
+                // takes the vCPU from the woken thread. (The span includes the worker's wake-up,
+                // before the request is made: an upper bound on the window.)
+                let deferTick = readyAt.map { nextTick >= $0 - g.pageReadyDelay } ?? false
+                let until = deferTick ? readyAt! : min(nextTick, readyAt ?? .infinity)
                 if until > t { r.workingNanos += until - t; t = until }
-                if let ra = readyAt, ra <= nextTick {
+                if let ra = readyAt, ra <= nextTick || deferTick {
                     // "Page ready": the interrupt's exit, the guest's handler; the woken
                     // thread runs first, the interrupted one behind it.
                     readyAt = nil

@@ -94,6 +94,28 @@ struct PagerAsyncPFTests {
         #expect(abs(Double(r.notPresent) - Double(f.notPresent)) <= 3, "\(r.notPresent) vs \(f.notPresent)")
     }
 
+    @Test("A tick due while page ready is on its way, or while it is handled, takes the vCPU from the woken thread: probability (ready delay + handler + read) / slice")
+    func tickBehindPageReady() throws {
+        var c = zeroCost(pages: 1 << 20, resident: 1, delay: 1e6, slice: 1e6, duration: 10e9)
+        c.guestCosts.pageReadyDelay = 100_000      // ns
+        c.guestCosts.apfReadyHandler = 300_000     // 100 us
+        // The pager's lateness uniform over [0, 2 ms]: two whole slices, so each fault's page
+        // arrives at a phase of the timer that is uniform whatever came before (a fault right
+        // after a preemption starts on a tick).
+        c.hostCosts.timerWakeLatency = 1_000_000
+        c.hostCosts.timerWakeSpread = 2_000_000
+        let r = try PagerAsyncPF.run(c)
+        // Per fault the woken thread is exposed to a tick due in [arrival, arrival + 100 us ready
+        // delay + 100 us handler + 0.1 us read): probability 200.1 us / 1 ms. Binomial over
+        // r.ready faults; 4 standard deviations.
+        let p = 200_100.0 / 1e6
+        let n = Double(r.ready)
+        let expected = n * p
+        let sd = (n * p * (1 - p)).squareRoot()
+        #expect(n > 3_000)
+        #expect(abs(Double(r.faultingPreempted) - expected) < 4 * sd, "preempted \(r.faultingPreempted) of \(r.ready), expected \(expected) +- \(4 * sd)")
+    }
+
     @Test("Uniform reads over 4x the limit: a quarter of the reads hit (independent references: any demand policy)")
     func hitRatio() throws {
         let c = zeroCost(pages: 4096, resident: 1024, delay: 10_000, slice: 1e12, duration: 2e9)
