@@ -37,6 +37,7 @@ import Testing
                 scheduling.apfFaultLegs = 266_220
                 host.timerWakeLatency = 122_700
                 host.timerWakeSpread = 53_100
+                host.remoteFlushInitiator = 299_229
             }
             #expect(p.costs.host == host)
             #expect(p.costs.scheduling == scheduling)

@@ -31,11 +31,6 @@ struct APFPhaseResult {
     /// The guest-timed read minus the VMM's "page not present" exit to the woken thread's
     /// entry: the legs inside KVM_RUN (the access to the exit; the entry to the read done).
     var kvmLegs: [Double] = []
-    /// The pager's MADV_DONTNEED per eviction, ns (the last `samples` evictions). The phase's
-    /// pager holds `apfResidentLimit` pages, so every later fault first evicts a page the
-    /// faulting thread read, whose spte KVM zaps while the counting thread runs in guest mode:
-    /// kvm_flush_remote_tlbs kicks the vCPU and waits.
-    var evictDontneed: [Double] = []
     /// Counters over the recorded faults (apf_not_present, apf_ready; KVM's stats).
     var counters: [String: UInt64] = [:]
     /// Faults the phase recorded (= samples when every fault went async and matched).
@@ -50,10 +45,6 @@ extension Session {
     /// Store service time of the phase's pager: long enough that KVM's first, non-waiting try
     /// always fails (every read goes async), short enough to keep the phase under a second.
     static let apfStoreDelayNanos: UInt64 = 500_000
-    /// The phase's pager's resident limit, pages: each fault after the first ones evicts the
-    /// page read this many faults before (FIFO), as `AsyncPFBenchmark`'s pager does.
-    static let apfResidentLimit = 2
-
     /// How late a thread sleeping on a timeout wakes: `count` ppoll(2) sleeps of
     /// `apfStoreDelayNanos` (no fd: only the timeout), elapsed minus the timeout, ns, on the
     /// calibrating thread (unpinned, as the pager's thread sleeps until a page is due).
@@ -88,7 +79,6 @@ extension Session {
         po.storeDelayNanos = Self.apfStoreDelayNanos
         po.storeContent = .pattern(salt: 0x6170_6663_616c)
         po.recordCopyTimes = true
-        po.residentLimitPages = Self.apfResidentLimit
         let pager = try Pager(region: g.data, options: po)
         try pager.start()
         let base = g.layout.dataVirtual.rawValue
@@ -146,7 +136,6 @@ extension Session {
             out.kvmLegs.append(guestNanos - Double(rd.nextEntryNanos - np.exitNanos))
         }
         out.faults = out.ready.count
-        out.evictDontneed = pager.report().dontneedTimes.suffix(samples).map { Double($0) }
         // The scheduler's counts over the whole phase (warm-up included: `phaseFaults` reads)
         // beside KVM's stats: one "page not present" and one matched "page ready" per read
         // when every read went async.

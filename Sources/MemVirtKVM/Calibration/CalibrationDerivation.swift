@@ -250,10 +250,6 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
             add("GuestSchedulingCosts.apfFaultLegs", "apf_kvm_legs", minus: [("wp_fault_after_harvest", 1)],
                 "The faulting read's own path inside KVM_RUN beyond the shadow fault's exit (CostModel.vmExitRoundTrip, the write-protect fault): the async-PF injection, the #PF stub's exit to the VMM-side guest kernel and the woken thread's entry back to its read (PagerAsyncPF charges it on the faulting thread).")
         }
-        if m("dontneed") != nil {
-            add("HostCosts.remoteFlushInitiator", "apf_evict_dontneed", minus: [("dontneed", 1)],
-                "kvm_flush_remote_tlbs with a vCPU in guest mode: the pager's MADV_DONTNEED of a page the guest mapped while the vCPU runs its counting thread, less the same with the vCPU out of guest mode (dontneed): KVM's kick of the vCPU and the wait for it.")
-        }
     }
     if m("timer_overshoot") != nil {
         add("HostCosts.timerWakeLatency", "timer_overshoot",

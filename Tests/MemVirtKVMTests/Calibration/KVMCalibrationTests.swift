@@ -16,11 +16,11 @@ let calibratableParameters: Set<String> = [
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
     "GuestSchedulingCosts.apfNotPresentHandler", "GuestSchedulingCosts.apfReadyHandler", "GuestSchedulingCosts.pageReadyDelay",
     "CostModel.hostDemandZero4K", "CostModel.hostZeroPageCopy",
-    "GuestSchedulingCosts.apfFaultLegs", "HostCosts.remoteFlushInitiator", "HostCosts.timerWakeLatency", "HostCosts.timerWakeSpread",
+    "GuestSchedulingCosts.apfFaultLegs", "HostCosts.timerWakeLatency", "HostCosts.timerWakeSpread",
 ]
 
 /// The async-PF phase's measurements, in order.
-let apfMeasurements = ["apf_not_present", "apf_page_ready", "apf_ready_to_exit", "apf_ready_handling", "apf_fault_total", "apf_kvm_legs", "apf_evict_dontneed"]
+let apfMeasurements = ["apf_not_present", "apf_page_ready", "apf_ready_to_exit", "apf_ready_handling", "apf_fault_total", "apf_kvm_legs"]
 
 @Suite("kvm calibrate on /dev/kvm", .serialized, .enabled(if: KVM.isUsable, Comment(rawValue: kvmReason)))
 struct KVMCalibrationTests {
