@@ -56,8 +56,6 @@ public struct PagerReport: Sendable {
     /// With `PagerOptions.recordCopyTimes`: per served fault, its page and when its
     /// UFFDIO_COPY returned (CLOCK_MONOTONIC nanoseconds).
     public var copyTimes: [(page: Int, nanos: UInt64)] = []
-    /// With `PagerOptions.recordCopyTimes`: per eviction, its MADV_DONTNEED's nanoseconds.
-    public var dontneedTimes: [UInt64] = []
     /// Where the pager thread's time went (CLOCK_MONOTONIC nanoseconds, summed over the served
     /// faults; instrumentation only): the store's pwrite of evicted pages, their
     /// MADV_DONTNEED (host unmap plus KVM's mmu-notifier zap), the store's pread, the
@@ -367,9 +365,7 @@ public final class Pager: @unchecked Sendable {
         let w1 = monotonicNanoseconds()
         if madvise(p, 4096, MADV_DONTNEED) != 0 { throw KVMError.call("madvise(MADV_DONTNEED, page \(q))", lastErrno()) }
         r.phases.storeWriteNanos &+= w1 - w0
-        let w2 = monotonicNanoseconds()
-        r.phases.dontneedNanos &+= w2 - w1
-        if options.recordCopyTimes { r.dontneedTimes.append(w2 - w1) }
+        r.phases.dontneedNanos &+= monotonicNanoseconds() - w1
         stored[q] = true
         resident[q] = false
         residentCount -= 1
