@@ -31,6 +31,9 @@ struct APFPhaseResult {
     /// The guest-timed read minus the VMM's "page not present" exit to the woken thread's
     /// entry: the legs inside KVM_RUN (the access to the exit; the entry to the read done).
     var kvmLegs: [Double] = []
+    /// How late the pager served each recorded fault after its store delay, ns (its wake-up
+    /// from ppoll on the other CPU while the vCPU runs the counting thread).
+    var pagerLate: [Double] = []
     /// Counters over the recorded faults (apf_not_present, apf_ready; KVM's stats).
     var counters: [String: UInt64] = [:]
     /// Faults the phase recorded (= samples when every fault went async and matched).
@@ -136,6 +139,7 @@ extension Session {
             out.kvmLegs.append(guestNanos - Double(rd.nextEntryNanos - np.exitNanos))
         }
         out.faults = out.ready.count
+        out.pagerLate = pager.report().lateNanos.suffix(samples).map { Double($0) }
         // The scheduler's counts over the whole phase (warm-up included: `phaseFaults` reads)
         // beside KVM's stats: one "page not present" and one matched "page ready" per read
         // when every read went async.

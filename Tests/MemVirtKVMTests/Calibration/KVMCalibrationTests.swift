@@ -20,7 +20,7 @@ let calibratableParameters: Set<String> = [
 ]
 
 /// The async-PF phase's measurements, in order.
-let apfMeasurements = ["apf_not_present", "apf_page_ready", "apf_ready_to_exit", "apf_ready_handling", "apf_fault_total", "apf_kvm_legs"]
+let apfMeasurements = ["apf_not_present", "apf_page_ready", "apf_ready_to_exit", "apf_ready_handling", "apf_fault_total", "apf_kvm_legs", "apf_pager_late"]
 
 @Suite("kvm calibrate on /dev/kvm", .serialized, .enabled(if: KVM.isUsable, Comment(rawValue: kvmReason)))
 struct KVMCalibrationTests {
