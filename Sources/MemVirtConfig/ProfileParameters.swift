@@ -58,6 +58,7 @@ public struct ProfileParameter: Sendable {
         "HostCosts.timerWakeLatency": "50,000 ns (Linux's default timer slack for SCHED_OTHER threads, prctl(2) PR_SET_TIMERSLACK)",
         "HostCosts.timerWakeSpread": "0 ns (the wake-up always its median)",
         "GuestSchedulingCosts.apfFaultLegs": "0 cycles (a guest kernel whose #PF handler runs in the guest takes no exit beyond the fault's)",
+        "GuestSchedulingCosts.tickDeliveryDelay": "0 ns (a tick reaches the guest at its due time)",
     ]
 
     /// The `[costs.*]` sections in file order.
@@ -127,6 +128,7 @@ public struct ProfileParameter: Sendable {
             .init("GuestSchedulingCosts.apfReadyHandler", "guest_scheduling", "apf_ready_handler", .cycles, { $0.scheduling.apfReadyHandler }, { $0.scheduling.apfReadyHandler = $1 }),
             .init("GuestSchedulingCosts.pageReadyDelay", "guest_scheduling", "page_ready_delay", .nanoseconds, { $0.scheduling.pageReadyDelay }, { $0.scheduling.pageReadyDelay = $1 }),
             .init("GuestSchedulingCosts.apfFaultLegs", "guest_scheduling", "apf_fault_legs", .cycles, { $0.scheduling.apfFaultLegs }, { $0.scheduling.apfFaultLegs = $1 }),
+            .init("GuestSchedulingCosts.tickDeliveryDelay", "guest_scheduling", "tick_delivery_delay", .nanoseconds, { $0.scheduling.tickDeliveryDelay }, { $0.scheduling.tickDeliveryDelay = $1 }),
             .init("GuestSchedulingCosts.haltWakeExits", "guest_scheduling", "halt_wake_exits", .count, { $0.scheduling.haltWakeExits }, { $0.scheduling.haltWakeExits = $1 }),
             .init("DirtyTrackingCosts.writeProtectFault", "dirty_tracking", "write_protect_fault", .cycles, { $0.dirty.writeProtectFault }, { $0.dirty.writeProtectFault = $1 }),
             .init("DirtyTrackingCosts.bitmapPerGiB", "dirty_tracking", "bitmap_per_gib", .cycles, { $0.dirty.bitmapPerGiB }, { $0.dirty.bitmapPerGiB = $1 }),

@@ -34,6 +34,9 @@ struct APFPhaseResult {
     /// How late the pager served each recorded fault after its store delay, ns (its wake-up
     /// from ppoll on the other CPU while the vCPU runs the counting thread).
     var pagerLate: [Double] = []
+    /// The guest timer's ticks that interrupted the counting thread: from the tick's due time
+    /// (the timer's arming + k x the slice) to KVM_RUN returning with its stub's exit, ns.
+    var tickDelivery: [Double] = []
     /// Counters over the recorded faults (apf_not_present, apf_ready; KVM's stats).
     var counters: [String: UInt64] = [:]
     /// Faults the phase recorded (= samples when every fault went async and matched).
@@ -95,6 +98,7 @@ extension Session {
         var ko = GuestKernelOptions()
         ko.asyncPF = true
         ko.recordAPFTimes = true
+        ko.recordExits = true
         ko.finishWhenDone = [1]
         let kernel = try GuestKernel(vm: g, threads: specs, options: ko)
         let stats = try StatProbe(g)
@@ -140,6 +144,15 @@ extension Session {
         }
         out.faults = out.ready.count
         out.pagerLate = pager.report().lateNanos.suffix(samples).map { Double($0) }
+        // Ticks on the counting thread (position 0) whose KVM_RUN was entered before they were
+        // due: the timer's own way in (hrtimer, kick, injection, the stub's exit).
+        if let armed = kernel.timerArmedNanos.first {
+            let slice = ko.timeSliceNanos
+            for e in rep.exitLog where e.vector == Int16(MEMVIRT_VECTOR_TIMER) && e.thread == 0 && e.exitNanos > armed + slice {
+                let due = armed + (e.exitNanos - armed) / slice * slice
+                if e.enteredNanos < due { out.tickDelivery.append(Double(e.exitNanos - due)) }
+            }
+        }
         // The scheduler's counts over the whole phase (warm-up included: `phaseFaults` reads)
         // beside KVM's stats: one "page not present" and one matched "page ready" per read
         // when every read went async.

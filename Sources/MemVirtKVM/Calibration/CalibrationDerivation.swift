@@ -247,6 +247,8 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         if m("wp_fault_after_harvest") != nil {
             add("GuestSchedulingCosts.pageReadyDelay", "apf_ready_to_exit", minus: [("wp_fault_after_harvest", 1)],
                 "The page's arrival (UFFDIO_COPY returned) to \"page ready\" reaching the guest kernel, less the exit the model charges on delivery (CostModel.vmExitRoundTrip, the write-protect fault): the model's pageReadyDelay + vmExitRoundTrip + apfReadyHandler then add up to apf_page_ready.")
+            add("GuestSchedulingCosts.tickDeliveryDelay", "apf_tick_delivery", minus: [("wp_fault_after_harvest", 1)],
+                "A tick's due time to its reaching the guest kernel (hrtimer, the vCPU's exit, the injection, the stub's exit), less the exit the model charges on delivery (CostModel.vmExitRoundTrip): a \"page ready\" that becomes pending in that span is injected first (the higher vector).")
             add("GuestSchedulingCosts.apfFaultLegs", "apf_kvm_legs", minus: [("wp_fault_after_harvest", 1)],
                 "The faulting read's own path inside KVM_RUN beyond the shadow fault's exit (CostModel.vmExitRoundTrip, the write-protect fault): the async-PF injection, the #PF stub's exit to the VMM-side guest kernel and the woken thread's entry back to its read (PagerAsyncPF charges it on the faulting thread).")
         }

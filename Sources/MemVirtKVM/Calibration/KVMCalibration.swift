@@ -439,6 +439,7 @@ final class Session {
             bench("apf_fault_total", path: "apf_not_present", "the faulting read as the guest thread saw it (guest TSC around the read): not present, parked while the counting thread runs, the store's \(Self.apfStoreDelayNanos / 1000) us, page ready, the read again")
             bench("apf_kvm_legs", path: nil, "per fault, apf_fault_total minus the VMM's time from the not-present exit to the woken thread's entry: the legs inside KVM_RUN (the read to the #PF stub's exit; the entry to the read done)")
             bench("apf_pager_late", path: nil, "the phase's pager: how late it served each fault after the store's \(Self.apfStoreDelayNanos / 1000) us (its ppoll's timeout wake-up on its CPU while the vCPU runs the counting thread), monotonic clock")
+            bench("apf_tick_delivery", path: nil, "the phase's guest timer (\(GuestKernelOptions().timeSliceNanos / 1_000_000) ms periodic LAPIC timer): from a tick's due time (its arming + k periods) to KVM_RUN returning with its stub's exit, for ticks that interrupted the counting thread in guest mode, monotonic clock")
         }
         // The hypercall exit: probed in a VM of its own first (a guest that takes #UD for it
         // would end the VM).
@@ -759,6 +760,7 @@ final class Session {
                 acc["apf_fault_total"]!.add(p.faultTotal, events: ev, counters: p.counters)
                 acc["apf_kvm_legs"]!.add(p.kvmLegs, events: ev, counters: p.counters)
                 acc["apf_pager_late"]!.add(p.pagerLate)
+                acc["apf_tick_delivery"]!.add(p.tickDelivery)
                 apfFaults += p.faults
                 if let why = p.problem, apfRoundProblem == nil { apfRoundProblem = why }
                 return

@@ -185,6 +185,9 @@ public final class GuestKernel: @unchecked Sendable {
     let doneFlags: UnsafeMutablePointer<UInt32>
     /// Kicks the vCPU threads of the current run out of KVM_RUN (`requestStop`).
     let kicker: VCPUKicker
+    /// Per vCPU, when its periodic LAPIC timer was armed (CLOCK_MONOTONIC right after the
+    /// initial-count write returned): its ticks are due at this + k x the time slice.
+    public private(set) var timerArmedNanos: [UInt64] = []
 
     /// A guest kernel for `threads` on `g`. With `resume`, the schedulers go on from states
     /// saved elsewhere (a migrated or restored guest): the threads' mailboxes are then already
@@ -273,6 +276,7 @@ public final class GuestKernel: @unchecked Sendable {
             (GuestMSR.x2apicTimerInitial, options.timeSliceNanos),
         ]
         let n = try v.setMSRs(timer)
+        timerArmedNanos.append(monotonicNanoseconds())
         guard n == timer.count else {
             throw KVMError.unavailable("KVM refused x2APIC MSR 0x\(String(timer[n].0, radix: 16)) from the VMM")
         }

@@ -152,6 +152,13 @@ public struct GuestSchedulingCosts: Sendable, Hashable {
     /// runs in the guest (no further exit). `kvm calibrate` measures it (apf_kvm_legs minus
     /// wp_fault_after_harvest).
     public var apfFaultLegs: Double = 0
+    /// From a guest timer tick's due time until it reaches the guest kernel, beyond the exit
+    /// charged on delivery (vmExitRoundTrip): the hrtimer, the kick out of guest mode, the
+    /// injection, nanoseconds. A "page ready" that becomes pending in that span is injected
+    /// first (vector 33 above the timer's 32), so the tick lands after it. Default 0 (the tick
+    /// at its due time). `kvm calibrate` measures it (apf_tick_delivery minus
+    /// wp_fault_after_harvest).
+    public var tickDeliveryDelay: Double = 0
     /// A vCPU that halts with nothing to run (HLT exit) and is woken by an interrupt:
     /// ~2 x vmExitRoundTrip of hypervisor time (charged on wake-up).
     public var haltWakeExits: Double = 2

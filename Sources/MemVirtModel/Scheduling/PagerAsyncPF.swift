@@ -190,7 +190,9 @@ public enum PagerAsyncPF {
                 // pending and is injected after it (vector 33 above the timer's 32), so it
                 // takes the vCPU from the woken thread. (The span includes the worker's wake-up,
                 // before the request is made: an upper bound on the window.)
-                let deferTick = readyAt.map { nextTick >= $0 - g.pageReadyDelay } ?? false
+                // A tick reaches the guest `tickDeliveryDelay` after it is due, so one due that
+                // much before the page's arrival also finds "page ready" pending at its injection.
+                let deferTick = readyAt.map { nextTick >= $0 - g.pageReadyDelay - g.tickDeliveryDelay } ?? false
                 let until = deferTick ? readyAt! : min(nextTick, readyAt ?? .infinity)
                 if until > t { r.workingNanos += until - t; t = until }
                 if let ra = readyAt, ra <= nextTick || deferTick {

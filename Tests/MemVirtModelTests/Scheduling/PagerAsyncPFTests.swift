@@ -17,7 +17,7 @@ struct PagerAsyncPFTests {
         var c = PagerAsyncPFConfig(pages: pages, residentPages: resident, storeDelay: delay, timeSlice: slice, duration: duration, costs: k)
         var g = GuestSchedulingCosts()
         g.tickHandler = 0; g.tickExits = 0; g.apfSetup = 0; g.apfNotPresentHandler = 0; g.apfReadyHandler = 0; g.pageReadyDelay = 0
-        g.apfFaultLegs = 0
+        g.apfFaultLegs = 0; g.tickDeliveryDelay = 0
         c.guestCosts = g
         var h = HostCosts()
         h.storeWritePerPage = 0; h.storeReadPerPage = 0; h.dontneedPerPage = 0
@@ -94,21 +94,22 @@ struct PagerAsyncPFTests {
         #expect(abs(Double(r.notPresent) - Double(f.notPresent)) <= 3, "\(r.notPresent) vs \(f.notPresent)")
     }
 
-    @Test("A tick due while page ready is on its way, or while it is handled, takes the vCPU from the woken thread: probability (ready delay + handler + read) / slice")
+    @Test("A tick due while page ready is on its way (or that reaches the guest then), or while it is handled, takes the vCPU from the woken thread: probability (tick delivery + ready delay + handler + read) / slice")
     func tickBehindPageReady() throws {
         var c = zeroCost(pages: 1 << 20, resident: 1, delay: 1e6, slice: 1e6, duration: 10e9)
         c.guestCosts.pageReadyDelay = 100_000      // ns
         c.guestCosts.apfReadyHandler = 300_000     // 100 us
+        c.guestCosts.tickDeliveryDelay = 50_000    // ns
         // The pager's lateness uniform over [0, 2 ms]: two whole slices, so each fault's page
         // arrives at a phase of the timer that is uniform whatever came before (a fault right
         // after a preemption starts on a tick).
         c.hostCosts.timerWakeLatency = 1_000_000
         c.hostCosts.timerWakeSpread = 2_000_000
         let r = try PagerAsyncPF.run(c)
-        // Per fault the woken thread is exposed to a tick due in [arrival, arrival + 100 us ready
-        // delay + 100 us handler + 0.1 us read): probability 200.1 us / 1 ms. Binomial over
-        // r.ready faults; 4 standard deviations.
-        let p = 200_100.0 / 1e6
+        // Per fault the woken thread is exposed to a tick due in [arrival - 50 us tick delivery,
+        // arrival + 100 us ready delay + 100 us handler + 0.1 us read): probability 250.1 us /
+        // 1 ms. Binomial over r.ready faults; 4 standard deviations.
+        let p = 250_100.0 / 1e6
         let n = Double(r.ready)
         let expected = n * p
         let sd = (n * p * (1 - p)).squareRoot()
