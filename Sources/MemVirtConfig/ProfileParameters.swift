@@ -55,6 +55,10 @@ public struct ProfileParameter: Sendable {
         "CostModel.stringStoreElement": "1,000 cycles (as shadowPTEWrite)",
         "HostCosts.storeWritePerPage": "3,800 cycles (a 4 KiB pwrite to an O_TMPFILE's page cache, ~1.3 us, measured once on a kvm_pvm host)",
         "HostCosts.storeReadPerPage": "2,500 cycles (a 4 KiB pread from the page cache, ~0.8 us, measured once on a kvm_pvm host)",
+        "HostCosts.timerWakeLatency": "50,000 ns (Linux's default timer slack for SCHED_OTHER threads, prctl(2) PR_SET_TIMERSLACK)",
+        "HostCosts.timerWakeSpread": "0 ns (the wake-up always its median)",
+        "GuestSchedulingCosts.apfFaultLegs": "0 cycles (a guest kernel whose #PF handler runs in the guest takes no exit beyond the fault's)",
+        "GuestSchedulingCosts.tickDeliveryDelay": "0 ns (a tick reaches the guest at its due time)",
     ]
 
     /// The `[costs.*]` sections in file order.
@@ -110,6 +114,8 @@ public struct ProfileParameter: Sendable {
             .init("HostCosts.dontneedPerPage", "host", "dontneed_per_page", .cycles, { $0.host.dontneedPerPage }, { $0.host.dontneedPerPage = $1 }),
             .init("HostCosts.storeWritePerPage", "host", "store_write_per_page", .cycles, { $0.host.storeWritePerPage }, { $0.host.storeWritePerPage = $1 }),
             .init("HostCosts.storeReadPerPage", "host", "store_read_per_page", .cycles, { $0.host.storeReadPerPage }, { $0.host.storeReadPerPage = $1 }),
+            .init("HostCosts.timerWakeLatency", "host", "timer_wake_latency", .nanoseconds, { $0.host.timerWakeLatency }, { $0.host.timerWakeLatency = $1 }),
+            .init("HostCosts.timerWakeSpread", "host", "timer_wake_spread", .nanoseconds, { $0.host.timerWakeSpread }, { $0.host.timerWakeSpread = $1 }),
             .init("HostCosts.ksmPagesToScan", "host", "ksm_pages_to_scan", .count, { Double($0.host.ksmPagesToScan) }, { $0.host.ksmPagesToScan = Int($1) }),
             .init("HostCosts.ksmSleep", "host", "ksm_sleep", .nanoseconds, { $0.host.ksmSleep }, { $0.host.ksmSleep = $1 }),
             .init("HostCosts.ksmScanPerPage", "host", "ksm_scan_per_page", .cycles, { $0.host.ksmScanPerPage }, { $0.host.ksmScanPerPage = $1 }),
@@ -121,6 +127,8 @@ public struct ProfileParameter: Sendable {
             .init("GuestSchedulingCosts.apfNotPresentHandler", "guest_scheduling", "apf_not_present_handler", .cycles, { $0.scheduling.apfNotPresentHandler }, { $0.scheduling.apfNotPresentHandler = $1 }),
             .init("GuestSchedulingCosts.apfReadyHandler", "guest_scheduling", "apf_ready_handler", .cycles, { $0.scheduling.apfReadyHandler }, { $0.scheduling.apfReadyHandler = $1 }),
             .init("GuestSchedulingCosts.pageReadyDelay", "guest_scheduling", "page_ready_delay", .nanoseconds, { $0.scheduling.pageReadyDelay }, { $0.scheduling.pageReadyDelay = $1 }),
+            .init("GuestSchedulingCosts.apfFaultLegs", "guest_scheduling", "apf_fault_legs", .cycles, { $0.scheduling.apfFaultLegs }, { $0.scheduling.apfFaultLegs = $1 }),
+            .init("GuestSchedulingCosts.tickDeliveryDelay", "guest_scheduling", "tick_delivery_delay", .nanoseconds, { $0.scheduling.tickDeliveryDelay }, { $0.scheduling.tickDeliveryDelay = $1 }),
             .init("GuestSchedulingCosts.haltWakeExits", "guest_scheduling", "halt_wake_exits", .count, { $0.scheduling.haltWakeExits }, { $0.scheduling.haltWakeExits = $1 }),
             .init("DirtyTrackingCosts.writeProtectFault", "dirty_tracking", "write_protect_fault", .cycles, { $0.dirty.writeProtectFault }, { $0.dirty.writeProtectFault = $1 }),
             .init("DirtyTrackingCosts.bitmapPerGiB", "dirty_tracking", "bitmap_per_gib", .cycles, { $0.dirty.bitmapPerGiB }, { $0.dirty.bitmapPerGiB = $1 }),

@@ -28,10 +28,18 @@ import Testing
             let p = try MachineProfile.load(name)
             #expect(p.costModel == preset, "\(name)")
             #expect(p.tlb == TLBConfig.goldenCove)
-            #expect(p.costs.host == HostCosts())
+            var host = HostCosts()
             var scheduling = GuestSchedulingCosts()
-            // pvm-shadow's page-ready delay is the one measured on kvm_pvm (as the APF reproduction's).
-            if name == "pvm-shadow" { scheduling.pageReadyDelay = 150_000 }
+            // pvm-shadow's page-ready delay is the one measured on kvm_pvm (as the APF reproduction's),
+            // and so are its timer wake-up and the VMM-side guest kernel's async-PF legs.
+            if name == "pvm-shadow" {
+                scheduling.pageReadyDelay = 150_000
+                scheduling.apfFaultLegs = 266_220
+                host.timerWakeLatency = 122_700
+                host.timerWakeSpread = 53_100
+                host.remoteFlushInitiator = 299_229
+            }
+            #expect(p.costs.host == host)
             #expect(p.costs.scheduling == scheduling)
             #expect(p.costs.dirty == DirtyTrackingCosts())
         }

@@ -31,6 +31,12 @@ struct APFPhaseResult {
     /// The guest-timed read minus the VMM's "page not present" exit to the woken thread's
     /// entry: the legs inside KVM_RUN (the access to the exit; the entry to the read done).
     var kvmLegs: [Double] = []
+    /// How late the pager served each recorded fault after its store delay, ns (its wake-up
+    /// from ppoll on the other CPU while the vCPU runs the counting thread).
+    var pagerLate: [Double] = []
+    /// The guest timer's ticks that interrupted the counting thread: from the tick's due time
+    /// (the timer's arming + k x the slice) to KVM_RUN returning with its stub's exit, ns.
+    var tickDelivery: [Double] = []
     /// Counters over the recorded faults (apf_not_present, apf_ready; KVM's stats).
     var counters: [String: UInt64] = [:]
     /// Faults the phase recorded (= samples when every fault went async and matched).
@@ -45,6 +51,16 @@ extension Session {
     /// Store service time of the phase's pager: long enough that KVM's first, non-waiting try
     /// always fails (every read goes async), short enough to keep the phase under a second.
     static let apfStoreDelayNanos: UInt64 = 500_000
+    /// How late a thread sleeping on a timeout wakes: `count` ppoll(2) sleeps of
+    /// `apfStoreDelayNanos` (no fd: only the timeout), elapsed minus the timeout, ns, on the
+    /// calibrating thread (unpinned, as the pager's thread sleeps until a page is due).
+    func timerOvershoot(count: Int) -> [Double] {
+        (0..<count).map { _ in
+            let t0 = monotonicNanoseconds()
+            _ = ckvm_ppoll_ns(nil, 0, Int64(Self.apfStoreDelayNanos))
+            return Double(monotonicNanoseconds() - t0) - Double(Self.apfStoreDelayNanos)
+        }
+    }
 
     /// Runs `warm + samples` async faults and returns the `samples` after the warm-up.
     func apfPhase(samples: Int, warm: Int) throws(KVMError) -> APFPhaseResult {
@@ -82,6 +98,7 @@ extension Session {
         var ko = GuestKernelOptions()
         ko.asyncPF = true
         ko.recordAPFTimes = true
+        ko.recordExits = true
         ko.finishWhenDone = [1]
         let kernel = try GuestKernel(vm: g, threads: specs, options: ko)
         let stats = try StatProbe(g)
@@ -126,6 +143,16 @@ extension Session {
             out.kvmLegs.append(guestNanos - Double(rd.nextEntryNanos - np.exitNanos))
         }
         out.faults = out.ready.count
+        out.pagerLate = pager.report().lateNanos.suffix(samples).map { Double($0) }
+        // Ticks on the counting thread (position 0) whose KVM_RUN was entered before they were
+        // due: the timer's own way in (hrtimer, kick, injection, the stub's exit).
+        if let armed = kernel.timerArmedNanos.first {
+            let slice = ko.timeSliceNanos
+            for e in rep.exitLog where e.vector == Int16(MEMVIRT_VECTOR_TIMER) && e.thread == 0 && e.exitNanos > armed + slice {
+                let due = armed + (e.exitNanos - armed) / slice * slice
+                if e.enteredNanos < due { out.tickDelivery.append(Double(e.exitNanos - due)) }
+            }
+        }
         // The scheduler's counts over the whole phase (warm-up included: `phaseFaults` reads)
         // beside KVM's stats: one "page not present" and one matched "page ready" per read
         // when every read went async.

@@ -255,6 +255,25 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         if m("wp_fault_after_harvest") != nil {
             add("GuestSchedulingCosts.pageReadyDelay", "apf_ready_to_exit", minus: [("wp_fault_after_harvest", 1)],
                 "The page's arrival (UFFDIO_COPY returned) to \"page ready\" reaching the guest kernel, less the exit the model charges on delivery (CostModel.vmExitRoundTrip, the write-protect fault): the model's pageReadyDelay + vmExitRoundTrip + apfReadyHandler then add up to apf_page_ready.")
+            add("GuestSchedulingCosts.tickDeliveryDelay", "apf_tick_delivery", minus: [("wp_fault_after_harvest", 1)],
+                "A tick's due time to its reaching the guest kernel (hrtimer, the vCPU's exit, the injection, the stub's exit), less the exit the model charges on delivery (CostModel.vmExitRoundTrip): a \"page ready\" that becomes pending in that span is injected first (the higher vector).")
+            add("GuestSchedulingCosts.apfFaultLegs", "apf_kvm_legs", minus: [("wp_fault_after_harvest", 1)],
+                "The faulting read's own path inside KVM_RUN beyond the shadow fault's exit (CostModel.vmExitRoundTrip, the write-protect fault): the async-PF injection, the #PF stub's exit to the VMM-side guest kernel and the woken thread's entry back to its read (PagerAsyncPF charges it on the faulting thread).")
+        }
+    }
+    // The pager's own lateness in the async-PF phase where there is one (its CPU beside the
+    // busy vCPU thread's, as in the async-pf case); else the calibrating thread's ppoll
+    // (timer_overshoot, reported beside it: on this host 32-75 us against the pager's ~110 us).
+    if m("apf_pager_late") != nil || m("timer_overshoot") != nil {
+        let lateName = m("apf_pager_late") != nil ? "apf_pager_late" : "timer_overshoot"
+        add("HostCosts.timerWakeLatency", lateName,
+            "How late a thread sleeping on a timeout wakes (timer slack, the wake-up of a CPU that may have halted): the userfaultfd pager sleeps so until a page's store delay is over.")
+        // Its spread, from the same samples: the model draws each wake-up over median +- half
+        // of it (a fixed lateness would lock the model's fault cycle to the guest's timer).
+        if let c = costs.last, c.parameter == "HostCosts.timerWakeLatency" {
+            costs.append(CalibratedCost(parameter: "HostCosts.timerWakeSpread", medianNanos: c.p90Nanos - c.p10Nanos, p10Nanos: c.p90Nanos - c.p10Nanos,
+                                        p90Nanos: c.p90Nanos - c.p10Nanos, samples: c.samples,
+                                        method: "\(lateName): its p90 - p10 (\(formatFixed(c.p90Nanos / 1e3, digits: 1)) - \(formatFixed(c.p10Nanos / 1e3, digits: 1)) us) over \(c.samples) samples. How much the wake-up's lateness varies: a model that sleeps so draws each lateness uniformly over timerWakeLatency +- half of it."))
         }
     }
     r.costs = costs

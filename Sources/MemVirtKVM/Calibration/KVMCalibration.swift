@@ -391,6 +391,7 @@ final class Session {
         bench("store_read", path: nil, "pread(2) of one 4 KiB page from the pager's store (page cache), monotonic clock")
         bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
+        bench("timer_overshoot", path: nil, "ppoll(2) with a \(Self.apfStoreDelayNanos / 1000) us timeout and no fd, on the calibrating thread: elapsed minus the timeout (timer slack and the wake-up; the pager sleeps so until a page is due), monotonic clock")
         bench("host_loop", path: nil, "the VMM thread's own native loop, \(Self.hostLoopIterations) dependent square-and-adds (x = x * x + i), the whole loop, monotonic clock (no KVM: a reference for the host CPU's own speed beside the CPL0 one)")
         bench("exit_pio", path: "vmm_io_exits", "guest `out` to a port the VMM answers (exit to user space and back)")
         bench("exit_mmio", path: "vmm_mmio_exits", "guest write to guest-physical memory no slot backs (MMIO exit to user space and back)")
@@ -437,6 +438,8 @@ final class Session {
             bench("apf_ready_handling", path: "apf_ready", "the second part of apf_page_ready: the VMM's handler (token, EOI, MSR_KVM_ASYNC_PF_ACK, wake, load the woken thread) to KVM_RUN entered")
             bench("apf_fault_total", path: "apf_not_present", "the faulting read as the guest thread saw it (guest TSC around the read): not present, parked while the counting thread runs, the store's \(Self.apfStoreDelayNanos / 1000) us, page ready, the read again")
             bench("apf_kvm_legs", path: nil, "per fault, apf_fault_total minus the VMM's time from the not-present exit to the woken thread's entry: the legs inside KVM_RUN (the read to the #PF stub's exit; the entry to the read done)")
+            bench("apf_pager_late", path: nil, "the phase's pager: how late it served each fault after the store's \(Self.apfStoreDelayNanos / 1000) us (its ppoll's timeout wake-up on its CPU while the vCPU runs the counting thread), monotonic clock")
+            bench("apf_tick_delivery", path: nil, "the phase's guest timer (\(GuestKernelOptions().timeSliceNanos / 1_000_000) ms periodic LAPIC timer): from a tick's due time (its arming + k periods) to KVM_RUN returning with its stub's exit, for ticks that interrupted the counting thread in guest mode, monotonic clock")
         }
         // The hypercall exit: probed in a VM of its own first (a guest that takes #UD for it
         // would end the VM).
@@ -756,6 +759,8 @@ final class Session {
                 acc["apf_ready_handling"]!.add(p.readyHandling, events: ev, counters: p.counters)
                 acc["apf_fault_total"]!.add(p.faultTotal, events: ev, counters: p.counters)
                 acc["apf_kvm_legs"]!.add(p.kvmLegs, events: ev, counters: p.counters)
+                acc["apf_pager_late"]!.add(p.pagerLate)
+                acc["apf_tick_delivery"]!.add(p.tickDelivery)
                 apfFaults += p.faults
                 if let why = p.problem, apfRoundProblem == nil { apfRoundProblem = why }
                 return
@@ -773,6 +778,7 @@ final class Session {
             var hl: [Double] = []
             for _ in 0..<k { hl.append(hostLoop()) }
             acc["host_loop"]!.add(hl)
+            acc["timer_overshoot"]!.add(timerOvershoot(count: k))
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
             if apfMissing == nil { try apfRound(k) }

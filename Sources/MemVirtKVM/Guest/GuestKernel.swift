@@ -37,6 +37,9 @@ public struct GuestKernelOptions: Sendable {
     /// Record every async-PF event's VMM timestamps (`VCPUSchedulerReport.apfTimes`): for
     /// `kvm calibrate`'s "page not present" and "page ready" figures.
     public var recordAPFTimes = false
+    /// Record every KVM_RUN return the scheduler handled (`VCPUSchedulerReport.exitLog`): its
+    /// event, the thread that held the vCPU and the VMM's timestamps (instrumentation).
+    public var recordExits = false
     public init() {}
 }
 
@@ -51,6 +54,19 @@ public struct APFEventTiming: Sendable {
     public var exitNanos: UInt64
     /// KVM_RUN entered again after the VMM handled it: with the next thread (not present) or
     /// the woken thread (ready). 0: the run ended first.
+    public var nextEntryNanos: UInt64
+}
+
+/// One KVM_RUN return as the VMM's scheduler handled it (host CLOCK_MONOTONIC nanoseconds).
+public struct SchedulerExitTiming: Sendable {
+    /// The stub's vector (14 "page not present", the timer's, "page ready"), or -1: another
+    /// exit (a port of the thread's own, DONE, an interrupted run).
+    public var vector: Int16
+    /// Position (on this vCPU) of the thread that held the vCPU when KVM_RUN returned, -1: idle.
+    public var thread: Int8
+    /// The KVM_RUN that returned: entered, returned; the next KVM_RUN entered (0: the run ended).
+    public var enteredNanos: UInt64
+    public var exitNanos: UInt64
     public var nextEntryNanos: UInt64
 }
 
@@ -99,6 +115,8 @@ public struct VCPUSchedulerReport: Sendable {
     public var threadNanos: [Int: UInt64] = [:]
     /// With `GuestKernelOptions.recordAPFTimes`: every async-PF event in order.
     public var apfTimes: [APFEventTiming] = []
+    /// With `GuestKernelOptions.recordExits`: every handled KVM_RUN return in order.
+    public var exitLog: [SchedulerExitTiming] = []
 
     public var json: JSONValue {
         .object([
@@ -167,6 +185,9 @@ public final class GuestKernel: @unchecked Sendable {
     let doneFlags: UnsafeMutablePointer<UInt32>
     /// Kicks the vCPU threads of the current run out of KVM_RUN (`requestStop`).
     let kicker: VCPUKicker
+    /// Per vCPU, when its periodic LAPIC timer was armed (CLOCK_MONOTONIC right after the
+    /// initial-count write returned): its ticks are due at this + k x the time slice.
+    public private(set) var timerArmedNanos: [UInt64] = []
 
     /// A guest kernel for `threads` on `g`. With `resume`, the schedulers go on from states
     /// saved elsewhere (a migrated or restored guest): the threads' mailboxes are then already
@@ -255,6 +276,7 @@ public final class GuestKernel: @unchecked Sendable {
             (GuestMSR.x2apicTimerInitial, options.timeSliceNanos),
         ]
         let n = try v.setMSRs(timer)
+        timerArmedNanos.append(monotonicNanoseconds())
         guard n == timer.count else {
             throw KVMError.unavailable("KVM refused x2APIC MSR 0x\(String(timer[n].0, radix: 16)) from the VMM")
         }
@@ -412,8 +434,11 @@ struct VCPUScheduler {
         loop: while monotonicNanoseconds() < deadline && !kernel.stopRequested {
             let entered = monotonicNanoseconds()
             if apfAwaitingEntry { report.apfTimes[report.apfTimes.count - 1].nextEntryNanos = entered; apfAwaitingEntry = false }
+            if let last = report.exitLog.indices.last, report.exitLog[last].nextEntryNanos == 0 { report.exitLog[last].nextEntryNanos = entered }
+            let heldBy = current
             let exit = try v.runOnce()
             let t0 = monotonicNanoseconds()
+            var logged: Int16 = -1
             lastExit = t0
             if let c = current { report.threadNanos[ids[c], default: 0] += t0 - entered }
             report.exits += 1
@@ -422,6 +447,7 @@ struct VCPUScheduler {
             case .ioOut(let port, _, let data):
                 let p = Int32(port)
                 if p >= MEMVIRT_PORT_VECTOR_BASE && p < MEMVIRT_PORT_VECTOR_BASE + MEMVIRT_TRAP_VECTORS {
+                    logged = Int16(p - MEMVIRT_PORT_VECTOR_BASE)
                     try vector(UInt8(p - MEMVIRT_PORT_VECTOR_BASE))
                 } else if p == MEMVIRT_PORT_DONE, let cur = current {
                     if data != UInt64(MEMVIRT_STATUS_OK.rawValue) { throw KVMError.guest(.badStatus(data)) }
@@ -446,6 +472,9 @@ struct VCPUScheduler {
             case .other(let r): throw KVMError.guest(.unexpectedExit(reason: r))
             }
             report.handlingNanos += monotonicNanoseconds() - t0
+            if kernel.options.recordExits {
+                report.exitLog.append(SchedulerExitTiming(vector: logged, thread: Int8(heldBy ?? -1), enteredNanos: entered, exitNanos: t0, nextEntryNanos: 0))
+            }
         }
         if current == nil && idleSince > 0 { report.idleNanos += monotonicNanoseconds() - idleSince }
         if let a = host0, let b = ThreadSchedStat.current() {

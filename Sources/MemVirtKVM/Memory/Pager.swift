@@ -56,6 +56,9 @@ public struct PagerReport: Sendable {
     /// With `PagerOptions.recordCopyTimes`: per served fault, its page and when its
     /// UFFDIO_COPY returned (CLOCK_MONOTONIC nanoseconds).
     public var copyTimes: [(page: Int, nanos: UInt64)] = []
+    /// With `PagerOptions.recordCopyTimes` and a store delay: per page served after its delay,
+    /// how late the pager got to it (nanoseconds after arrival + delay: its ppoll's wake-up).
+    public var lateNanos: [UInt64] = []
     /// Where the pager thread's time went (CLOCK_MONOTONIC nanoseconds, summed over the served
     /// faults; instrumentation only): the store's pwrite of evicted pages, their
     /// MADV_DONTNEED (host unmap plus KVM's mmu-notifier zap), the store's pread, the
@@ -250,6 +253,7 @@ public final class Pager: @unchecked Sendable {
                 let (page, arrived) = pending[pendingHead]
                 let now = monotonicNanoseconds()
                 if arrived + delay > now { timeout = Int64(arrived + delay - now); break }
+                if options.recordCopyTimes { r.lateNanos.append(now - (arrived + delay)) }
                 pendingHead += 1
                 isPending[page] = false
                 do { try serve(page: page, since: arrived) } catch { failure = error; return }

@@ -92,6 +92,17 @@ public struct HostCosts: Sendable, Hashable {
     /// ~2,500 cycles (0.72-0.94 us median at 3 GHz, the same measurement). `kvm calibrate`
     /// measures it (store_read).
     public var storeReadPerPage: Double = 2_500
+    /// How late a thread sleeping on a timeout wakes (ppoll/nanosleep: hrtimer expiry plus the
+    /// thread's timer slack, 50 us by default for SCHED_OTHER (prctl(2) PR_SET_TIMERSLACK), plus
+    /// its wake-up on a CPU that may have halted), nanoseconds. The pager sleeps on one until
+    /// a page's store delay is over. Default: the default slack, 50,000 ns. `kvm calibrate`
+    /// measures it (timer_overshoot).
+    public var timerWakeLatency: Double = 50_000
+    /// How much that lateness varies, nanoseconds: the width between its 10th and 90th
+    /// percentiles. A model that sleeps so draws each lateness uniformly over
+    /// `timerWakeLatency` +- half of it (0: always the median). Default 0. `kvm calibrate`
+    /// measures it (timer_overshoot's p90 - p10).
+    public var timerWakeSpread: Double = 0
 
     // KSM (Documentation/admin-guide/mm/ksm.rst defaults: pages_to_scan 100, sleep_millisecs 20).
     /// Pages ksmd looks at per wake-up.
@@ -133,6 +144,21 @@ public struct GuestSchedulingCosts: Sendable, Hashable {
     /// measured delay is 100-190 us, docs/references.md, Measured on our hosts, because CPL0
     /// guest code is emulated there.)
     public var pageReadyDelay: Double = 20_000
+    /// The faulting read's own path inside KVM_RUN beyond the shadow fault's exit
+    /// (vmExitRoundTrip + shadowFaultHandler), apfSetup and the exception's delivery: with a
+    /// guest kernel whose handlers run in the VMM (this project's `GuestKernel`, because
+    /// kvm_pvm emulates CPL0 code) the #PF stub's emulated instructions, its `out` to the VMM
+    /// and the woken thread's entry back to its read. 0 for a guest kernel whose #PF handler
+    /// runs in the guest (no further exit). `kvm calibrate` measures it (apf_kvm_legs minus
+    /// wp_fault_after_harvest).
+    public var apfFaultLegs: Double = 0
+    /// From a guest timer tick's due time until it reaches the guest kernel, beyond the exit
+    /// charged on delivery (vmExitRoundTrip): the hrtimer, the kick out of guest mode, the
+    /// injection, nanoseconds. A "page ready" that becomes pending in that span is injected
+    /// first (vector 33 above the timer's 32), so the tick lands after it. Default 0 (the tick
+    /// at its due time). `kvm calibrate` measures it (apf_tick_delivery minus
+    /// wp_fault_after_harvest).
+    public var tickDeliveryDelay: Double = 0
     /// A vCPU that halts with nothing to run (HLT exit) and is woken by an interrupt:
     /// ~2 x vmExitRoundTrip of hypervisor time (charged on wake-up).
     public var haltWakeExits: Double = 2

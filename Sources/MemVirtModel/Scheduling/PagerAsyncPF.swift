@@ -10,16 +10,25 @@ import MemVirtCore
 /// - a read of a page that is not resident exits (the shadow fault, `vmExitRoundTrip` +
 ///   `shadowFaultHandler`); KVM queues the page-in on its async worker
 ///   (`kvm_arch_setup_async_pf`, `apfSetup`) and injects "page not present"
-///   (`kvm_arch_async_page_not_present`); the guest kernel parks the thread and loads the next
-///   (`guestExceptionRoundTrip` + `apfNotPresentHandler`);
+///   (`kvm_arch_async_page_not_present`); the exception reaches the guest kernel's #PF stub,
+///   which exits to the VMM-side handler, and the woken thread's entry later returns to the
+///   read (`apfFaultLegs`, both charged here, on the faulting thread's time); the guest kernel
+///   parks the thread and loads the next (`guestExceptionRoundTrip` + `apfNotPresentHandler`);
 /// - the worker's fault reaches the pager, which serves it `storeDelay` after it arrived
-///   (its pending queue), evicting the oldest resident page first (store write + MADV_DONTNEED,
-///   `storeWritePerPage` + `dontneedPerPage`) and reading the page from the store
+///   (its pending queue; it sleeps in ppoll until then and wakes `timerWakeLatency` late,
+///   drawn over +- `timerWakeSpread` / 2: the variation keeps the fault cycle from locking to
+///   the guest's timer),
+///   evicting the oldest resident page first (store write + MADV_DONTNEED,
+///   `storeWritePerPage` + `dontneedPerPage`; the evicted page's spte zapped, and
+///   `kvm_flush_remote_tlbs` kicks the vCPU out of guest mode, where the working thread runs,
+///   and waits for it: `remoteFlushInitiator`) and reading the page from the store
 ///   (`storeReadPerPage`); UFFDIO_COPY maps it;
 /// - `pageReadyDelay` later (the worker's wake-up, `kvm_arch_async_page_ready` prefaulting the
 ///   shadow entry, the "page ready" interrupt, `kvm_arch_async_page_present`) the vCPU takes
 ///   the interrupt (`vmExitRoundTrip`) and the guest kernel wakes the thread and runs it
-///   (`apfReadyHandler`); the read is repeated and hits.
+///   (`apfReadyHandler`); the read is repeated and hits. A tick that comes due during
+///   `pageReadyDelay` is delivered after "page ready" (the higher vector) and so takes the
+///   vCPU from the woken thread.
 ///
 /// A read of a resident page costs `readCycles` (the guest loop's PRNG step, load and compare),
 /// plus a shadow fault the first time after the page became resident without a shadow entry
@@ -107,10 +116,25 @@ public enum PagerAsyncPF {
         func ns(_ cycles: Double) -> Double { cycles / ghz }
         let k = c.costs, g = c.guestCosts, h = c.hostCosts
         let shadowFault = ns(k.vmExitRoundTrip + k.shadowFaultHandler)
-        let npHyper = shadowFault + ns(g.apfSetup)
+        // kvm_arch_setup_async_pf's queueing, then the #PF stub's exit to the VMM and (after
+        // "page ready") the entry back to the read: `apfFaultLegs`, charged before the handler.
+        let npHyper = shadowFault + ns(g.apfSetup) + ns(g.apfFaultLegs)
         let npGuest = ns(k.guestExceptionRoundTrip + g.apfNotPresentHandler)
-        let evictWork = ns(h.storeWritePerPage + h.dontneedPerPage)
+        // The pager's MADV_DONTNEED zaps the evicted page's spte through KVM's mmu notifier
+        // (kvm_mmu_notifier_invalidate_range_start -> kvm_unmap_gfn_range), whose
+        // kvm_flush_remote_tlbs kicks the vCPU (in guest mode: the working thread runs while the
+        // faulting thread is parked) and waits for it.
+        let evictWork = ns(h.storeWritePerPage + h.dontneedPerPage + h.remoteFlushInitiator)
         let readWork = ns(h.storeReadPerPage)
+        // The pager sleeps in ppoll until the page is due, and wakes that late: each wake-up's
+        // lateness drawn uniformly over timerWakeLatency +- timerWakeSpread / 2 (its own
+        // generator: the reads' sequence stays the guest's).
+        var wakeRNG = SplitMix64(seed: c.rngState ^ 0x7469_6d65_7277_616b)
+        func storeWait() -> Double {
+            guard c.storeDelay > 0 else { return 0 }
+            let u = Double(wakeRNG.next() >> 11) / Double(1 << 53)
+            return c.storeDelay + max(0, h.timerWakeLatency + (u - 0.5) * h.timerWakeSpread)
+        }
         let readyHyper = ns(k.vmExitRoundTrip)
         let readyGuest = ns(g.apfReadyHandler)
         let tickHyper = ns(g.tickExits * k.vmExitRoundTrip)
@@ -159,9 +183,19 @@ public enum PagerAsyncPF {
         while t < c.duration {
             switch current {
             case .working:
-                let until = min(nextTick, readyAt ?? .infinity)
+                // From the page's arrival KVM's "page ready" is on its way (the worker's
+                // completion, kvm_arch_async_page_present_queued's request and kick; at the next
+                // entry kvm_check_async_pf_completion -> kvm_arch_async_page_present sets the
+                // interrupt): a tick that comes due in that span (pageReadyDelay) finds it
+                // pending and is injected after it (vector 33 above the timer's 32), so it
+                // takes the vCPU from the woken thread. (The span includes the worker's wake-up,
+                // before the request is made: an upper bound on the window.)
+                // A tick reaches the guest `tickDeliveryDelay` after it is due, so one due that
+                // much before the page's arrival also finds "page ready" pending at its injection.
+                let deferTick = readyAt.map { nextTick >= $0 - g.pageReadyDelay - g.tickDeliveryDelay } ?? false
+                let until = deferTick ? readyAt! : min(nextTick, readyAt ?? .infinity)
                 if until > t { r.workingNanos += until - t; t = until }
-                if let ra = readyAt, ra <= nextTick {
+                if let ra = readyAt, ra <= nextTick || deferTick {
                     // "Page ready": the interrupt's exit, the guest's handler; the woken
                     // thread runs first, the interrupted one behind it.
                     readyAt = nil
@@ -193,8 +227,11 @@ public enum PagerAsyncPF {
                     r.hypervisorNanos += npHyper
                     r.guestKernelNanos += npGuest
                     r.faultingNanos += t - start
-                    // The pager: the fault arrives as the exit is taken (KVM's worker faults
-                    // on the page at once); served after the store delay, evicting first.
+                    // The pager: the fault arrives as the not-present exit reaches the VMM
+                    // (KVM's async worker and then the pager thread are woken on other CPUs
+                    // meanwhile; on kvm_pvm the pager read the message within 4 us of that
+                    // exit, 2026-12-04 quick case); served after the store delay, evicting
+                    // first.
                     var work = readWork
                     while count + 1 > c.residentPages && head < fifo.count {
                         let q = Int(fifo[head])
@@ -214,7 +251,7 @@ public enum PagerAsyncPF {
                     count += 1
                     r.storeReads += 1
                     r.pagerWorkNanos += work
-                    readyAt = max(start + c.storeDelay + work + g.pageReadyDelay, t)
+                    readyAt = max(start + npHyper + storeWait() + work + g.pageReadyDelay, t)
                     current = .working
                     continue
                 }
