@@ -215,7 +215,7 @@ public struct Validation: Experiment {
     /// state its `HostSpeedBracket` shows (the model's time is linear in its costs: its counts
     /// do not depend on them), else at `modelMachine()`'s costs.
     func runRounds(repeats: Int, machineForRound: (Int) throws -> ReproductionMachine, modelMachine: () throws -> ReproductionMachine,
-                   stateMachines: () throws -> HostStateMachines? = { nil },
+                   stateMachines: () throws -> HostStateMachines? = { nil }, roundStates: () -> HostStateMachines? = { nil },
                    progress: @Sendable (String) -> Void) throws -> [CaseResult] {
         guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
         guard repeats >= 1 else { throw InputError("validate: repeats must be at least 1 (got \(repeats))") }
@@ -228,7 +228,7 @@ public struct Validation: Experiment {
             for (i, c) in cases.enumerated() {
                 if case .host(let h) = c.kind {
                     progress("\(Self.name): \(c.name) on /dev/kvm and in the model (shadow, \(machine.name))\(tag)")
-                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine)
+                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine, states: roundStates())
                     runs[i].append(Self.compare(c, model: model, kvm: kvm))
                     continue
                 }
@@ -294,6 +294,7 @@ public struct Validation: Experiment {
                            note: note(c), modelBreakdown: model.breakdown)
         r.nativeSeconds = kvm.nativeSeconds
         r.hostSpeedReferences = kvm.hostSpeed.map { [$0] } ?? []
+        r.hostSlowShares = kvm.slowShare.map { [$0] } ?? []
         r.modelOnlySeconds = model.seconds
         r.modelNativeSeconds = model.nativeSeconds
         r.measuredSecondsRuns = [kvm.seconds]

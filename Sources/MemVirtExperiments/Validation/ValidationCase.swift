@@ -101,6 +101,8 @@ struct KVMSide {
     var nativeReadSum: UInt64? = nil
     /// The host's speed on the run's CPU before and after its phase (workload cases).
     var hostSpeed: HostSpeedBracket? = nil
+    /// The run's share of the host's slow state where the model priced it so.
+    var slowShare: Double? = nil
 }
 
 enum ValidationEngines {

@@ -101,7 +101,10 @@ extension ValidationCase {
 
 enum ValidationHostCases {
     /// Runs `c` on both engines.
-    static func run(_ c: ValidationCase, _ h: HostCase, machine: ReproductionMachine) throws -> (ModelSide, KVMSide) {
+    /// `states`: the round's calibration at the host's two speeds; the KSM case (one short pass,
+    /// priced like the workload cases) is bracketed by the CPL0 reference and priced at its
+    /// share of the slow state between them.
+    static func run(_ c: ValidationCase, _ h: HostCase, machine: ReproductionMachine, states: HostStateMachines? = nil) throws -> (ModelSide, KVMSide) {
         switch h {
         case .pager(let resident):
             var o = KVMRunOptions()
@@ -125,7 +128,7 @@ enum ValidationHostCases {
             o.pagesPerVM = pages
             o.writePages = writes
             if let why = KSMPair.unavailableReason() { throw InputError("validate: case \(c.name): \(why)") }
-            let r = try kvmRun(c) { try KSMPair.run(o) }
+            let (r, bracket) = try kvmRun(c) { try HostSpeedBracket.around { try KSMPair.run(o) } }
             let pass = r.mergedWrites
             var kvm = KVMSide(counters: pass.vcpuStats, seconds: Double(pass.nanoseconds) / 1e9, wallSeconds: Double(pass.nanoseconds) / 1e9,
                               readSum: 0, dirtyPages: nil, userspaceExits: 0)
@@ -135,7 +138,16 @@ enum ValidationHostCases {
                 kvm.extra[HostCaseStats.ksmPagesWritten] = UInt64(before)
                 kvm.extra[HostCaseStats.cowBreaks] = UInt64(max(0, before - after))
             }
-            let model = try runKSMModel(c, options: o, maxPageSharing: r.settingsBefore.maxPageSharing ?? 256, machine: machine)
+            kvm.hostSpeed = bracket
+            let sharing = r.settingsBefore.maxPageSharing ?? 256
+            if let st = states, let b = bracket {
+                let share = b.slowShare(fastNanos: st.fastReferenceNanos, slowNanos: st.slowReferenceNanos)
+                kvm.slowShare = share
+                let fast = try runKSMModel(c, options: o, maxPageSharing: sharing, machine: st.fast)
+                let slow = try runKSMModel(c, options: o, maxPageSharing: sharing, machine: st.slow)
+                return (fast.mixed(with: slow, share: share), kvm)
+            }
+            let model = try runKSMModel(c, options: o, maxPageSharing: sharing, machine: machine)
             return (model, kvm)
         case .asyncPF(let seconds, let limit, let delay):
             var a = AsyncPFCase()

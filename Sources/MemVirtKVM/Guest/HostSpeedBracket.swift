@@ -61,3 +61,20 @@ public struct HostSpeedBracket: Sendable, Equatable {
         return (cpu, mask)
     }
 }
+
+extension HostSpeedBracket {
+    /// Runs `body` pinned to the CPU the caller is on (threads it starts inherit the pin) with
+    /// the reference taken on that CPU just before and just after, in a small VM of its own
+    /// (for runs whose own VM this code does not drive). The bracket is nil when the reference
+    /// could not be taken or the pin was refused; `body`'s result and errors pass through.
+    public static func around<T>(_ body: () throws -> T) rethrows -> (T, HostSpeedBracket?) {
+        guard let pin = pinToCurrentCPU() else { return (try body(), nil) }
+        defer { setAffinityMask(pin.restore) }
+        let vm: GuestVM? = try? GuestVM(kvm: KVM(), config: GuestConfig(dataSize: 16 * 4096))
+        let before = vm.flatMap { try? reference($0) }
+        let result = try body()
+        let after = vm.flatMap { try? reference($0) }
+        guard let before, let after else { return (result, nil) }
+        return (result, HostSpeedBracket(cpu: pin.cpu, beforeNanos: before, afterNanos: after))
+    }
+}
