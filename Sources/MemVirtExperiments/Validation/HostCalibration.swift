@@ -145,7 +145,7 @@ extension Validation {
             }
             return calibrations.last!.validationMachine
         }, modelMachine: { HostCalibration.median(calibrations).validationMachine },
-        stateMachines: { HostStateMachines(states) }, roundStates: { states.last.flatMap { HostStateMachines([$0]) } }, progress: progress)
+        stateMachines: { HostStateMachines(states) }, progress: progress)
         return (results, HostCalibration.median(calibrations), calibrations, states)
     }
 }

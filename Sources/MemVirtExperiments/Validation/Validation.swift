@@ -215,7 +215,7 @@ public struct Validation: Experiment {
     /// state its `HostSpeedBracket` shows (the model's time is linear in its costs: its counts
     /// do not depend on them), else at `modelMachine()`'s costs.
     func runRounds(repeats: Int, machineForRound: (Int) throws -> ReproductionMachine, modelMachine: () throws -> ReproductionMachine,
-                   stateMachines: () throws -> HostStateMachines? = { nil }, roundStates: () -> HostStateMachines? = { nil },
+                   stateMachines: () throws -> HostStateMachines? = { nil },
                    progress: @Sendable (String) -> Void) throws -> [CaseResult] {
         guard KVM.isUsable else { throw InputError("validate needs a usable /dev/kvm: \(KVM.unavailableReason ?? "unavailable")") }
         guard repeats >= 1 else { throw InputError("validate: repeats must be at least 1 (got \(repeats))") }
@@ -224,16 +224,20 @@ public struct Validation: Experiment {
         var ringBytes = [UInt64?](repeating: nil, count: cases.count)
         for round in 0..<repeats {
             let machine = try machineForRound(round)
+            // The host's two speeds over the calibrations taken so far (a calibration wholly in
+            // the slow state calls it its base speed; their medians do not).
+            let states = try stateMachines()
+            func allStates() -> HostStateMachines? { states }
             let tag = repeats > 1 ? " (repeat \(round + 1)/\(repeats))" : ""
             for (i, c) in cases.enumerated() {
                 if case .host(let h) = c.kind {
                     progress("\(Self.name): \(c.name) on /dev/kvm and in the model (shadow, \(machine.name))\(tag)")
-                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine, states: roundStates())
+                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine, states: allStates())
                     runs[i].append(Self.compare(c, model: model, kvm: kvm))
                     continue
                 }
                 if case .guestOps(let script) = c.kind {
-                    runs[i].append(try ValidationGuestOps.run(c, script: script, machine: machine, progress: { progress($0 + tag) }))
+                    runs[i].append(try ValidationGuestOps.run(c, script: script, machine: machine, states: allStates(), progress: { progress($0 + tag) }))
                     continue
                 }
                 progress("\(Self.name): \(c.name) on /dev/kvm\(tag)")

@@ -72,11 +72,14 @@ enum ValidationGuestOps {
     }
 
     /// The KVM engine's run of `script` (the measured phase: the script's one guest command).
+    /// The script on /dev/kvm, bracketed by the CPL0 reference on its CPU (`HostSpeedBracket.around`).
     static func runKVM(_ name: String, _ script: GuestOpScript) throws -> (KVMSide, GuestOpsCounts) {
         let r: GuestOpsResult
-        do { r = try GuestOpsRunner.run(script) } catch { throw InputError("validate: case \(name): the KVM run failed: \(error)") }
-        let side = KVMSide(counters: r.kvm, seconds: r.cpuSeconds, wallSeconds: r.wallSeconds, readSum: r.guest.readSum, dirtyPages: nil,
+        let bracket: HostSpeedBracket?
+        do { (r, bracket) = try HostSpeedBracket.around { try GuestOpsRunner.run(script) } } catch { throw InputError("validate: case \(name): the KVM run failed: \(error)") }
+        var side = KVMSide(counters: r.kvm, seconds: r.cpuSeconds, wallSeconds: r.wallSeconds, readSum: r.guest.readSum, dirtyPages: nil,
                            userspaceExits: r.vmmExits.values.reduce(0, +))
+        side.hostSpeed = bracket
         return (side, r.guest)
     }
 
@@ -91,11 +94,23 @@ enum ValidationGuestOps {
     }
 
     /// Runs one case on both engines.
-    static func run(_ c: ValidationCase, script: GuestOpScript, machine: ReproductionMachine, progress: @Sendable (String) -> Void) throws -> Validation.CaseResult {
+    /// `states`: the host's two speeds from the calibrations so far; with them and a bracket the
+    /// run is priced at its share of the slow state (as the workload cases), else at `machine`.
+    static func run(_ c: ValidationCase, script: GuestOpScript, machine: ReproductionMachine, states: HostStateMachines? = nil,
+                    progress: @Sendable (String) -> Void) throws -> Validation.CaseResult {
         progress("\(Validation.name): \(c.name) on /dev/kvm")
-        let (kvm, kvmGuest) = try runKVM(c.name, script)
+        var (kvm, kvmGuest) = try runKVM(c.name, script)
         progress("\(Validation.name): \(c.name) in the model (shadow, \(machine.name))")
-        let (model, modelGuest) = try runModel(script, machine: machine, cpl0Emulated: cpl0Emulated)
+        let model: ModelSide, modelGuest: GuestOpCounts
+        if let st = states, let b = kvm.hostSpeed {
+            let share = b.slowShare(fastNanos: st.fastReferenceNanos, slowNanos: st.slowReferenceNanos)
+            kvm.slowShare = share
+            let (fast, g) = try runModel(script, machine: st.fast, cpl0Emulated: cpl0Emulated)
+            let (slow, _) = try runModel(script, machine: st.slow, cpl0Emulated: cpl0Emulated)
+            (model, modelGuest) = (fast.mixed(with: slow, share: share), g)
+        } else {
+            (model, modelGuest) = try runModel(script, machine: machine, cpl0Emulated: cpl0Emulated)
+        }
         var r = Validation.compare(c, model: model, kvm: kvm)
         let differing = guestCounts(modelGuest, kvmGuest).filter { $0.1 != $0.2 }
         r.note += differing.isEmpty
