@@ -172,4 +172,12 @@ struct HostStateMachines {
         slowReferenceNanos = Validation.median(slowRefs)
         guard slowReferenceNanos > fastReferenceNanos else { return nil }
     }
+
+    /// A bracketed run's share of the slow state, between the two states' references.
+    func slowShare(_ b: HostSpeedBracket) -> Double { b.slowShare(fastNanos: fastReferenceNanos, slowNanos: slowReferenceNanos) }
+
+    /// `run` priced at both speeds, mixed at `share` (the ledger is linear in the costs).
+    func priced(share: Double, _ run: (ReproductionMachine) throws -> ModelSide) rethrows -> ModelSide {
+        try run(fast).mixed(with: try run(slow), share: share)
+    }
 }

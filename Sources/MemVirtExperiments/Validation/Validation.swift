@@ -231,17 +231,16 @@ public struct Validation: Experiment {
             // The host's two speeds over the calibrations taken so far (a calibration wholly in
             // the slow state calls it its base speed; their medians do not).
             let states = try stateMachines()
-            func allStates() -> HostStateMachines? { states }
             let tag = repeats > 1 ? " (repeat \(round + 1)/\(repeats))" : ""
             for (i, c) in cases.enumerated() {
                 if case .host(let h) = c.kind {
                     progress("\(Self.name): \(c.name) on /dev/kvm and in the model (shadow, \(machine.name))\(tag)")
-                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine, states: allStates())
+                    let (model, kvm) = try ValidationHostCases.run(c, h, machine: machine, states: states)
                     runs[i].append(Self.compare(c, model: model, kvm: kvm))
                     continue
                 }
                 if case .guestOps(let script) = c.kind {
-                    runs[i].append(try ValidationGuestOps.run(c, script: script, machine: machine, states: allStates(), progress: { progress($0 + tag) }))
+                    runs[i].append(try ValidationGuestOps.run(c, script: script, machine: machine, states: states, progress: { progress($0 + tag) }))
                     continue
                 }
                 progress("\(Self.name): \(c.name) on /dev/kvm\(tag)")
@@ -258,10 +257,10 @@ public struct Validation: Experiment {
                     progress("\(Self.name): \(c.name) in the model (shadow, \(machine.name)) at the host's base and slow speeds")
                     let fast = try ValidationEngines.runModel(c, machine: st.fast, ringBytes: ringBytes[i])
                     let slow = try ValidationEngines.runModel(c, machine: st.slow, ringBytes: ringBytes[i])
-                    runs[i] = kvmSides[i].map { k in
-                        let share = k.hostSpeed!.slowShare(fastNanos: st.fastReferenceNanos, slowNanos: st.slowReferenceNanos)
-                        var r = Self.compare(c, model: fast.mixed(with: slow, share: share), kvm: k)
-                        r.hostSlowShares = [share]
+                    runs[i] = kvmSides[i].map { side in
+                        var k = side
+                        k.slowShare = st.slowShare(k.hostSpeed!)
+                        var r = Self.compare(c, model: fast.mixed(with: slow, share: k.slowShare!), kvm: k)
                         r.stateReferenceNanos = (st.fastReferenceNanos, st.slowReferenceNanos)
                         r.explanation = Self.explanation(c, r)
                         return r

@@ -103,7 +103,7 @@ enum ValidationGuestOps {
         progress("\(Validation.name): \(c.name) in the model (shadow, \(machine.name))")
         let model: ModelSide, modelGuest: GuestOpCounts
         if let st = states, let b = kvm.hostSpeed {
-            let share = b.slowShare(fastNanos: st.fastReferenceNanos, slowNanos: st.slowReferenceNanos)
+            let share = st.slowShare(b)
             kvm.slowShare = share
             let (fast, g) = try runModel(script, machine: st.fast, cpl0Emulated: cpl0Emulated)
             let (slow, _) = try runModel(script, machine: st.slow, cpl0Emulated: cpl0Emulated)

@@ -141,11 +141,9 @@ enum ValidationHostCases {
             kvm.hostSpeed = bracket
             let sharing = r.settingsBefore.maxPageSharing ?? 256
             if let st = states, let b = bracket {
-                let share = b.slowShare(fastNanos: st.fastReferenceNanos, slowNanos: st.slowReferenceNanos)
+                let share = st.slowShare(b)
                 kvm.slowShare = share
-                let fast = try runKSMModel(c, options: o, maxPageSharing: sharing, machine: st.fast)
-                let slow = try runKSMModel(c, options: o, maxPageSharing: sharing, machine: st.slow)
-                return (fast.mixed(with: slow, share: share), kvm)
+                return (try st.priced(share: share) { try runKSMModel(c, options: o, maxPageSharing: sharing, machine: $0) }, kvm)
             }
             let model = try runKSMModel(c, options: o, maxPageSharing: sharing, machine: machine)
             return (model, kvm)
