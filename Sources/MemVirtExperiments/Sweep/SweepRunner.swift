@@ -27,6 +27,7 @@ public struct SweepRunner: Sendable {
     /// of a process that prints the run's JSON object on stdout and exits 0, or fails with a
     /// message on stderr and a non-zero status.
     public var command: @Sendable (_ scenarioPath: String) -> [String]
+    private let doneIndex = DoneIndex()
 
     public static let resultSchema = "memvirt.sweep-point/1"
 
@@ -64,17 +65,26 @@ public struct SweepRunner: Sendable {
     }
 
     /// Starts `p`'s process, or says why not (`.present`, `.busy`).
+    ///
+    /// A present result is confirmed under the point's lock, where its runs.log line is
+    /// checked too: a run killed between renaming its result into place and appending its
+    /// `done` line (two files cannot change at once) left a result the log does not show, and
+    /// the line is appended then from what the result file records (id, index, seconds, host,
+    /// pid). Under the lock the writer has either appended its line or died, so no line is
+    /// written twice.
     public func start(_ p: SweepPoint) throws -> Result<Running, SkipReason> {
-        if FileManager.default.fileExists(atPath: resultPath(p)) { return .failure(.present) }
+        let presentBefore = FileManager.default.fileExists(atPath: resultPath(p))
         let lockPath = "\(work)/\(p.id).lock"
         let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw InputError("cannot create lock file \(lockPath): \(String(cString: strerror(errno)))") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             close(fd)
-            return .failure(.busy)
+            // Its holder is finishing it (and will log it), or running it now.
+            return .failure(presentBefore ? .present : .busy)
         }
-        // Checked again under the lock: another process may have finished it meanwhile.
+        // Checked (again) under the lock: another process may have finished it meanwhile.
         if FileManager.default.fileExists(atPath: resultPath(p)) {
+            recordUnloggedResult(p)
             close(fd)
             return .failure(.present)
         }
@@ -123,7 +133,7 @@ public struct SweepRunner: Sendable {
                     ("schema", .string(Self.resultSchema)), ("id", .string(r.point.id)), ("index", .int(Int64(r.point.index))),
                     ("axes", .object(zip(plan.axes, r.point.values).map { ($0.key, $1.json) })),
                     ("scenario", .string(r.point.scenario)), ("host", .string(host)), ("seconds", .double(seconds)),
-                    ("result", v),
+                    ("pid", .int(Int64(getpid()))), ("result", v),
                 ])
                 try Self.writeAtomically(wrapper.rendered(pretty: true) + "\n", to: resultPath(r.point), temporaryDirectory: work)
                 unlink(errorPath(r.point))
@@ -143,8 +153,52 @@ public struct SweepRunner: Sendable {
             outcome = .ran
             line = "done"
         }
-        appendLog("\(line) \(r.point.id) \(r.point.index) \(String(format: "%.3f", seconds)) \(host) \(getpid())\n")
+        appendLog(Self.logLine(line, r.point, seconds: seconds, host: host, pid: Int64(getpid())))
+        if failure == nil { doneIndex.insert(r.point.id) }
         return outcome
+    }
+
+    static func logLine(_ what: String, _ p: SweepPoint, seconds: Double, host: String, pid: Int64) -> String {
+        "\(what) \(p.id) \(p.index) \(String(format: "%.3f", seconds)) \(host) \(pid)\n"
+    }
+
+    /// The ids with a `done` line in runs.log, read once and re-read when an id is missing
+    /// (other processes append to it too).
+    private final class DoneIndex: @unchecked Sendable {
+        private let lock = NSLock()
+        private var ids: Set<String>?
+        func contains(_ id: String, log: String) -> Bool {
+            lock.lock(); defer { lock.unlock() }
+            if ids?.contains(id) == true { return true }
+            ids = Self.read(log)
+            return ids!.contains(id)
+        }
+        func insert(_ id: String) {
+            lock.lock(); defer { lock.unlock() }
+            ids?.insert(id)
+        }
+        static func read(_ log: String) -> Set<String> {
+            guard let text = try? String(contentsOfFile: log, encoding: .utf8) else { return [] }
+            var ids: Set<String> = []
+            for line in text.split(separator: "\n") where line.hasPrefix("done ") {
+                let fields = line.split(separator: " ")
+                if fields.count > 1 { ids.insert(String(fields[1])) }
+            }
+            return ids
+        }
+    }
+
+    /// Appends the `done` line of a result whose run died before logging it (see `start`).
+    /// Called under the point's lock.
+    func recordUnloggedResult(_ p: SweepPoint) {
+        let log = "\(out)/runs.log"
+        guard !doneIndex.contains(p.id, log: log) else { return }
+        let v = (try? String(contentsOfFile: resultPath(p), encoding: .utf8)).flatMap { try? JSONReader.parse($0) }
+        let seconds = v?["seconds"]?.asDouble ?? 0
+        let host = v?["host"]?.asString ?? "?"
+        let pid = v?["pid"]?.asDouble.map { Int64($0) } ?? 0
+        appendLog(Self.logLine("done", p, seconds: seconds, host: host, pid: pid))
+        doneIndex.insert(p.id)
     }
 
     /// Runs points one after the other (what `sweep run` and each Slurm array task do).

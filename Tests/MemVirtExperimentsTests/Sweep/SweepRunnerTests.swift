@@ -86,6 +86,31 @@ struct SweepRunnerTests {
         #expect(runs.filter { $0.hasPrefix("failed ") }.count == 4)
     }
 
+    @Test("A run killed after writing its result but before its runs.log line: the next run logs it once, from the result file")
+    func unloggedResult() throws {
+        let dir = temporaryDirectory("unlogged")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let log = dir + "-calls.log"
+        defer { unlink(log) }
+        let plan = try SweepPlan(file: SweepFile(text: Self.text, path: "t.toml"))
+        let ok = Array(plan.points.filter { $0.values[1].description != "13" })
+        let runner = try SweepRunner(plan: plan, out: dir, command: fakeRun(log: log))
+        #expect(try runner.runSequentially(ok) == Array(repeating: .ran, count: ok.count))
+        let logged = lines(dir + "/runs.log")
+        #expect(logged.count == ok.count)
+        // The window a SIGKILL can hit: the result renamed into place, its line not yet appended.
+        let lost = logged[1]
+        try (logged.filter { $0 != lost }.joined(separator: "\n") + "\n").write(toFile: dir + "/runs.log", atomically: true, encoding: .utf8)
+        // A new runner (a new process) over the same directory: nothing runs again, the line is back, once.
+        let again = try SweepRunner(plan: plan, out: dir, command: fakeRun(log: log))
+        #expect(try again.runSequentially(ok) == Array(repeating: .present, count: ok.count))
+        #expect(try again.runSequentially(ok) == Array(repeating: .present, count: ok.count))
+        #expect(lines(log).count == ok.count)
+        let after = lines(dir + "/runs.log")
+        #expect(after.count == ok.count)
+        #expect(Set(after) == Set(logged), "the recovered line is the one the run would have written: \(after) vs \(logged)")
+    }
+
     @Test("A point locked by another process is left alone")
     func busy() throws {
         let dir = temporaryDirectory("busy")
