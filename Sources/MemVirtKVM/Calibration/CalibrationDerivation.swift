@@ -222,8 +222,20 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
         add("CostModel.hostZeroPageCopy", KVMCalibration.zeroPageCOWBenchmark, minus: [("first_touch_read", 2)],
             "The host's copy of its zero page inside a write fault beyond the two faults it costs (wp_page_copy, the mmu-notifier invalidation's zap and TLB flush, the stale fault's retry): the model charges two shadow faults (each as a first read: exit + handler) and this.")
     }
-    add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
-    if m("store_write") != nil, m("store_read") != nil {
+    // The pager's host operations: timed by the pager thread in its steady state
+    // (PagerCalibration.swift), where the pages it evicts and reads back have left the CPU's
+    // own caches; the single-thread store_write / store_read / dontneed (a hot page, a hot
+    // store) are reported beside and stand in only when the pager phase gave no samples.
+    let pagerHow = " (The single-thread hot-cache figure is reported beside it.)"
+    if m("pager_dontneed") != nil {
+        add("HostCosts.dontneedPerPage", "pager_dontneed", "The pager's MADV_DONTNEED per evicted page, as the engine's pager meets it." + pagerHow)
+    } else {
+        add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
+    }
+    if m("pager_store_write") != nil, m("pager_store_read") != nil {
+        add("HostCosts.storeWritePerPage", "pager_store_write", "The pager's write of an evicted page to its store, as the engine's pager meets it." + pagerHow)
+        add("HostCosts.storeReadPerPage", "pager_store_read", "The pager's read of a page back from its store, as the engine's pager meets it." + pagerHow)
+    } else if m("store_write") != nil, m("store_read") != nil {
         add("HostCosts.storeWritePerPage", "store_write", "The userfaultfd pager's write of an evicted page to its store (a 4 KiB pwrite into the page cache).")
         add("HostCosts.storeReadPerPage", "store_read", "The pager's read of a page back from its store (a 4 KiB pread from the page cache).")
     }

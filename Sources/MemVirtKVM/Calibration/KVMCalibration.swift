@@ -381,6 +381,9 @@ final class Session {
         let d = try GuestVM(kvm: kvm, config: cd)
         let ring = DirtyRingCollector(vm: d)
         let sd = try StatProbe(d)
+        // VM E: the userfaultfd pager in its steady state (PagerCalibration.swift).
+        let pagerPhase = try PagerCalibrationPhase(kvm: kvm, batchCapacity: chunk * f)
+        defer { pagerPhase.stop() }
 
         let firstTouchName = nested ? "EPT violation" : "shadow page fault"
         bench("first_touch", path: "pf_fixed", "guest write to a fresh 4 KiB page (\(firstTouchName) fixed by KVM, host page allocated), timed by the guest TSC")
@@ -389,6 +392,11 @@ final class Session {
         bench("host_first_touch", path: nil, "the VMM's own first write to a fresh private anonymous page (host demand-zero fault), monotonic clock")
         bench("store_write", path: nil, "pwrite(2) of one 4 KiB page to the pager's store (an unlinked O_TMPFILE in /tmp, 256 page slots written before the rounds, one at random: a rewrite of a cached page), monotonic clock")
         bench("store_read", path: nil, "pread(2) of one 4 KiB page from the pager's store (page cache), monotonic clock")
+        let pagerSetup = "the userfaultfd pager's thread in its steady state (\(pagerPhase.residentPages) pages resident of \(pagerPhase.regionPages), FIFO, guest writing the region in order: every write faults, evicting the oldest page and reading one back), CLOCK_MONOTONIC around each call"
+        bench("pager_store_write", path: nil, "pwrite(2) of an evicted page to the store, " + pagerSetup)
+        bench("pager_dontneed", path: nil, "madvise(MADV_DONTNEED) of an evicted page (host unmap plus KVM's mmu-notifier zap, the vCPU waiting in handle_userfault), " + pagerSetup)
+        bench("pager_store_read", path: nil, "pread(2) of a page back from the store, " + pagerSetup)
+        bench("pager_fault", path: "pf_fixed", "guest write to a page the pager evicted: the whole fault as the guest's TSC sees it (exit, userfaultfd hand-off, the pager's eviction, pread and UFFDIO_COPY, the stale fault's retry); reported beside the parts the model charges")
         bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
         bench("timer_overshoot", path: nil, "ppoll(2) with a \(Self.apfStoreDelayNanos / 1000) us timeout and no fd, on the calibrating thread: elapsed minus the timeout (timer slack and the wake-up; the pager sleeps so until a page is due), monotonic clock")
@@ -717,6 +725,7 @@ final class Session {
         try cpl0Round(2, record: false)
         try uffdRound(warm, record: false)
         try dirtyRound(1, record: false)
+        try pagerPhase.warm()
         // KSM: ksmd merges every page once, before the rounds (it takes its scans of every
         // mergeable page on the host; ksmd is stopped again after, merged pages stay merged);
         // each round then breaks its share, so the copy-on-write breaks see the same host as
@@ -781,6 +790,11 @@ final class Session {
             acc["timer_overshoot"]!.add(timerOvershoot(count: k))
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
+            let pr = try pagerPhase.round(k * f)
+            acc["pager_fault"]!.add(pr.faults, counters: pr.counters)
+            acc["pager_store_write"]!.add(pr.operations.storeWrite)
+            acc["pager_dontneed"]!.add(pr.operations.dontneed)
+            acc["pager_store_read"]!.add(pr.operations.storeRead)
             if apfMissing == nil { try apfRound(k) }
             if let pool = ksm {
                 let (t, diffs, dl) = try pool.breakNext(k * f)

@@ -24,6 +24,9 @@ public struct PagerOptions: Sendable {
     /// Record when each fault's UFFDIO_COPY returned (`PagerReport.copyTimes`): for `kvm
     /// calibrate`'s "page ready" figure.
     public var recordCopyTimes = false
+    /// Keep each eviction's pwrite and MADV_DONTNEED and each store read's pread time
+    /// (`Pager.takeOperationSamples`): for `kvm calibrate`'s pager phase.
+    public var recordOperationSamples = false
     public init() {}
 
     /// The page store's initial content.
@@ -108,6 +111,17 @@ public struct PagerReport: Sendable {
     }
 }
 
+/// Per operation of the pager thread, nanoseconds (CLOCK_MONOTONIC around each call).
+public struct PagerOperationSamples: Sendable, Equatable {
+    /// pwrite(2) of an evicted page to the store.
+    public var storeWrite: [Double] = []
+    /// madvise(MADV_DONTNEED) of an evicted page (host unmap plus KVM's mmu-notifier zap).
+    public var dontneed: [Double] = []
+    /// pread(2) of a page back from the store.
+    public var storeRead: [Double] = []
+    public init() {}
+}
+
 /// A userfaultfd pager over one guest RAM region (private anonymous memory, missing mode).
 ///
 /// Its thread waits in poll(2) on the userfaultfd and a stop eventfd. A fault at page p is
@@ -160,6 +174,9 @@ public final class Pager: @unchecked Sendable {
     let buffer: UnsafeMutableRawPointer
     /// When the last UFFDIO_COPY returned (0: none yet), for `PagerPhases.gapNanos`.
     var lastCopyDone: UInt64 = 0
+    /// With `recordOperationSamples`: what the thread timed since the last take (under `sampleLock`).
+    private var operationSamples = PagerOperationSamples()
+    private var sampleLock = pthread_mutex_t()
     var r = PagerReport(faults: 0, spurious: 0, zeroFills: 0, storeReads: 0, readAheadPages: 0, evictions: 0,
                         residentLimitPages: nil, peakResidentPages: 0,
                         serviceNanos: Histogram<UInt64>(lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three))
@@ -182,6 +199,7 @@ public final class Pager: @unchecked Sendable {
         fifo.reserveCapacity(pages)
         buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096 * (options.readAhead + 1), alignment: 4096)
         r.residentLimitPages = options.residentLimitPages
+        pthread_mutex_init(&sampleLock, nil)
         if case .pattern(let salt) = options.storeContent { try fillStore(salt: salt) }
     }
 
@@ -205,6 +223,22 @@ public final class Pager: @unchecked Sendable {
         stop()
         buffer.deallocate()
         outstandingCell.deallocate()
+        pthread_mutex_destroy(&sampleLock)
+    }
+
+    /// The operation samples since the last call (`PagerOptions.recordOperationSamples`); safe
+    /// while the thread runs.
+    public func takeOperationSamples() -> PagerOperationSamples {
+        pthread_mutex_lock(&sampleLock); defer { pthread_mutex_unlock(&sampleLock) }
+        let s = operationSamples
+        operationSamples = PagerOperationSamples()
+        return s
+    }
+
+    private func recordOperation(_ path: WritableKeyPath<PagerOperationSamples, [Double]>, _ nanos: UInt64) {
+        guard options.recordOperationSamples else { return }
+        pthread_mutex_lock(&sampleLock); defer { pthread_mutex_unlock(&sampleLock) }
+        operationSamples[keyPath: path].append(Double(nanos))
     }
 
     /// Makes `range` resident before the guest runs (from the store, or zero-filled), in FIFO
@@ -324,7 +358,11 @@ public final class Pager: @unchecked Sendable {
             if stored[p] {
                 let s0 = monotonicNanoseconds()
                 let n = pread(store.raw, dst, 4096, off_t(p) * 4096)
-                if record { r.phases.storeReadNanos &+= monotonicNanoseconds() - s0 }
+                if record {
+                    let t = monotonicNanoseconds() - s0
+                    r.phases.storeReadNanos &+= t
+                    recordOperation(\.storeRead, t)
+                }
                 if n != 4096 { throw KVMError.call("pread(page store, page \(p))", lastErrno()) }
                 if record { r.storeReads += 1 }
             } else {
@@ -368,8 +406,11 @@ public final class Pager: @unchecked Sendable {
         if pwrite(store.raw, p, 4096, off_t(q) * 4096) != 4096 { throw KVMError.call("pwrite(page store, page \(q))", lastErrno()) }
         let w1 = monotonicNanoseconds()
         if madvise(p, 4096, MADV_DONTNEED) != 0 { throw KVMError.call("madvise(MADV_DONTNEED, page \(q))", lastErrno()) }
+        let w2 = monotonicNanoseconds()
         r.phases.storeWriteNanos &+= w1 - w0
-        r.phases.dontneedNanos &+= monotonicNanoseconds() - w1
+        r.phases.dontneedNanos &+= w2 - w1
+        recordOperation(\.storeWrite, w1 - w0)
+        recordOperation(\.dontneed, w2 - w1)
         stored[q] = true
         resident[q] = false
         residentCount -= 1

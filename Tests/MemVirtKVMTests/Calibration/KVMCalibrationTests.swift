@@ -32,7 +32,7 @@ struct KVMCalibrationTests {
         let seconds = Double(monotonicNanoseconds() - t0) / 1e9
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
-        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "store_write", "store_read", "dontneed", "refault_after_zap", "timer_overshoot", "host_loop", "exit_pio",
+        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "store_write", "store_read", "pager_store_write", "pager_dontneed", "pager_store_read", "pager_fault", "dontneed", "refault_after_zap", "timer_overshoot", "host_loop", "exit_pio",
                         "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp"] + stubBenchmarks(r) + ["exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service"]
                         + (r.measurement("uffd_zero_read_same_cpu") != nil ? ["uffd_zero_read_same_cpu", "uffd_copy_write_same_cpu"] : [])
@@ -73,6 +73,20 @@ struct KVMCalibrationTests {
         #expect(abs(per("invlpg", "invlpg") - 1) < 0.1, "invlpg/event \(per("invlpg", "invlpg"))")
         #expect(abs(per("pt_write", "mmu_pte_write") - 1) < 0.2, "pt_write mmu_pte_write/event \(per("pt_write", "mmu_pte_write"))")
         #expect(abs(per("uffd_copy_write", "pf_fixed") - 1) < 0.2)
+        // The pager phase in its steady state: every guest write faulted once (pf_fixed 1) and
+        // was retried once as stale (the eviction's invalidation ran while it waited: pf_taken
+        // 2); each fault evicted exactly one page and read exactly one back (the pager's own
+        // operation counts equal the faults: 15 a round, 2 rounds); the pager's figures are
+        // the charged ones.
+        #expect(abs(per("pager_fault", "pf_fixed") - 1) < 0.1, "pager_fault pf_fixed/event \(per("pager_fault", "pf_fixed"))")
+        #expect(abs(per("pager_fault", "pf_taken") - 2) < 0.2, "pager_fault pf_taken/event \(per("pager_fault", "pf_taken"))")
+        for name in ["pager_store_write", "pager_dontneed", "pager_store_read", "pager_fault"] {
+            #expect(r.measurement(name)?.summary.samples == 30, "\(name): \(r.measurement(name)?.summary.samples ?? -1) samples")
+        }
+        for (param, bench) in [("HostCosts.storeWritePerPage", "pager_store_write"), ("HostCosts.dontneedPerPage", "pager_dontneed"), ("HostCosts.storeReadPerPage", "pager_store_read")] {
+            #expect(r.cost(param)?.method.hasPrefix(bench + ":") == true, "\(param): \(r.cost(param)?.method ?? "missing")")
+            #expect(r.cost(param)?.medianNanos == r.measurement(bench)!.summary.medianNanos)
+        }
         // KSM: measured, or left out with the reason (no KSM here, or ksmd did not merge in time).
         if r.measurement("ksm_cow_break") != nil {
             #expect(abs(per("ksm_cow_break", "pf_fixed") - 1) < 0.2)
