@@ -232,6 +232,13 @@ func derive(_ r: inout CalibrationReport, nested: Bool, pvm: Bool) {
     } else {
         add("HostCosts.dontneedPerPage", "dontneed", "One page per madvise call.")
     }
+    // The remote flush an unmap's invalidation makes when the vCPU is in guest mode
+    // (RemoteFlushCalibration.swift): the kick and the wait, beyond the same DONTNEED with the
+    // vCPU out of guest mode.
+    if m("dontneed_guest_running") != nil {
+        add("HostCosts.remoteFlushInitiator", "dontneed_guest_running", minus: [("dontneed", 1)],
+            "kvm_flush_remote_tlbs from an mmu-notifier invalidation while the vCPU runs guest code: kicking it out of guest mode and waiting, beyond a DONTNEED with the vCPU out of guest mode (the async-PF pager's evictions pay it while the vCPU runs another thread).")
+    }
     if m("pager_store_write") != nil, m("pager_store_read") != nil {
         add("HostCosts.storeWritePerPage", "pager_store_write", "The pager's write of an evicted page to its store, as the engine's pager meets it." + pagerHow)
         add("HostCosts.storeReadPerPage", "pager_store_read", "The pager's read of a page back from its store, as the engine's pager meets it." + pagerHow)

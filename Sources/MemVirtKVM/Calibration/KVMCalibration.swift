@@ -398,6 +398,10 @@ final class Session {
         bench("pager_store_read", path: nil, "pread(2) of a page back from the store, " + pagerSetup)
         bench("pager_fault", path: "pf_fixed", "guest write to a page the pager evicted: the whole fault as the guest's TSC sees it (exit, userfaultfd hand-off, the pager's eviction, pread and UFFDIO_COPY, the stale fault's retry); reported beside the parts the model charges")
         bench("dontneed", path: nil, "madvise(MADV_DONTNEED) of one guest page the guest has mapped (host unmap plus KVM's mmu-notifier zap), monotonic clock")
+        let guestRunningMissing = Self.guestRunningDontneedMissing()
+        if guestRunningMissing == nil {
+            bench("dontneed_guest_running", path: "remote_tlb_flush", "madvise(MADV_DONTNEED) of one guest page the guest has mapped while its vCPU runs guest code (a counting loop) on another CPU: the zap's kvm_flush_remote_tlbs kicks it out of guest mode and waits; a VM per round, monotonic clock")
+        }
         bench("refault_after_zap", path: "pf_fixed", "guest write to a page the host zapped with MADV_DONTNEED (KVM fault, new host page)")
         bench("timer_overshoot", path: nil, "ppoll(2) with a \(Self.apfStoreDelayNanos / 1000) us timeout and no fd, on the calibrating thread: elapsed minus the timeout (timer slack and the wake-up; the pager sleeps so until a page is due), monotonic clock")
         bench("host_loop", path: nil, "the VMM thread's own native loop, \(Self.hostLoopIterations) dependent square-and-adds (x = x * x + i), the whole loop, monotonic clock (no KVM: a reference for the host CPU's own speed beside the CPL0 one)")
@@ -790,6 +794,10 @@ final class Session {
             acc["timer_overshoot"]!.add(timerOvershoot(count: k))
             try uffdRound(k * f, record: true)
             try dirtyRound(max(1, k), record: true)
+            if guestRunningMissing == nil {
+                let d = try dontneedWhileGuestRuns(pages: k * f)
+                acc["dontneed_guest_running"]!.add(d.samples, counters: d.counters)
+            }
             let pr = try pagerPhase.round(k * f)
             acc["pager_fault"]!.add(pr.faults, counters: pr.counters)
             acc["pager_store_write"]!.add(pr.operations.storeWrite)
@@ -826,6 +834,7 @@ final class Session {
         if let why = ksmProblem { report.omitted.append(("HostCosts.pageCopy", "ksm_cow_break: " + why)) }
         if let why = hypercallProblem { report.omitted.append(("exit_hypercall (reported only)", why)) }
         if let why = apfProblem { report.omitted.append(("async PF (apf_*)", why)) }
+        if let why = guestRunningMissing { report.omitted.append(("HostCosts.remoteFlushInitiator", "dontneed_guest_running " + why)) }
         report.omitted += report0Notes
         if let ref = report.measurement("cpl0_instruction") {
             let steal1 = HostStealTime.read()

@@ -11,7 +11,7 @@ let calibratableParameters: Set<String> = [
     "CostModel.cr3SwitchHandler", "CostModel.faultInjection", "CostModel.shadowPTEWrite", "CostModel.invlpg",
     "CostModel.cr3Write", "CostModel.guestExceptionRoundTrip",
     "CostModel.invlpgStub", "CostModel.cr3Stub", "CostModel.cr3SwitchStub", "CostModel.stringStoreElement",
-    "HostCosts.dontneedPerPage", "HostCosts.storeWritePerPage", "HostCosts.storeReadPerPage", "HostCosts.userfaultfdZeroPage", "HostCosts.userfaultfdCopy",
+    "HostCosts.dontneedPerPage", "HostCosts.remoteFlushInitiator", "HostCosts.storeWritePerPage", "HostCosts.storeReadPerPage", "HostCosts.userfaultfdZeroPage", "HostCosts.userfaultfdCopy",
     "DirtyTrackingCosts.writeProtectFault", "DirtyTrackingCosts.bitmapPerGiB", "DirtyTrackingCosts.bitmapPerDirtyPage",
     "DirtyTrackingCosts.ringPerEntry", "DirtyTrackingCosts.ringFixed", "HostCosts.pageCopy",
     "GuestSchedulingCosts.apfNotPresentHandler", "GuestSchedulingCosts.apfReadyHandler", "GuestSchedulingCosts.pageReadyDelay",
@@ -32,7 +32,7 @@ struct KVMCalibrationTests {
         let seconds = Double(monotonicNanoseconds() - t0) / 1e9
         #expect(seconds < 60, "quick calibration plus probe took \(seconds) s")
 
-        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "store_write", "store_read", "pager_store_write", "pager_dontneed", "pager_store_read", "pager_fault", "dontneed", "refault_after_zap", "timer_overshoot", "host_loop", "exit_pio",
+        let expected = ["first_touch", "first_touch_read", "zero_page_cow_write", "host_first_touch", "store_write", "store_read", "pager_store_write", "pager_dontneed", "pager_store_read", "pager_fault", "dontneed"] + (r.measurement("dontneed_guest_running") != nil ? ["dontneed_guest_running"] : []) + ["refault_after_zap", "timer_overshoot", "host_loop", "exit_pio",
                         "exit_mmio", "pair_touch_minus_wp", "pair_pf_minus_wp"] + stubBenchmarks(r) + ["exit_cpuid", "cpl0_instruction", "invlpg"] + (r.measurement("exit_hlt") != nil ? ["exit_hlt"] : []) + ["cr3_write", "guest_pf", "pt_write",
                         "uffd_zero_read", "uffd_copy_write", "uffd_service"]
                         + (r.measurement("uffd_zero_read_same_cpu") != nil ? ["uffd_zero_read_same_cpu", "uffd_copy_write_same_cpu"] : [])
@@ -73,6 +73,20 @@ struct KVMCalibrationTests {
         #expect(abs(per("invlpg", "invlpg") - 1) < 0.1, "invlpg/event \(per("invlpg", "invlpg"))")
         #expect(abs(per("pt_write", "mmu_pte_write") - 1) < 0.2, "pt_write mmu_pte_write/event \(per("pt_write", "mmu_pte_write"))")
         #expect(abs(per("uffd_copy_write", "pf_fixed") - 1) < 0.2)
+        // A DONTNEED under a running guest: one remote TLB flush per page (the kick), and the
+        // parameter is the difference from a DONTNEED with the vCPU out of guest mode (quick:
+        // overall medians); measured wherever this process may use two CPUs.
+        if allowedCPUs().count >= 2 {
+            #expect(abs(per("dontneed_guest_running", "remote_tlb_flush") - 1) < 0.1, "remote_tlb_flush/event \(per("dontneed_guest_running", "remote_tlb_flush"))")
+            let d = r.measurement("dontneed_guest_running")!.summary.medianNanos - r.measurement("dontneed")!.summary.medianNanos
+            if let c = r.cost("HostCosts.remoteFlushInitiator") {
+                #expect(abs(c.medianNanos - d) < 1e-6)
+            } else {
+                #expect(r.bounds.contains { $0.parameter == "HostCosts.remoteFlushInitiator" }, "\(d)")
+            }
+        } else {
+            #expect(r.omitted.contains { $0.0 == "HostCosts.remoteFlushInitiator" })
+        }
         // The pager phase in its steady state: every guest write faulted once (pf_fixed 1) and
         // was retried once as stale (the eviction's invalidation ran while it waited: pf_taken
         // 2); each fault evicted exactly one page and read exactly one back (the pager's own
