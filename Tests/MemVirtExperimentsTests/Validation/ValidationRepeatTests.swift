@@ -53,7 +53,30 @@ struct ValidationRepeatTests {
         #expect(abs(r.measuredSpread - (1.75 - 1.25) / 1.32) < 1e-12)
         #expect(abs(r.timeError - (1.0 - 1.32) / 1.32) < 1e-12)
         #expect(!r.timeWithinTolerance)  // -24%
-        #expect(r.explanation.contains("median of 3 repeats"))
+        #expect(r.explanation.contains("the repeat with the median time error of 3 repeats"))
+    }
+
+    @Test("combine: repeats priced for their own conditions pair by the median time error, not by the median time")
+    func pairedByError() {
+        // (predicted, measured) per repeat: errors +16.1%, -0.4%, -7.1% (validate's
+        // dirty-log-bitmap, 2026-12-04 18:10: repeat 1's bracket read the slow state at its ends).
+        func run(_ p: Double, _ m: Double) -> Validation.CaseResult {
+            var x = result(m, wall: m, fixed: 100, exits: 1)
+            x.predictedSeconds = p
+            return x
+        }
+        let runs = [run(1.617, 1.393), run(1.506, 1.512), run(1.289, 1.388)]
+        let r = Validation.combine(c, runs)
+        #expect(r.predictedSeconds == 1.506 && r.measuredSeconds == 1.512)
+        #expect(r.predictedSecondsRuns == [1.617, 1.506, 1.289] && r.measuredSecondsRuns == [1.393, 1.512, 1.388])
+        #expect(abs(r.timeError - (1.506 / 1.512 - 1)) < 1e-12)
+        // An even count: the mean of the two middle pairs.
+        let four = Validation.combine(c, runs + [run(1.0, 1.25)])  // -20%
+        #expect(abs(four.predictedSeconds - (1.289 + 1.506) / 2) < 1e-12 && abs(four.measuredSeconds - (1.388 + 1.512) / 2) < 1e-12)
+        // The brute-force oracle: the chosen error has as many repeats below as above.
+        let e = runs.map { $0.predictedSeconds / $0.measuredSeconds - 1 }
+        let chosen = r.predictedSeconds / r.measuredSeconds - 1
+        #expect(e.filter { $0 < chosen }.count == 1 && e.filter { $0 > chosen }.count == 1)
     }
 
     @Test("combine: a judged counter that differs across repeats is named with each repeat's value; read_sum must be equal in all")
