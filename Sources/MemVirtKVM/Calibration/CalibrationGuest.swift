@@ -155,6 +155,22 @@ extension GuestVM {
     return pthread_setschedparam(pthread_self(), SCHED_FIFO, &p) == 0
 }
 
+/// Runs `body` with the calling thread at the normal scheduling class (SCHED_OTHER), as the
+/// KVM engine's own threads run, then puts the thread's class back; threads `body` starts
+/// inherit the normal class.
+func withNormalScheduling<T>(_ body: () throws(KVMError) -> T) throws(KVMError) -> T {
+    var policy: Int32 = 0
+    var saved = sched_param()
+    let known = pthread_getschedparam(pthread_self(), &policy, &saved) == 0
+    if known && policy != SCHED_OTHER {
+        var normal = sched_param()
+        normal.sched_priority = 0
+        pthread_setschedparam(pthread_self(), SCHED_OTHER, &normal)
+    }
+    defer { if known && policy != SCHED_OTHER { pthread_setschedparam(pthread_self(), policy, &saved) } }
+    return try body()
+}
+
 /// The calling thread's CPU affinity, as a bit mask of CPUs 0-63 (kvm calibrate pins its
 /// threads for the hand-off benchmarks and puts the mask back after). Nil when unreadable.
 func currentAffinityMask() -> UInt64? {

@@ -24,7 +24,9 @@ import Glibc
 /// reads back has left L2 by then), both threads unpinned as the engine runs them. The guest
 /// writes the region's pages in order, round after round, continuing where the last batch
 /// stopped: after one warm-up pass every write faults, and each fault evicts one page (pwrite
-/// + DONTNEED) and reads one back (pread). Each round takes `k` faults.
+/// + DONTNEED) and reads one back (pread). Each round takes `k` faults. The guest's writes and
+/// the pager thread run at the normal scheduling class, as the engine's do, not at the
+/// calibration's SCHED_FIFO (`withNormalScheduling`).
 final class PagerCalibrationPhase {
     let vm: GuestVM
     let pager: Pager
@@ -79,15 +81,16 @@ final class PagerCalibrationPhase {
         var po = PagerOptions()
         po.residentLimitPages = residentPages
         po.recordOperationSamples = true
-        pager = try Pager(region: vm.data, options: po)
-        try pager.start()
+        let pg = try Pager(region: vm.data, options: po)
+        try withNormalScheduling { () throws(KVMError) in try pg.start() }
+        pager = pg
         stats = try StatProbe(vm)
         perNano = try vm.tscTicksPerNano()
     }
 
     /// One pass over the region (fills the resident set, then evicts), unrecorded.
     func warm() throws(KVMError) {
-        _ = try writes(regionPages)
+        _ = try withNormalScheduling { () throws(KVMError) in try writes(regionPages) }
         _ = pager.takeOperationSamples()
     }
 
@@ -96,7 +99,7 @@ final class PagerCalibrationPhase {
     func round(_ k: Int) throws(KVMError) -> (faults: [Double], operations: PagerOperationSamples, counters: [String: UInt64]) {
         _ = pager.takeOperationSamples()
         let before = try stats.read()
-        let t = try writes(k)
+        let t = try withNormalScheduling { () throws(KVMError) in try writes(k) }
         let counters = try stats.delta(since: before)
         if let e = pager.error { throw e }
         return (t, pager.takeOperationSamples(), counters)
