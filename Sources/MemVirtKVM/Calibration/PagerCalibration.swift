@@ -47,9 +47,9 @@ final class PagerCalibrationPhase {
     static func cacheBytes(level: Int) -> Int? {
         for index in 0..<8 {
             let dir = "/sys/devices/system/cpu/cpu0/cache/index\(index)"
-            guard let l = readSmallFile(dir + "/level").flatMap({ Int($0) }), l == level,
-                  let type = readSmallFile(dir + "/type"), type == "Unified" || type == "Data",
-                  let size = readSmallFile(dir + "/size") else { continue }
+            guard let l = (try? readSmallTextFile(dir + "/level")).flatMap({ Int($0) }), l == level,
+                  let type = (try? readSmallTextFile(dir + "/type")), type == "Unified" || type == "Data",
+                  let size = (try? readSmallTextFile(dir + "/size")) else { continue }
             let digits = size.prefix { $0.isNumber }
             guard let n = Int(digits) else { continue }
             switch size.dropFirst(digits.count) {
@@ -60,16 +60,6 @@ final class PagerCalibrationPhase {
             }
         }
         return nil
-    }
-
-    private static func readSmallFile(_ path: String) -> String? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var buf = [UInt8](repeating: 0, count: 64)
-        let n = read(fd, &buf, buf.count)
-        guard n > 0 else { return nil }
-        return String(decoding: buf[0..<n], as: UTF8.self).split(whereSeparator: { $0 == "\n" || $0 == " " }).first.map(String.init)
     }
 
     init(kvm: KVM, batchCapacity: Int) throws(KVMError) {

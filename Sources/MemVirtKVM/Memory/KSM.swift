@@ -125,17 +125,10 @@ public enum KSM {
     // MARK: reading
 
     static func readString(_ path: String) throws(KVMError) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            let e = lastErrno()
-            if e.rawValue == ENOENT { throw KVMError.unavailable("\(path) does not exist (no KSM in this kernel?)") }
-            throw KVMError.call("open(\(path))", e)
+        do { return try readSmallTextFile(path) } catch {
+            if case .call(_, let e) = error, e.rawValue == ENOENT { throw KVMError.unavailable("\(path) does not exist (no KSM in this kernel?)") }
+            throw error
         }
-        defer { close(fd) }
-        var buf = [UInt8](repeating: 0, count: 4096)
-        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 { throw KVMError.call("read(\(path))", lastErrno()) }
-        return String(decoding: buf[0..<n], as: UTF8.self).trimmingWhitespace
     }
 
     static func readInt(_ name: String) throws(KVMError) -> Int64 {
@@ -488,14 +481,5 @@ public struct KSMOracle: Sendable, Equatable {
         let w = p.assumingMemoryBound(to: UInt64.self)
         for k in 0..<512 where w[k] != 0 { return false }
         return true
-    }
-}
-
-fileprivate extension String {
-    var trimmingWhitespace: String {
-        var s = Substring(self)
-        while let c = s.first, c.isWhitespace { s.removeFirst() }
-        while let c = s.last, c.isWhitespace { s.removeLast() }
-        return String(s)
     }
 }

@@ -206,3 +206,23 @@ final class Handoff<T>: @unchecked Sendable {
         return v
     }
 }
+
+/// The text of a small file (sysfs, procfs: at most 4 KiB read), whitespace trimmed.
+func readSmallTextFile(_ path: String) throws(KVMError) -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    if fd < 0 { throw KVMError.call("open(\(path))", lastErrno()) }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 4096)
+    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    if n < 0 { throw KVMError.call("read(\(path))", lastErrno()) }
+    return String(decoding: buf[0..<n], as: UTF8.self).trimmingWhitespace
+}
+
+fileprivate extension String {
+    var trimmingWhitespace: String {
+        var s = Substring(self)
+        while let c = s.first, c.isWhitespace { s.removeFirst() }
+        while let c = s.last, c.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}
