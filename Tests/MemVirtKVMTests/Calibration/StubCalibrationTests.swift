@@ -15,7 +15,10 @@ struct StubCalibrationTests {
     func stubPairs() throws {
         let r = try KVMCalibration.run(KVMCalibrationOptions(quick: true))
         let wp = try #require(r.measurement("wp_fault_after_harvest"))
-        let wpExits = wp.counter("exits")
+        // Exits the host's own interrupts caused (irq_exits) are not the stub's path: a timer
+        // tick during a batch of 30 pairs adds 0.03 per pair, and CI saw 0.201 over (2026-12-04).
+        func pathExits(_ m: CalibrationMeasurement) -> Double { m.counter("exits") - m.counter("irq_exits") }
+        let wpExits = pathExits(wp)
         for name in stubBenchmarks(r) where name != Session.stringRootElement {
             let m = try #require(r.measurement(name))
             #expect(m.pathConfirmed, "\(name): path counter \(m.pathCounter ?? "-") \(m.pathCounter.map { m.counter($0) } ?? 0)")
@@ -25,7 +28,7 @@ struct StubCalibrationTests {
             #expect(abs(m.counter("insn_emulation_fail") - 1) < 0.05, "\(name): insn_emulation_fail \(m.counter("insn_emulation_fail")) per pair")
             #expect(abs(m.counter("insn_emulation") - 3) < 0.2, "\(name): insn_emulation \(m.counter("insn_emulation")) per pair")
             // The model's exits per stub (the event's own + the IRET's) are what KVM counts.
-            let stubExits = m.counter("exits") - wpExits
+            let stubExits = pathExits(m) - wpExits
             let model = Double(1 + GuestCPL0StubsOracle.iretExits)
             #expect(abs(stubExits - model) < 0.2, "\(name): \(stubExits) exits per stub, the model counts \(model)")
         }
